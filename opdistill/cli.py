@@ -1,0 +1,128 @@
+"""The `opdistill` command: collect, train, demo. Every subcommand has --help."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable
+
+from .errors import OpdistillError
+
+
+def _collect(args: argparse.Namespace) -> int:
+    from .teachers.collect import CollectOptions, collect
+
+    opts = CollectOptions(
+        prompts=args.prompts, out=args.out, teacher_model=args.teacher_model, teacher_url=args.teacher_url or "",
+        api_key_env=args.api_key_env, system=args.system or "", n=args.n, temperature=args.temperature, top_p=args.top_p,
+        max_tokens=args.max_tokens, concurrency=args.concurrency, max_attempts=args.max_attempts, timeout=args.timeout,
+        batch_size=args.batch_size, precision=args.precision, seed=args.seed, progress=not args.no_progress,
+    )
+    summary = collect(opts)
+    for line in summary.lines():
+        print(line)
+    if summary.interrupted:
+        print("interrupted: every response received so far is stored; rerun the same command to resume", file=sys.stderr)
+        return 130
+    if summary.failed:
+        print(f"{summary.failed} request(s) failed after their retries (see {args.out}.failures.jsonl); rerun to retry them", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .config import config_help, load_config
+
+    if args.help_config:
+        print(config_help(args.method or "seqkd"))
+        return 0
+    config_path = None
+    overrides = list(args.overrides)
+    if args.config and "=" in args.config:
+        overrides.insert(0, args.config)
+    else:
+        config_path = args.config
+    config = load_config(config_path, overrides, method=args.method)
+    from .methods import train
+
+    summary = train(config)
+    print(f"student: {summary.get('student')}")
+    if summary.get("initial_eval") or summary.get("final_eval"):
+        print(f"held-out: before {summary.get('initial_eval')} after {summary.get('final_eval')}")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import DemoOptions, run_demo
+
+    run_demo(DemoOptions(out=args.out, system=args.system, train_prompts=args.train_prompts, steps=args.steps,
+                         max_new_tokens=args.max_new_tokens, lr=args.lr, seed=args.seed))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="opdistill", description="On-policy distillation of large language models.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    c = sub.add_parser("collect", help="collect teacher responses (API or local model) into a resumable JSONL store",
+                       description="Collect teacher responses. Reruns resume: stored responses are never requested again.")
+    c.add_argument("--prompts", required=True, help="prompt file (JSONL/Parquet/datasets dir) or builtin:train / builtin:heldout; path[a:b] selects rows")
+    c.add_argument("--out", required=True, help="output JSONL store (created or resumed)")
+    c.add_argument("--teacher-model", required=True, help="model name at the endpoint, or a local/built-in model when --teacher-url is absent")
+    c.add_argument("--teacher-url", help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1")
+    c.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key (default OPENAI_API_KEY); the key is never written anywhere")
+    c.add_argument("--system", help="privileged system prompt that only the teacher sees")
+    c.add_argument("--n", type=int, default=1, help="samples per prompt (default 1)")
+    c.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (default 0.8; 0 = greedy)")
+    c.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (default 1.0)")
+    c.add_argument("--max-tokens", type=int, default=256, help="max new tokens per response (default 256)")
+    c.add_argument("--concurrency", type=int, default=8, help="API requests in flight (default 8)")
+    c.add_argument("--max-attempts", type=int, default=6, help="retry budget per request, first try included (default 6)")
+    c.add_argument("--timeout", type=float, default=120.0, help="seconds per API attempt (default 120)")
+    c.add_argument("--batch-size", type=int, default=16, help="local teacher generation batch (default 16)")
+    c.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto", help="local teacher precision (default auto: bf16 where it is fast)")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    c.set_defaults(func=_collect)
+
+    t = sub.add_parser("train", help="train a student (method: seqkd) from a YAML config and key=value overrides",
+                       description="Train a student. Example: opdistill train examples/seqkd_selfinstruct.yaml max_steps=20")
+    t.add_argument("config", nargs="?", help="YAML config file (optional)")
+    t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. lr=1e-5 batch_size=16")
+    t.add_argument("--method", choices=["seqkd"], help="method (overrides the config's `method`)")
+    t.add_argument("--help-config", action="store_true", help="list every config key with its default and meaning")
+    t.set_defaults(func=_train)
+
+    from .demo import DemoOptions
+
+    defaults = DemoOptions(out="runs/demo")
+    d = sub.add_parser("demo", help="the built-in end-to-end job: French context distillation of SmolLM2-135M",
+                       description="Collect from a French-prompted teacher, train the bare student, evaluate before/after.")
+    d.add_argument("--out", default=defaults.out, help=f"run directory (default {defaults.out})")
+    d.add_argument("--system", default=defaults.system, help=f"the teacher's privileged system prompt (default {defaults.system!r})")
+    d.add_argument("--train-prompts", type=int, default=defaults.train_prompts, help=f"built-in train prompts to collect (default {defaults.train_prompts})")
+    d.add_argument("--steps", type=int, default=defaults.steps, help=f"training steps of {defaults.batch_size} (default {defaults.steps})")
+    d.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens, help=f"response length for collection and evaluation (default {defaults.max_new_tokens})")
+    d.add_argument("--lr", type=float, default=defaults.lr, help=f"learning rate (default {defaults.lr}: a short run)")
+    d.add_argument("--seed", type=int, default=defaults.seed)
+    d.set_defaults(func=_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except OpdistillError as err:
+        print(f"opdistill {args.command}: error: {err.message}", file=sys.stderr)
+        if err.fix:
+            print(f"  fix: {err.fix}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as err:
+        print(f"opdistill {args.command}: {err or 'interrupted'}", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,240 @@
+"""Run configuration: one dataclass per method, YAML in, `key=value` overrides.
+
+Every field has a default (the SPEC.md reference default where one exists) and a one-line help text
+in its metadata; `opdistill train --help-config` prints them. The same dataclasses drive the CLI and
+the Python API.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError
+
+
+def opt(default: Any, help: str) -> Any:
+    """A dataclass field with its default and its help line."""
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class RunConfig:
+    """Settings shared by every method: models, data, optimisation, checkpoints and logging."""
+
+    method: str = opt("seqkd", "Training method: seqkd (later: gad, opd).")
+    student: str = opt("smollm2-135m-instruct", "Student model: built-in name, local directory, .gguf file or hub id.")
+    data: str = opt("", "Training records: JSONL/Parquet/datasets dir, or builtin:train; `path[a:b]` selects rows a..b-1.")
+    out_dir: str = opt("runs/train", "Run directory: checkpoints, metrics.jsonl, summary.json and the final student/.")
+    seed: int = opt(0, "Seed for data order, sampling and initialisation.")
+    lr: float = opt(5e-6, "Peak learning rate (AdamW).")
+    weight_decay: float = opt(0.0, "AdamW weight decay.")
+    adam_beta1: float = opt(0.9, "AdamW beta1.")
+    adam_beta2: float = opt(0.999, "AdamW beta2.")
+    lr_schedule: str = opt("cosine", "Decay after warm-up: cosine, linear or constant.")
+    warmup_ratio: float = opt(0.05, "Share of the total steps spent warming the learning rate up linearly from 0.")
+    max_grad_norm: float = opt(1.0, "Gradient clipping threshold (global L2 norm); 0 disables clipping.")
+    batch_size: int = opt(8, "Global batch size in records per optimizer step (all processes, all micro-batches).")
+    micro_batch_size: int = opt(8, "Records per forward/backward pass; batch_size / micro_batch_size = accumulation.")
+    epochs: float = opt(4.0, "Passes over the data (used when max_steps is 0).")
+    max_steps: int = opt(0, "Optimizer steps to run; 0 means epochs x steps per epoch.")
+    max_prompt_tokens: int = opt(2048, "Longest prompt in tokens; longer ones follow `overlong`.")
+    max_response_tokens: int = opt(1536, "Longest response in tokens; longer teacher responses are cut (no EOS).")
+    overlong: str = opt("truncate", "Over-long prompts: truncate (keep the last max_prompt_tokens) or skip.")
+    precision: str = opt("auto", "bf16 (autocast, fp32 master weights), fp32, or auto: bf16 on GPUs and CPUs with native bf16, else fp32.")
+    checkpoint_every: int = opt(50, "Save a resumable checkpoint every N optimizer steps (0: only at the end).")
+    keep_checkpoints: int = opt(2, "How many of the newest checkpoints to keep.")
+    resume: bool = opt(True, "Resume from the newest complete checkpoint in out_dir when there is one.")
+    eval_data: str = opt("", "Held-out records with responses: mean response NLL is logged at start, every eval_every steps and at the end.")
+    eval_every: int = opt(0, "Evaluate eval_data every N steps (0: only at start and end).")
+    lora_r: int = opt(0, "LoRA rank for the student (0 = full fine-tuning).")
+    lora_alpha: int = opt(16, "LoRA alpha.")
+    lora_dropout: float = opt(0.0, "LoRA dropout.")
+    lora_target_modules: str = opt("all-linear", "LoRA target modules: all-linear or a comma-separated list.")
+    gradient_checkpointing: bool = opt(False, "Recompute activations in the backward pass to save memory.")
+    chat_template: str = opt("", "Chat template (Jinja text or a path to a file) for tokenizers without one.")
+    trust_remote_code: bool = opt(False, "Allow model repositories to run their own Python code.")
+    allow_pickle: bool = opt(False, "Allow loading .bin/.pt (pickle) weights; by default only safetensors load.")
+    log_every: int = opt(1, "Write a metrics line every N steps.")
+
+    def validate(self) -> None:
+        """Reject values that are out of range or contradict each other."""
+        if not self.data:
+            raise ConfigError("config field `data` is empty", "set data: PATH (JSONL/Parquet/datasets dir) or data: builtin:train")
+        if not self.student:
+            raise ConfigError("config field `student` is empty", "set student: smollm2-135m-instruct or a model path")
+        _choice("lr_schedule", self.lr_schedule, ("cosine", "linear", "constant"))
+        _choice("overlong", self.overlong, ("truncate", "skip"))
+        _choice("precision", self.precision, ("auto", "bf16", "fp32"))
+        for name in ("batch_size", "micro_batch_size", "max_prompt_tokens", "max_response_tokens", "keep_checkpoints", "log_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"config field `{name}` must be >= 1, got {getattr(self, name)}")
+        for name in ("max_steps", "checkpoint_every", "eval_every", "lora_r"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"config field `{name}` must be >= 0, got {getattr(self, name)}")
+        if self.batch_size % self.micro_batch_size:
+            raise ConfigError(
+                f"batch_size {self.batch_size} is not a multiple of micro_batch_size {self.micro_batch_size}",
+                "choose micro_batch_size dividing batch_size (the rest is gradient accumulation)",
+            )
+        if self.lr <= 0:
+            raise ConfigError(f"config field `lr` must be > 0, got {self.lr}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ConfigError(f"config field `warmup_ratio` must be in [0, 1), got {self.warmup_ratio}")
+        if self.max_steps == 0 and self.epochs <= 0:
+            raise ConfigError("both max_steps and epochs are 0", "set max_steps: N or epochs: E > 0")
+
+
+@dataclass
+class SeqKDConfig(RunConfig):
+    """SeqKD (SPEC §1): cross-entropy on teacher responses, loss on response tokens only.
+
+    Reference defaults from the GAD paper's baseline: 4 epochs, lr 5e-6.
+    """
+
+    method: str = opt("seqkd", "Training method.")
+
+
+METHOD_CONFIGS: dict[str, type[RunConfig]] = {"seqkd": SeqKDConfig}
+
+
+def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"config field `{name}` is {value!r}", f"use one of: {', '.join(allowed)}")
+
+
+def _field_types(cls: type[RunConfig]) -> dict[str, type]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in fields(cls)}
+
+
+def _coerce(name: str, value: Any, kind: type, where: str) -> Any:
+    """Check one value against its field type (int is accepted for float fields)."""
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+    elif kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif kind is float:
+        number = value
+        if isinstance(value, str):  # YAML 1.1 reads 1e-5 (no dot) as a string
+            try:
+                number = float(value)
+            except ValueError:
+                pass
+        if isinstance(number, (int, float)) and not isinstance(number, bool):
+            if not math.isfinite(number):
+                raise ConfigError(f"{where}: field `{name}` must be a finite number, got {value!r}")
+            return float(number)
+    elif kind is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    raise ConfigError(
+        f"{where}: field `{name}` must be {kind.__name__}, got {type(value).__name__} {value!r}",
+        f"write {name}: <{kind.__name__}>",
+    )
+
+
+# Names other trainers use for our keys, so a user coming from them gets the right suggestion.
+ALIASES = {
+    "learning_rate": "lr", "learning_rat": "lr", "output_dir": "out_dir", "model": "student", "model_name_or_path": "student",
+    "num_train_epochs": "epochs", "lr_scheduler_type": "lr_schedule", "per_device_train_batch_size": "micro_batch_size",
+    "train_file": "data", "dataset": "data", "eval_file": "eval_data", "bf16": "precision", "save_steps": "checkpoint_every",
+    "warmup": "warmup_ratio", "clip_grad_norm": "max_grad_norm", "grad_clip": "max_grad_norm",
+}
+
+
+def _unknown_key(name: str, valid: list[str], where: str) -> ConfigError:
+    close = [ALIASES[name]] if name in ALIASES else difflib.get_close_matches(name, valid, n=1, cutoff=0.5)
+    fix = f"did you mean `{close[0]}`?" if close else "run `opdistill train --help-config` for the valid keys"
+    return ConfigError(f"{where}: unknown config key `{name}`", fix)
+
+
+def parse_overrides(pairs: list[str], types: dict[str, type] | None = None) -> dict[str, Any]:
+    """`key=value` strings -> dict. Text fields keep the text as written (so out_dir=010 stays "010");
+    other values are parsed as YAML scalars (so 1e-5, true, 8 work)."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ConfigError(f"override {pair!r} is not key=value", "write e.g. lr=1e-5")
+        key, raw = (part.strip() for part in pair.split("=", 1))
+        if types is not None and types.get(key) is str:
+            out[key] = raw
+            continue
+        try:
+            out[key] = yaml.safe_load(raw) if raw else ""
+        except yaml.YAMLError:
+            out[key] = raw
+    return out
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping, naming the file (and line) on a parse error."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist", "pass the path of a YAML file")
+    try:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        raise ConfigError(f"{where}: not valid YAML ({getattr(err, 'problem', err)})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a UTF-8 text file", "pass a YAML config file") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of key: value, got {type(loaded).__name__}")
+    return loaded
+
+
+def build_config(values: dict[str, Any], where: str = "config", method: str | None = None) -> RunConfig:
+    """Make the method's config dataclass from a dict, checking keys and types."""
+    method = method or values.get("method") or "seqkd"
+    if not isinstance(method, str) or method not in METHOD_CONFIGS:
+        raise ConfigError(f"{where}: unknown method {method!r}", f"use one of: {', '.join(METHOD_CONFIGS)}")
+    cls = METHOD_CONFIGS[method]
+    types = _field_types(cls)
+    kwargs: dict[str, Any] = {}
+    for key, value in values.items():
+        if key not in types:
+            raise _unknown_key(key, list(types), where)
+        kwargs[key] = _coerce(key, value, types[key], where)
+    kwargs["method"] = method
+    config = cls(**kwargs)
+    config.validate()
+    return config
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, method: str | None = None) -> RunConfig:
+    """YAML file (optional) + `key=value` overrides (+ --method) -> a validated config."""
+    values = read_yaml(path) if path else {}
+    where = str(path) if path else "config"
+    chosen = method or values.get("method") or "seqkd"
+    types = _field_types(METHOD_CONFIGS[chosen]) if isinstance(chosen, str) and chosen in METHOD_CONFIGS else None
+    values.update(parse_overrides(overrides or [], types))
+    if method is not None:
+        values["method"] = method
+    return build_config(values, where=where, method=method)
+
+
+def config_help(method: str = "seqkd") -> str:
+    """A table of every field: name, type, default, help."""
+    cls = METHOD_CONFIGS[method]
+    types = _field_types(cls)
+    lines = [f"{cls.__name__}: {(cls.__doc__ or '').strip().splitlines()[0]}"]
+    for f in fields(cls):
+        lines.append(f"  {f.name} ({types[f.name].__name__}, default {f.default!r}): {f.metadata.get('help', '')}")
+    return "\n".join(lines)
+
+
+def to_dict(config: RunConfig) -> dict[str, Any]:
+    return dataclasses.asdict(config)

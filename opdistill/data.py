@@ -1,0 +1,279 @@
+"""Prompt/response records: loading (JSONL, Parquet, `datasets` dir, built-in), validation, chat rendering, masks.
+
+A record is a conversation that ends with a user turn (`messages`, or `prompt` with optional `system`)
+and an optional teacher `response`. Every other field is kept in `meta`. Validation collects every bad
+record and names the file, line and field of each.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+
+from .errors import DataError
+
+ROLES = ("system", "user", "assistant")
+MAX_REPORTED = 20  # how many bad records one error message lists
+
+
+@dataclass
+class Record:
+    """One prompt (a chat that ends with a user turn), an optional teacher response, and everything else."""
+
+    messages: list[dict[str, str]]
+    response: str | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+    source: str = ""  # "file:line", for messages
+
+    def with_system(self, system: str) -> list[dict[str, str]]:
+        """The conversation with `system` as its system prompt (replacing one already there)."""
+        rest = [m for m in self.messages if m["role"] != "system"]
+        return [{"role": "system", "content": system}, *rest] if system else rest
+
+
+# ---------------------------------------------------------------- loading
+
+_SLICE = re.compile(r"^(?P<path>.+)\[(?P<start>-?\d*):(?P<stop>-?\d*)\]$")
+
+
+def split_slice(spec: str) -> tuple[str, slice]:
+    """'file.jsonl[10:20]' -> ('file.jsonl', slice(10, 20)); no brackets -> the whole file."""
+    match = _SLICE.match(spec)
+    if not match:
+        return spec, slice(None)
+    to_int = lambda text: int(text) if text else None  # noqa: E731
+    return match["path"], slice(to_int(match["start"]), to_int(match["stop"]))
+
+
+def _raw_rows(path: Path) -> Iterable[tuple[int, Any]]:
+    """(line or row number starting at 1, decoded object) for every row of a file or datasets dir."""
+    if path.is_dir():
+        if not (path / "dataset_info.json").exists() and not (path / "dataset_dict.json").exists():
+            raise DataError(f"{path} is a directory but not a saved `datasets` dataset", "pass a .jsonl or .parquet file, or a directory written by Dataset.save_to_disk")
+        import datasets
+
+        loaded = datasets.load_from_disk(str(path))
+        if isinstance(loaded, datasets.DatasetDict):
+            raise DataError(f"{path} holds several splits ({', '.join(loaded)})", f"pass one split directory, e.g. {path}/{next(iter(loaded))}")
+        yield from enumerate(loaded, start=1)
+    elif path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            table = pq.read_table(path)
+        except Exception as err:  # pyarrow raises several types for corrupt files
+            raise DataError(f"{path}: not a readable Parquet file ({err})") from None
+        yield from enumerate(table.to_pylist(), start=1)
+    else:
+        with open(path, "rb") as handle:
+            for number, raw in enumerate(handle, start=1):
+                if not raw.strip():
+                    continue
+                try:
+                    # utf-8-sig: tolerate a byte-order mark at the start of the file
+                    yield number, json.loads(raw.decode("utf-8-sig" if number == 1 else "utf-8"))
+                except UnicodeDecodeError:
+                    yield number, _BadLine("the line is not UTF-8 text (binary data?)")
+                except json.JSONDecodeError as err:
+                    yield number, _BadLine(f"not valid JSON ({err.msg} at column {err.colno})")
+                except (ValueError, RecursionError) as err:  # absurd nesting or integers past Python's limit
+                    yield number, _BadLine(f"not usable JSON ({type(err).__name__}: {str(err)[:80]})")
+
+
+@dataclass
+class _BadLine:
+    reason: str
+
+
+def parse_row(row: Any, where: str, require_response: bool = False) -> Record:
+    """Validate one decoded row and make a Record; raises DataError naming `where` and the field."""
+    if isinstance(row, _BadLine):
+        raise DataError(f"{where}: {row.reason}")
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: a record must be a JSON object, got {type(row).__name__}")
+    meta = {k: v for k, v in row.items() if k not in ("messages", "prompt", "system", "response")}
+    system = row.get("system")
+    if system is not None and not isinstance(system, str):
+        raise DataError(f"{where}: field `system` must be a string, got {type(system).__name__}")
+    response = row.get("response")
+    if response is not None and not isinstance(response, str):
+        raise DataError(f"{where}: field `response` must be a string, got {type(response).__name__}")
+    if "messages" in row and row["messages"] is not None:
+        messages = _check_messages(row["messages"], where)
+        if messages[-1]["role"] == "assistant":
+            if response is not None:
+                raise DataError(f"{where}: the conversation ends with an assistant turn and the record also has `response`", "keep one of them")
+            response = messages.pop()["content"]
+        if not messages or messages[-1]["role"] != "user":
+            raise DataError(f"{where}: field `messages` must end with a user turn (optionally followed by the assistant response)")
+    elif "prompt" in row and row["prompt"] is not None:
+        prompt = row["prompt"]
+        if not isinstance(prompt, str):
+            raise DataError(f"{where}: field `prompt` must be a string, got {type(prompt).__name__}")
+        if not prompt.strip():
+            raise DataError(f"{where}: field `prompt` is empty")
+        messages = [{"role": "user", "content": prompt}]
+    else:
+        raise DataError(f"{where}: the record has neither `messages` nor `prompt`", "add \"prompt\": \"...\" or \"messages\": [{\"role\": \"user\", \"content\": \"...\"}]")
+    if system is not None:
+        if messages[0]["role"] == "system":
+            raise DataError(f"{where}: the record has both `system` and a system message in `messages`", "keep one of them")
+        messages = [{"role": "system", "content": system}, *messages]
+    if response is not None and not response.strip():
+        raise DataError(f"{where}: field `response` is empty")
+    if require_response and response is None:
+        raise DataError(f"{where}: the record has no `response` (teacher text), which training needs", "collect responses first with `opdistill collect`")
+    return Record(messages=messages, response=response, meta=meta, source=where)
+
+
+def _check_messages(messages: Any, where: str) -> list[dict[str, str]]:
+    if not isinstance(messages, list):
+        raise DataError(f"{where}: field `messages` must be a list of {{role, content}} objects, got {type(messages).__name__}")
+    if not messages:
+        raise DataError(f"{where}: field `messages` is empty")
+    checked = []
+    for i, message in enumerate(messages):
+        here = f"{where}: messages[{i}]"
+        if not isinstance(message, dict):
+            raise DataError(f"{here} must be an object with `role` and `content`, got {type(message).__name__}")
+        role, content = message.get("role"), message.get("content")
+        if role not in ROLES:
+            raise DataError(f"{here}.role is {role!r}", f"use one of: {', '.join(ROLES)}")
+        if not isinstance(content, str):
+            raise DataError(f"{here}.content must be a string, got {type(content).__name__}")
+        if role != "system" and not content.strip():
+            raise DataError(f"{here}.content is empty")
+        if role == "system" and i != 0:
+            raise DataError(f"{here}: a system message may only come first")
+        checked.append({"role": role, "content": content})
+    return checked
+
+
+def builtin_prompts_path() -> Path:
+    return Path(str(resources.files("opdistill") / "prompts" / "builtin.jsonl"))
+
+
+def load_records(spec: str, require_response: bool = False) -> list[Record]:
+    """Load and validate records from `spec` (a path, `path[a:b]`, or builtin:train / builtin:heldout).
+
+    Every bad record is reported (up to MAX_REPORTED) in one DataError.
+    """
+    path_text, rows = split_slice(spec)
+    split = None
+    if path_text.startswith("builtin:"):
+        split = path_text.split(":", 1)[1]
+        if split not in ("train", "heldout", "all"):
+            raise DataError(f"unknown built-in prompt set {path_text!r}", "use builtin:train, builtin:heldout or builtin:all")
+        path = builtin_prompts_path()
+    else:
+        path = Path(path_text)
+    if not path.exists():
+        raise DataError(f"data file {path} does not exist", "pass a .jsonl, .parquet or saved datasets directory")
+    records: list[Record] = []
+    problems: list[str] = []
+    for number, row in _raw_rows(path):
+        if split not in (None, "all") and isinstance(row, dict) and row.get("split") != split:
+            continue
+        try:
+            records.append(parse_row(row, f"{path}:{number}", require_response))
+        except DataError as err:
+            problems.append(err.message + (f" (fix: {err.fix})" if err.fix else ""))
+    if problems:
+        shown = "\n  ".join(problems[:MAX_REPORTED])
+        more = f"\n  ... and {len(problems) - MAX_REPORTED} more" if len(problems) > MAX_REPORTED else ""
+        raise DataError(f"{len(problems)} bad record(s) in {path}:\n  {shown}{more}", "fix or remove these records")
+    records = records[rows]
+    if not records:
+        raise DataError(f"{spec}: no records", "pass a file with at least one record")
+    return records
+
+
+# ---------------------------------------------------------------- tokenising
+
+
+def render_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
+    """Token ids of the chat up to and including the assistant header (the generation prompt)."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def response_ids(tokenizer: Any, response: str, max_tokens: int) -> list[int]:
+    """Response token ids ending with EOS; a response longer than max_tokens is cut and gets no EOS."""
+    ids = tokenizer(response.strip(), add_special_tokens=False)["input_ids"]
+    ids = ids + [tokenizer.eos_token_id]
+    return ids[:max_tokens]
+
+
+@dataclass
+class Example:
+    """A tokenised training example: prompt ids then response ids; only the response is trained on."""
+
+    prompt_ids: list[int]
+    response_ids: list[int]
+
+
+@dataclass
+class TokenizeReport:
+    total: int = 0
+    truncated: int = 0
+    skipped: int = 0
+
+    def summary(self) -> str:
+        return f"{self.total} records, {self.truncated} over-long prompts truncated, {self.skipped} skipped"
+
+
+def fit_prompt(ids: list[int], max_tokens: int, policy: str) -> list[int] | None:
+    """Apply the over-long prompt policy: keep the last max_tokens (truncate) or drop the record (skip -> None).
+
+    Keeping the end keeps the assistant header and the latest user turn, which the response depends on most.
+    """
+    if len(ids) <= max_tokens:
+        return ids
+    return ids[-max_tokens:] if policy == "truncate" else None
+
+
+def tokenize_records(
+    tokenizer: Any, records: list[Record], max_prompt_tokens: int, max_response_tokens: int, overlong: str
+) -> tuple[list[Example], TokenizeReport]:
+    """Records with responses -> Examples, applying the over-long policy and counting what it did."""
+    report = TokenizeReport(total=len(records))
+    examples = []
+    for record in records:
+        if record.response is None:
+            raise DataError(f"{record.source}: the record has no `response`", "collect teacher responses first")
+        prompt = render_prompt(tokenizer, record.messages)
+        fitted = fit_prompt(prompt, max_prompt_tokens, overlong)
+        if fitted is None:
+            report.skipped += 1
+            continue
+        report.truncated += len(fitted) < len(prompt)
+        examples.append(Example(fitted, response_ids(tokenizer, record.response, max_response_tokens)))
+    if not examples:
+        raise DataError(f"every record was skipped as over-long ({report.summary()})", "raise max_prompt_tokens or use overlong: truncate")
+    return examples, report
+
+
+def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a micro-batch; `loss_mask` is 1 exactly on response tokens (the labels' positions)."""
+    length = max(len(e.prompt_ids) + len(e.response_ids) for e in examples)
+    input_ids = torch.full((len(examples), length), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(examples), length), dtype=torch.long)
+    loss_mask = torch.zeros((len(examples), length), dtype=torch.long)
+    for row, example in enumerate(examples):
+        ids = example.prompt_ids + example.response_ids
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        attention[row, : len(ids)] = 1
+        loss_mask[row, len(example.prompt_ids) : len(ids)] = 1
+    return {"input_ids": input_ids, "attention_mask": attention, "loss_mask": loss_mask}
+
+
+def write_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> None:
+    with open(path, "w", encoding="utf-8") as handle:
+        for row in rows:
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")

@@ -1,0 +1,340 @@
+"""The shared training loop every method uses: accelerate, AdamW, warm-up + decay, clipping, token-mean
+losses under gradient accumulation, checkpoints with exact resume, metrics and progress.
+
+A method supplies (see `Method`): how many steps, one `step` function, and optionally `evaluate`.
+Token losses are summed per micro-batch and divided by the number of loss tokens in the whole global
+batch (all micro-batches, all processes), so accumulation never changes the loss (SPEC.md, notation).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+import torch
+import yaml
+from tqdm import tqdm
+
+from .config import RunConfig, to_dict
+from .errors import CheckpointError, OpdistillError
+from .models import resolve_precision, save_pretrained_atomic
+
+CHECKPOINT_PREFIX = "step-"
+STATE_FILE = "trainer_state.json"  # written last: a checkpoint without it is incomplete and ignored
+MAX_BAD_STEPS = 5  # consecutive non-finite losses before the run stops
+
+
+class Method(Protocol):
+    """What a training method gives the engine."""
+
+    total_steps: int
+
+    def step(self, engine: "Engine", step: int) -> dict[str, float]:
+        """Run one optimizer step (forward, backward via the engine, engine.optimizer_step()); return metrics."""
+
+    def evaluate(self, engine: "Engine") -> dict[str, float]:
+        """Held-out metrics (may be empty)."""
+
+
+class NonFiniteLoss(Exception):
+    pass
+
+
+def lr_lambda(schedule: str, warmup_steps: int, total_steps: int) -> Callable[[int], float]:
+    """Multiplier of the peak lr: linear warm-up from 0, then constant, linear or cosine decay to 0."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        if schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        if schedule == "linear":
+            return 1.0 - progress
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def checkpoint_dirs(out_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    root = out_dir / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.name.startswith(CHECKPOINT_PREFIX) and (p / STATE_FILE).is_file()]
+    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
+
+
+def _fsync_dir_tree(root: Path) -> None:
+    for path in [*root.rglob("*"), root]:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+class Engine:
+    """Holds the accelerator, the student, its optimizer and schedule, and the run directory."""
+
+    def __init__(self, config: RunConfig, model: Any, tokenizer: Any, total_steps: int) -> None:
+        from accelerate import Accelerator
+
+        self.config = config
+        self.tokenizer = tokenizer
+        self.total_steps = total_steps
+        self.out_dir = Path(config.out_dir)
+        self.accelerator = Accelerator(mixed_precision="bf16" if resolve_precision(config.precision) == "bf16" else "no")
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(
+            trainable, lr=config.lr, betas=(config.adam_beta1, config.adam_beta2), weight_decay=config.weight_decay
+        )
+        warmup = int(config.warmup_ratio * total_steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config.lr_schedule, warmup, total_steps))
+        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        # The scheduler is stepped by us once per optimizer step (not prepared: accelerate would step it
+        # once per process), but it is part of the checkpoint.
+        self.accelerator.register_for_checkpointing(self.scheduler)
+        self.step = 0
+        self._bad_steps = 0
+
+    # ------------------------------------------------------------ distributed facts
+
+    @property
+    def world_size(self) -> int:
+        return self.accelerator.num_processes
+
+    @property
+    def rank(self) -> int:
+        return self.accelerator.process_index
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    def global_sum(self, value: float) -> float:
+        """Sum a number over all processes."""
+        if self.world_size == 1:
+            return float(value)
+        tensor = torch.tensor([float(value)], device=self.accelerator.device)
+        return float(self.accelerator.reduce(tensor, reduction="sum").item())
+
+    # ------------------------------------------------------------ the update
+
+    def backward_token_mean(self, micro_batches: list[dict[str, torch.Tensor]],
+                            loss_sum: Callable[[Any, dict[str, torch.Tensor]], torch.Tensor],
+                            tokens: Callable[[dict[str, torch.Tensor]], int]) -> float:
+        """Backward of (sum of token losses) / (loss tokens in the global batch); returns that mean loss.
+
+        `loss_sum(model, micro_batch)` returns the summed token loss of one micro-batch and `tokens` its
+        number of loss tokens. DDP averages gradients over processes, so each process scales by world size.
+        """
+        global_tokens = self.global_sum(sum(tokens(mb) for mb in micro_batches))
+        if global_tokens == 0:
+            raise OpdistillError("a global batch has no loss tokens", "check that the records have non-empty responses")
+        scale = self.world_size / global_tokens
+        total = 0.0
+        for index, micro_batch in enumerate(micro_batches):
+            batch = {k: v.to(self.accelerator.device) for k, v in micro_batch.items()}
+            last = index == len(micro_batches) - 1
+            with self.accelerator.no_sync(self.model) if not last else contextlib.nullcontext():
+                with self.accelerator.autocast():
+                    summed = loss_sum(self.model, batch)
+                if not torch.isfinite(summed):
+                    self.optimizer.zero_grad(set_to_none=True)
+                    raise NonFiniteLoss(f"loss is {summed.item()}")
+                self.accelerator.backward(summed * scale)
+            total += summed.detach().item()
+        return self.global_sum(total) / global_tokens
+
+    def optimizer_step(self) -> dict[str, float]:
+        """Clip, step the optimizer and the schedule, zero the gradients; returns grad_norm and lr."""
+        grad_norm = float("nan")
+        if self.config.max_grad_norm > 0:
+            grad_norm = float(self.accelerator.clip_grad_norm_(self.model.parameters(), self.config.max_grad_norm))
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return {"grad_norm": grad_norm, "lr": lr}
+
+    # ------------------------------------------------------------ checkpoints
+
+    def save_checkpoint(self) -> Path:
+        """Atomic checkpoint of model, optimizer, schedule, RNG and data position (= step)."""
+        root = self.out_dir / "checkpoints"
+        final = root / f"{CHECKPOINT_PREFIX}{self.step:06d}"
+        tmp = root / f".tmp-{final.name}"
+        if self.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
+        try:
+            self.accelerator.save_state(str(tmp), safe_serialization=True)
+            if self.is_main:
+                state = {"step": self.step, "total_steps": self.total_steps, "method": self.config.method, "time": time.time()}
+                (tmp / STATE_FILE).write_text(json.dumps(state))
+                _fsync_dir_tree(tmp)
+                shutil.rmtree(final, ignore_errors=True)
+                os.replace(tmp, final)
+                for old in checkpoint_dirs(self.out_dir)[: -self.config.keep_checkpoints]:
+                    shutil.rmtree(old, ignore_errors=True)
+        except OSError as err:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise CheckpointError(f"writing checkpoint {final} failed: {err}", "free disk space; the previous checkpoint is intact") from None
+        self.accelerator.wait_for_everyone()
+        return final
+
+    def resume_if_possible(self) -> bool:
+        found = checkpoint_dirs(self.out_dir) if self.config.resume else []
+        if not found:
+            return False
+        latest = found[-1]
+        state = json.loads((latest / STATE_FILE).read_text())
+        if state.get("method") != self.config.method:
+            raise CheckpointError(f"{latest} was written by method {state.get('method')!r}, not {self.config.method!r}",
+                                  "use another out_dir, or resume=false")
+        try:
+            self.accelerator.load_state(str(latest))
+        except (RuntimeError, KeyError, ValueError, OSError) as err:
+            raise CheckpointError(f"cannot resume from {latest}: {str(err).splitlines()[0]}",
+                                  "the checkpoint does not match this model/config; use another out_dir or resume=false") from None
+        self.step = int(state["step"])
+        return True
+
+    # ------------------------------------------------------------ logging
+
+    def _metrics_path(self) -> Path:
+        return self.out_dir / "metrics.jsonl"
+
+    def _trim_metrics(self) -> None:
+        """After a resume, drop metric lines written after the checkpoint so no step appears twice."""
+        path = self._metrics_path()
+        if not path.exists():
+            return
+        kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= self.step]
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, path)
+
+    def log(self, metrics: dict[str, Any]) -> None:
+        if not self.is_main:
+            return
+        with open(self._metrics_path(), "a", encoding="utf-8") as handle:
+            handle.write(json.dumps({"step": self.step, **metrics}) + "\n")
+
+    # ------------------------------------------------------------ the loop
+
+    def fit(self, method: Method) -> dict[str, Any]:
+        """Run (or resume) to total_steps; returns the summary written to out_dir/summary.json."""
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        if self.is_main:
+            (self.out_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(self.config), sort_keys=False))
+        resumed = self.resume_if_possible()
+        if resumed:
+            self._trim_metrics()
+            print(f"train: resumed from step {self.step}", file=sys.stderr)
+        first_eval: dict[str, float] = {}
+        if not resumed:
+            first_eval = method.evaluate(self)
+            if first_eval:
+                self.log({"eval": first_eval})
+        bar = tqdm(total=self.total_steps, initial=self.step, desc=f"train {self.config.method}", unit="step",
+                   disable=not self.is_main, dynamic_ncols=True, file=sys.stderr)
+        interrupted = False
+        previous_handler = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt) if _in_main_thread() else None
+        try:
+            while self.step < self.total_steps:
+                started = time.perf_counter()
+                try:
+                    metrics = method.step(self, self.step)
+                except NonFiniteLoss as err:
+                    self._bad_steps += 1
+                    print(f"train: step {self.step}: {err}; skipping the step ({self._bad_steps} in a row)", file=sys.stderr)
+                    if self._bad_steps >= MAX_BAD_STEPS:
+                        raise OpdistillError(f"{MAX_BAD_STEPS} non-finite losses in a row", "lower lr, use precision: fp32, or check the data") from None
+                    self.step += 1
+                    continue
+                self._bad_steps = 0
+                self.step += 1
+                metrics["step_seconds"] = time.perf_counter() - started
+                if self.config.eval_every and self.step % self.config.eval_every == 0 and self.step < self.total_steps:
+                    metrics["eval"] = method.evaluate(self)
+                if self.step % self.config.log_every == 0 or self.step == self.total_steps:
+                    self.log(metrics)
+                bar.update(1)
+                bar.set_postfix(loss=f"{metrics.get('loss', float('nan')):.4f}", refresh=False)
+                if self.config.checkpoint_every and self.step % self.config.checkpoint_every == 0:
+                    self.save_checkpoint()
+        except KeyboardInterrupt:
+            interrupted = True
+        finally:
+            bar.close()
+            if previous_handler is not None:
+                signal.signal(signal.SIGTERM, previous_handler)
+        if interrupted:
+            path = self.save_checkpoint()
+            raise KeyboardInterrupt(f"interrupted at step {self.step}; checkpoint {path}; rerun the same command to resume")
+        if not checkpoint_dirs(self.out_dir) or checkpoint_dirs(self.out_dir)[-1].name != f"{CHECKPOINT_PREFIX}{self.step:06d}":
+            self.save_checkpoint()
+        final_eval = method.evaluate(self)
+        if final_eval:
+            self.log({"eval": final_eval})
+        summary = {"steps": self.step, "final_eval": final_eval}
+        if first_eval:
+            summary["initial_eval"] = first_eval
+        if self.is_main:
+            student_dir = save_pretrained_atomic(self.accelerator.unwrap_model(self.model), self.tokenizer, self.out_dir / "student")
+            summary["student"] = str(student_dir)
+            (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        self.accelerator.wait_for_everyone()
+        return summary
+
+
+def _in_main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _raise_keyboard_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+@dataclass
+class StepOrder:
+    """Which records each step uses: a fresh seeded permutation per epoch, so a step number alone fixes
+    the data position (exact resume needs nothing else). Each process takes its own slice of the batch."""
+
+    n_records: int
+    batch_size: int
+    seed: int
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.n_records // self.batch_size
+
+    def indices(self, step: int, rank: int = 0, world_size: int = 1) -> list[int]:
+        epoch, position = divmod(step, self.steps_per_epoch)
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        order = torch.randperm(self.n_records, generator=generator).tolist()
+        batch = order[position * self.batch_size : (position + 1) * self.batch_size]
+        return batch[rank::world_size]
+
+
+def total_steps_for(config: RunConfig, steps_per_epoch: int) -> int:
+    if config.max_steps:
+        return config.max_steps
+    return max(1, int(config.epochs * steps_per_epoch))
+
+
+def chunks(items: list[Any], size: int) -> list[list[Any]]:
+    return [items[i : i + size] for i in range(0, len(items), size)]

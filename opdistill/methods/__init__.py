@@ -1,0 +1,34 @@
+"""Training methods, one file each; `train(config)` runs any of them on the shared engine."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..config import RunConfig
+from ..engine import Engine
+from ..models import apply_lora, load_model, load_tokenizer
+from .seqkd import SeqKD
+
+METHODS = {"seqkd": SeqKD}
+
+
+def load_student(config: RunConfig) -> Any:
+    model = load_model(config.student, trust_remote_code=config.trust_remote_code, allow_pickle=config.allow_pickle)
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.config.use_cache = False
+    if config.lora_r:
+        model = apply_lora(model, config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_target_modules)
+    return model
+
+
+def train(config: RunConfig) -> dict[str, Any]:
+    """Train a student with config.method; returns the run summary (also in out_dir/summary.json)."""
+    torch.manual_seed(config.seed)
+    tokenizer = load_tokenizer(config.student, chat_template=config.chat_template, trust_remote_code=config.trust_remote_code)
+    method = METHODS[config.method](config, tokenizer)  # reads and checks the data before the (slow) model load
+    model = load_student(config)
+    engine = Engine(config, model, tokenizer, method.total_steps)
+    return engine.fit(method)

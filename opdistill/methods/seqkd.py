@@ -1,0 +1,70 @@
+"""SeqKD (SPEC §1): cross-entropy on teacher responses, loss on response tokens only."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..config import RunConfig
+from ..data import Example, collate, load_records, tokenize_records
+from ..engine import Engine, StepOrder, chunks, total_steps_for
+from ..errors import DataError
+
+
+def response_nll_sum(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Summed next-token NLL over response positions (loss_mask marks response tokens)."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    targets = batch["input_ids"][:, 1:]
+    mask = batch["loss_mask"][:, 1:].to(torch.float32)
+    nll = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
+    return (nll.view_as(mask) * mask).sum()
+
+
+def response_tokens(batch: dict[str, torch.Tensor]) -> int:
+    return int(batch["loss_mask"][:, 1:].sum())
+
+
+class SeqKD:
+    """Supervised distillation on teacher text; the engine does everything but the loss."""
+
+    def __init__(self, config: RunConfig, tokenizer: Any) -> None:
+        self.config = config
+        self.pad_id = tokenizer.pad_token_id
+        records = load_records(config.data, require_response=True)
+        self.examples, report = tokenize_records(tokenizer, records, config.max_prompt_tokens, config.max_response_tokens, config.overlong)
+        print(f"train: data {config.data}: {report.summary()}")
+        if len(self.examples) < config.batch_size:
+            raise DataError(f"{config.data}: {len(self.examples)} usable records, fewer than batch_size {config.batch_size}",
+                            "lower batch_size or add records")
+        self.order = StepOrder(len(self.examples), config.batch_size, config.seed)
+        self.total_steps = total_steps_for(config, self.order.steps_per_epoch)
+        self.eval_examples: list[Example] = []
+        if config.eval_data:
+            eval_records = load_records(config.eval_data, require_response=True)
+            self.eval_examples, _ = tokenize_records(tokenizer, eval_records, config.max_prompt_tokens, config.max_response_tokens, config.overlong)
+
+    def micro_batches(self, engine: Engine, step: int) -> list[dict[str, torch.Tensor]]:
+        picked = [self.examples[i] for i in self.order.indices(step, engine.rank, engine.world_size)]
+        return [collate(group, self.pad_id) for group in chunks(picked, self.config.micro_batch_size)]
+
+    def step(self, engine: Engine, step: int) -> dict[str, float]:
+        engine.model.train()
+        batches = self.micro_batches(engine, step)
+        loss = engine.backward_token_mean(batches, response_nll_sum, response_tokens)
+        return {"loss": loss, **engine.optimizer_step(), "tokens": engine.global_sum(sum(map(response_tokens, batches)))}
+
+    @torch.no_grad()
+    def evaluate(self, engine: Engine) -> dict[str, float]:
+        """Mean response-token NLL of the held-out teacher responses."""
+        if not self.eval_examples:
+            return {}
+        engine.model.eval()
+        total, count = 0.0, 0
+        for group in chunks(self.eval_examples[engine.rank :: engine.world_size], self.config.micro_batch_size):
+            batch = {k: v.to(engine.accelerator.device) for k, v in collate(group, self.pad_id).items()}
+            with engine.accelerator.autocast():
+                total += float(response_nll_sum(engine.model, batch))
+            count += response_tokens(batch)
+        return {"nll": engine.global_sum(total) / max(1.0, engine.global_sum(count))}

