@@ -165,10 +165,11 @@ def main() -> None:
     parser.add_argument("--fault-kinds", default=",".join(FAULT_KINDS))
     parser.add_argument("--latency", type=float, default=0.0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--retry-after", default="1", help="Retry-After header value sent with 429s")
     parser.add_argument("--max-seconds", type=float, default=600.0, help="stop by itself after this long")
     args = parser.parse_args()
     server, _ = start_server(args.port, fault_rate=args.fault_rate, fault_kinds=args.fault_kinds.split(","),
-                             latency=args.latency, seed=args.seed)
+                             latency=args.latency, seed=args.seed, retry_after=args.retry_after)
     with open(args.port_file, "w") as handle:
         handle.write(str(server.server_address[1]))
     time.sleep(args.max_seconds)
