@@ -15,7 +15,8 @@ def _collect(args: argparse.Namespace) -> int:
     opts = CollectOptions(
         prompts=args.prompts, out=args.out, teacher_model=args.teacher_model, teacher_url=args.teacher_url or "",
         api_key_env=args.api_key_env, system=args.system or "", n=args.n, temperature=args.temperature, top_p=args.top_p,
-        max_tokens=args.max_tokens, concurrency=args.concurrency, max_attempts=args.max_attempts, timeout=args.timeout,
+        max_tokens=args.max_tokens, concurrency=args.concurrency, max_attempts=args.max_attempts, retry_base_delay=args.retry_base_delay,
+        timeout=args.timeout,
         batch_size=args.batch_size, precision=args.precision, seed=args.seed, progress=not args.no_progress,
     )
     summary = collect(opts)
@@ -78,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--max-tokens", type=int, default=256, help="max new tokens per response (default 256)")
     c.add_argument("--concurrency", type=int, default=8, help="API requests in flight (default 8)")
     c.add_argument("--max-attempts", type=int, default=6, help="retry budget per request, first try included (default 6)")
+    c.add_argument("--retry-base-delay", type=float, default=0.5, help="first back-off in seconds, doubled per retry, capped at 30 (default 0.5); a server's Retry-After wins")
     c.add_argument("--timeout", type=float, default=120.0, help="seconds per API attempt (default 120)")
     c.add_argument("--batch-size", type=int, default=16, help="local teacher generation batch (default 16)")
     c.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto", help="local teacher precision (default auto: bf16 where it is fast)")

@@ -32,9 +32,14 @@ class Record:
     source: str = ""  # "file:line", for messages
 
     def with_system(self, system: str) -> list[dict[str, str]]:
-        """The conversation with `system` as its system prompt (replacing one already there)."""
-        rest = [m for m in self.messages if m["role"] != "system"]
-        return [{"role": "system", "content": system}, *rest] if system else rest
+        """The conversation as a privileged reader sees it: `system` first in the system prompt, followed by
+        the record's own system prompt if it has one. An empty `system` leaves the conversation as it is."""
+        if not system:
+            return self.messages
+        if self.messages[0]["role"] == "system":
+            own = self.messages[0]["content"]
+            return [{"role": "system", "content": f"{system}\n\n{own}" if own else system}, *self.messages[1:]]
+        return [{"role": "system", "content": system}, *self.messages]
 
 
 # ---------------------------------------------------------------- loading

@@ -283,7 +283,8 @@ class Engine:
         if interrupted:
             path = self.save_checkpoint()
             raise KeyboardInterrupt(f"interrupted at step {self.step}; checkpoint {path}; rerun the same command to resume")
-        if not checkpoint_dirs(self.out_dir) or checkpoint_dirs(self.out_dir)[-1].name != f"{CHECKPOINT_PREFIX}{self.step:06d}":
+        saved = checkpoint_dirs(self.out_dir)
+        if not saved or saved[-1].name != f"{CHECKPOINT_PREFIX}{self.step:06d}":
             self.save_checkpoint()
         final_eval = method.evaluate(self)
         if final_eval:

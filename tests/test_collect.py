@@ -62,7 +62,8 @@ def test_every_fault_kind_is_retried_and_retry_after_is_honoured(tmp_path, serve
     server = server_factory(script=faults, retry_after="1", timeout_sleep=2.0)
     prompts = write_prompts(tmp_path / "p.jsonl", 3)
     started = time.monotonic()
-    summary = collect(options(server, prompts, tmp_path / "out.jsonl", concurrency=1, timeout=0.5, max_attempts=10))
+    summary = collect(options(server, prompts, tmp_path / "out.jsonl", concurrency=1, timeout=0.5, max_attempts=10,
+                              retry_base_delay=0.02))
     elapsed = time.monotonic() - started
     assert summary.stored == 3 and summary.failed == 0
     assert summary.requests == 3 + len(faults) == stats(server)["requests"]

@@ -64,9 +64,11 @@ def test_system_field_becomes_first_message(tmp_path: Path) -> None:
     first, second = load_records(str(path))
     assert first.messages == [{"role": "system", "content": "Answer in French."}, {"role": "user", "content": "Hi"}]
     assert second.messages == [{"role": "system", "content": "Answer in German."}, {"role": "user", "content": "Yo"}]
-    # with_system replaces the system prompt
-    assert first.with_system("X")[0] == {"role": "system", "content": "X"}
-    assert first.with_system("") == [{"role": "user", "content": "Hi"}]
+    # a privileged system prompt goes first, before the record's own; an empty one changes nothing
+    assert first.with_system("X") == [{"role": "system", "content": "X\n\nAnswer in French."}, {"role": "user", "content": "Hi"}]
+    assert first.with_system("") == first.messages
+    bare = load_records(str(write_lines(tmp_path / "b.jsonl", [{"prompt": "Hi"}])))[0]
+    assert bare.with_system("X") == [{"role": "system", "content": "X"}, {"role": "user", "content": "Hi"}]
 
 
 def test_response_field(tmp_path: Path) -> None:

@@ -13,11 +13,11 @@ from ..rollout import SamplingParams, iter_samples
 
 def generate_texts(model_name: str, records: list[Record], params: SamplingParams, *, system: str = "",
                    batch_size: int = 16, precision: str = "auto", seed: int = 0, model: Any = None, tokenizer: Any = None) -> list[str]:
-    """One response per record, in record order. `system` replaces the records' system prompt when given."""
+    """One response per record, in record order; `system` (if given) is put first in each system prompt."""
     tokenizer = tokenizer or load_tokenizer(model_name)
     model = model or load_model(model_name)
     torch.manual_seed(seed)
-    prompts = [render_prompt(tokenizer, r.with_system(system) if system else r.messages) for r in records]
+    prompts = [render_prompt(tokenizer, r.with_system(system)) for r in records]
     texts = [""] * len(records)
     for batch in iter_samples(model, tokenizer, prompts, params, batch_size=batch_size, bf16=resolve_precision(precision) == "bf16"):
         for sample in batch:

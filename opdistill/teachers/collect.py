@@ -6,7 +6,7 @@ import asyncio
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 from tqdm import tqdm
@@ -32,6 +32,7 @@ class CollectOptions:
     max_tokens: int = 256
     concurrency: int = 8
     max_attempts: int = 6
+    retry_base_delay: float = 0.5  # first back-off in seconds, doubled each retry
     timeout: float = 120.0
     batch_size: int = 16  # local teacher
     precision: str = "auto"  # local teacher: auto, bf16 or fp32
@@ -68,16 +69,14 @@ def _validate(opts: CollectOptions) -> None:
         raise OpdistillError(f"--concurrency must be >= 1, got {opts.concurrency}")
     if opts.max_attempts < 1:
         raise OpdistillError(f"--max-attempts must be >= 1, got {opts.max_attempts}")
+    if opts.retry_base_delay < 0 or opts.timeout <= 0:
+        raise OpdistillError("--retry-base-delay must be >= 0 and --timeout > 0")
     if not 0 < opts.top_p <= 1:
         raise OpdistillError(f"--top-p must be in (0, 1], got {opts.top_p}")
     if opts.temperature < 0:
         raise OpdistillError(f"--temperature must be >= 0, got {opts.temperature}")
     if not opts.out.endswith(".jsonl"):
         raise OpdistillError(f"--out {opts.out} must be a .jsonl file")
-
-
-def teacher_view(record: Record, system: str) -> list[dict[str, str]]:
-    return record.with_system(system) if system else record.messages
 
 
 def output_record(record: Record, key: str, teacher: str, sampling: dict[str, Any], sample_index: int,
@@ -97,7 +96,7 @@ def collect(opts: CollectOptions) -> CollectSummary:
     sampling = params.as_dict()
     teacher = opts.teacher_model
     store = ResponseStore(opts.out)
-    keys = [[record_key(teacher_view(r, opts.system), teacher, sampling, s) for s in range(opts.n)] for r in records]
+    keys = [[record_key(r.with_system(opts.system), teacher, sampling, s) for s in range(opts.n)] for r in records]
     total = len(records) * opts.n
     summary = CollectSummary(total=total, already_stored=sum(k in store for row in keys for k in row), stored=0, failed=0)
     start = time.monotonic()
@@ -122,7 +121,7 @@ async def _collect_api(opts: CollectOptions, records: list[Record], keys: list[l
     api_key = os.environ.get(opts.api_key_env) or None
     if api_key is None:
         print(f"collect: ${opts.api_key_env} is not set; sending requests without an Authorization header", file=sys.stderr)
-    policy = RetryPolicy(max_attempts=opts.max_attempts, timeout=opts.timeout)
+    policy = RetryPolicy(max_attempts=opts.max_attempts, base_delay=opts.retry_base_delay, timeout=opts.timeout)
     client = ChatCompletionsTeacher(opts.teacher_url, opts.teacher_model, api_key, policy, seed=opts.seed)
     queue: asyncio.Queue[tuple[int, int]] = asyncio.Queue()
     for p, row in enumerate(keys):
@@ -135,7 +134,7 @@ async def _collect_api(opts: CollectOptions, records: list[Record], keys: list[l
             p, s = queue.get_nowait()
             record = records[p]
             try:
-                done = await client.complete(teacher_view(record, opts.system), sampling)
+                done = await client.complete(record.with_system(opts.system), sampling)
             except RequestFailed as failure:
                 summary.failed += 1
                 store.add_failure({"key": keys[p][s], "source": record.source, "sample_index": s,
@@ -174,8 +173,3 @@ def _collect_local(opts: CollectOptions, records: list[Record], keys: list[list[
                 summary.completion_tokens += usage["completion_tokens"]
                 summary.requests += 1
         bar.update(len(batch))
-
-
-def options_dict(opts: CollectOptions) -> dict[str, Any]:
-    """What a run may write about its options: the key's variable name, never the key."""
-    return asdict(opts)

@@ -24,11 +24,8 @@ class LocalTextTeacher:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model = load_model(name, trust_remote_code=trust_remote_code).to(device)
 
-    def teacher_messages(self, record: Record) -> list[dict[str, str]]:
-        return record.with_system(self.system) if self.system else record.messages
-
     def generate(self, records: list[Record], params: SamplingParams, n: int,
                  skip: Callable[[int, int], bool] | None = None) -> Iterator[list[Sample]]:
-        prompts = [render_prompt(self.tokenizer, self.teacher_messages(r)) for r in records]
+        prompts = [render_prompt(self.tokenizer, r.with_system(self.system)) for r in records]
         yield from iter_samples(self.model, self.tokenizer, prompts, params, n=n,
                                 batch_size=self.batch_size, bf16=self.bf16, skip=skip)
