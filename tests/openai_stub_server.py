@@ -146,13 +146,19 @@ def make_handler(state: StubState) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
+class QuietServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        pass  # clients killed mid-request (the kill -9 tests) reset connections; that is expected here
+
+
 def start_server(port: int = 0, **kwargs: Any) -> tuple[ThreadingHTTPServer, StubState]:
     defaults = dict(script=[], fault_rate=0.0, fault_kinds=list(FAULT_KINDS), seed=0, latency=0.0, timeout_sleep=3.0,
                     retry_after="1", always_fail_substring="", status_always=0, expected_key="")
     defaults.update(kwargs)
     state = StubState(**defaults)
-    server = ThreadingHTTPServer(("127.0.0.1", port), make_handler(state))
-    server.daemon_threads = True
+    server = QuietServer(("127.0.0.1", port), make_handler(state))
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server, state
 
