@@ -1,0 +1,1 @@
+"""Pure tensor functions for the training objectives: no I/O, no models."""

@@ -1,0 +1,49 @@
+"""Policy-gradient pieces for on-policy methods (SPEC §2): GRPO group advantages, PPO-clip, KL estimators.
+
+Per-token functions return unreduced tensors; the caller masks them and averages over the response
+tokens of the global batch (the engine's token mean).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def group_advantages(rewards: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """GRPO: A_i = (r_i − mean_j r_j) / (std_j r_j + ε) within each prompt's group of N samples.
+
+    rewards: (B, N). std is the unbiased sample std, as in GRPO's reference code; a group of one sample
+    (or of identical rewards) gets advantage 0, never NaN.
+    """
+    if rewards.dim() != 2:
+        raise ValueError(f"rewards must be (B, N), got {tuple(rewards.shape)}")
+    centred = rewards - rewards.mean(dim=1, keepdim=True)
+    if rewards.shape[1] < 2:
+        return torch.zeros_like(rewards)
+    return centred / (rewards.std(dim=1, keepdim=True) + eps)
+
+
+def ppo_clip_per_token(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+                       clip: float = 0.2) -> tuple[torch.Tensor, torch.Tensor]:
+    """PPO-clip loss per token: −min(ρ A, clip(ρ, 1−ε, 1+ε) A), ρ = exp(ℓ_θ − ℓ_old).
+
+    Returns (loss, clipped) with clipped = 1.0 where the clipped branch was taken (for the clip fraction).
+    advantages broadcast against logprobs (a per-sequence advantage of shape (..., 1) is fine).
+    """
+    ratio = torch.exp(logprobs - old_logprobs)
+    unclipped = ratio * advantages
+    clipped_ratio = torch.clamp(ratio, 1.0 - clip, 1.0 + clip)
+    clipped = clipped_ratio * advantages
+    loss = -torch.minimum(unclipped, clipped)
+    return loss, (clipped < unclipped).float()
+
+
+def kl_k1(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+    """k1 = ℓ_θ − ℓ_ref: unbiased for KL(π_θ ‖ π_ref) on samples from π_θ, but can be negative."""
+    return logprobs - ref_logprobs
+
+
+def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+    """k3 = exp(ℓ_ref − ℓ_θ) − (ℓ_ref − ℓ_θ) − 1: unbiased and always ≥ 0 (Schulman's estimator)."""
+    log_ratio = ref_logprobs - logprobs
+    return torch.exp(log_ratio) - log_ratio - 1.0
