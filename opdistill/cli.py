@@ -1,4 +1,4 @@
-"""The `opdistill` command: collect, train, demo. Every subcommand has --help."""
+"""The `opdistill` command: collect, train, demo, analyze. Every subcommand has --help."""
 
 from __future__ import annotations
 
@@ -61,6 +61,40 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _analyze(args: argparse.Namespace) -> int:
+    import torch
+
+    from .analysis.updates import AnalysisOptions, analyze_checkpoints, compare_runs, threshold_key, write_outputs
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    options = AnalysisOptions(
+        eta=args.eta, abs_threshold=args.abs_threshold, changed=args.changed, exact_svd_max_dim=args.exact_svd_max_dim,
+        svd_rank=args.svd_rank, mask_alpha=args.mask_alpha, principal_rank_frac=args.principal_rank_frac,
+        spectral=not args.no_spectra, device=args.device, seed=args.seed, progress=not args.no_progress,
+    )
+    analysis = analyze_checkpoints(args.base, args.tuned, options, save_mask=args.save_mask)
+    if args.compare:
+        analysis.summary["compare"] = compare_runs(args.base, args.compare[0], args.compare[1], options)
+    paths = write_outputs(analysis, args.out)
+    g = analysis.summary["global"]
+    abs_key = f"sparsity_abs_{threshold_key(args.abs_threshold)}"
+    print(f"{g['tensors_analysed']} tensors, {g['numel']:,} coordinates in {analysis.summary['seconds']:.0f} s")
+    print(f"relative update {g['relative_update']:.4g}; sparsity bf16-aware {g['sparsity_bf16']:.4f}, |delta| < {args.abs_threshold:g} {g[abs_key]:.4f}")
+    if g.get("principal_enrichment") is not None:
+        print(f"enrichment of changed coordinates: principal mask {g['principal_enrichment']:.3f}, low-magnitude mask {g['lowmag_enrichment']:.3f}")
+    if analysis.summary.get("skipped"):
+        print(f"skipped (not in both or not float): {', '.join(analysis.summary['skipped'])}")
+    if args.save_mask:
+        print(f"changed mask ({args.changed}, density {g['changed_density']:.4f}): {args.save_mask}")
+    if args.compare:
+        c = analysis.summary["compare"]
+        print(f"compare: Jaccard {c['jaccard']} vs random baseline {c['random_baseline']}")
+    print(f"summary: {paths['summary']}")
+    print(f"report: {paths['report']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="opdistill", description="On-policy distillation of large language models.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -91,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train a student. Example: opdistill train examples/seqkd_selfinstruct.yaml max_steps=20")
     t.add_argument("config", nargs="?", help="YAML config file (optional)")
     t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. lr=1e-5 batch_size=16")
-    t.add_argument("--method", choices=["seqkd"], help="method (overrides the config's `method`)")
+    t.add_argument("--method", choices=["seqkd", "gad"], help="method (overrides the config's `method`)")
     t.add_argument("--help-config", action="store_true", help="list every config key with its default and meaning")
     t.set_defaults(func=_train)
 
@@ -108,6 +142,34 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--lr", type=float, default=defaults.lr, help=f"learning rate (default {defaults.lr}: a short run)")
     d.add_argument("--seed", type=int, default=defaults.seed)
     d.set_defaults(func=_demo)
+
+    from .analysis.updates import AnalysisOptions
+
+    o = AnalysisOptions()
+    a = sub.add_parser("analyze", help="what fine-tuning did to the weights: sparsity, rank, principal alignment (summary.json, report.html)",
+                       description="Compare two checkpoints of the same architecture tensor by tensor (streamed; see docs/analysis.md). "
+                                   "Example: opdistill analyze smollm2-135m-instruct runs/demo/student --out runs/demo/analysis")
+    a.add_argument("base", metavar="BASE", help="the checkpoint training started from: directory, .safetensors file, built-in name or cached hub id")
+    a.add_argument("tuned", metavar="TUNED", help="the trained checkpoint (same architecture)")
+    a.add_argument("--out", required=True, help="output directory: summary.json, report.html, spectra.safetensors")
+    a.add_argument("--save-mask", metavar="MASK", help="write the changed-mask (bool safetensors) for train_mask: MASK")
+    a.add_argument("--compare", nargs=2, metavar=("RUN_A", "RUN_B"),
+                   help="Jaccard of the changed masks of two runs from BASE (checkpoints or saved masks) vs the random baseline pq/(p+q-pq)")
+    a.add_argument("--changed", choices=["bf16", "abs"], default=o.changed, help=f"definition behind the changed mask, overlaps and --compare (default {o.changed})")
+    a.add_argument("--eta", type=float, default=o.eta, help=f"bf16-aware tolerance: unchanged iff |dw| <= eta*max(|w|,|w'|) (default {o.eta:g})")
+    a.add_argument("--abs-threshold", type=float, default=o.abs_threshold, help=f"absolute definition: unchanged iff |dw| < this (default {o.abs_threshold:g})")
+    a.add_argument("--exact-svd-max-dim", type=int, default=o.exact_svd_max_dim,
+                   help=f"exact spectra when min(m, n) <= this, else randomised top --svd-rank (default {o.exact_svd_max_dim})")
+    a.add_argument("--svd-rank", type=int, default=o.svd_rank, help=f"singular values computed on the randomised path (default {o.svd_rank})")
+    a.add_argument("--mask-alpha", type=float, default=o.mask_alpha, help=f"density of the principal and low-magnitude masks (default {o.mask_alpha:g})")
+    a.add_argument("--principal-rank-frac", type=float, default=o.principal_rank_frac,
+                   help=f"rank k = this * min(m, n) of the principal mask's reconstruction (default {o.principal_rank_frac:g})")
+    a.add_argument("--no-spectra", action="store_true", help="skip spectra and principal alignment (the slow part); sparsity and masks stay")
+    a.add_argument("--device", default=o.device, help="auto (cuda when available), cpu or cuda[:N] (default auto)")
+    a.add_argument("--threads", type=int, default=0, help="CPU threads for torch (default: torch's choice; 1 is faster on a machine busy with other jobs)")
+    a.add_argument("--seed", type=int, default=o.seed, help="seed of the randomised SVD")
+    a.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    a.set_defaults(func=_analyze)
     return parser
 
 

@@ -29,7 +29,7 @@ def opt(default: Any, help: str) -> Any:
 class RunConfig:
     """Settings shared by every method: models, data, optimisation, checkpoints and logging."""
 
-    method: str = opt("seqkd", "Training method: seqkd (later: gad, opd).")
+    method: str = opt("seqkd", "Training method: seqkd or gad (opd later).")
     student: str = opt("smollm2-135m-instruct", "Student model: built-in name, local directory, .gguf file or hub id.")
     data: str = opt("", "Training records: JSONL/Parquet/datasets dir, or builtin:train; `path[a:b]` selects rows a..b-1.")
     out_dir: str = opt("runs/train", "Run directory: checkpoints, metrics.jsonl, summary.json and the final student/.")
@@ -58,6 +58,8 @@ class RunConfig:
     lora_alpha: int = opt(16, "LoRA alpha.")
     lora_dropout: float = opt(0.0, "LoRA dropout.")
     lora_target_modules: str = opt("all-linear", "LoRA target modules: all-linear or a comma-separated list.")
+    train_mask: str = opt("", "Sparse-subnetwork training: a bool mask .safetensors (opdistill analyze --save-mask) or "
+                          "random:<density>; only masked coordinates are updated. Needs weight_decay 0 and lora_r 0.")
     gradient_checkpointing: bool = opt(False, "Recompute activations in the backward pass to save memory.")
     chat_template: str = opt("", "Chat template (Jinja text or a path to a file) for tokenizers without one.")
     trust_remote_code: bool = opt(False, "Allow model repositories to run their own Python code.")
@@ -90,6 +92,18 @@ class RunConfig:
             raise ConfigError(f"config field `warmup_ratio` must be in [0, 1), got {self.warmup_ratio}")
         if self.max_steps == 0 and self.epochs <= 0:
             raise ConfigError("both max_steps and epochs are 0", "set max_steps: N or epochs: E > 0")
+        if self.train_mask:
+            from .analysis.masks import parse_mask_spec
+
+            parse_mask_spec(self.train_mask)
+            if self.weight_decay:
+                raise ConfigError(
+                    f"train_mask with weight_decay {self.weight_decay}: AdamW's decoupled decay would move every coordinate, masked or not",
+                    "set weight_decay: 0 (a masked run updates only the mask's coordinates)",
+                )
+            if self.lora_r:
+                raise ConfigError("train_mask masks the full weights, but lora_r > 0 freezes them behind LoRA adapters",
+                                  "set lora_r: 0 with train_mask")
 
 
 @dataclass
@@ -102,7 +116,49 @@ class SeqKDConfig(RunConfig):
     method: str = opt("seqkd", "Training method.")
 
 
-METHOD_CONFIGS: dict[str, type[RunConfig]] = {"seqkd": SeqKDConfig}
+@dataclass
+class GADConfig(RunConfig):
+    """GAD (SPEC §2): a discriminator trained with Bradley–Terry is the GRPO reward of the student.
+
+    Reference defaults (GAD paper): N = 8, 256 prompts per step, lr 1e-6 for generator and discriminator,
+    grad clip 0.2, temperature 0.8, max response 1536, max prompt 2048, PPO clip 0.2, k3 KL 0.001.
+    """
+
+    method: str = opt("gad", "Training method.")
+    lr: float = opt(1e-6, "Generator (student) learning rate.")
+    batch_size: int = opt(256, "Prompts per step (each gets n_samples student samples).")
+    max_grad_norm: float = opt(0.2, "Generator gradient clipping.")
+    epochs: float = opt(1.0, "Adversarial-stage passes over the prompts (used when max_steps is 0).")
+    lr_schedule: str = opt("constant", "Generator lr after warm-up: constant, cosine or linear.")
+    warmup_ratio: float = opt(0.0, "Share of steps with a linear lr warm-up (not the GAD warm-up stage).")
+    n_samples: int = opt(8, "Student samples per prompt (the GRPO group size N).")
+    temperature: float = opt(0.8, "Student sampling temperature.")
+    top_p: float = opt(1.0, "Student nucleus sampling.")
+    rollout_batch_size: int = opt(32, "Sequences generated together.")
+    warmup_steps: int = opt(-1, "GAD warm-up stage length in steps (-1: one epoch over the prompts; 0: none).")
+    d_only_steps: int = opt(10, "Warm-up steps where only the discriminator trains.")
+    clip_ratio: float = opt(0.2, "PPO ratio clip ε.")
+    kl_coef: float = opt(0.001, "Coefficient of the k3 KL to the reference (the end-of-warm-up student).")
+    d_lr: float = opt(1e-6, "Discriminator learning rate.")
+    d_max_grad_norm: float = opt(0.2, "Discriminator gradient clipping.")
+    discriminator: str = opt("", "Discriminator initialisation: a model or saved discriminator dir (empty: the student).")
+    freeze_discriminator: bool = opt(False, "Freeze the discriminator after warm-up (the paper's off-policy ablation).")
+
+    def validate(self) -> None:
+        super().validate()
+        if self.n_samples < 2:
+            raise ConfigError(f"n_samples must be >= 2 for group advantages, got {self.n_samples}")
+        if self.temperature <= 0:
+            raise ConfigError(f"temperature must be > 0 for on-policy sampling, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.warmup_steps < -1 or self.d_only_steps < 0 or self.rollout_batch_size < 1:
+            raise ConfigError("warmup_steps must be >= -1, d_only_steps >= 0 and rollout_batch_size >= 1")
+        if self.clip_ratio <= 0 or self.kl_coef < 0 or self.d_lr <= 0:
+            raise ConfigError("clip_ratio and d_lr must be > 0 and kl_coef >= 0")
+
+
+METHOD_CONFIGS: dict[str, type[RunConfig]] = {"seqkd": SeqKDConfig, "gad": GADConfig}
 
 
 def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:

@@ -38,6 +38,12 @@ class Method(Protocol):
 
     total_steps: int
 
+    def setup(self, engine: "Engine") -> None:
+        """Register extra trained parts (engine.add_trainable) before a resume restores them."""
+
+    def on_resume(self, engine: "Engine") -> None:
+        """Restore method state that lives outside the engine checkpoint (e.g. a reference model)."""
+
     def step(self, engine: "Engine", step: int) -> dict[str, float]:
         """Run one optimizer step (forward, backward via the engine, engine.optimizer_step()); return metrics."""
 
@@ -47,6 +53,15 @@ class Method(Protocol):
 
 class NonFiniteLoss(Exception):
     pass
+
+
+@dataclass
+class Trainable:
+    """An extra trained module with its own optimizer (e.g. GAD's discriminator); part of every checkpoint."""
+
+    model: Any
+    optimizer: Any
+    max_grad_norm: float
 
 
 def lr_lambda(schedule: str, warmup_steps: int, total_steps: int) -> Callable[[int], float]:
@@ -158,14 +173,36 @@ class Engine:
 
     def optimizer_step(self) -> dict[str, float]:
         """Clip, step the optimizer and the schedule, zero the gradients; returns grad_norm and lr."""
-        grad_norm = float("nan")
-        if self.config.max_grad_norm > 0:
-            grad_norm = float(self.accelerator.clip_grad_norm_(self.model.parameters(), self.config.max_grad_norm))
+        grad_norm = self._clip(self.model, self.config.max_grad_norm)
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return {"grad_norm": grad_norm, "lr": lr}
+
+    def _clip(self, model: Any, max_norm: float) -> float:
+        if max_norm <= 0:
+            return float("nan")
+        return float(self.accelerator.clip_grad_norm_(model.parameters(), max_norm))
+
+    def add_trainable(self, model: Any, lr: float, max_grad_norm: float, weight_decay: float = 0.0) -> Trainable:
+        """Prepare another trained module with its own AdamW (constant lr); checkpointed with the student."""
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
+                                      betas=(self.config.adam_beta1, self.config.adam_beta2), weight_decay=weight_decay)
+        prepared, optimizer = self.accelerator.prepare(model, optimizer)
+        return Trainable(prepared, optimizer, max_grad_norm)
+
+    def trainable_step(self, part: Trainable) -> float:
+        """Clip and step an extra trainable; returns its gradient norm."""
+        grad_norm = self._clip(part.model, part.max_grad_norm)
+        part.optimizer.step()
+        part.optimizer.zero_grad(set_to_none=True)
+        return grad_norm
+
+    def backward(self, loss: torch.Tensor, model: Any | None = None, last: bool = True) -> None:
+        """Backward of an already-normalised loss; `last=False` skips the DDP gradient sync (accumulation)."""
+        with self.accelerator.no_sync(model or self.model) if not last else contextlib.nullcontext():
+            self.accelerator.backward(loss)
 
     # ------------------------------------------------------------ checkpoints
 
@@ -238,9 +275,15 @@ class Engine:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         if self.is_main:
             (self.out_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(self.config), sort_keys=False))
+        setup = getattr(method, "setup", None)
+        if setup is not None:
+            setup(self)
         resumed = self.resume_if_possible()
         if resumed:
             self._trim_metrics()
+            on_resume = getattr(method, "on_resume", None)
+            if on_resume is not None:
+                on_resume(self)
             print(f"train: resumed from step {self.step}", file=sys.stderr)
         first_eval: dict[str, float] = {}
         if not resumed:

@@ -29,6 +29,7 @@ class Sample:
     response_ids: list[int]  # up to and including EOS when the model stopped
     text: str
     finished: bool  # True when EOS was produced within max_new_tokens
+    logprobs: list[float]  # log-prob of each response token under the sampling distribution at `temperature`
 
 
 def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -89,7 +90,7 @@ def iter_samples(
         ids, mask = left_pad([prompts[p] for p, _ in batch], tokenizer.pad_token_id)
         greedy = params.temperature <= 0
         with torch.no_grad(), autocast_context(bf16, device):
-            out = model.generate(
+            generated = model.generate(
                 input_ids=ids.to(device),
                 attention_mask=mask.to(device),
                 do_sample=not greedy,
@@ -99,11 +100,29 @@ def iter_samples(
                 max_new_tokens=params.max_new_tokens,
                 pad_token_id=tokenizer.pad_token_id,
                 eos_token_id=sorted(eos),
+                return_dict_in_generate=True,
+                output_logits=True,
             )
-        new_tokens = out[:, ids.shape[1]:].tolist()
+        new = generated.sequences[:, ids.shape[1]:]
+        # Raw logits per step -> log-probs at the sampling temperature (before top-p truncation, i.e. what a
+        # forward pass of the same policy gives; PPO's ratio compares like with like).
+        steps = torch.stack(generated.logits, dim=1).float() / (params.temperature if not greedy else 1.0)
+        chosen = torch.log_softmax(steps, dim=-1).gather(-1, new.unsqueeze(-1)).squeeze(-1)
         samples = []
-        for (p, s), tokens in zip(batch, new_tokens):
+        for row, ((p, s), tokens) in enumerate(zip(batch, new.tolist())):
             response, finished = trim_at_eos(tokens, eos)
             text = tokenizer.decode(response, skip_special_tokens=True).strip()
-            samples.append(Sample(p, s, response, text, finished))
+            samples.append(Sample(p, s, response, text, finished, chosen[row, : len(response)].tolist()))
         yield samples
+
+
+def token_logprobs(model: Any, batch: dict[str, torch.Tensor], temperature: float = 1.0) -> torch.Tensor:
+    """log π(y_t | y_<t) at every position of a collated batch, shape (B, L-1), aligned with loss_mask[:, 1:].
+
+    Computed position by position from the logits (log_softmax, then gather), in fp32.
+    """
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    targets = batch["input_ids"][:, 1:].unsqueeze(-1)
+    return torch.log_softmax(logits, dim=-1).gather(-1, targets).squeeze(-1)

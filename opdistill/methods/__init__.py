@@ -9,9 +9,10 @@ import torch
 from ..config import RunConfig
 from ..engine import Engine
 from ..models import apply_lora, load_model, load_tokenizer
+from .gad import GAD
 from .seqkd import SeqKD
 
-METHODS = {"seqkd": SeqKD}
+METHODS = {"seqkd": SeqKD, "gad": GAD}
 
 
 def load_student(config: RunConfig) -> Any:
@@ -30,5 +31,9 @@ def train(config: RunConfig) -> dict[str, Any]:
     tokenizer = load_tokenizer(config.student, chat_template=config.chat_template, trust_remote_code=config.trust_remote_code)
     method = METHODS[config.method](config, tokenizer)  # reads and checks the data before the (slow) model load
     model = load_student(config)
+    if config.train_mask:  # sparse-subnetwork training: gradient only on the mask's coordinates (analysis/masks.py)
+        from ..analysis.masks import apply_train_mask
+
+        apply_train_mask(model, config.train_mask, seed=config.seed)
     engine = Engine(config, model, tokenizer, method.total_steps)
     return engine.fit(method)

@@ -1,0 +1,87 @@
+"""GAD's discriminator (SPEC §2): a causal-LM backbone with a scalar head, scoring (prompt, response)
+at the last non-padding token of the response.
+
+Initialised from the student checkpoint by default (any causal LM works). Position ids are derived from
+the attention mask, so a left-padded and a right-padded batch give the same scores. It has its own
+weights, optimizer and checkpoint: `save` writes `discriminator.safetensors` plus the backbone config.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .errors import CheckpointError, ModelError
+from .models import resolve_model
+
+WEIGHTS = "discriminator.safetensors"
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last position with attention_mask = 1 in each row (works for left and right padding)."""
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device).expand_as(attention_mask)
+    return torch.where(attention_mask.bool(), positions, torch.full_like(positions, -1)).max(dim=1).values
+
+
+def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """0, 1, 2, ... over the real tokens of each row, whatever the padding side."""
+    return (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
+
+
+class Discriminator(nn.Module):
+    """D_φ(x, y) -> a scalar per sequence."""
+
+    def __init__(self, backbone: nn.Module) -> None:
+        super().__init__()
+        self.backbone = backbone
+        hidden = backbone.config.hidden_size
+        self.head = nn.Linear(hidden, 1)
+        # A zero head starts every score at 0, so the first BT loss is log 2 whatever the backbone.
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+
+    @property
+    def config(self) -> Any:
+        return self.backbone.config
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        out = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
+                            position_ids=positions_from_mask(attention_mask), use_cache=False)
+        hidden = out.last_hidden_state
+        last = last_token_index(attention_mask)
+        picked = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+        return self.head(picked.float()).squeeze(-1)
+
+    def save(self, out_dir: str | Path) -> None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        save_file(state, str(out / WEIGHTS))
+        (out / "config.json").write_text(json.dumps(self.backbone.config.to_dict(), indent=2))
+
+
+def load_discriminator(source: str, *, trust_remote_code: bool = False) -> Discriminator:
+    """A discriminator from a saved discriminator dir, or a fresh one on the backbone of any causal LM."""
+    from transformers import AutoConfig, AutoModel
+
+    path = Path(source)
+    if (path / WEIGHTS).is_file():
+        config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+        model = Discriminator(AutoModel.from_config(config, trust_remote_code=trust_remote_code))
+        state = load_file(str(path / WEIGHTS))
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as err:
+            raise CheckpointError(f"{path / WEIGHTS} does not match its config: {str(err).splitlines()[0]}") from None
+        return model
+    try:
+        backbone = AutoModel.from_pretrained(resolve_model(source), trust_remote_code=trust_remote_code, use_safetensors=True)
+    except (OSError, ValueError) as err:
+        raise ModelError(f"cannot load a discriminator backbone from {source!r}: {str(err).splitlines()[0]}",
+                         "pass a causal LM checkpoint (default: the student) or a saved discriminator directory") from None
+    return Discriminator(backbone)

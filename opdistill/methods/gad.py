@@ -1,0 +1,265 @@
+"""GAD — Generative Adversarial Distillation (SPEC §2; Ye et al., arXiv 2511.10643): black-box, on-policy.
+
+The discriminator D learns to rank the teacher's response above the student's samples (Bradley–Terry);
+its score is the student's reward, optimised with GRPO (group-normalised advantages, PPO-clip, k3 KL to
+the warm-up checkpoint). Teacher text only: it is re-tokenised with the student's tokenizer.
+
+Steps [0, warmup_steps): warm-up — D trains with BT on (teacher response, current student samples);
+after the first d_only_steps the generator also trains with cross-entropy on the teacher responses.
+Steps [warmup_steps, total): adversarial — one `adversarial_step` each. The student at the end of the
+warm-up is the reference policy; it is saved to out_dir/reference so a resumed run uses the same one.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import GADConfig
+from ..data import Example, collate, load_records, render_prompt, response_ids
+from ..discriminator import load_discriminator
+from ..engine import Engine, StepOrder, Trainable, chunks, total_steps_for
+from ..errors import DataError
+from ..models import load_model, save_pretrained_atomic
+from ..objectives.policy import group_advantages, kl_k3, ppo_clip_per_token
+from ..objectives.preference import bradley_terry, pairwise_accuracy
+from ..rollout import SamplingParams, iter_samples, token_logprobs
+from .seqkd import response_nll_sum, response_tokens
+
+SATURATED_ACC = 0.99  # d_acc at or above this gives the generator no signal
+SATURATED_STEPS = 10  # ... for this many adversarial steps in a row -> warn
+
+
+@dataclass
+class Rollouts:
+    """N student samples for each of B prompts, flattened prompt-major (index b * N + i)."""
+
+    examples: list[Example]
+    lengths: torch.Tensor  # (B * N,) response tokens
+    truncated: float  # share that hit max_new_tokens without EOS
+
+
+def shifted_mask(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Response-token mask aligned with token_logprobs (positions 1..L-1)."""
+    return batch["loss_mask"][:, 1:].float()
+
+
+class GAD:
+    """The GAD method: one step function per stage, shared machinery in the engine."""
+
+    def __init__(self, config: GADConfig, tokenizer: Any) -> None:
+        self.config = config
+        self.tokenizer = tokenizer
+        self.pad_id = tokenizer.pad_token_id
+        records = load_records(config.data, require_response=True)
+        self.prompts: list[list[int]] = []
+        self.teacher: list[list[int]] = []
+        skipped = 0
+        for record in records:
+            prompt = render_prompt(tokenizer, record.messages)
+            if len(prompt) > config.max_prompt_tokens:
+                if config.overlong == "skip":
+                    skipped += 1
+                    continue
+                prompt = prompt[-config.max_prompt_tokens:]
+            self.prompts.append(prompt)
+            self.teacher.append(response_ids(tokenizer, record.response or "", config.max_response_tokens))
+        print(f"train: data {config.data}: {len(records)} records, {skipped} over-long prompts skipped")
+        if len(self.prompts) < config.batch_size:
+            raise DataError(f"{config.data}: {len(self.prompts)} usable records, fewer than batch_size {config.batch_size}",
+                            "lower batch_size or add records")
+        self.order = StepOrder(len(self.prompts), config.batch_size, config.seed)
+        self.warmup_steps = self.order.steps_per_epoch if config.warmup_steps == -1 else config.warmup_steps
+        self.total_steps = self.warmup_steps + total_steps_for(config, self.order.steps_per_epoch)
+        self.sampling = SamplingParams(config.temperature, config.top_p, config.max_response_tokens)
+        self.reference: Any = None
+        self.disc: Trainable | None = None
+        self.saturated = deque(maxlen=SATURATED_STEPS)
+        self.warmup_length: float | None = None
+
+    # ------------------------------------------------------------ set-up and resume
+
+    def setup(self, engine: Engine) -> None:
+        source = self.config.discriminator or self.config.student
+        self.disc = engine.add_trainable(load_discriminator(source), self.config.d_lr, self.config.d_max_grad_norm)
+
+    def reference_dir(self, engine: Engine) -> Path:
+        return engine.out_dir / "reference"
+
+    def on_resume(self, engine: Engine) -> None:
+        if engine.step >= self.warmup_steps:
+            self.load_reference(engine)
+
+    def load_reference(self, engine: Engine) -> None:
+        path = self.reference_dir(engine)
+        if not (path / "config.json").is_file():
+            self.save_reference(engine)
+            return
+        self.reference = load_model(str(path)).to(engine.accelerator.device).eval()
+        self.reference.requires_grad_(False)
+
+    def save_reference(self, engine: Engine) -> None:
+        """Freeze the current student (the end of warm-up) as the KL reference and keep it on disk."""
+        student = engine.accelerator.unwrap_model(engine.model)
+        if engine.is_main:
+            save_pretrained_atomic(student, None, self.reference_dir(engine))
+        engine.accelerator.wait_for_everyone()
+        self.load_reference(engine)
+
+    # ------------------------------------------------------------ shared pieces
+
+    def batch_indices(self, engine: Engine, step: int) -> list[int]:
+        return self.order.indices(step, engine.rank, engine.world_size)
+
+    def sample(self, engine: Engine, indices: list[int]) -> Rollouts:
+        """N samples per prompt from the current student, prompt-major."""
+        model = engine.accelerator.unwrap_model(engine.model)
+        prompts = [self.prompts[i] for i in indices]
+        flat: dict[tuple[int, int], Any] = {}
+        for batch in iter_samples(model, self.tokenizer, prompts, self.sampling, n=self.config.n_samples,
+                                  batch_size=self.config.rollout_batch_size, bf16=False):
+            for sample in batch:
+                flat[(sample.prompt_index, sample.sample_index)] = sample
+        ordered = [flat[(b, i)] for b in range(len(prompts)) for i in range(self.config.n_samples)]
+        examples = [Example(prompts[s.prompt_index], s.response_ids) for s in ordered]
+        lengths = torch.tensor([len(s.response_ids) for s in ordered], dtype=torch.float32)
+        return Rollouts(examples, lengths, sum(not s.finished for s in ordered) / len(ordered))
+
+    def scores(self, engine: Engine, examples: list[Example], grad: bool) -> torch.Tensor:
+        """Discriminator scores, in micro-batches."""
+        assert self.disc is not None
+        out = []
+        with torch.set_grad_enabled(grad):
+            for group in chunks(examples, self.config.micro_batch_size):
+                batch = collate(group, self.pad_id)
+                with engine.accelerator.autocast():
+                    out.append(self.disc.model(batch["input_ids"].to(engine.accelerator.device),
+                                               batch["attention_mask"].to(engine.accelerator.device)))
+        return torch.cat(out)
+
+    def discriminator_update(self, engine: Engine, indices: list[int], rollouts: Rollouts, train: bool = True) -> dict[str, float]:
+        """One BT step of D on (teacher response, N student samples) per prompt, micro-batched over prompts.
+
+        With train=False (a frozen discriminator) it only scores, for the diagnostics.
+        """
+        assert self.disc is not None
+        n = self.config.n_samples
+        groups = chunks(list(range(len(indices))), max(1, self.config.micro_batch_size // (n + 1)))
+        total_pairs = engine.global_sum(len(indices) * n)
+        loss_total, teacher_all, student_all = 0.0, [], []
+        self.disc.model.train(train)
+        for position, group in enumerate(groups):
+            teacher_examples = [Example(self.prompts[indices[b]], self.teacher[indices[b]]) for b in group]
+            student_examples = [rollouts.examples[b * n + i] for b in group for i in range(n)]
+            scores = self.scores(engine, teacher_examples + student_examples, grad=train)
+            teacher_scores, student_scores = scores[: len(group)], scores[len(group):].view(len(group), n)
+            # BT is a mean over pairs; summing per micro-batch and dividing by all pairs keeps it one mean.
+            pair_sum = bradley_terry(teacher_scores, student_scores) * (len(group) * n)
+            if train:
+                engine.backward(pair_sum * engine.world_size / total_pairs, self.disc.model, last=position == len(groups) - 1)
+            loss_total += pair_sum.item()
+            teacher_all.append(teacher_scores.detach())
+            student_all.append(student_scores.detach())
+        grad_norm = engine.trainable_step(self.disc) if train else float("nan")
+        teacher_scores, student_scores = torch.cat(teacher_all), torch.cat(student_all)
+        return {"d_loss": engine.global_sum(loss_total) / total_pairs,
+                "d_acc": pairwise_accuracy(teacher_scores, student_scores).item(),
+                "teacher_score": teacher_scores.mean().item(), "student_score": student_scores.mean().item(),
+                "d_grad_norm": grad_norm}
+
+    # ------------------------------------------------------------ the two stages
+
+    def step(self, engine: Engine, step: int) -> dict[str, float]:
+        if step < self.warmup_steps:
+            return self.warmup_step(engine, step)
+        if self.reference is None:
+            self.save_reference(engine)
+        return self.adversarial_step(engine, step)
+
+    def warmup_step(self, engine: Engine, step: int) -> dict[str, float]:
+        """D learns on current student samples; after d_only_steps the generator also does SeqKD."""
+        indices = self.batch_indices(engine, step)
+        rollouts = self.sample(engine, indices)
+        metrics = {"stage": 0.0, **self.discriminator_update(engine, indices, rollouts),
+                   "response_length": rollouts.lengths.mean().item()}
+        if step >= self.config.d_only_steps:
+            engine.model.train()
+            examples = [Example(self.prompts[i], self.teacher[i]) for i in indices]
+            batches = [collate(group, self.pad_id) for group in chunks(examples, self.config.micro_batch_size)]
+            metrics["g_ce_loss"] = engine.backward_token_mean(batches, response_nll_sum, response_tokens)
+            metrics.update(engine.optimizer_step())
+        self.warmup_length = metrics["response_length"]
+        return metrics
+
+    def adversarial_step(self, engine: Engine, step: int) -> dict[str, float]:
+        """Sample -> old/ref log-probs -> D scores -> advantages -> D update -> PPO-clip update with k3 KL."""
+        config, n = self.config, self.config.n_samples
+        indices = self.batch_indices(engine, step)
+        rollouts = self.sample(engine, indices)
+        batches = [collate(group, self.pad_id) for group in chunks(rollouts.examples, config.micro_batch_size)]
+        device = engine.accelerator.device
+        with torch.no_grad():
+            engine.model.eval()
+            old, ref = [], []
+            for batch in batches:
+                moved = {k: v.to(device) for k, v in batch.items()}
+                with engine.accelerator.autocast():
+                    old.append(token_logprobs(engine.model, moved, config.temperature))
+                    ref.append(token_logprobs(self.reference, moved, config.temperature))
+            self.disc.model.eval()
+            rewards = self.scores(engine, rollouts.examples, grad=False).float().view(len(indices), n)
+        advantages = group_advantages(rewards).view(-1)
+        d_metrics = self.discriminator_update(engine, indices, rollouts, train=not config.freeze_discriminator)
+
+        engine.model.train()
+        sizes = [len(b["input_ids"]) for b in batches]
+        starts = [sum(sizes[:i]) for i in range(len(sizes))]
+        stats = {"clipped": 0.0, "kl": 0.0, "entropy": 0.0}
+        for batch, old_lp, ref_lp, start in zip(batches, old, ref, starts):
+            batch["old_logprobs"], batch["ref_logprobs"] = old_lp.cpu(), ref_lp.cpu()
+            batch["advantages"] = advantages[start : start + len(batch["input_ids"])].unsqueeze(1).expand_as(old_lp).contiguous()
+
+        def loss_sum(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float() / config.temperature
+            logprobs_all = torch.log_softmax(logits, dim=-1)
+            logprobs = logprobs_all.gather(-1, batch["input_ids"][:, 1:].unsqueeze(-1)).squeeze(-1)
+            mask = shifted_mask(batch)
+            policy, clipped = ppo_clip_per_token(logprobs, batch["old_logprobs"], batch["advantages"], config.clip_ratio)
+            kl = kl_k3(logprobs, batch["ref_logprobs"])
+            with torch.no_grad():
+                entropy = -(logprobs_all.exp() * logprobs_all).sum(-1)
+                stats["clipped"] += float((clipped * mask).sum())
+                stats["kl"] += float((kl * mask).sum())
+                stats["entropy"] += float((entropy * mask).sum())
+            return ((policy + config.kl_coef * kl) * mask).sum()
+
+        def tokens(batch: dict[str, torch.Tensor]) -> int:
+            return int(batch["loss_mask"][:, 1:].sum())
+
+        g_loss = engine.backward_token_mean(batches, loss_sum, tokens)
+        step_metrics = engine.optimizer_step()
+        total_tokens = engine.global_sum(sum(tokens(b) for b in batches))
+        metrics = {"stage": 1.0, "g_loss": g_loss, **d_metrics, **step_metrics,
+                   "reward_mean": rewards.mean().item(), "reward_std": rewards.std(dim=1).mean().item(),
+                   "response_length": rollouts.lengths.mean().item(), "truncated": rollouts.truncated,
+                   **{k: engine.global_sum(v) / total_tokens for k, v in stats.items()}}
+        self.warn_if_unhealthy(metrics)
+        return metrics
+
+    def warn_if_unhealthy(self, metrics: dict[str, float]) -> None:
+        self.saturated.append(metrics["d_acc"] >= SATURATED_ACC)
+        if len(self.saturated) == SATURATED_STEPS and all(self.saturated):
+            print(f"train: warning: d_acc >= {SATURATED_ACC} for {SATURATED_STEPS} steps: the discriminator wins every pair, "
+                  "so the generator gets no signal (lower d_lr or raise lr)", file=sys.stderr)
+            self.saturated.clear()
+        if self.warmup_length and metrics["response_length"] > 2 * self.warmup_length and metrics["truncated"] > 0.5:
+            print(f"train: warning: response length {metrics['response_length']:.0f} is over twice the warm-up's "
+                  f"{self.warmup_length:.0f} and most samples hit max_response_tokens: possible reward hacking", file=sys.stderr)
+
+    def evaluate(self, engine: Engine) -> dict[str, float]:
+        return {}
