@@ -81,11 +81,6 @@ class RunConfig:
         for name in ("max_steps", "checkpoint_every", "eval_every", "lora_r"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"config field `{name}` must be >= 0, got {getattr(self, name)}")
-        if self.batch_size % self.micro_batch_size:
-            raise ConfigError(
-                f"batch_size {self.batch_size} is not a multiple of micro_batch_size {self.micro_batch_size}",
-                "choose micro_batch_size dividing batch_size (the rest is gradient accumulation)",
-            )
         if self.lr <= 0:
             raise ConfigError(f"config field `lr` must be > 0, got {self.lr}")
         if not 0 <= self.warmup_ratio < 1:
@@ -115,6 +110,14 @@ class SeqKDConfig(RunConfig):
 
     method: str = opt("seqkd", "Training method.")
 
+    def validate(self) -> None:
+        super().validate()
+        if self.batch_size % self.micro_batch_size:
+            raise ConfigError(
+                f"batch_size {self.batch_size} is not a multiple of micro_batch_size {self.micro_batch_size}",
+                "choose micro_batch_size dividing batch_size (the rest is gradient accumulation)",
+            )
+
 
 @dataclass
 class GADConfig(RunConfig):
@@ -135,6 +138,7 @@ class GADConfig(RunConfig):
     temperature: float = opt(0.8, "Student sampling temperature.")
     top_p: float = opt(1.0, "Student nucleus sampling.")
     rollout_batch_size: int = opt(32, "Sequences generated together.")
+    micro_batch_size: int = opt(8, "Sequences per forward/backward pass (prompts x samples are split into these).")
     warmup_steps: int = opt(-1, "GAD warm-up stage length in steps (-1: one epoch over the prompts; 0: none).")
     d_only_steps: int = opt(10, "Warm-up steps where only the discriminator trains.")
     clip_ratio: float = opt(0.2, "PPO ratio clip ε.")

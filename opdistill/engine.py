@@ -160,8 +160,7 @@ class Engine:
         total = 0.0
         for index, micro_batch in enumerate(micro_batches):
             batch = {k: v.to(self.accelerator.device) for k, v in micro_batch.items()}
-            last = index == len(micro_batches) - 1
-            with self.accelerator.no_sync(self.model) if not last else contextlib.nullcontext():
+            with self.accumulating(self.model, last=index == len(micro_batches) - 1):
                 with self.accelerator.autocast():
                     summed = loss_sum(self.model, batch)
                 if not torch.isfinite(summed):
@@ -199,10 +198,12 @@ class Engine:
         part.optimizer.zero_grad(set_to_none=True)
         return grad_norm
 
-    def backward(self, loss: torch.Tensor, model: Any | None = None, last: bool = True) -> None:
-        """Backward of an already-normalised loss; `last=False` skips the DDP gradient sync (accumulation)."""
-        with self.accelerator.no_sync(model or self.model) if not last else contextlib.nullcontext():
-            self.accelerator.backward(loss)
+    def accumulating(self, model: Any, last: bool) -> contextlib.AbstractContextManager:
+        """Wrap the forward and backward of a micro-batch: all but the last skip the DDP gradient sync."""
+        return contextlib.nullcontext() if last else self.accelerator.no_sync(model)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.accelerator.backward(loss)
 
     # ------------------------------------------------------------ checkpoints
 

@@ -76,3 +76,17 @@ def test_kill_9_mid_adversarial_stage_then_resume_is_exact(tiny_model, selfinstr
     reference = sorted((straight / "checkpoints").glob("step-*"))[-1]
     a, b = disc_weights(final), disc_weights(reference)
     assert all(torch.equal(a[k], b[k]) for k in a), "the discriminator resumes exactly too"
+
+
+def test_gad_config_defaults_and_checks():
+    from opdistill.config import GADConfig
+    from opdistill.errors import ConfigError
+
+    config = load_config(None, ["data=x.jsonl"], method="gad")
+    assert isinstance(config, GADConfig)
+    assert (config.n_samples, config.batch_size, config.lr, config.d_lr, config.max_grad_norm, config.temperature,
+            config.clip_ratio, config.kl_coef) == (8, 256, 1e-6, 1e-6, 0.2, 0.8, 0.2, 0.001), "the paper's defaults"
+    assert load_config(None, ["data=x.jsonl", "batch_size=2", "micro_batch_size=16"], method="gad").micro_batch_size == 16
+    for bad in (["n_samples=1"], ["temperature=0"], ["warmup_steps=-2"], ["clip_ratio=0"]):
+        with pytest.raises(ConfigError):
+            load_config(None, ["data=x.jsonl", *bad], method="gad")

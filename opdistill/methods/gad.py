@@ -156,12 +156,13 @@ class GAD:
         for position, group in enumerate(groups):
             teacher_examples = [Example(self.prompts[indices[b]], self.teacher[indices[b]]) for b in group]
             student_examples = [rollouts.examples[b * n + i] for b in group for i in range(n)]
-            scores = self.scores(engine, teacher_examples + student_examples, grad=train)
-            teacher_scores, student_scores = scores[: len(group)], scores[len(group):].view(len(group), n)
-            # BT is a mean over pairs; summing per micro-batch and dividing by all pairs keeps it one mean.
-            pair_sum = bradley_terry(teacher_scores, student_scores) * (len(group) * n)
-            if train:
-                engine.backward(pair_sum * engine.world_size / total_pairs, self.disc.model, last=position == len(groups) - 1)
+            with engine.accumulating(self.disc.model, last=position == len(groups) - 1):
+                scores = self.scores(engine, teacher_examples + student_examples, grad=train)
+                teacher_scores, student_scores = scores[: len(group)], scores[len(group):].view(len(group), n)
+                # BT is a mean over pairs; summing per micro-batch and dividing by all pairs keeps it one mean.
+                pair_sum = bradley_terry(teacher_scores, student_scores) * (len(group) * n)
+                if train:
+                    engine.backward(pair_sum * engine.world_size / total_pairs)
             loss_total += pair_sum.item()
             teacher_all.append(teacher_scores.detach())
             student_all.append(student_scores.detach())
