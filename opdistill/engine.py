@@ -315,7 +315,8 @@ class Engine:
                 if self.step % self.config.log_every == 0 or self.step == self.total_steps:
                     self.log(metrics)
                 bar.update(1)
-                bar.set_postfix(loss=f"{metrics.get('loss', float('nan')):.4f}", refresh=False)
+                shown = {k: f"{metrics[k]:.4f}" for k in ("loss", "g_loss", "g_ce_loss", "d_loss", "d_acc") if k in metrics}
+                bar.set_postfix(shown, refresh=False)
                 if self.config.checkpoint_every and self.step % self.config.checkpoint_every == 0:
                     self.save_checkpoint()
         except KeyboardInterrupt:
