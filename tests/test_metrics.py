@@ -40,3 +40,39 @@ def test_malformed_bodies_are_rejected():
     for body in [{}, {"choices": []}, {"choices": "x"}, {"choices": [{"message": {"content": None}}]}, [], "text"]:
         with pytest.raises(ValueError):
             parse_completion(body)
+
+
+from opdistill.evaluate.metrics import distinct_n, lcs_length, ngram_f1, repetition, rouge_l, words
+
+
+def test_ngram_f1_against_hand_computed_values():
+    cand, ref = "the cat sat on the mat", "the cat lay on the mat"
+    # unigrams: cand {the:2,cat,sat,on,mat}, ref {the:2,cat,lay,on,mat}: overlap 5 of 6 each -> F1 5/6
+    assert ngram_f1(cand, ref, 1) == pytest.approx(5 / 6)
+    # bigrams: cand {the cat, cat sat, sat on, on the, the mat}, ref {the cat, cat lay, lay on, on the, the mat}: 3/5
+    assert ngram_f1(cand, ref, 2) == pytest.approx(3 / 5)
+    # trigrams: only "on the mat" is shared: 1/4
+    assert ngram_f1(cand, ref, 3) == pytest.approx(1 / 4)
+    assert ngram_f1(cand, ref, 4) == 0.0
+    # clipped counts: "the the the" vs "the": P = 1/3, R = 1 -> F1 = 0.5
+    assert ngram_f1("the the the", "the", 1) == pytest.approx(0.5)
+    assert ngram_f1("", "anything", 1) == 0.0
+    assert words("Hello, World! It's") == ["hello", "world", "it", "s"]
+
+
+def test_rouge_l_against_hand_computed_values():
+    # LCS("police killed the gunman", "police kill the gunman") = police the gunman = 3; P = R = 3/4
+    assert lcs_length("a b c d".split(), "a x c d".split()) == 3
+    assert rouge_l("police killed the gunman", "police kill the gunman") == pytest.approx(0.75)
+    # reordered: the LCS is "the gunman" (2 of 4 words each side): P = R = 1/2
+    assert rouge_l("the gunman kill police", "police kill the gunman") == pytest.approx(0.5)
+    # unequal lengths: cand 2 words both in order in a 4-word ref: P = 1, R = 0.5, F1 = 2/3
+    assert rouge_l("a c", "a b c d") == pytest.approx(2 / 3)
+    assert rouge_l("x", "y") == 0.0
+
+
+def test_distinct_n_and_repetition():
+    assert distinct_n(["a b a b", "a b"], 1) == pytest.approx(2 / 6)
+    assert distinct_n(["a b c", "c d e"], 2) == 1.0
+    assert repetition("go go go go go", 2) == pytest.approx(1 - 1 / 4)
+    assert repetition("one two three four five", 4) == 0.0

@@ -39,3 +39,62 @@ def french_share(texts: list[str]) -> float:
 
 def mean_length_words(texts: list[str]) -> float:
     return sum(len(t.split()) for t in texts) / len(texts) if texts else 0.0
+
+
+# ---------------------------------------------------------------- overlap and diversity (SPEC §5)
+
+TOKEN = re.compile(r"\w+", re.UNICODE)
+
+
+def words(text: str) -> list[str]:
+    """Lower-cased word tokens: the unit of every overlap metric here."""
+    return TOKEN.findall(text.lower())
+
+
+def ngrams(tokens: list[str], n: int) -> list[tuple[str, ...]]:
+    return [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
+
+
+def ngram_f1(candidate: str, reference: str, n: int) -> float:
+    """F1 of the n-gram multisets (clipped counts), GAD's memorisation measure; 0 when either side has none."""
+    from collections import Counter
+
+    cand, ref = Counter(ngrams(words(candidate), n)), Counter(ngrams(words(reference), n))
+    overlap = sum((cand & ref).values())
+    if not overlap:
+        return 0.0
+    precision, recall = overlap / sum(cand.values()), overlap / sum(ref.values())
+    return 2 * precision * recall / (precision + recall)
+
+
+def lcs_length(a: list[str], b: list[str]) -> int:
+    """Longest common subsequence length, O(len(a)·len(b)) time, O(len(b)) memory."""
+    previous = [0] * (len(b) + 1)
+    for x in a:
+        current = [0]
+        for j, y in enumerate(b):
+            current.append(previous[j] + 1 if x == y else max(previous[j + 1], current[j]))
+        previous = current
+    return previous[-1]
+
+
+def rouge_l(candidate: str, reference: str) -> float:
+    """ROUGE-L F1 (Lin 2004 with β = 1): LCS over word tokens. A diagnostic only (GAD: higher is not better)."""
+    cand, ref = words(candidate), words(reference)
+    lcs = lcs_length(cand, ref)
+    if not lcs:
+        return 0.0
+    precision, recall = lcs / len(cand), lcs / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+def distinct_n(texts: list[str], n: int) -> float:
+    """Unique n-grams / all n-grams over a set of responses (diversity across the set)."""
+    grams = [g for text in texts for g in ngrams(words(text), n)]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def repetition(text: str, n: int = 4) -> float:
+    """Share of a response's n-grams that repeat an earlier n-gram of the same response (degenerate loops)."""
+    grams = ngrams(words(text), n)
+    return 1.0 - len(set(grams)) / len(grams) if grams else 0.0
