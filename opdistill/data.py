@@ -12,9 +12,10 @@ import re
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 from .errors import DataError
 
@@ -266,6 +267,8 @@ def tokenize_records(
 
 def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad a micro-batch; `loss_mask` is 1 exactly on response tokens (the labels' positions)."""
+    import torch  # here, not at module level: prompt loading and API collection do not need torch
+
     length = max(len(e.prompt_ids) + len(e.response_ids) for e in examples)
     input_ids = torch.full((len(examples), length), pad_id, dtype=torch.long)
     attention = torch.zeros((len(examples), length), dtype=torch.long)

@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from ..data import Record, load_records
 from ..errors import OpdistillError
-from ..rollout import SamplingParams
+from ..sampling import SamplingParams
 from .api import ChatCompletionsTeacher, RequestFailed, RetryPolicy
 from .store import ResponseStore, record_key
 
