@@ -143,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=defaults.seed)
     d.set_defaults(func=_demo)
 
-    from .analysis.updates import AnalysisOptions
+    from .analysis.options import AnalysisOptions
 
     o = AnalysisOptions()
     a = sub.add_parser("analyze", help="what fine-tuning did to the weights: sparsity, rank, principal alignment (summary.json, report.html)",

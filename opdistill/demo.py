@@ -18,11 +18,8 @@ from pathlib import Path
 
 from .config import build_config
 from .data import load_records
-from .evaluate.generate import generate_texts
 from .evaluate.metrics import french_share, mean_length_words
-from .methods import train
-from .models import load_model, load_tokenizer
-from .rollout import SamplingParams
+from .sampling import SamplingParams
 from .teachers.collect import CollectOptions, collect
 
 DEFAULT_SYSTEM = "Always respond in French."
@@ -48,6 +45,11 @@ def _say(message: str) -> None:
 
 
 def run_demo(opts: DemoOptions) -> dict:
+    # Imported here so that building the CLI (which reads DemoOptions' defaults) does not load torch.
+    from .evaluate.generate import generate_texts
+    from .methods import train
+    from .models import load_model, load_tokenizer
+
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()

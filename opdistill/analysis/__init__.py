@@ -4,10 +4,23 @@
 `masks.py` saves/loads changed-masks and applies one as gradient masking; `report.py` renders report.html.
 """
 
-from .masks import apply_gradient_mask, apply_train_mask, build_masks, load_mask, mask_density, save_mask
-from .updates import AnalysisOptions, Analysis, analyze_checkpoints, analyze_pairs, analyze_tensor, analyze_tensors, compare_runs, write_outputs
+from __future__ import annotations
 
-__all__ = [
-    "Analysis", "AnalysisOptions", "analyze_checkpoints", "analyze_pairs", "analyze_tensor", "analyze_tensors", "compare_runs",
-    "write_outputs", "apply_gradient_mask", "apply_train_mask", "build_masks", "load_mask", "mask_density", "save_mask",
-]
+import importlib
+from typing import Any
+
+# Public names and the module that defines each. Loaded on first use (PEP 562), so importing
+# opdistill.analysis.options (the CLI) does not load torch.
+_EXPORTS = {
+    "Analysis": "updates", "AnalysisOptions": "options", "analyze_checkpoints": "updates", "analyze_pairs": "updates",
+    "analyze_tensor": "updates", "analyze_tensors": "updates", "compare_runs": "updates", "write_outputs": "updates",
+    "apply_gradient_mask": "masks", "apply_train_mask": "masks", "build_masks": "masks", "load_mask": "masks",
+    "mask_density": "masks", "save_mask": "masks",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)

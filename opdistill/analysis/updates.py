@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from ..errors import ModelError, OpdistillError
 from . import metrics as M
+from .options import AnalysisOptions
 
 MODULE_TYPES = ("q", "k", "v", "o", "gate", "up", "down", "embeddings", "norms", "other")
 _MODULE_PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = tuple(
@@ -50,43 +51,6 @@ _LAYER = re.compile(r"\.(?:layers|h|blocks|layer)\.(\d+)\.")
 TOPK_ENERGY_KS = (1, 2, 4, 8, 16, 32, 64)
 PRINCIPAL_PERCENTS = (1, 5, 10, 20)
 CONCENTRATION_PERCENTS = (0.1, 1.0, 5.0)
-
-
-@dataclass
-class AnalysisOptions:
-    """Knobs of the analysis; the defaults are SPEC §4's."""
-
-    eta: float = 1e-3  # bf16-aware tolerance: unchanged iff |ŵ − w| ≤ η·max(|w|, |ŵ|)
-    abs_threshold: float = 1e-5  # absolute definition: unchanged iff |Δ| < threshold
-    changed: str = "bf16"  # which definition gives the changed mask (overlaps, --save-mask, --compare): bf16 or abs
-    exact_svd_max_dim: int = 2048  # exact spectrum when min(m, n) ≤ this, else randomised top-`svd_rank`
-    svd_rank: int = 128  # singular values/vectors computed on the randomised path
-    svd_niter: int = 4  # power iterations of the randomised path
-    mask_alpha: float = 0.1  # density α of the principal and low-magnitude masks
-    principal_rank_frac: float = 0.01  # k = this·min(m, n) (≥ 1) for the principal mask's rank-k reconstruction
-    spectral: bool = True  # compute spectra and principal alignment of 2-D tensors (the slow part)
-    device: str = "auto"  # auto: cuda when available, else cpu
-    seed: int = 0  # seed of the randomised SVD
-    progress: bool = True  # tqdm over tensors on stderr
-
-    def validate(self) -> None:
-        """Reject values that make no sense, naming the option."""
-        if self.changed not in ("bf16", "abs"):
-            raise OpdistillError(f"changed definition {self.changed!r} is unknown", "use bf16 or abs")
-        for name in ("eta", "abs_threshold"):
-            if not getattr(self, name) > 0:
-                raise OpdistillError(f"{name} must be > 0, got {getattr(self, name)}")
-        for name in ("mask_alpha", "principal_rank_frac"):
-            if not 0 < getattr(self, name) <= 1:
-                raise OpdistillError(f"{name} must be in (0, 1], got {getattr(self, name)}")
-        for name in ("exact_svd_max_dim", "svd_rank", "svd_niter"):
-            if getattr(self, name) < 1:
-                raise OpdistillError(f"{name} must be >= 1, got {getattr(self, name)}")
-
-    def torch_device(self) -> torch.device:
-        if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return torch.device(self.device)
 
 
 def threshold_key(value: float) -> str:
