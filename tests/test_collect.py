@@ -66,12 +66,14 @@ def test_every_fault_kind_is_retried_and_retry_after_is_honoured(tmp_path, serve
                               retry_base_delay=0.02))
     elapsed = time.monotonic() - started
     assert summary.stored == 3 and summary.failed == 0
-    assert summary.requests == 3 + len(faults) == stats(server)["requests"]
-    assert summary.retries == len(faults)
+    # The server sees each scripted fault once plus 3 successes. The client counts attempts, which can
+    # include one that died on a pooled connection the server had already closed (never received there).
+    assert stats(server)["requests"] == 3 + len(faults) and stats(server)["succeeded"] == 3
+    assert summary.requests >= 3 + len(faults) and summary.retries == summary.requests - 3
     assert elapsed >= 1.0, "the 429's Retry-After: 1 must delay the retry by at least a second"
     rows = stored(tmp_path / "out.jsonl")
     assert len({r["meta"]["key"] for r in rows}) == 3
-    assert rows[0]["meta"]["attempts"] == len(faults) + 1  # the first prompt ate every fault
+    assert rows[0]["meta"]["attempts"] >= len(faults) + 1  # the first prompt ate every fault
     assert set(summary.errors) >= {"http 429", "http 500", "http 503", "timeout", "malformed body", "connection"}
 
 
@@ -83,7 +85,9 @@ def test_200_prompts_at_10_percent_failures_then_rerun_sends_nothing(tmp_path, s
     assert summary.stored == 200 and summary.failed == 0
     rows = stored(out)
     assert len(rows) == 200 and len({r["meta"]["key"] for r in rows}) == 200
-    assert summary.retries > 0 and stats(server)["requests"] == summary.requests
+    # every attempt the server received was sent by the client (the client may count a few more: attempts
+    # that died on a pooled connection the server had closed), and exactly 200 were answered with a 200
+    assert summary.retries > 0 and stats(server)["requests"] <= summary.requests and stats(server)["succeeded"] == 200
     assert summary.prompt_tokens > 0 and summary.completion_tokens > 0
     before = stats(server)["requests"]
     again = collect(options(server, prompts, out, concurrency=16))
