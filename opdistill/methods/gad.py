@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from ..config import GADConfig
-from ..data import Example, collate, load_records, render_prompt, response_ids
+from ..data import Example, collate, load_records, tokenize_records
 from ..discriminator import load_discriminator
 from ..engine import Engine, StepOrder, Trainable, chunks, total_steps_for
 from ..errors import DataError
@@ -57,19 +57,10 @@ class GAD:
         self.tokenizer = tokenizer
         self.pad_id = tokenizer.pad_token_id
         records = load_records(config.data, require_response=True)
-        self.prompts: list[list[int]] = []
-        self.teacher: list[list[int]] = []
-        skipped = 0
-        for record in records:
-            prompt = render_prompt(tokenizer, record.messages)
-            if len(prompt) > config.max_prompt_tokens:
-                if config.overlong == "skip":
-                    skipped += 1
-                    continue
-                prompt = prompt[-config.max_prompt_tokens:]
-            self.prompts.append(prompt)
-            self.teacher.append(response_ids(tokenizer, record.response or "", config.max_response_tokens))
-        print(f"train: data {config.data}: {len(records)} records, {skipped} over-long prompts skipped")
+        examples, report = tokenize_records(tokenizer, records, config.max_prompt_tokens, config.max_response_tokens, config.overlong)
+        print(f"train: data {config.data}: {report.summary()}")
+        self.prompts = [e.prompt_ids for e in examples]
+        self.teacher = [e.response_ids for e in examples]
         if len(self.prompts) < config.batch_size:
             raise DataError(f"{config.data}: {len(self.prompts)} usable records, fewer than batch_size {config.batch_size}",
                             "lower batch_size or add records")
@@ -239,12 +230,9 @@ class GAD:
                 stats["entropy"] += float((entropy * mask).sum())
             return ((policy + config.kl_coef * kl) * mask).sum()
 
-        def tokens(batch: dict[str, torch.Tensor]) -> int:
-            return int(batch["loss_mask"][:, 1:].sum())
-
-        g_loss = engine.backward_token_mean(batches, loss_sum, tokens)
+        g_loss = engine.backward_token_mean(batches, loss_sum, response_tokens)
         step_metrics = engine.optimizer_step()
-        total_tokens = engine.global_sum(sum(tokens(b) for b in batches))
+        total_tokens = engine.global_sum(sum(response_tokens(b) for b in batches))
         metrics = {"stage": 1.0, "g_loss": g_loss, **d_metrics, **step_metrics,
                    "reward_mean": rewards.mean().item(), "reward_std": rewards.std(dim=1).mean().item(),
                    "response_length": rollouts.lengths.mean().item(), "truncated": rollouts.truncated,
