@@ -146,6 +146,8 @@ class GADConfig(RunConfig):
     d_lr: float = opt(1e-6, "Discriminator learning rate.")
     d_max_grad_norm: float = opt(0.2, "Discriminator gradient clipping.")
     discriminator: str = opt("", "Discriminator initialisation: a model or saved discriminator dir (empty: the student).")
+    discriminator_layers: int = opt(0, "Keep only the first K transformer layers of the discriminator backbone (0: all). "
+                                       "A shallow copy of the student is a much cheaper discriminator.")
     freeze_discriminator: bool = opt(False, "Freeze the discriminator after warm-up (the paper's off-policy ablation).")
 
     def validate(self) -> None:
@@ -158,6 +160,8 @@ class GADConfig(RunConfig):
             raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.warmup_steps < -1 or self.d_only_steps < 0 or self.rollout_batch_size < 1:
             raise ConfigError("warmup_steps must be >= -1, d_only_steps >= 0 and rollout_batch_size >= 1")
+        if self.discriminator_layers < 0:
+            raise ConfigError(f"discriminator_layers must be >= 0 (0 keeps all), got {self.discriminator_layers}")
         if self.clip_ratio <= 0 or self.kl_coef < 0 or self.d_lr <= 0:
             raise ConfigError("clip_ratio and d_lr must be > 0 and kl_coef >= 0")
 

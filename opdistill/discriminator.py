@@ -18,6 +18,7 @@ from torch import nn
 
 from .errors import CheckpointError, ModelError
 from .models import resolve_model
+from .rollout import positions_from_mask
 
 WEIGHTS = "discriminator.safetensors"
 
@@ -26,11 +27,6 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
     """Index of the last position with attention_mask = 1 in each row (works for left and right padding)."""
     positions = torch.arange(attention_mask.shape[1], device=attention_mask.device).expand_as(attention_mask)
     return torch.where(attention_mask.bool(), positions, torch.full_like(positions, -1)).max(dim=1).values
-
-
-def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """0, 1, 2, ... over the real tokens of each row, whatever the padding side."""
-    return (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
 
 
 class Discriminator(nn.Module):
@@ -65,8 +61,26 @@ class Discriminator(nn.Module):
         (out / "config.json").write_text(json.dumps(self.backbone.config.to_dict(), indent=2))
 
 
-def load_discriminator(source: str, *, trust_remote_code: bool = False) -> Discriminator:
-    """A discriminator from a saved discriminator dir, or a fresh one on the backbone of any causal LM."""
+def keep_first_layers(backbone: nn.Module, layers: int) -> nn.Module:
+    """Cut a decoder backbone to its first `layers` blocks (its config says so too, so a saved copy reloads)."""
+    blocks = getattr(backbone, "layers", None)
+    if not isinstance(blocks, nn.ModuleList):
+        raise ModelError(f"cannot shorten a {type(backbone).__name__} backbone: it has no `layers` list",
+                         "set discriminator_layers: 0 to keep the whole backbone")
+    if layers > len(blocks):
+        raise ModelError(f"discriminator_layers is {layers} but the backbone has {len(blocks)} layers",
+                         f"use a value from 1 to {len(blocks)}, or 0 for all")
+    backbone.layers = blocks[:layers]
+    config = backbone.config
+    config.num_hidden_layers = layers
+    if isinstance(getattr(config, "layer_types", None), list):
+        config.layer_types = config.layer_types[:layers]
+    return backbone
+
+
+def load_discriminator(source: str, *, layers: int = 0, trust_remote_code: bool = False) -> Discriminator:
+    """A discriminator from a saved discriminator dir, or a fresh one on the backbone of any causal LM
+    (its first `layers` blocks when layers > 0)."""
     from transformers import AutoConfig, AutoModel
 
     path = Path(source)
@@ -84,4 +98,4 @@ def load_discriminator(source: str, *, trust_remote_code: bool = False) -> Discr
     except (OSError, ValueError) as err:
         raise ModelError(f"cannot load a discriminator backbone from {source!r}: {str(err).splitlines()[0]}",
                          "pass a causal LM checkpoint (default: the student) or a saved discriminator directory") from None
-    return Discriminator(backbone)
+    return Discriminator(keep_first_layers(backbone, layers) if layers else backbone)

@@ -35,11 +35,9 @@ def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch
     return ids, mask
 
 
-def trim_at_eos(ids: list[int], eos_ids: set[int]) -> tuple[list[int], bool]:
-    for position, token in enumerate(ids):
-        if token in eos_ids:
-            return ids[: position + 1], True
-    return ids, False
+def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """0, 1, 2, ... over the real tokens of each row, whatever the padding side."""
+    return (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
 
 
 def eos_token_ids(tokenizer: Any, model: Any) -> set[int]:
@@ -56,6 +54,93 @@ def autocast_context(bf16: bool, device: torch.device) -> contextlib.AbstractCon
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
 
+def sample_next(logits: torch.Tensor, params: SamplingParams) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw one token per row; return (tokens, their log-probs under the policy at `params.temperature`).
+
+    The log-prob is taken before nucleus truncation: it is what a forward pass of the same policy gives,
+    so PPO's ratio compares like with like. Greedy (temperature <= 0) reports log-probs at temperature 1.
+    """
+    greedy = params.temperature <= 0
+    logprobs = torch.log_softmax(logits.float() / (1.0 if greedy else params.temperature), dim=-1)
+    if greedy:
+        tokens = logprobs.argmax(dim=-1)
+    elif params.top_p < 1.0:
+        sorted_lp, order = logprobs.sort(dim=-1, descending=True)
+        probs = sorted_lp.exp()
+        # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
+        outside = probs.cumsum(dim=-1) - probs >= params.top_p
+        probs = probs.masked_fill(outside, 0.0)
+        tokens = order.gather(-1, torch.multinomial(probs, 1)).squeeze(-1)
+    else:
+        tokens = torch.multinomial(logprobs.exp(), 1).squeeze(-1)
+    return tokens, logprobs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def pack_jobs(prompts: list[list[int]], n: int, batch_size: int,
+              skip: Callable[[int, int], bool] | None) -> list[list[tuple[int, list[int]]]]:
+    """Batches of (prompt index, sample indices): at most batch_size sequences each, prompts sorted by length
+    so batches waste little padding, and the samples of one prompt kept together to share its prefill."""
+    groups: list[tuple[int, list[int]]] = []
+    for p in sorted(range(len(prompts)), key=lambda i: len(prompts[i])):
+        wanted = [s for s in range(n) if not (skip and skip(p, s))]
+        groups += [(p, wanted[i : i + batch_size]) for i in range(0, len(wanted), batch_size)]
+    batches: list[list[tuple[int, list[int]]]] = []
+    size = batch_size
+    for group in groups:
+        if size + len(group[1]) > batch_size:
+            batches.append([])
+            size = 0
+        batches[-1].append(group)
+        size += len(group[1])
+    return batches
+
+
+@torch.no_grad()
+def sample_batch(model: Any, prompts: list[list[int]], copies: list[int], params: SamplingParams,
+                 pad_id: int, eos: set[int]) -> tuple[list[list[int]], list[list[float]], list[bool]]:
+    """Sample `copies[i]` continuations of prompt i with a KV cache.
+
+    Each prompt is prefilled once and its cache copied for its samples; rows that reach EOS leave the batch,
+    so the decode cost follows the sequences still running. Returns per row (prompt-major): tokens, log-probs,
+    finished (EOS produced).
+    """
+    device = next(model.parameters()).device
+    ids, mask = left_pad(prompts, pad_id)
+    ids, mask = ids.to(device), mask.to(device)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask), use_cache=True, logits_to_keep=1)
+    rows = torch.repeat_interleave(torch.arange(len(prompts), device=device), torch.tensor(copies, device=device))
+    cache = out.past_key_values
+    cache.reorder_cache(rows)
+    logits, mask = out.logits[rows, -1], mask[rows]
+    position = mask.sum(dim=1)  # the next token's position id
+    total = len(rows)
+    tokens: list[list[int]] = [[] for _ in range(total)]
+    logprobs: list[list[float]] = [[] for _ in range(total)]
+    finished = [False] * total
+    active = torch.arange(total, device=device)  # original row of each row still in the batch
+    eos_ids = torch.tensor(sorted(eos), device=device)
+    for _ in range(params.max_new_tokens):
+        token, logprob = sample_next(logits, params)
+        for row, t, lp in zip(active.tolist(), token.tolist(), logprob.tolist()):
+            tokens[row].append(t)
+            logprobs[row].append(lp)
+        done = torch.isin(token, eos_ids)
+        if done.any():
+            for row in active[done].tolist():
+                finished[row] = True
+            keep = (~done).nonzero().squeeze(-1)
+            if len(keep) == 0:
+                break
+            cache.reorder_cache(keep)
+            active, token, mask, position = active[keep], token[keep], mask[keep], position[keep]
+        mask = torch.cat([mask, mask.new_ones((len(active), 1))], dim=1)
+        out = model(input_ids=token.unsqueeze(1), attention_mask=mask, position_ids=position.unsqueeze(1),
+                    past_key_values=cache, use_cache=True)
+        logits = out.logits[:, -1]
+        position = position + 1
+    return tokens, logprobs, finished
+
+
 def iter_samples(
     model: Any,
     tokenizer: Any,
@@ -70,42 +155,17 @@ def iter_samples(
     """Yield the samples of each generated batch as soon as it is done.
 
     `skip(prompt_index, sample_index)` lets a resumed run leave out what it already has.
-    Sequences are sorted by prompt length so batches waste little padding.
     """
-    jobs = [(p, s) for p in range(len(prompts)) for s in range(n) if not (skip and skip(p, s))]
-    jobs.sort(key=lambda job: len(prompts[job[0]]))
     device = next(model.parameters()).device
     eos = eos_token_ids(tokenizer, model)
     model.eval()
-    for start in range(0, len(jobs), batch_size):
-        batch = jobs[start : start + batch_size]
-        ids, mask = left_pad([prompts[p] for p, _ in batch], tokenizer.pad_token_id)
-        greedy = params.temperature <= 0
-        with torch.no_grad(), autocast_context(bf16, device):
-            generated = model.generate(
-                input_ids=ids.to(device),
-                attention_mask=mask.to(device),
-                do_sample=not greedy,
-                temperature=None if greedy else params.temperature,
-                top_p=None if greedy else params.top_p,
-                top_k=None,
-                max_new_tokens=params.max_new_tokens,
-                pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=sorted(eos),
-                return_dict_in_generate=True,
-                output_logits=True,
-            )
-        new = generated.sequences[:, ids.shape[1]:]
-        # Raw logits per step -> log-probs at the sampling temperature (before top-p truncation, i.e. what a
-        # forward pass of the same policy gives; PPO's ratio compares like with like).
-        steps = torch.stack(generated.logits, dim=1).float() / (params.temperature if not greedy else 1.0)
-        chosen = torch.log_softmax(steps, dim=-1).gather(-1, new.unsqueeze(-1)).squeeze(-1)
-        samples = []
-        for row, ((p, s), tokens) in enumerate(zip(batch, new.tolist())):
-            response, finished = trim_at_eos(tokens, eos)
-            text = tokenizer.decode(response, skip_special_tokens=True).strip()
-            samples.append(Sample(p, s, response, text, finished, chosen[row, : len(response)].tolist()))
-        yield samples
+    for batch in pack_jobs(prompts, n, batch_size, skip):
+        with autocast_context(bf16, device):
+            tokens, logprobs, finished = sample_batch(model, [prompts[p] for p, _ in batch], [len(s) for _, s in batch],
+                                                      params, tokenizer.pad_token_id, eos)
+        jobs = [(p, s) for p, samples in batch for s in samples]
+        yield [Sample(p, s, tokens[row], tokenizer.decode(tokens[row], skip_special_tokens=True).strip(), finished[row], logprobs[row])
+               for row, (p, s) in enumerate(jobs)]
 
 
 def token_logprobs(model: Any, batch: dict[str, torch.Tensor], temperature: float = 1.0) -> torch.Tensor:

@@ -4,12 +4,7 @@ import torch
 
 from opdistill.data import Example, collate, render_prompt
 from opdistill.models import load_model, load_tokenizer
-from opdistill.rollout import SamplingParams, iter_samples, token_logprobs, trim_at_eos
-
-
-def test_trim_at_eos():
-    assert trim_at_eos([4, 5, 2, 2, 2], {2}) == ([4, 5, 2], True)
-    assert trim_at_eos([4, 5, 6], {2}) == ([4, 5, 6], False)
+from opdistill.rollout import SamplingParams, iter_samples, token_logprobs
 
 
 def test_n_samples_per_prompt_with_logprobs_matching_a_forward_pass(tiny_model):

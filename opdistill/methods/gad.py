@@ -77,7 +77,9 @@ class GAD:
 
     def setup(self, engine: Engine) -> None:
         source = self.config.discriminator or self.config.student
-        self.disc = engine.add_trainable(load_discriminator(source), self.config.d_lr, self.config.d_max_grad_norm)
+        disc = load_discriminator(source, layers=self.config.discriminator_layers, trust_remote_code=self.config.trust_remote_code)
+        # Dropout off whether it scores or learns: the reward is then exactly the score its BT update sees.
+        self.disc = engine.add_trainable(disc.eval(), self.config.d_lr, self.config.d_max_grad_norm)
 
     def reference_dir(self, engine: Engine) -> Path:
         return engine.out_dir / "reference"
@@ -133,17 +135,18 @@ class GAD:
                                                batch["attention_mask"].to(engine.accelerator.device)))
         return torch.cat(out)
 
-    def discriminator_update(self, engine: Engine, indices: list[int], rollouts: Rollouts, train: bool = True) -> dict[str, float]:
+    def discriminator_update(self, engine: Engine, indices: list[int], rollouts: Rollouts,
+                             train: bool = True) -> tuple[dict[str, float], torch.Tensor]:
         """One BT step of D on (teacher response, N student samples) per prompt, micro-batched over prompts.
 
-        With train=False (a frozen discriminator) it only scores, for the diagnostics.
+        Returns the diagnostics and the student scores (B, N) from before the update: the generator's rewards.
+        With train=False (a frozen discriminator) it only scores.
         """
         assert self.disc is not None
         n = self.config.n_samples
         groups = chunks(list(range(len(indices))), max(1, self.config.micro_batch_size // (n + 1)))
         total_pairs = engine.global_sum(len(indices) * n)
         loss_total, teacher_all, student_all = 0.0, [], []
-        self.disc.model.train(train)
         for position, group in enumerate(groups):
             teacher_examples = [Example(self.prompts[indices[b]], self.teacher[indices[b]]) for b in group]
             student_examples = [rollouts.examples[b * n + i] for b in group for i in range(n)]
@@ -159,10 +162,11 @@ class GAD:
             student_all.append(student_scores.detach())
         grad_norm = engine.trainable_step(self.disc) if train else float("nan")
         teacher_scores, student_scores = torch.cat(teacher_all), torch.cat(student_all)
-        return {"d_loss": engine.global_sum(loss_total) / total_pairs,
-                "d_acc": pairwise_accuracy(teacher_scores, student_scores).item(),
-                "teacher_score": teacher_scores.mean().item(), "student_score": student_scores.mean().item(),
-                "d_grad_norm": grad_norm}
+        metrics = {"d_loss": engine.global_sum(loss_total) / total_pairs,
+                   "d_acc": pairwise_accuracy(teacher_scores, student_scores).item(),
+                   "teacher_score": teacher_scores.mean().item(), "student_score": student_scores.mean().item(),
+                   "d_grad_norm": grad_norm}
+        return metrics, student_scores.float()
 
     # ------------------------------------------------------------ the two stages
 
@@ -177,7 +181,8 @@ class GAD:
         """D learns on current student samples; after d_only_steps the generator also does SeqKD."""
         indices = self.batch_indices(engine, step)
         rollouts = self.sample(engine, indices)
-        metrics = {"stage": 0.0, **self.discriminator_update(engine, indices, rollouts),
+        d_metrics, _ = self.discriminator_update(engine, indices, rollouts)
+        metrics = {"stage": 0.0, **d_metrics,
                    "response_length": rollouts.lengths.mean().item()}
         if step >= self.config.d_only_steps:
             engine.model.train()
@@ -189,39 +194,41 @@ class GAD:
         return metrics
 
     def adversarial_step(self, engine: Engine, step: int) -> dict[str, float]:
-        """Sample -> old/ref log-probs -> D scores -> advantages -> D update -> PPO-clip update with k3 KL."""
-        config, n = self.config, self.config.n_samples
+        """Sample -> reference log-probs -> D scores (rewards) and D update -> advantages -> PPO-clip update with k3 KL.
+
+        The rewards are the student scores of D's own BT forward pass, taken before its update, so D runs once
+        per step. The old log-probs are the current policy's, detached, from the update's own forward pass:
+        each rollout batch gets exactly one optimizer step, so the policy that sampled is the one being updated
+        (ratio 1, the clip inactive) and a separate old-log-prob pass would compute the same numbers again.
+        """
+        config = self.config
         indices = self.batch_indices(engine, step)
         rollouts = self.sample(engine, indices)
         batches = [collate(group, self.pad_id) for group in chunks(rollouts.examples, config.micro_batch_size)]
         device = engine.accelerator.device
         with torch.no_grad():
-            engine.model.eval()
-            old, ref = [], []
+            ref = []
             for batch in batches:
                 moved = {k: v.to(device) for k, v in batch.items()}
                 with engine.accelerator.autocast():
-                    old.append(token_logprobs(engine.model, moved, config.temperature))
                     ref.append(token_logprobs(self.reference, moved, config.temperature))
-            self.disc.model.eval()
-            rewards = self.scores(engine, rollouts.examples, grad=False).float().view(len(indices), n)
+        d_metrics, rewards = self.discriminator_update(engine, indices, rollouts, train=not config.freeze_discriminator)
         advantages = group_advantages(rewards).view(-1)
-        d_metrics = self.discriminator_update(engine, indices, rollouts, train=not config.freeze_discriminator)
 
         engine.model.train()
         sizes = [len(b["input_ids"]) for b in batches]
         starts = [sum(sizes[:i]) for i in range(len(sizes))]
         stats = {"clipped": 0.0, "kl": 0.0, "entropy": 0.0}
-        for batch, old_lp, ref_lp, start in zip(batches, old, ref, starts):
-            batch["old_logprobs"], batch["ref_logprobs"] = old_lp.cpu(), ref_lp.cpu()
-            batch["advantages"] = advantages[start : start + len(batch["input_ids"])].unsqueeze(1).expand_as(old_lp).contiguous()
+        for batch, ref_lp, start in zip(batches, ref, starts):
+            batch["ref_logprobs"] = ref_lp.cpu()
+            batch["advantages"] = advantages[start : start + len(batch["input_ids"])].unsqueeze(1).expand_as(ref_lp).contiguous()
 
         def loss_sum(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float() / config.temperature
             logprobs_all = torch.log_softmax(logits, dim=-1)
             logprobs = logprobs_all.gather(-1, batch["input_ids"][:, 1:].unsqueeze(-1)).squeeze(-1)
             mask = shifted_mask(batch)
-            policy, clipped = ppo_clip_per_token(logprobs, batch["old_logprobs"], batch["advantages"], config.clip_ratio)
+            policy, clipped = ppo_clip_per_token(logprobs, logprobs.detach(), batch["advantages"], config.clip_ratio)
             kl = kl_k3(logprobs, batch["ref_logprobs"])
             with torch.no_grad():
                 entropy = -(logprobs_all.exp() * logprobs_all).sum(-1)
