@@ -56,8 +56,7 @@ def _train(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from .demo import DemoOptions, run_demo
 
-    run_demo(DemoOptions(out=args.out, system=args.system, train_prompts=args.train_prompts, steps=args.steps,
-                         max_new_tokens=args.max_new_tokens, lr=args.lr, seed=args.seed))
+    run_demo(DemoOptions(**{name: getattr(args, name) for name in DemoOptions.__dataclass_fields__ if hasattr(args, name)}))
     return 0
 
 
@@ -132,15 +131,22 @@ def build_parser() -> argparse.ArgumentParser:
     from .demo import DemoOptions
 
     defaults = DemoOptions(out="runs/demo")
-    d = sub.add_parser("demo", help="the built-in end-to-end job: French context distillation of SmolLM2-135M",
-                       description="Collect from a French-prompted teacher, train the bare student, evaluate before/after.")
+    d = sub.add_parser("demo", help="the built-in end-to-end job: French context distillation of SmolLM2-135M with GAD",
+                       description="Collect from a French-prompted teacher, train the bare student (GAD: SeqKD warm-up, then "
+                                   "adversarial steps; or SeqKD alone), evaluate every model on held-out prompts, write report.html. "
+                                   "Docs: docs/demo.md.")
     d.add_argument("--out", default=defaults.out, help=f"run directory (default {defaults.out})")
+    d.add_argument("--method", choices=["gad", "seqkd"], default=defaults.method, help=f"training method (default {defaults.method})")
     d.add_argument("--system", default=defaults.system, help=f"the teacher's privileged system prompt (default {defaults.system!r})")
-    d.add_argument("--train-prompts", type=int, default=defaults.train_prompts, help=f"built-in train prompts to collect (default {defaults.train_prompts})")
-    d.add_argument("--steps", type=int, default=defaults.steps, help=f"training steps of {defaults.batch_size} (default {defaults.steps})")
-    d.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens, help=f"response length for collection and evaluation (default {defaults.max_new_tokens})")
-    d.add_argument("--lr", type=float, default=defaults.lr, help=f"learning rate (default {defaults.lr}: a short run)")
-    d.add_argument("--seed", type=int, default=defaults.seed)
+    numbers = [("train_prompts", int, "built-in train prompts to collect"), ("heldout_prompts", int, "built-in held-out prompts to evaluate"),
+               ("max_new_tokens", int, "response length for collection, training and evaluation"),
+               ("batch_size", int, "prompts per training step"), ("lr", float, "student learning rate"),
+               ("warmup_steps", int, "GAD warm-up steps (SeqKD + discriminator)"), ("d_only_steps", int, "warm-up steps where only the discriminator trains"),
+               ("gad_steps", int, "GAD adversarial steps"), ("n_samples", int, "GAD student samples per prompt"),
+               ("d_lr", float, "GAD discriminator learning rate"), ("discriminator_layers", int, "GAD discriminator depth (0: the whole student)"),
+               ("seqkd_steps", int, "steps of --method seqkd"), ("seed", int, "random seed")]
+    for name, kind, text in numbers:
+        d.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, default=getattr(defaults, name), help=f"{text} (default {getattr(defaults, name)})")
     d.set_defaults(func=_demo)
 
     from .analysis.options import AnalysisOptions

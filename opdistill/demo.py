@@ -2,9 +2,9 @@
 
 Teacher: SmolLM2-135M-Instruct with a privileged system prompt (default "Always respond in French.").
 Student: the same model without it. Context distillation, black-box: the student only ever sees the
-teacher's text. Steps: collect teacher texts on the built-in train prompts -> SeqKD -> evaluate base,
-trained student and the teacher itself on the built-in held-out prompts with a language test.
-(GAD joins this pipeline when it lands; SeqKD is the supervised baseline.)
+teacher's text. Steps: collect teacher texts on the built-in train prompts -> train (GAD: warm-up, then
+adversarial steps; or SeqKD alone) -> evaluate the teacher, the base student and every trained student on
+the built-in held-out prompts with a language test -> metrics.json, generations.jsonl, report.html.
 """
 
 from __future__ import annotations
@@ -13,30 +13,42 @@ import json
 import shutil
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from .config import build_config
 from .data import load_records
-from .evaluate.metrics import french_share, mean_length_words
+from .evaluate.metrics import distinct_n, french_share, mean_length_words, repetition
 from .sampling import SamplingParams
 from .teachers.collect import CollectOptions, collect
 
 DEFAULT_SYSTEM = "Always respond in French."
 MODEL = "smollm2-135m-instruct"
+TEACHER_ROW = "teacher (with system prompt)"
+BASE_ROW = "student before (base)"
 
 
 @dataclass
 class DemoOptions:
     out: str
+    method: str = "gad"
     system: str = DEFAULT_SYSTEM
     model: str = MODEL
     train_prompts: int = 96
     heldout_prompts: int = 40
-    max_new_tokens: int = 48
-    steps: int = 30
-    batch_size: int = 8
-    lr: float = 5e-5
+    max_new_tokens: int = 32
+    batch_size: int = 4
+    lr: float = 3e-5
+    # GAD
+    warmup_steps: int = 12
+    d_only_steps: int = 2
+    gad_steps: int = 10
+    n_samples: int = 4
+    d_lr: float = 5e-5
+    discriminator_layers: int = 6
+    # SeqKD-only demo
+    seqkd_steps: int = 30
     seed: int = 0
 
 
@@ -44,55 +56,97 @@ def _say(message: str) -> None:
     print(f"demo: {message}", file=sys.stderr, flush=True)
 
 
+def collect_teacher(opts: DemoOptions, out: Path) -> Path:
+    teacher_file = out / "teacher.jsonl"
+    _say(f"1/3 collecting teacher responses ({opts.model} with system prompt {opts.system!r}) on {opts.train_prompts} built-in train prompts")
+    summary = collect(CollectOptions(prompts=f"builtin:train[:{opts.train_prompts}]", out=str(teacher_file), teacher_model=opts.model,
+                                     system=opts.system, temperature=0.7, top_p=0.95, max_tokens=opts.max_new_tokens, seed=opts.seed,
+                                     batch_size=32))
+    for line in summary.lines():
+        _say("   " + line)
+    return teacher_file
+
+
+def train_config(opts: DemoOptions, teacher_file: Path, out: Path) -> dict[str, Any]:
+    """The training run's config; every value can be checked in DIR/<method>/config.yaml afterwards."""
+    common = {"method": opts.method, "student": opts.model, "data": str(teacher_file), "out_dir": str(out / opts.method),
+              "batch_size": opts.batch_size, "lr": opts.lr, "seed": opts.seed, "max_response_tokens": opts.max_new_tokens}
+    if opts.method == "seqkd":
+        return {**common, "max_steps": opts.seqkd_steps, "micro_batch_size": opts.batch_size, "warmup_ratio": 0.1,
+                "checkpoint_every": max(10, opts.seqkd_steps // 2), "max_grad_norm": 1.0}
+    return {**common, "warmup_steps": opts.warmup_steps, "d_only_steps": opts.d_only_steps, "max_steps": opts.gad_steps,
+            "n_samples": opts.n_samples, "rollout_batch_size": opts.batch_size * opts.n_samples,
+            "micro_batch_size": opts.batch_size * opts.n_samples, "d_lr": opts.d_lr, "discriminator_layers": opts.discriminator_layers,
+            "max_grad_norm": 1.0, "d_max_grad_norm": 1.0, "checkpoint_every": opts.warmup_steps + opts.gad_steps}
+
+
+def trained_rows(opts: DemoOptions, run_dir: Path) -> dict[str, Path]:
+    """Evaluation rows for the trained students: GAD has its warm-up generator (SeqKD only) and its final student."""
+    if opts.method == "seqkd":
+        return {"student after SeqKD": run_dir / "student"}
+    return {"student after warm-up (SeqKD only)": run_dir / "reference", "student after GAD": run_dir / "student"}
+
+
+def row_metrics(texts: list[str]) -> dict[str, float]:
+    """The headline (French share) plus what shows degenerate text: a collapsed student repeats itself
+    (repetition: share of a response's 4-grams seen earlier in it) and answers every prompt alike (distinct-2)."""
+    return {"french_share": french_share(texts), "mean_words": mean_length_words(texts),
+            "repetition_4": sum(map(repetition, texts)) / len(texts), "distinct_2": distinct_n(texts, 2)}
+
+
 def run_demo(opts: DemoOptions) -> dict:
     # Imported here so that building the CLI (which reads DemoOptions' defaults) does not load torch.
     from .evaluate.generate import generate_texts
     from .methods import train
     from .models import load_model, load_tokenizer
+    from .report import write_run_report
 
+    if opts.method not in ("gad", "seqkd"):
+        raise ValueError(f"demo method must be gad or seqkd, got {opts.method!r}")
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
-    teacher_file = out / "teacher.jsonl"
-    _say(f"1/3 collecting teacher responses ({opts.model} with system prompt {opts.system!r}) on {opts.train_prompts} built-in train prompts")
-    summary = collect(CollectOptions(prompts=f"builtin:train[:{opts.train_prompts}]", out=str(teacher_file), teacher_model=opts.model,
-                                     system=opts.system, temperature=0.7, top_p=0.95, max_tokens=opts.max_new_tokens, seed=opts.seed))
-    for line in summary.lines():
-        _say("   " + line)
+    teacher_file = collect_teacher(opts, out)
 
-    _say(f"2/3 SeqKD: {opts.steps} steps of {opts.batch_size}, lr {opts.lr}")
-    config = build_config({
-        "method": "seqkd", "student": opts.model, "data": str(teacher_file), "out_dir": str(out / "seqkd"),
-        "max_steps": opts.steps, "batch_size": opts.batch_size, "micro_batch_size": opts.batch_size, "lr": opts.lr,
-        "warmup_ratio": 0.1, "checkpoint_every": max(10, opts.steps // 2), "max_response_tokens": opts.max_new_tokens + 1,
-        "seed": opts.seed, "max_grad_norm": 1.0,
-    }, where="demo")
+    config = build_config(train_config(opts, teacher_file, out), where="demo")
+    if opts.method == "gad":
+        _say(f"2/3 GAD: {opts.warmup_steps} warm-up steps (first {opts.d_only_steps} discriminator only), then {opts.gad_steps} "
+             f"adversarial steps; {opts.batch_size} prompts x {opts.n_samples} samples per step, lr {opts.lr}, discriminator lr {opts.d_lr}")
+    else:
+        _say(f"2/3 SeqKD: {opts.seqkd_steps} steps of {opts.batch_size}, lr {opts.lr}")
     train(config)
+    run_dir = out / opts.method
     student_dir = out / "student"
     shutil.rmtree(student_dir, ignore_errors=True)
-    shutil.copytree(out / "seqkd" / "student", student_dir)
+    shutil.copytree(run_dir / "student", student_dir)
 
     _say(f"3/3 evaluating on {opts.heldout_prompts} held-out prompts (greedy, {opts.max_new_tokens} new tokens)")
     heldout = load_records(f"builtin:heldout[:{opts.heldout_prompts}]")
     params = SamplingParams(temperature=0.0, max_new_tokens=opts.max_new_tokens)
     base, tokenizer = load_model(opts.model), load_tokenizer(opts.model)
-    rows = {
-        "teacher (with system prompt)": generate_texts(opts.model, heldout, params, system=opts.system, model=base, tokenizer=tokenizer),
-        "student before (base)": generate_texts(opts.model, heldout, params, model=base, tokenizer=tokenizer),
-        "student after SeqKD": generate_texts(str(student_dir), heldout, params),
-    }
+    rows = {TEACHER_ROW: generate_texts(opts.model, heldout, params, system=opts.system, model=base, tokenizer=tokenizer, batch_size=40),
+            BASE_ROW: generate_texts(opts.model, heldout, params, model=base, tokenizer=tokenizer, batch_size=40)}
+    for name, path in trained_rows(opts, run_dir).items():
+        rows[name] = generate_texts(str(path), heldout, params, batch_size=40)
     metrics = {
         "task": f"share of held-out responses in French (system prompt: {opts.system!r})",
-        "models": {name: {"french_share": french_share(texts), "mean_words": mean_length_words(texts)} for name, texts in rows.items()},
-        "train_prompts": opts.train_prompts, "heldout_prompts": len(heldout), "steps": opts.steps,
+        "headline": "french_share",
+        "models": {name: row_metrics(texts) for name, texts in rows.items()},
+        "options": asdict(opts), "heldout_prompts": len(heldout), "training_run": str(run_dir),
         "seconds": round(time.monotonic() - started, 1),
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     with open(out / "generations.jsonl", "w", encoding="utf-8") as handle:
         for i, record in enumerate(heldout):
             handle.write(json.dumps({"prompt": record.messages[-1]["content"], **{n: t[i] for n, t in rows.items()}}, ensure_ascii=False) + "\n")
-    print(f"\n{'model':32} {'French share':>12} {'mean words':>10}")
+    report = write_run_report(out)
+    print(f"\n{'model':40} {'French share':>12} {'mean words':>10} {'repetition':>10} {'distinct-2':>10}")
     for name, values in metrics["models"].items():
-        print(f"{name:32} {values['french_share']:>11.0%} {values['mean_words']:>10.1f}")
-    print(f"\nstudent: {student_dir}   metrics: {out / 'metrics.json'}   time: {metrics['seconds']:.0f} s")
+        print(f"{name:40} {values['french_share']:>11.0%} {values['mean_words']:>10.1f} {values['repetition_4']:>10.2f} {values['distinct_2']:>10.2f}")
+    models = metrics["models"]
+    final = list(models)[-1]
+    others = ", ".join(f"{name} {values['french_share']:.0%}" for name, values in models.items() if name != final)
+    print(f"\nheadline: the {final.removeprefix('student after ')} student answers {models[final]['french_share']:.0%} of held-out "
+          f"prompts in French with no system prompt ({others})")
+    print(f"student: {student_dir}   report: {report}   time: {metrics['seconds']:.0f} s")
     return metrics

@@ -44,3 +44,26 @@ def test_a_fresh_head_scores_zero_so_the_first_bt_loss_is_log_2(tiny_model):
     disc = load_discriminator(str(tiny_model))
     ids, mask = right_pad([[5, 6, 7]], 0)
     assert disc(ids, mask).item() == 0.0
+
+
+def test_a_shallow_discriminator_keeps_the_first_layers_and_reloads(tiny_model, tmp_path):
+    import pytest
+
+    from opdistill.errors import ModelError
+
+    full = load_discriminator(str(tiny_model))
+    shallow = load_discriminator(str(tiny_model), layers=1)
+    assert len(full.backbone.layers) == 2 and len(shallow.backbone.layers) == 1
+    assert shallow.config.num_hidden_layers == 1
+    # the kept layer is the student's first layer, unchanged
+    torch.testing.assert_close(shallow.backbone.layers[0].mlp.up_proj.weight, full.backbone.layers[0].mlp.up_proj.weight)
+    shallow.save(tmp_path / "d")
+    again = load_discriminator(str(tmp_path / "d"))
+    assert len(again.backbone.layers) == 1
+    ids, mask = right_pad([[5, 6, 7]], 0)
+    torch.nn.init.normal_(shallow.head.weight)
+    shallow.save(tmp_path / "d2")
+    with torch.no_grad():
+        torch.testing.assert_close(load_discriminator(str(tmp_path / "d2"))(ids, mask), shallow(ids, mask))
+    with pytest.raises(ModelError, match="has 2 layers"):
+        load_discriminator(str(tiny_model), layers=5)

@@ -27,3 +27,51 @@ def test_n_samples_per_prompt_with_logprobs_matching_a_forward_pass(tiny_model):
         start = len(prompts[sample.prompt_index]) - 1
         recomputed = lp[row, start : start + len(sample.response_ids)]
         torch.testing.assert_close(recomputed, torch.tensor(sample.logprobs), rtol=1e-4, atol=1e-4)
+
+
+def test_sample_next_greedy_and_nucleus():
+    from opdistill.rollout import sample_next
+
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.05, 0.05, 0.1, 0.8]]))
+    tokens, logprobs = sample_next(logits, SamplingParams(temperature=0.0, max_new_tokens=1))
+    assert tokens.tolist() == [0, 3]
+    torch.testing.assert_close(logprobs, torch.log(torch.tensor([0.5, 0.8])))
+    torch.manual_seed(0)
+    seen: set[tuple[int, int]] = set()
+    for _ in range(300):
+        tokens, logprobs = sample_next(logits, SamplingParams(temperature=1.0, top_p=0.7, max_new_tokens=1))
+        seen.add(tuple(tokens.tolist()))
+        # the reported log-prob is the untruncated policy's (what a forward pass gives), not the renormalised one
+        torch.testing.assert_close(logprobs, torch.log_softmax(logits, -1).gather(-1, tokens[:, None]).squeeze(-1))
+    # nucleus 0.7: row 0 keeps {0, 1} (0.5 + 0.3 reaches 0.7), row 1 keeps {3} only
+    assert {t[0] for t in seen} == {0, 1} and {t[1] for t in seen} == {3}
+
+
+def test_pack_jobs_keeps_a_prompts_samples_together_and_respects_the_batch_size():
+    from opdistill.rollout import pack_jobs
+
+    prompts = [[1] * 5, [1] * 2, [1] * 9]
+    batches = pack_jobs(prompts, n=3, batch_size=4, skip=lambda p, s: (p, s) == (0, 1))
+    assert batches == [[(1, [0, 1, 2])], [(0, [0, 2])], [(2, [0, 1, 2])]]
+    assert pack_jobs(prompts, n=1, batch_size=4, skip=None) == [[(1, [0]), (0, [0]), (2, [0])]]
+    # more samples than a batch holds: the prompt is split over batches
+    assert pack_jobs([[1]], n=5, batch_size=2, skip=None) == [[(0, [0, 1])], [(0, [2, 3])], [(0, [4])]]
+
+
+def test_greedy_sampling_matches_transformers_generate_with_left_padding(tiny_model):
+    tokenizer, model = load_tokenizer(str(tiny_model)), load_model(str(tiny_model))
+    texts = ("Hi", "Write a long poem about the sea and the wind", "Why?", "List three colours")
+    prompts = [render_prompt(tokenizer, [{"role": "user", "content": t}]) for t in texts]
+    params = SamplingParams(temperature=0.0, max_new_tokens=10)
+    ours = {s.prompt_index: s.response_ids for batch in iter_samples(model, tokenizer, prompts, params, batch_size=4) for s in batch}
+    from opdistill.rollout import left_pad
+
+    ids, mask = left_pad(prompts, tokenizer.pad_token_id)
+    with torch.no_grad():
+        reference = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=10,
+                                   pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # both see the same rows; compare per prompt
+    for i in order:
+        expected = reference[i, ids.shape[1]:].tolist()
+        assert ours[i] == expected[: len(ours[i])]
+        assert len(ours[i]) == 10 or ours[i][-1] == tokenizer.eos_token_id

@@ -3,42 +3,19 @@ reads: the global numbers, heat maps per layer × module, ΔW spectra, mask enri
 
 from __future__ import annotations
 
-import base64
 import html
-import io
 import math
 from typing import Any, Mapping
 
 import torch
 
+from ..htmlpage import fmt as _fmt
+from ..htmlpage import img as _img
+from ..htmlpage import page, use_agg
+from ..htmlpage import png as _png
+from ..htmlpage import table as _table
+
 LAYER_MODULES = ("q", "k", "v", "o", "gate", "up", "down", "norms", "other")
-
-
-def _png(fig: Any) -> str:
-    import matplotlib.pyplot as plt
-
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return base64.b64encode(buffer.getvalue()).decode()
-
-
-def _img(data: str, alt: str) -> str:
-    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
-
-
-def _fmt(value: Any) -> str:
-    if value is None:
-        return "–"
-    if isinstance(value, bool):
-        return str(value).lower()
-    if isinstance(value, float):
-        if value == 0 or 1e-3 <= abs(value) < 1e5:
-            return f"{value:.4g}"
-        return f"{value:.3e}"
-    if isinstance(value, int):
-        return f"{value:,}"
-    return html.escape(str(value))
 
 
 def layer_grid(tensors: Mapping[str, Mapping[str, Any]], metric: str) -> tuple[list[int], list[str], list[list[float]]]:
@@ -171,27 +148,14 @@ def _compare_plot(compare: Mapping[str, Any]) -> str | None:
     return _png(fig)
 
 
-def _table(rows: list[list[Any]], header: list[str]) -> str:
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{_fmt(c)}</td>" for c in row) + "</tr>" for row in rows)
-    return f"<table><tr>{head}</tr>{body}</table>"
-
-
 def render_report(summary: Mapping[str, Any], spectra: Mapping[str, torch.Tensor]) -> str:
     """The whole page as one string."""
-    import matplotlib
-
-    matplotlib.use("Agg")
+    use_agg()
     from .updates import threshold_key
 
     abs_key = threshold_key(summary.get("options", {}).get("abs_threshold", 1e-5))
     g = summary["global"]
     parts = [
-        "<!doctype html><html><head><meta charset='utf-8'><title>opdistill analyze</title><style>"
-        "body{font-family:sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}"
-        "table{border-collapse:collapse;margin:.5em 0 1.5em}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}"
-        "th{background:#f3f3f3}td:first-child{text-align:left}img{max-width:100%}code{background:#f3f3f3}"
-        "</style></head><body>",
         "<h1>What fine-tuning did to the weights</h1>",
         f"<p>BASE <code>{html.escape(str(summary.get('base', '')))}</code> → TUNED <code>{html.escape(str(summary.get('tuned', '')))}</code>; "
         f"{g['tensors_analysed']} tensors, {g['numel']:,} coordinates, {summary.get('seconds', 0):.0f} s. "
@@ -227,5 +191,4 @@ def render_report(summary: Mapping[str, Any], spectra: Mapping[str, torch.Tensor
     skipped = summary.get("skipped") or {}
     if skipped:
         parts.append("<h2>Skipped tensors</h2>" + _table([[k, v] for k, v in skipped.items()], ["tensor", "why"]))
-    parts.append("</body></html>")
-    return "\n".join(parts)
+    return page("opdistill analyze", parts)

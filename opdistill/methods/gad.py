@@ -100,7 +100,7 @@ class GAD:
         """Freeze the current student (the end of warm-up) as the KL reference and keep it on disk."""
         student = engine.accelerator.unwrap_model(engine.model)
         if engine.is_main:
-            save_pretrained_atomic(student, None, self.reference_dir(engine))
+            save_pretrained_atomic(student, self.tokenizer, self.reference_dir(engine))
         engine.accelerator.wait_for_everyone()
         self.load_reference(engine)
 

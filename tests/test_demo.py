@@ -1,0 +1,53 @@
+"""The demo pipeline end to end on a tiny model (the real demo runs SmolLM2: docs/demo.md has its numbers)."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from opdistill.config import build_config
+from opdistill.demo import BASE_ROW, TEACHER_ROW, DemoOptions, run_demo, train_config
+from opdistill.report import render_run_report
+
+
+@pytest.mark.parametrize("method", ["gad", "seqkd"])
+def test_the_demo_configs_are_valid(method, tmp_path):
+    opts = DemoOptions(out=str(tmp_path), method=method)
+    config = build_config(train_config(opts, tmp_path / "teacher.jsonl", tmp_path), where="demo")
+    assert config.method == method and config.batch_size == opts.batch_size
+
+
+def test_gad_demo_on_a_tiny_model_writes_metrics_generations_report_and_student(tiny_model, tmp_path, capsys):
+    opts = DemoOptions(out=str(tmp_path / "demo"), model=str(tiny_model), train_prompts=8, heldout_prompts=4, max_new_tokens=8,
+                       batch_size=2, warmup_steps=3, d_only_steps=1, gad_steps=2, n_samples=2, discriminator_layers=1)
+    metrics = run_demo(opts)
+    out = tmp_path / "demo"
+    rows = [TEACHER_ROW, BASE_ROW, "student after warm-up (SeqKD only)", "student after GAD"]
+    assert list(metrics["models"]) == rows
+    assert json.loads((out / "metrics.json").read_text())["models"].keys() == set(rows)
+    generations = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
+    assert len(generations) == 4 and all(set(rows) <= set(g) for g in generations)
+    assert (out / "student" / "config.json").is_file() and (out / "student" / "model.safetensors").is_file()
+    history = [json.loads(line) for line in (out / "gad" / "metrics.jsonl").read_text().splitlines()]
+    assert [h["stage"] for h in history] == [0.0, 0.0, 0.0, 1.0, 1.0]
+    page = (out / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == 2  # the headline bar chart and the training curves
+    for row in rows:
+        assert row in page
+    printed = capsys.readouterr().out
+    assert "French share" in printed and TEACHER_ROW in printed
+
+
+def test_the_report_shows_only_the_curves_it_has_and_escapes_text():
+    metrics = {"task": "t", "headline": "french_share", "models": {TEACHER_ROW: {"french_share": 0.7}, BASE_ROW: {"french_share": 0.0}}}
+    history = [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}]
+    generations = [{"prompt": "<script>alert(1)</script>", TEACHER_ROW: "Bonjour", BASE_ROW: "Hello"}]
+    page = render_run_report(metrics, history, {"lr": 1e-5}, generations)
+    assert "<script>" not in page and "&lt;script&gt;" in page
+    assert page.count("data:image/png;base64,") == 2
+    assert re.search(r"<td>french_share</td>|<th>french_share</th>", page)
+    # no history and no headline: tables only
+    bare = render_run_report({"models": {"m": {"x": 1.0}}}, [], {}, [])
+    assert "data:image/png" not in bare and "<td>m</td>" in bare
