@@ -1,0 +1,151 @@
+"""Token-level divergences between the student's and the teacher's next-token distributions (SPEC §3).
+
+`per_token` returns one value per position (no reduction, no mask: the caller masks and averages).
+Everything is computed in log space from logits; vocabulary entries masked with -inf (in both models)
+contribute exactly 0 and give finite values and gradients. `chunk_size` computes the positions in
+chunks and recomputes each chunk in the backward pass, so the intermediates take O(chunk × V) memory
+instead of O(T × V). `top_k` restricts both distributions to the teacher's k most likely tokens, with
+the rest of each distribution's mass in one tail bucket (or renormalised over the k when tail=False).
+
+Kinds (p_T teacher, p_θ student; KL(p‖q) = Σ_v p(v) (log p(v) − log q(v))):
+  fkl       KL(p_T ‖ p_θ)
+  rkl       KL(p_θ ‖ p_T)
+  jsd       β KL(p_T ‖ m) + (1−β) KL(p_θ ‖ m), m = β p_T + (1−β) p_θ formed in probability space (GKD).
+            At β = 0 and β = 1 the mixture equals one side and the value is identically 0: these
+            endpoints are NOT forward / reverse KL (use fkl / rkl); config validation rejects them.
+  skl       KL(p_T ‖ α p_T + (1−α) p_θ)          (DistiLLM skew KL)
+  srkl      KL(p_θ ‖ (1−α) p_T + α p_θ)          (skew reverse KL)
+  veto_fkl  KL(Q ‖ p_θ),  Q ∝ p_T · sg(p_θ)^β    (Veto, arXiv 2601.07155: a product target, not a mixture)
+  veto_rkl  KL(p_θ ‖ Q);  β = 0 gives fkl / rkl exactly.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+KINDS = ("fkl", "rkl", "jsd", "skl", "srkl", "veto_fkl", "veto_rkl")
+
+
+def kl_from_logprobs(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """Σ_v p (log p − log q) over the last dim; entries with p = 0 (log p = −inf) contribute 0, gradients included."""
+    present = torch.isfinite(log_p)
+    # Zero both sides where p = 0 *before* subtracting: −inf − (−inf) would be NaN, and NaN survives a
+    # torch.where in the backward pass.
+    diff = log_p.masked_fill(~present, 0.0) - log_q.masked_fill(~present, 0.0)
+    return (log_p.exp() * diff).sum(dim=-1)
+
+
+def log_mixture(log_p: torch.Tensor, log_q: torch.Tensor, weight_p: float) -> torch.Tensor:
+    """log(w p + (1 − w) q) for 0 < w < 1, formed in probability space through logsumexp."""
+    # Where both are masked (−inf), logsumexp's gradient is NaN: compute on zeros there and put −inf back.
+    masked = torch.isinf(log_p) & torch.isinf(log_q)
+    stacked = torch.stack([log_p.masked_fill(masked, 0.0) + math.log(weight_p), log_q.masked_fill(masked, 0.0) + math.log1p(-weight_p)])
+    return torch.logsumexp(stacked, dim=0).masked_fill(masked, float("-inf"))
+
+
+def veto_target(log_t: torch.Tensor, log_s: torch.Tensor, beta: float) -> torch.Tensor:
+    """log Q with Q ∝ p_T · p_θ^β, the student factor stop-gradient."""
+    unnormalised = log_t + beta * log_s.detach()
+    return unnormalised - torch.logsumexp(unnormalised, dim=-1, keepdim=True)
+
+
+def divergence_from_logprobs(log_s: torch.Tensor, log_t: torch.Tensor, kind: str, beta: float, alpha: float) -> torch.Tensor:
+    """The divergence `kind` between two normalised log-distributions over the last dim."""
+    if kind == "fkl":
+        return kl_from_logprobs(log_t, log_s)
+    if kind == "rkl":
+        return kl_from_logprobs(log_s, log_t)
+    if kind == "jsd":
+        if beta <= 0.0 or beta >= 1.0:
+            # Identically 0 (see the module doc); kept connected to the graph so a backward pass still runs.
+            return 0.0 * log_s.masked_fill(~torch.isfinite(log_s), 0.0).sum(dim=-1)
+        mixture = log_mixture(log_t, log_s, beta)
+        return beta * kl_from_logprobs(log_t, mixture) + (1.0 - beta) * kl_from_logprobs(log_s, mixture)
+    if kind == "skl":
+        return kl_from_logprobs(log_t, log_mixture(log_t, log_s, alpha))
+    if kind == "srkl":
+        return kl_from_logprobs(log_s, log_mixture(log_s, log_t, alpha))
+    if kind == "veto_fkl":
+        return kl_from_logprobs(veto_target(log_t, log_s, beta), log_s)
+    if kind == "veto_rkl":
+        return kl_from_logprobs(log_s, veto_target(log_t, log_s, beta))
+    raise ValueError(f"unknown divergence {kind!r}; choose one of {', '.join(KINDS)}")
+
+
+TAIL_FLOOR = 1e-30  # smallest tail mass: a top-k holding all the mass (up to rounding) gives log 1e-30, not −inf
+
+
+def log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 − exp(x)) for x < 0, accurate at both ends (Mächler 2012); x is capped just below 0."""
+    x = x.clamp(max=-TAIL_FLOOR)
+    near_zero = x > -math.log(2.0)
+    # Each branch sees only inputs it is defined for, so the unused branch cannot put NaN into the gradient.
+    return torch.where(near_zero, torch.log(-torch.expm1(torch.where(near_zero, x, -1.0))),
+                       torch.log1p(-torch.exp(torch.where(near_zero, -1.0, x))))
+
+
+def restrict_to_teacher_top_k(log_s: torch.Tensor, log_t: torch.Tensor, k: int, tail: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both distributions over the teacher's top-k tokens, plus one tail bucket holding the rest of each
+    distribution's mass (tail=True), or renormalised over the k tokens (tail=False)."""
+    top_t, index = log_t.topk(min(k, log_t.shape[-1]), dim=-1)
+    top_s = log_s.gather(-1, index)
+    if not tail:
+        return top_s - torch.logsumexp(top_s, -1, keepdim=True), top_t - torch.logsumexp(top_t, -1, keepdim=True)
+    tail_t = log1mexp(torch.logsumexp(top_t, -1, keepdim=True))
+    tail_s = log1mexp(torch.logsumexp(top_s, -1, keepdim=True))
+    return torch.cat([top_s, tail_s], -1), torch.cat([top_t, tail_t], -1)
+
+
+def _per_row(student_logits: torch.Tensor, teacher_logits: torch.Tensor, kind: str, beta: float, alpha: float,
+             temperature: float, top_k: int | None, tail: bool) -> torch.Tensor:
+    # At least fp32 (bf16 logits lose too much in log_softmax); float64 stays float64.
+    dtype = torch.promote_types(student_logits.dtype, torch.float32)
+    log_s = torch.log_softmax(student_logits.to(dtype) / temperature, dim=-1)
+    log_t = torch.log_softmax(teacher_logits.to(dtype) / temperature, dim=-1)
+    if top_k and top_k < log_t.shape[-1]:
+        log_s, log_t = restrict_to_teacher_top_k(log_s, log_t, top_k, tail)
+    return divergence_from_logprobs(log_s, log_t, kind, beta, alpha)
+
+
+def per_token(student_logits: torch.Tensor, teacher_logits: torch.Tensor, kind: str, *, beta: float | None = None,
+              alpha: float | None = None, temperature: float = 1.0, chunk_size: int | None = None,
+              top_k: int | None = None, tail: bool = True) -> torch.Tensor:
+    """Divergence per position, shape logits.shape[:-1]. beta: the JSD weight (jsd, default 0.5) or the Veto β
+    (veto_*, default 0); alpha: the skew (skl / srkl, default 0.1). The teacher side never gets a gradient."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown divergence {kind!r}; choose one of {', '.join(KINDS)}")
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher logits {tuple(teacher_logits.shape)} differ in shape")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    beta = (0.5 if kind == "jsd" else 0.0) if beta is None else beta
+    alpha = 0.1 if alpha is None else alpha
+    if kind in ("skl", "srkl") and not 0.0 < alpha < 1.0:
+        raise ValueError(f"alpha must be in (0, 1) for {kind}, got {alpha}")
+    teacher_logits = teacher_logits.detach()
+    leading, vocab = student_logits.shape[:-1], student_logits.shape[-1]
+    student_rows, teacher_rows = student_logits.reshape(-1, vocab), teacher_logits.reshape(-1, vocab)
+    args = (kind, beta, alpha, temperature, top_k, tail)
+    if not chunk_size or chunk_size >= len(student_rows):
+        return _per_row(student_rows, teacher_rows, *args).reshape(leading)
+    recompute = torch.is_grad_enabled() and student_rows.requires_grad
+    parts = []
+    for start in range(0, len(student_rows), chunk_size):
+        s, t = student_rows[start : start + chunk_size], teacher_rows[start : start + chunk_size]
+        # Recomputing the chunk in backward keeps only its inputs alive, not its V-wide intermediates.
+        parts.append(checkpoint(_per_row, s, t, *args, use_reentrant=False) if recompute else _per_row(s, t, *args))
+    return torch.cat(parts).reshape(leading)
+
+
+def sampled_token_reward(student_logprobs: torch.Tensor, teacher_logprobs: torch.Tensor) -> torch.Tensor:
+    """Per-token reward r_t = log π_T(y_t) − log π_θ(y_t) on the sampled tokens (a single-sample estimate of
+    −reverse KL), used as a policy-gradient advantage (on-policy distillation with no discount)."""
+    return (teacher_logprobs - student_logprobs).detach()
+
+
+def reward_policy_gradient(student_logprobs: torch.Tensor, teacher_logprobs: torch.Tensor) -> torch.Tensor:
+    """Per-token loss −sg(r_t) · log π_θ(y_t): its gradient is the REINFORCE estimate of ∇ reverse KL."""
+    return -sampled_token_reward(student_logprobs, teacher_logprobs) * student_logprobs
