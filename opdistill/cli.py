@@ -124,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train a student. Example: opdistill train examples/seqkd_selfinstruct.yaml max_steps=20")
     t.add_argument("config", nargs="?", help="YAML config file (optional)")
     t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. lr=1e-5 batch_size=16")
-    t.add_argument("--method", choices=["seqkd", "gad"], help="method (overrides the config's `method`)")
+    t.add_argument("--method", choices=["seqkd", "gad", "opd"], help="method (overrides the config's `method`)")
     t.add_argument("--help-config", action="store_true", help="list every config key with its default and meaning")
     t.set_defaults(func=_train)
 

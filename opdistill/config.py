@@ -29,7 +29,7 @@ def opt(default: Any, help: str) -> Any:
 class RunConfig:
     """Settings shared by every method: models, data, optimisation, checkpoints and logging."""
 
-    method: str = opt("seqkd", "Training method: seqkd or gad (opd later).")
+    method: str = opt("seqkd", "Training method: seqkd, gad or opd.")
     student: str = opt("smollm2-135m-instruct", "Student model: built-in name, local directory, .gguf file or hub id.")
     data: str = opt("", "Training records: JSONL/Parquet/datasets dir, or builtin:train; `path[a:b]` selects rows a..b-1.")
     out_dir: str = opt("runs/train", "Run directory: checkpoints, metrics.jsonl, summary.json and the final student/.")
@@ -166,7 +166,79 @@ class GADConfig(RunConfig):
             raise ConfigError("clip_ratio and d_lr must be > 0 and kl_coef >= 0")
 
 
-METHOD_CONFIGS: dict[str, type[RunConfig]] = {"seqkd": SeqKDConfig, "gad": GADConfig}
+DIVERGENCES = ("fkl", "rkl", "jsd", "skl", "srkl", "veto_fkl", "veto_rkl")
+SAMPLED_ESTIMATORS = ("k1", "k3", "reward")
+
+
+@dataclass
+class OPDConfig(RunConfig):
+    """White-box on-policy distillation (SPEC §3): the student samples, a local teacher scores the same
+    tokens under its own (possibly privileged) context, and a token-level divergence is minimised.
+
+    Peer defaults for reference: TRL's on-policy trainer uses reverse KL, lr 1e-6, T 1.0; Veto's
+    reference setup lr 1e-5, T 0.5, top-p 0.5; GKD λ 0.5, β 0.5, T 0.9.
+    """
+
+    method: str = opt("opd", "Training method.")
+    lr: float = opt(1e-5, "Student learning rate.")
+    teacher: str = opt("", "Teacher model (same tokenizer as the student). Empty: the student's own starting weights "
+                           "(self-distillation; with LoRA the frozen base serves as teacher, no second copy).")
+    teacher_system: str = opt("", "Privileged system prompt that only the teacher sees (context distillation).")
+    teacher_template: str = opt("", "Rewrite of the last user turn for the teacher; {prompt} is the original text.")
+    divergence: str = opt("rkl", "Token-level objective: fkl, rkl, jsd, skl, srkl, veto_fkl, veto_rkl (full vocabulary), "
+                                 "or a sampled-token estimator: k1, k3, reward (per-token reward log pT - log pS as advantage).")
+    beta: float = opt(-1.0, "jsd: the mixture weight β in (0, 1) (default 0.5); veto_*: β at the first step (default 0). -1: the default.")
+    beta_end: float = opt(-1.0, "veto_*: β at the last step, linear from `beta` (-1: constant β).")
+    alpha: float = opt(0.1, "skl / srkl: the skew α in (0, 1).")
+    top_k: int = opt(0, "Restrict the divergence to the teacher's top-k tokens per position (0: the full vocabulary).")
+    top_k_tail: bool = opt(True, "With top_k: the remaining mass of each side is one tail bucket (false: renormalise over the k).")
+    chunk_size: int = opt(512, "Positions per chunk when computing the divergence: peak memory O(chunk x vocab). 0: all at once.")
+    distill_temperature: float = opt(1.0, "Temperature applied to both models' logits inside the divergence.")
+    temperature: float = opt(1.0, "Student sampling temperature.")
+    top_p: float = opt(1.0, "Student nucleus sampling.")
+    on_policy_ratio: float = opt(1.0, "GKD's λ: share of steps on student samples; the others train on the data's responses.")
+    horizon: str = opt("full", "Rollout horizon: full, truncated (TOPD) or progressive (POPD).")
+    horizon_ratio: float = opt(0.0, "truncated: H = ratio x max_response_tokens (TOPD ρ; 0 uses horizon_tokens).")
+    horizon_tokens: int = opt(0, "truncated: a fixed horizon H in tokens.")
+    horizon_start: int = opt(64, "progressive: H_0 tokens.")
+    horizon_increment: int = opt(64, "progressive: ΔH tokens added every horizon_every steps.")
+    horizon_every: int = opt(10, "progressive: Δk steps between increments.")
+    rollout_batch_size: int = opt(32, "Sequences generated together.")
+
+    def validate(self) -> None:
+        super().validate()
+        _choice("divergence", self.divergence, DIVERGENCES + SAMPLED_ESTIMATORS)
+        _choice("horizon", self.horizon, ("full", "truncated", "progressive"))
+        if self.divergence == "jsd" and self.beta != -1.0 and not 0.0 < self.beta < 1.0:
+            raise ConfigError(f"jsd with beta {self.beta}: at β = 0 or 1 the generalised JSD is identically 0, not forward/reverse KL",
+                              "use beta in (0, 1), or divergence: fkl / rkl")
+        if self.divergence.startswith("veto") and any(value != -1.0 and not 0.0 <= value <= 1.0 for value in (self.beta, self.beta_end)):
+            raise ConfigError(f"Veto's β must be in [0, 1], got beta {self.beta}, beta_end {self.beta_end}")
+        if self.beta_end != -1.0 and not self.divergence.startswith("veto"):
+            raise ConfigError(f"beta_end schedules Veto's β, but divergence is {self.divergence}", "remove beta_end or use veto_fkl / veto_rkl")
+        if not 0.0 < self.alpha < 1.0:
+            raise ConfigError(f"alpha must be in (0, 1), got {self.alpha}")
+        if self.top_k < 0 or self.chunk_size < 0 or self.rollout_batch_size < 1:
+            raise ConfigError("top_k and chunk_size must be >= 0 and rollout_batch_size >= 1")
+        if self.top_k and self.divergence in SAMPLED_ESTIMATORS:
+            raise ConfigError(f"top_k restricts a full-vocabulary divergence, but {self.divergence} uses only the sampled token",
+                              "set top_k: 0 or pick a full divergence")
+        if self.temperature <= 0 or self.distill_temperature <= 0 or not 0 < self.top_p <= 1:
+            raise ConfigError("temperature and distill_temperature must be > 0 and top_p in (0, 1]")
+        if not 0.0 <= self.on_policy_ratio <= 1.0:
+            raise ConfigError(f"on_policy_ratio must be in [0, 1], got {self.on_policy_ratio}")
+        if self.horizon == "truncated" and self.horizon_ratio <= 0 and self.horizon_tokens <= 0:
+            raise ConfigError("horizon: truncated needs horizon_ratio (0 < ρ <= 1) or horizon_tokens > 0")
+        if self.horizon_ratio > 1:
+            raise ConfigError(f"horizon_ratio must be in (0, 1], got {self.horizon_ratio}")
+        if self.horizon == "progressive" and (self.horizon_start < 1 or self.horizon_increment < 0 or self.horizon_every < 1):
+            raise ConfigError("progressive horizon needs horizon_start >= 1, horizon_increment >= 0, horizon_every >= 1")
+        if self.batch_size % self.micro_batch_size:
+            raise ConfigError(f"batch_size {self.batch_size} is not a multiple of micro_batch_size {self.micro_batch_size}",
+                              "choose micro_batch_size dividing batch_size")
+
+
+METHOD_CONFIGS: dict[str, type[RunConfig]] = {"seqkd": SeqKDConfig, "gad": GADConfig, "opd": OPDConfig}
 
 
 def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:

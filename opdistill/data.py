@@ -43,6 +43,22 @@ class Record:
         return [{"role": "system", "content": system}, *self.messages]
 
 
+def teacher_messages(record: Record, system: str = "", template: str = "") -> list[dict[str, str]]:
+    """The conversation a privileged teacher sees (context distillation): the record's own
+    `teacher_messages` field when it has one; else its messages with `system` put first in the system
+    prompt and the last user turn rewritten by `template`, where {prompt} stands for the original text."""
+    own = record.meta.get("teacher_messages")
+    if own is not None:
+        messages = _check_messages(own, f"{record.source}: field `teacher_messages`")
+        if messages[-1]["role"] != "user":
+            raise DataError(f"{record.source}: field `teacher_messages` must end with a user turn")
+        return messages
+    messages = [dict(m) for m in record.with_system(system)]
+    if template:
+        messages[-1]["content"] = template.replace("{prompt}", messages[-1]["content"])
+    return messages
+
+
 # ---------------------------------------------------------------- loading
 
 _SLICE = re.compile(r"^(?P<path>.+)\[(?P<start>-?\d*):(?P<stop>-?\d*)\]$")

@@ -39,13 +39,13 @@ class DemoOptions:
     heldout_prompts: int = 40
     max_new_tokens: int = 32
     batch_size: int = 4
-    lr: float = 3e-5
+    lr: float = 2e-5
     # GAD
-    warmup_steps: int = 12
+    warmup_steps: int = 10
     d_only_steps: int = 2
-    gad_steps: int = 10
+    gad_steps: int = 8
     n_samples: int = 4
-    d_lr: float = 5e-5
+    d_lr: float = 2e-4
     discriminator_layers: int = 6
     # SeqKD-only demo
     seqkd_steps: int = 30

@@ -206,3 +206,23 @@ def _fsync_tree(root: Path) -> None:
         if path.is_file():
             with open(path, "rb") as handle:
                 os.fsync(handle.fileno())
+
+
+def shared_vocabulary_size(student_tokenizer: Any, teacher_tokenizer: Any, student_vocab: int, teacher_vocab: int,
+                           teacher_name: str) -> int:
+    """How many logit columns a white-box teacher and the student share.
+
+    The tokenizers must map the same strings to the same ids. The models' output sizes may still differ
+    when one pads its embedding matrix (e.g. to a multiple of 64): the columns past the tokenizer are
+    then unused, and both sides are sliced to the smaller size.
+    """
+    if student_tokenizer.get_vocab() != teacher_tokenizer.get_vocab():
+        student_size, teacher_size = len(student_tokenizer), len(teacher_tokenizer)
+        raise ModelError(f"teacher {teacher_name!r} has a different vocabulary from the student ({teacher_size} vs {student_size} tokens, "
+                         "different ids): token-level divergences need the same tokenizer",
+                         "use a teacher of the student's model family, or the black-box method (method: gad), which needs only teacher text")
+    shared = min(student_vocab, teacher_vocab)
+    if shared < len(student_tokenizer):
+        raise ModelError(f"teacher {teacher_name!r} has {teacher_vocab} output logits and the student {student_vocab}, fewer than the "
+                         f"tokenizer's {len(student_tokenizer)} tokens", "check that both checkpoints belong to this tokenizer")
+    return shared

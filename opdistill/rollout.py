@@ -6,6 +6,7 @@ The local teacher and evaluation use it now; on-policy methods (GAD, OPD) build 
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
@@ -166,6 +167,24 @@ def iter_samples(
         jobs = [(p, s) for p, samples in batch for s in samples]
         yield [Sample(p, s, tokens[row], tokenizer.decode(tokens[row], skip_special_tokens=True).strip(), finished[row], logprobs[row])
                for row, (p, s) in enumerate(jobs)]
+
+
+def horizon_at(step: int, kind: str, max_tokens: int, *, ratio: float = 0.0, tokens: int = 0,
+               start: int = 0, increment: int = 0, every: int = 1) -> int:
+    """Rollout length at optimizer step `step` (0-based) under a horizon schedule (SPEC §3, arXiv 2605.31490).
+
+    full: max_tokens. truncated (TOPD): H = ratio · max_tokens when ratio > 0, else the fixed `tokens`.
+    progressive (POPD): H_k = min(max_tokens, start + increment · floor(k / every)). Always at least 1.
+    """
+    if kind == "full":
+        horizon = max_tokens
+    elif kind == "truncated":
+        horizon = math.ceil(ratio * max_tokens) if ratio > 0 else tokens
+    elif kind == "progressive":
+        horizon = start + increment * (step // max(1, every))
+    else:
+        raise ValueError(f"unknown horizon {kind!r}; use full, truncated or progressive")
+    return max(1, min(max_tokens, horizon))
 
 
 def token_logprobs(model: Any, batch: dict[str, torch.Tensor], temperature: float = 1.0) -> torch.Tensor:

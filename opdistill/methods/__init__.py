@@ -10,9 +10,10 @@ from ..config import RunConfig
 from ..engine import Engine
 from ..models import apply_lora, load_model, load_tokenizer
 from .gad import GAD
+from .opd import OPD
 from .seqkd import SeqKD
 
-METHODS = {"seqkd": SeqKD, "gad": GAD}
+METHODS = {"seqkd": SeqKD, "gad": GAD, "opd": OPD}
 
 
 def load_student(config: RunConfig) -> Any:
