@@ -136,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "adversarial steps; or SeqKD alone), evaluate every model on held-out prompts, write report.html. "
                                    "Docs: docs/demo.md.")
     d.add_argument("--out", default=defaults.out, help=f"run directory (default {defaults.out})")
-    d.add_argument("--method", choices=["gad", "seqkd"], default=defaults.method, help=f"training method (default {defaults.method})")
+    d.add_argument("--method", choices=["gad", "seqkd", "opd"], default=defaults.method, help=f"training method (default {defaults.method})")
     d.add_argument("--system", default=defaults.system, help=f"the teacher's privileged system prompt (default {defaults.system!r})")
     numbers = [("train_prompts", int, "built-in train prompts to collect"), ("heldout_prompts", int, "built-in held-out prompts to evaluate"),
                ("max_new_tokens", int, "response length for collection, training and evaluation"),
@@ -144,7 +144,10 @@ def build_parser() -> argparse.ArgumentParser:
                ("warmup_steps", int, "GAD warm-up steps (SeqKD + discriminator)"), ("d_only_steps", int, "warm-up steps where only the discriminator trains"),
                ("gad_steps", int, "GAD adversarial steps"), ("n_samples", int, "GAD student samples per prompt"),
                ("d_lr", float, "GAD discriminator learning rate"), ("discriminator_layers", int, "GAD discriminator depth (0: the whole student)"),
-               ("seqkd_steps", int, "steps of --method seqkd"), ("seed", int, "random seed")]
+               ("seqkd_steps", int, "steps of --method seqkd"), ("opd_steps", int, "steps of --method opd"),
+               ("opd_batch_size", int, "prompts per step of --method opd"), ("opd_lr", float, "learning rate of --method opd"),
+               ("divergence", str, "token-level objective of --method opd"),
+               ("horizon_tokens", int, "--method opd: truncated rollouts of this many tokens (0: full)"), ("seed", int, "random seed")]
     for name, kind, text in numbers:
         d.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, default=getattr(defaults, name), help=f"{text} (default {getattr(defaults, name)})")
     d.set_defaults(func=_demo)

@@ -49,6 +49,12 @@ class DemoOptions:
     discriminator_layers: int = 6
     # SeqKD-only demo
     seqkd_steps: int = 30
+    # white-box OPD demo: the teacher is the student's own weights with the system prompt (no text collected)
+    opd_steps: int = 24
+    opd_batch_size: int = 8
+    opd_lr: float = 2e-5
+    divergence: str = "rkl"
+    horizon_tokens: int = 0  # > 0: truncated rollouts (TOPD) of this many tokens
     seed: int = 0
 
 
@@ -71,6 +77,11 @@ def train_config(opts: DemoOptions, teacher_file: Path, out: Path) -> dict[str, 
     """The training run's config; every value can be checked in DIR/<method>/config.yaml afterwards."""
     common = {"method": opts.method, "student": opts.model, "data": str(teacher_file), "out_dir": str(out / opts.method),
               "batch_size": opts.batch_size, "lr": opts.lr, "seed": opts.seed, "max_response_tokens": opts.max_new_tokens}
+    if opts.method == "opd":
+        return {**common, "data": f"builtin:train[:{opts.train_prompts}]", "teacher_system": opts.system, "divergence": opts.divergence,
+                "max_steps": opts.opd_steps, "batch_size": opts.opd_batch_size, "micro_batch_size": opts.opd_batch_size, "lr": opts.opd_lr,
+                "rollout_batch_size": opts.opd_batch_size, "lr_schedule": "constant", "warmup_ratio": 0.0, "max_grad_norm": 1.0,
+                "checkpoint_every": opts.opd_steps, **({"horizon": "truncated", "horizon_tokens": opts.horizon_tokens} if opts.horizon_tokens else {})}
     if opts.method == "seqkd":
         return {**common, "max_steps": opts.seqkd_steps, "micro_batch_size": opts.batch_size, "warmup_ratio": 0.1,
                 "checkpoint_every": max(10, opts.seqkd_steps // 2), "max_grad_norm": 1.0}
@@ -84,6 +95,8 @@ def trained_rows(opts: DemoOptions, run_dir: Path) -> dict[str, Path]:
     """Evaluation rows for the trained students: GAD has its warm-up generator (SeqKD only) and its final student."""
     if opts.method == "seqkd":
         return {"student after SeqKD": run_dir / "student"}
+    if opts.method == "opd":
+        return {"student after OPD": run_dir / "student"}
     return {"student after warm-up (SeqKD only)": run_dir / "reference", "student after GAD": run_dir / "student"}
 
 
@@ -101,17 +114,21 @@ def run_demo(opts: DemoOptions) -> dict:
     from .models import load_model, load_tokenizer
     from .report import write_run_report
 
-    if opts.method not in ("gad", "seqkd"):
-        raise ValueError(f"demo method must be gad or seqkd, got {opts.method!r}")
+    if opts.method not in ("gad", "seqkd", "opd"):
+        raise ValueError(f"demo method must be gad, seqkd or opd, got {opts.method!r}")
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
-    teacher_file = collect_teacher(opts, out)
+    # White-box OPD needs no teacher text: the teacher scores the student's own samples.
+    teacher_file = out / "teacher.jsonl" if opts.method == "opd" else collect_teacher(opts, out)
 
     config = build_config(train_config(opts, teacher_file, out), where="demo")
     if opts.method == "gad":
         _say(f"2/3 GAD: {opts.warmup_steps} warm-up steps (first {opts.d_only_steps} discriminator only), then {opts.gad_steps} "
              f"adversarial steps; {opts.batch_size} prompts x {opts.n_samples} samples per step, lr {opts.lr}, discriminator lr {opts.d_lr}")
+    elif opts.method == "opd":
+        _say(f"2/3 OPD (white-box, teacher = the student's weights with the system prompt): {opts.opd_steps} steps of "
+             f"{opts.opd_batch_size} prompts, {opts.divergence}, lr {opts.opd_lr}")
     else:
         _say(f"2/3 SeqKD: {opts.seqkd_steps} steps of {opts.batch_size}, lr {opts.lr}")
     train(config)

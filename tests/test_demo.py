@@ -51,3 +51,14 @@ def test_the_report_shows_only_the_curves_it_has_and_escapes_text():
     # no history and no headline: tables only
     bare = render_run_report({"models": {"m": {"x": 1.0}}}, [], {}, [])
     assert "data:image/png" not in bare and "<td>m</td>" in bare
+
+
+def test_opd_demo_on_a_tiny_model_needs_no_teacher_text(tiny_model, tmp_path):
+    opts = DemoOptions(out=str(tmp_path / "opd"), method="opd", model=str(tiny_model), train_prompts=8, heldout_prompts=4,
+                       max_new_tokens=6, opd_steps=2, opd_batch_size=2, horizon_tokens=4)
+    metrics = run_demo(opts)
+    assert list(metrics["models"]) == [TEACHER_ROW, BASE_ROW, "student after OPD"]
+    assert not (tmp_path / "opd" / "teacher.jsonl").exists()
+    history = [json.loads(line) for line in (tmp_path / "opd" / "opd" / "metrics.jsonl").read_text().splitlines()]
+    assert [h["horizon"] for h in history if "horizon" in h] == [4, 4]
+    assert (tmp_path / "opd" / "report.html").is_file()
