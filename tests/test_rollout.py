@@ -75,3 +75,17 @@ def test_greedy_sampling_matches_transformers_generate_with_left_padding(tiny_mo
         expected = reference[i, ids.shape[1]:].tolist()
         assert ours[i] == expected[: len(ours[i])]
         assert len(ours[i]) == 10 or ours[i][-1] == tokenizer.eos_token_id
+
+
+def test_draw_follows_the_distribution_and_never_picks_zero_mass():
+    from opdistill.rollout import draw
+
+    torch.manual_seed(0)
+    probs = torch.tensor([0.5, 0.0, 0.3, 0.15, 0.05, 0.0])
+    picks = draw(probs.expand(20000, -1).contiguous())
+    frequencies = torch.bincount(picks, minlength=6).float() / len(picks)
+    assert frequencies[1] == 0 and frequencies[5] == 0
+    torch.testing.assert_close(frequencies, probs, atol=0.012, rtol=0)
+    # unnormalised rows give the same distribution
+    picks = draw((probs * 7).expand(20000, -1).contiguous())
+    torch.testing.assert_close(torch.bincount(picks, minlength=6).float() / len(picks), probs, atol=0.012, rtol=0)

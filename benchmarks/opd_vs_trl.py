@@ -1,0 +1,212 @@
+"""One on-policy distillation step, TRL's DistillationTrainer vs opdistill's OPD, measured in one run.
+
+Same student and teacher (SmolLM2-135M-Instruct, a separate teacher instance on both sides), the same
+prompts, 8 prompts per step, 64 new tokens, reverse KL (TRL β = 1), temperature 1, fp32 on CPU (bf16 on
+GPU for both), the same number of steps. Each side runs in its own process so its peak memory is its
+own. The first step of each side is a warm-up and is not timed.
+
+Prints seconds per step (median), peak memory and completion tokens per step for both, the floor of the
+step (its FLOPs over the matrix-multiply rate measured in this run, plus the decode steps' weight
+traffic over the memory bandwidth measured in this run), how far each side is from that floor, and
+finally `speedup_vs_trl: X.XX` (TRL's median seconds per step over ours).
+
+    pip install trl==1.16.0        # the peer; not an opdistill dependency
+    python benchmarks/opd_vs_trl.py [--steps 4] [--prompts 8] [--new-tokens 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+MODEL = "smollm2-135m-instruct"
+
+
+def prompt_texts(count: int) -> list[str]:
+    from opdistill.data import load_records
+
+    return [r.messages[-1]["content"] for r in load_records(f"builtin:train[:{count}]")]
+
+
+def peak_memory_mb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def run_trl(args: argparse.Namespace, model_dir: str, work: Path) -> dict:
+    from datasets import Dataset
+    from transformers import AutoTokenizer, TrainerCallback
+    from trl import DistillationConfig, DistillationTrainer
+
+    class StepTimer(TrainerCallback):
+        def __init__(self) -> None:
+            self.seconds: list[float] = []
+            self.started = 0.0
+
+        def on_step_begin(self, *_, **__):
+            self.started = time.perf_counter()
+
+        def on_step_end(self, *_, **__):
+            self.seconds.append(time.perf_counter() - self.started)
+
+    cuda = torch.cuda.is_available()
+    dataset = Dataset.from_list([{"prompt": [{"role": "user", "content": text}]} for text in prompt_texts(args.prompts * (args.steps + 1))])
+    config = DistillationConfig(output_dir=str(work / "trl"), per_device_train_batch_size=args.prompts, gradient_accumulation_steps=1,
+                                max_steps=args.steps + 1, learning_rate=1e-6, lr_scheduler_type="constant", warmup_steps=0, beta=1.0,
+                                temperature=1.0, max_completion_length=args.new_tokens, logging_steps=1, save_strategy="no",
+                                report_to=[], use_cpu=not cuda, bf16=cuda, seed=0, shuffle_dataset=False, disable_tqdm=True)
+    timer = StepTimer()
+    trainer = DistillationTrainer(model=model_dir, teacher_model=model_dir, args=config, train_dataset=dataset,
+                                  processing_class=AutoTokenizer.from_pretrained(model_dir), callbacks=[timer])
+    trainer.train()
+    lengths = [entry["completions/mean_length"] for entry in trainer.state.log_history if "completions/mean_length" in entry]
+    return {"step_seconds": timer.seconds[1:], "peak_mb": peak_memory_mb(),
+            "completion_tokens": statistics.mean(lengths[1:]) * args.prompts if len(lengths) > 1 else float("nan")}
+
+
+def run_opdistill(args: argparse.Namespace, model_dir: str, work: Path) -> dict:
+    from opdistill.config import load_config
+    from opdistill.data import write_jsonl
+    from opdistill.methods import train
+
+    data = work / "prompts.jsonl"
+    write_jsonl(data, ({"prompt": text} for text in prompt_texts(args.prompts * (args.steps + 1))))
+    out = work / "opdistill"
+    config = load_config(None, [
+        "method=opd", f"student={model_dir}", f"teacher={model_dir}", f"data={data}", f"out_dir={out}",
+        f"batch_size={args.prompts}", f"micro_batch_size={args.prompts}", f"rollout_batch_size={args.prompts}",
+        f"max_response_tokens={args.new_tokens}", f"max_steps={args.steps + 1}", "lr=1e-6", "lr_schedule=constant",
+        "warmup_ratio=0", "divergence=rkl", "temperature=1.0", "checkpoint_every=0", "keep_checkpoints=1",
+        f"precision={'bf16' if torch.cuda.is_available() else 'fp32'}", "max_grad_norm=1.0",
+    ])
+    train(config)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "step_seconds" in r]
+    return {"step_seconds": [r["step_seconds"] for r in steps[1:]], "peak_mb": peak_memory_mb(),
+            "completion_tokens": statistics.mean(r["response_length"] for r in steps[1:]) * args.prompts}
+
+
+# ---------------------------------------------------------------- the floor
+
+def matmul_rate() -> float:
+    """FLOP/s of a large fp32 (CPU) or bf16 (GPU) matrix multiply on this machine, now."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    size = 4096 if device == "cuda" else 1024
+    a, b = torch.randn(size, size, device=device, dtype=dtype), torch.randn(size, size, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    reps = 20
+    if device == "cuda":
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return 2 * size**3 * reps / (time.perf_counter() - started)
+
+
+def memory_bandwidth() -> float:
+    """Bytes/s moved by a large tensor copy (read + write)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    source = torch.ones(64 * 2**20, device=device)  # 256 MiB
+    target = torch.empty_like(source)
+    target.copy_(source)
+    reps = 5
+    if device == "cuda":
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    for _ in range(reps):
+        target.copy_(source)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return 2 * source.numel() * source.element_size() * reps / (time.perf_counter() - started)
+
+
+def step_floor(model_dir: str, prompts: int, prompt_tokens: float, new_tokens: float, rate: float, bandwidth: float) -> dict:
+    """Seconds one step cannot go below: its matrix-multiply FLOPs at `rate` plus the weight traffic of its
+    decode steps at `bandwidth` (each decode step reads every weight once)."""
+    from opdistill.models import load_model
+
+    model = load_model(model_dir)
+    params = sum(p.numel() for p in model.parameters())  # tied embeddings counted once: the lm_head matmul
+    weight_bytes = sum(p.numel() * (2 if torch.cuda.is_available() else 4) for p in model.parameters())
+    per_token = 2 * params
+    sampling = prompts * (prompt_tokens + new_tokens) * per_token
+    teacher = prompts * (prompt_tokens + new_tokens) * per_token
+    student = 3 * prompts * (prompt_tokens + new_tokens) * per_token  # forward + backward
+    flops = sampling + teacher + student
+    traffic = new_tokens * weight_bytes  # each decode step reads every weight once, for the whole batch
+    return {"flops": flops, "compute_s": flops / rate, "decode_traffic_s": traffic / bandwidth,
+            "floor_s": flops / rate + traffic / bandwidth}
+
+
+def child(side: str, args: argparse.Namespace, out: str) -> None:
+    from opdistill.models import resolve_model
+
+    model_dir = resolve_model(MODEL)
+    with tempfile.TemporaryDirectory() as work:
+        result = (run_trl if side == "trl" else run_opdistill)(args, model_dir, Path(work))
+    Path(out).write_text(json.dumps(result))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=4, help="timed steps per side (one more runs first as warm-up)")
+    parser.add_argument("--prompts", type=int, default=8)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--side", choices=["trl", "opdistill"], help=argparse.SUPPRESS)
+    parser.add_argument("--result", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.side:
+        child(args.side, args, args.result)
+        return
+
+    from opdistill.data import render_prompt
+    from opdistill.models import load_tokenizer, resolve_model
+
+    results = {}
+    with tempfile.TemporaryDirectory() as work:
+        for side in ("trl", "opdistill"):
+            print(f"running {side} ...", file=sys.stderr, flush=True)
+            result_file = Path(work) / f"{side}.json"
+            subprocess.run([sys.executable, __file__, "--side", side, "--result", str(result_file), "--steps", str(args.steps),
+                            "--prompts", str(args.prompts), "--new-tokens", str(args.new_tokens)], check=True,
+                           env={**os.environ, "TQDM_DISABLE": "1"})
+            results[side] = json.loads(result_file.read_text())
+    model_dir = resolve_model(MODEL)
+    tokenizer = load_tokenizer(model_dir)
+    texts = prompt_texts(args.prompts * (args.steps + 1))
+    prompt_tokens = statistics.mean(len(render_prompt(tokenizer, [{"role": "user", "content": t}])) for t in texts)
+    rate, bandwidth = matmul_rate(), memory_bandwidth()
+    print(f"\nmachine: {torch.get_num_threads()} threads, matmul {rate / 1e9:.1f} GFLOP/s, copy bandwidth {bandwidth / 1e9:.1f} GB/s; "
+          f"{args.prompts} prompts/step (mean prompt {prompt_tokens:.0f} tokens), up to {args.new_tokens} new tokens, {args.steps} timed steps")
+    print(f"\n| | TRL DistillationTrainer | opdistill OPD |\n|---|---:|---:|")
+    rows = {}
+    for side, result in results.items():
+        median = statistics.median(result["step_seconds"])
+        new_tokens = result["completion_tokens"] / args.prompts
+        floor = step_floor(model_dir, args.prompts, prompt_tokens, new_tokens, rate, bandwidth)
+        rows[side] = {"median": median, "peak": result["peak_mb"], "tokens": result["completion_tokens"], "floor": floor["floor_s"],
+                      "x_floor": median / floor["floor_s"]}
+    for label, key, fmt in (("seconds per step (median)", "median", "{:.2f}"), ("peak memory (MiB)", "peak", "{:.0f}"),
+                            ("completion tokens per step", "tokens", "{:.0f}"), ("floor for that step (s)", "floor", "{:.2f}"),
+                            ("times the floor", "x_floor", "{:.1f}x")):
+        print(f"| {label} | {fmt.format(rows['trl'][key])} | {fmt.format(rows['opdistill'][key])} |")
+    print(f"\nspeedup_vs_trl: {rows['trl']['median'] / rows['opdistill']['median']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
