@@ -100,6 +100,14 @@ class RunConfig:
                 raise ConfigError("train_mask masks the full weights, but lora_r > 0 freezes them behind LoRA adapters",
                                   "set lora_r: 0 with train_mask")
 
+    def require_whole_micro_batches(self) -> None:
+        """For methods whose micro-batches split the records of a step."""
+        if self.batch_size % self.micro_batch_size:
+            raise ConfigError(
+                f"batch_size {self.batch_size} is not a multiple of micro_batch_size {self.micro_batch_size}",
+                "choose micro_batch_size dividing batch_size (the rest is gradient accumulation)",
+            )
+
 
 @dataclass
 class SeqKDConfig(RunConfig):
@@ -112,11 +120,7 @@ class SeqKDConfig(RunConfig):
 
     def validate(self) -> None:
         super().validate()
-        if self.batch_size % self.micro_batch_size:
-            raise ConfigError(
-                f"batch_size {self.batch_size} is not a multiple of micro_batch_size {self.micro_batch_size}",
-                "choose micro_batch_size dividing batch_size (the rest is gradient accumulation)",
-            )
+        self.require_whole_micro_batches()
 
 
 @dataclass
@@ -233,9 +237,7 @@ class OPDConfig(RunConfig):
             raise ConfigError(f"horizon_ratio must be in (0, 1], got {self.horizon_ratio}")
         if self.horizon == "progressive" and (self.horizon_start < 1 or self.horizon_increment < 0 or self.horizon_every < 1):
             raise ConfigError("progressive horizon needs horizon_start >= 1, horizon_increment >= 0, horizon_every >= 1")
-        if self.batch_size % self.micro_batch_size:
-            raise ConfigError(f"batch_size {self.batch_size} is not a multiple of micro_batch_size {self.micro_batch_size}",
-                              "choose micro_batch_size dividing batch_size")
+        self.require_whole_micro_batches()
 
 
 METHOD_CONFIGS: dict[str, type[RunConfig]] = {"seqkd": SeqKDConfig, "gad": GADConfig, "opd": OPDConfig}

@@ -25,7 +25,7 @@ import yaml
 from tqdm import tqdm
 
 from .config import RunConfig, to_dict
-from .errors import CheckpointError, OpdistillError
+from .errors import CheckpointError, DataError, OpdistillError
 from .models import resolve_precision, save_pretrained_atomic
 
 CHECKPOINT_PREFIX = "step-"
@@ -374,6 +374,14 @@ class StepOrder:
         order = torch.randperm(self.n_records, generator=generator).tolist()
         batch = order[position * self.batch_size : (position + 1) * self.batch_size]
         return batch[rank::world_size]
+
+
+def data_order(config: RunConfig, usable: int) -> StepOrder:
+    """The seeded step order over `usable` records; fewer than one batch of them is a data error."""
+    if usable < config.batch_size:
+        raise DataError(f"{config.data}: {usable} usable records, fewer than batch_size {config.batch_size}",
+                        "lower batch_size or add records")
+    return StepOrder(usable, config.batch_size, config.seed)
 
 
 def total_steps_for(config: RunConfig, steps_per_epoch: int) -> int:

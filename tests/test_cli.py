@@ -37,7 +37,8 @@ def test_no_command_is_a_usage_error() -> None:
     ("collect", ["--prompts", "--out", "--teacher-model", "--teacher-url", "--api-key-env", "--system", "--n",
                  "--temperature", "--top-p", "--max-tokens", "--concurrency", "--max-attempts", "--timeout"]),
     ("train", ["config", "overrides", "--method", "--help-config"]),
-    ("demo", ["--out", "--system", "--train-prompts", "--steps", "--max-new-tokens", "--lr", "--seed"]),
+    ("demo", ["--out", "--method", "--system", "--train-prompts", "--warmup-steps", "--gad-steps", "--seqkd-steps", "--opd-steps",
+              "--divergence", "--max-new-tokens", "--lr", "--seed"]),
 ])
 def test_subcommand_help(command: str, options: list[str]) -> None:
     result = run_cli(command, "--help")

@@ -23,8 +23,7 @@ import torch
 from ..config import GADConfig
 from ..data import Example, collate, load_records, tokenize_records
 from ..discriminator import load_discriminator
-from ..engine import Engine, StepOrder, Trainable, chunks, total_steps_for
-from ..errors import DataError
+from ..engine import Engine, Trainable, chunks, data_order, total_steps_for
 from ..models import load_model, save_pretrained_atomic
 from ..objectives.policy import group_advantages, kl_k3, ppo_clip_per_token
 from ..objectives.preference import bradley_terry, pairwise_accuracy
@@ -61,10 +60,7 @@ class GAD:
         print(f"train: data {config.data}: {report.summary()}")
         self.prompts = [e.prompt_ids for e in examples]
         self.teacher = [e.response_ids for e in examples]
-        if len(self.prompts) < config.batch_size:
-            raise DataError(f"{config.data}: {len(self.prompts)} usable records, fewer than batch_size {config.batch_size}",
-                            "lower batch_size or add records")
-        self.order = StepOrder(len(self.prompts), config.batch_size, config.seed)
+        self.order = data_order(config, len(self.prompts))
         self.warmup_steps = self.order.steps_per_epoch if config.warmup_steps == -1 else config.warmup_steps
         self.total_steps = self.warmup_steps + total_steps_for(config, self.order.steps_per_epoch)
         self.sampling = SamplingParams(config.temperature, config.top_p, config.max_response_tokens)

@@ -20,8 +20,7 @@ import torch
 
 from ..config import SAMPLED_ESTIMATORS, OPDConfig
 from ..data import Example, collate, fit_prompt, load_records, render_prompt, response_ids, teacher_messages
-from ..engine import Engine, StepOrder, chunks, total_steps_for
-from ..errors import DataError
+from ..engine import Engine, chunks, data_order, total_steps_for
 from ..models import load_model, load_tokenizer, shared_vocabulary_size
 from ..objectives.divergences import per_token, reward_policy_gradient
 from ..objectives.policy import kl_k1, kl_k3
@@ -64,10 +63,7 @@ class OPD:
             self.teacher_prompts.append(teacher)
             self.responses.append(response_ids(tokenizer, record.response, config.max_response_tokens) if record.response else [])
         print(f"train: data {config.data}: {len(records)} records, {skipped} skipped as over-long")
-        if len(self.student_prompts) < config.batch_size:
-            raise DataError(f"{config.data}: {len(self.student_prompts)} usable records, fewer than batch_size {config.batch_size}",
-                            "lower batch_size or add records")
-        self.order = StepOrder(len(self.student_prompts), config.batch_size, config.seed)
+        self.order = data_order(config, len(self.student_prompts))
         self.total_steps = total_steps_for(config, self.order.steps_per_epoch)
         self.teacher: Any = None
         self.vocab = 0

@@ -9,8 +9,7 @@ import torch.nn.functional as F
 
 from ..config import RunConfig
 from ..data import Example, collate, load_records, tokenize_records
-from ..engine import Engine, StepOrder, chunks, total_steps_for
-from ..errors import DataError
+from ..engine import Engine, chunks, data_order, total_steps_for
 
 
 def response_nll_sum(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -35,10 +34,7 @@ class SeqKD:
         records = load_records(config.data, require_response=True)
         self.examples, report = tokenize_records(tokenizer, records, config.max_prompt_tokens, config.max_response_tokens, config.overlong)
         print(f"train: data {config.data}: {report.summary()}")
-        if len(self.examples) < config.batch_size:
-            raise DataError(f"{config.data}: {len(self.examples)} usable records, fewer than batch_size {config.batch_size}",
-                            "lower batch_size or add records")
-        self.order = StepOrder(len(self.examples), config.batch_size, config.seed)
+        self.order = data_order(config, len(self.examples))
         self.total_steps = total_steps_for(config, self.order.steps_per_epoch)
         self.eval_examples: list[Example] = []
         if config.eval_data:
