@@ -3,7 +3,8 @@
 Same student and teacher (SmolLM2-135M-Instruct, a separate teacher instance on both sides), the same
 prompts, 8 prompts per step, 64 new tokens, reverse KL (TRL β = 1), temperature 1, fp32 on CPU (bf16 on
 GPU for both), the same number of steps. Each side runs in its own process so its peak memory is its
-own. The first step of each side is a warm-up and is not timed.
+own; it is read at the end of the last step (the final save is not part of a step). The first step of
+each side is a warm-up and is not timed.
 
 Prints seconds per step (median), peak memory and completion tokens per step for both, the floor of the
 step (its FLOPs over the matrix-multiply rate measured in this run, plus the decode steps' weight
@@ -11,7 +12,7 @@ traffic over the memory bandwidth measured in this run), how far each side is fr
 finally `speedup_vs_trl: X.XX` (TRL's median seconds per step over ours).
 
     pip install trl==1.16.0        # the peer; not an opdistill dependency
-    python benchmarks/opd_vs_trl.py [--steps 4] [--prompts 8] [--new-tokens 64]
+    python benchmarks/opd_vs_trl.py [--steps 4] [--prompts 8] [--new-tokens 64] [--gradient-checkpointing on|off]
 """
 
 from __future__ import annotations
@@ -59,19 +60,21 @@ def run_trl(args: argparse.Namespace, model_dir: str, work: Path) -> dict:
 
         def on_step_end(self, *_, **__):
             self.seconds.append(time.perf_counter() - self.started)
+            self.peak_mb = peak_memory_mb()
 
     cuda = torch.cuda.is_available()
     dataset = Dataset.from_list([{"prompt": [{"role": "user", "content": text}]} for text in prompt_texts(args.prompts * (args.steps + 1))])
     config = DistillationConfig(output_dir=str(work / "trl"), per_device_train_batch_size=args.prompts, gradient_accumulation_steps=1,
                                 max_steps=args.steps + 1, learning_rate=1e-6, lr_scheduler_type="constant", warmup_steps=0, beta=1.0,
                                 temperature=1.0, max_completion_length=args.new_tokens, logging_steps=1, save_strategy="no",
-                                report_to=[], use_cpu=not cuda, bf16=cuda, seed=0, shuffle_dataset=False, disable_tqdm=True)
+                                report_to=[], use_cpu=not cuda, bf16=cuda, seed=0, shuffle_dataset=False, disable_tqdm=True,
+                                gradient_checkpointing=args.gradient_checkpointing == "on")
     timer = StepTimer()
     trainer = DistillationTrainer(model=model_dir, teacher_model=model_dir, args=config, train_dataset=dataset,
                                   processing_class=AutoTokenizer.from_pretrained(model_dir), callbacks=[timer])
     trainer.train()
     lengths = [entry["completions/mean_length"] for entry in trainer.state.log_history if "completions/mean_length" in entry]
-    return {"step_seconds": timer.seconds[1:], "peak_mb": peak_memory_mb(),
+    return {"step_seconds": timer.seconds[1:], "peak_mb": timer.peak_mb,
             "completion_tokens": statistics.mean(lengths[1:]) * args.prompts if len(lengths) > 1 else float("nan")}
 
 
@@ -89,11 +92,23 @@ def run_opdistill(args: argparse.Namespace, model_dir: str, work: Path) -> dict:
         f"max_response_tokens={args.new_tokens}", f"max_steps={args.steps + 1}", "lr=1e-6", "lr_schedule=constant",
         "warmup_ratio=0", "divergence=rkl", "temperature=1.0", "checkpoint_every=0", "keep_checkpoints=1",
         f"precision={'bf16' if torch.cuda.is_available() else 'fp32'}", "max_grad_norm=1.0",
+        f"gradient_checkpointing={str(args.gradient_checkpointing == 'on').lower()}",
     ])
+    # Peak memory up to the end of the last step, as on the TRL side: the final save is not part of a step.
+    from opdistill.methods.opd import OPD
+
+    step, peaks = OPD.step, []
+
+    def step_then_record_peak(self, engine, index):
+        metrics = step(self, engine, index)
+        peaks.append(peak_memory_mb())
+        return metrics
+
+    OPD.step = step_then_record_peak
     train(config)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "step_seconds" in r]
-    return {"step_seconds": [r["step_seconds"] for r in steps[1:]], "peak_mb": peak_memory_mb(),
+    return {"step_seconds": [r["step_seconds"] for r in steps[1:]], "peak_mb": peaks[-1],
             "completion_tokens": statistics.mean(r["response_length"] for r in steps[1:]) * args.prompts}
 
 
@@ -167,6 +182,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4, help="timed steps per side (one more runs first as warm-up)")
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--gradient-checkpointing", choices=["on", "off"], default="on",
+                        help="activation recomputation on both sides (on: TRL's default)")
     parser.add_argument("--side", choices=["trl", "opdistill"], help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -183,7 +200,8 @@ def main() -> None:
             print(f"running {side} ...", file=sys.stderr, flush=True)
             result_file = Path(work) / f"{side}.json"
             subprocess.run([sys.executable, __file__, "--side", side, "--result", str(result_file), "--steps", str(args.steps),
-                            "--prompts", str(args.prompts), "--new-tokens", str(args.new_tokens)], check=True,
+                            "--prompts", str(args.prompts), "--new-tokens", str(args.new_tokens),
+                            "--gradient-checkpointing", args.gradient_checkpointing], check=True,
                            env={**os.environ, "TQDM_DISABLE": "1"})
             results[side] = json.loads(result_file.read_text())
     model_dir = resolve_model(MODEL)
@@ -192,7 +210,8 @@ def main() -> None:
     prompt_tokens = statistics.mean(len(render_prompt(tokenizer, [{"role": "user", "content": t}])) for t in texts)
     rate, bandwidth = matmul_rate(), memory_bandwidth()
     print(f"\nmachine: {torch.get_num_threads()} threads, matmul {rate / 1e9:.1f} GFLOP/s, copy bandwidth {bandwidth / 1e9:.1f} GB/s; "
-          f"{args.prompts} prompts/step (mean prompt {prompt_tokens:.0f} tokens), up to {args.new_tokens} new tokens, {args.steps} timed steps")
+          f"{args.prompts} prompts/step (mean prompt {prompt_tokens:.0f} tokens), up to {args.new_tokens} new tokens, {args.steps} timed steps, "
+          f"gradient checkpointing {args.gradient_checkpointing} on both sides")
     print(f"\n| | TRL DistillationTrainer | opdistill OPD |\n|---|---:|---:|")
     rows = {}
     for side, result in results.items():

@@ -147,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
                ("seqkd_steps", int, "steps of --method seqkd"), ("opd_steps", int, "steps of --method opd"),
                ("opd_batch_size", int, "prompts per step of --method opd"), ("opd_lr", float, "learning rate of --method opd"),
                ("divergence", str, "token-level objective of --method opd"),
+               ("beta", float, "--method opd: jsd's mixture weight or Veto's β (-1: the divergence's default)"),
                ("horizon_tokens", int, "--method opd: truncated rollouts of this many tokens (0: full)"), ("seed", int, "random seed")]
     for name, kind, text in numbers:
         d.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, default=getattr(defaults, name), help=f"{text} (default {getattr(defaults, name)})")

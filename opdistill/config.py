@@ -196,7 +196,7 @@ class OPDConfig(RunConfig):
     alpha: float = opt(0.1, "skl / srkl: the skew α in (0, 1).")
     top_k: int = opt(0, "Restrict the divergence to the teacher's top-k tokens per position (0: the full vocabulary).")
     top_k_tail: bool = opt(True, "With top_k: the remaining mass of each side is one tail bucket (false: renormalise over the k).")
-    chunk_size: int = opt(512, "Positions per chunk when computing the divergence: peak memory O(chunk x vocab). 0: all at once.")
+    chunk_size: int = opt(128, "Positions per chunk when computing the divergence: peak memory O(chunk x vocab). 0: all at once.")
     distill_temperature: float = opt(1.0, "Temperature applied to both models' logits inside the divergence.")
     temperature: float = opt(1.0, "Student sampling temperature.")
     top_p: float = opt(1.0, "Student nucleus sampling.")

@@ -281,19 +281,25 @@ def tokenize_records(
     return examples, report
 
 
-def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad a micro-batch; `loss_mask` is 1 exactly on response tokens (the labels' positions)."""
+def collate(examples: list[Example], pad_id: int, align_responses: bool = False) -> dict[str, torch.Tensor]:
+    """Pad a micro-batch; `loss_mask` is 1 exactly on response tokens (the labels' positions).
+
+    Default: right padding. align_responses=True left-pads the prompts so every response starts at the same
+    index (the longest prompt's length) and right-pads after the response; the model then needs position ids
+    from the attention mask, and only the last (longest response + 1) positions need logits.
+    """
     import torch  # here, not at module level: prompt loading and API collection do not need torch
 
-    length = max(len(e.prompt_ids) + len(e.response_ids) for e in examples)
+    offsets = [max(len(e.prompt_ids) for e in examples) - len(e.prompt_ids) if align_responses else 0 for e in examples]
+    length = max(offset + len(e.prompt_ids) + len(e.response_ids) for offset, e in zip(offsets, examples))
     input_ids = torch.full((len(examples), length), pad_id, dtype=torch.long)
     attention = torch.zeros((len(examples), length), dtype=torch.long)
     loss_mask = torch.zeros((len(examples), length), dtype=torch.long)
-    for row, example in enumerate(examples):
+    for row, (offset, example) in enumerate(zip(offsets, examples)):
         ids = example.prompt_ids + example.response_ids
-        input_ids[row, : len(ids)] = torch.tensor(ids)
-        attention[row, : len(ids)] = 1
-        loss_mask[row, len(example.prompt_ids) : len(ids)] = 1
+        input_ids[row, offset : offset + len(ids)] = torch.tensor(ids)
+        attention[row, offset : offset + len(ids)] = 1
+        loss_mask[row, offset + len(example.prompt_ids) : offset + len(ids)] = 1
     return {"input_ids": input_ids, "attention_mask": attention, "loss_mask": loss_mask}
 
 

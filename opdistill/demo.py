@@ -50,10 +50,11 @@ class DemoOptions:
     # SeqKD-only demo
     seqkd_steps: int = 30
     # white-box OPD demo: the teacher is the student's own weights with the system prompt (no text collected)
-    opd_steps: int = 24
+    opd_steps: int = 32
     opd_batch_size: int = 8
     opd_lr: float = 2e-5
     divergence: str = "rkl"
+    beta: float = -1.0  # jsd's β or Veto's β (-1: the divergence's default)
     horizon_tokens: int = 0  # > 0: truncated rollouts (TOPD) of this many tokens
     seed: int = 0
 
@@ -79,7 +80,7 @@ def train_config(opts: DemoOptions, teacher_file: Path, out: Path) -> dict[str, 
               "batch_size": opts.batch_size, "lr": opts.lr, "seed": opts.seed, "max_response_tokens": opts.max_new_tokens}
     if opts.method == "opd":
         return {**common, "data": f"builtin:train[:{opts.train_prompts}]", "teacher_system": opts.system, "divergence": opts.divergence,
-                "max_steps": opts.opd_steps, "batch_size": opts.opd_batch_size, "micro_batch_size": opts.opd_batch_size, "lr": opts.opd_lr,
+                "beta": opts.beta, "max_steps": opts.opd_steps, "batch_size": opts.opd_batch_size, "micro_batch_size": opts.opd_batch_size, "lr": opts.opd_lr,
                 "rollout_batch_size": opts.opd_batch_size, "lr_schedule": "constant", "warmup_ratio": 0.0, "max_grad_norm": 1.0,
                 "checkpoint_every": opts.opd_steps, **({"horizon": "truncated", "horizon_tokens": opts.horizon_tokens} if opts.horizon_tokens else {})}
     if opts.method == "seqkd":

@@ -140,3 +140,19 @@ def test_opd_config_rejects_contradictions():
         load_config(None, ["method=opd", "data=x.jsonl", "divergence=k3", "top_k=8"])
     with pytest.raises(ConfigError, match="truncated needs"):
         load_config(None, ["method=opd", "data=x.jsonl", "horizon=truncated"])
+
+
+def test_response_logits_are_the_same_with_aligned_and_right_padded_batches(tiny_model):
+    tokenizer, model = load_tokenizer(str(tiny_model)), load_model(str(tiny_model)).eval()
+    prompts = [render_prompt(tokenizer, [{"role": "user", "content": t}]) for t in ("Hi", "Write a long poem about the sea", "Why?")]
+    responses = [[5, 6, 7], [8, 9], [10, 11, 12, 13, 14]]
+    examples = [Example(p, r) for p, r in zip(prompts, responses)]
+    right, aligned = collate(examples, tokenizer.pad_token_id), collate(examples, tokenizer.pad_token_id, align_responses=True)
+    assert aligned["loss_mask"].sum() == right["loss_mask"].sum() == 10
+    starts = aligned["loss_mask"].float().argmax(1)
+    assert (starts == starts[0]).all() and aligned["input_ids"].shape[1] == max(map(len, prompts)) + 5
+    with torch.no_grad():
+        a = response_logits(model, aligned["input_ids"], aligned["attention_mask"], aligned["loss_mask"])
+        b = response_logits(model, right["input_ids"], right["attention_mask"], right["loss_mask"])
+    assert a.shape == (10, model.config.vocab_size)
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+import time
 from typing import Any, Iterator
 
 import torch
@@ -24,15 +25,26 @@ from ..engine import Engine, chunks, data_order, total_steps_for
 from ..models import load_model, load_tokenizer, shared_vocabulary_size
 from ..objectives.divergences import per_token, reward_policy_gradient
 from ..objectives.policy import kl_k1, kl_k3
-from ..rollout import SamplingParams, horizon_at, iter_samples
+from ..rollout import SamplingParams, horizon_at, iter_samples, positions_from_mask
 from .seqkd import response_tokens
 
 
 def response_logits(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
     """Next-token logits at the response positions, flattened row-major to (tokens, V): the logits that predict
-    each response token. Two batches holding the same responses behind different prompts line up row for row."""
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]
-    return logits[loss_mask[:, 1:].bool()]
+    each response token. Two batches holding the same responses behind different prompts line up row for row.
+
+    For a batch collated with align_responses=True (every response starts at the same index) only the
+    positions from there on get logits: the LM head and the (B, L, V) logits tensor shrink to the responses.
+    """
+    starts = loss_mask.float().argmax(dim=1)
+    start = int(starts.min())
+    if start == 0 or not bool((starts == start).all()):  # not aligned (or a row without a response)
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]
+        return logits[loss_mask[:, 1:].bool()]
+    keep = input_ids.shape[1] - start + 1  # positions start-1 .. L-1 predict tokens start .. L
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions_from_mask(attention_mask),
+                   logits_to_keep=keep).logits[:, :-1]
+    return logits[loss_mask[:, start:].bool()]
 
 
 def beta_at(step: int, total_steps: int, start: float, end: float) -> float:
@@ -125,15 +137,18 @@ class OPD:
         indices = self.order.indices(step, engine.rank, engine.world_size)
         horizon = self.horizon(step)
         on_policy = self.on_policy(step)
+        started = time.perf_counter()
         if on_policy:
             responses, truncated = self.sample(engine, indices, horizon)
         else:
             responses, truncated = [self.responses[i][:horizon] for i in indices], 0.0
         batches = []
         for group in chunks(list(zip(indices, responses)), config.micro_batch_size):
-            student = collate([Example(self.student_prompts[i], r) for i, r in group], self.pad_id)
-            teacher = collate([Example(self.teacher_prompts[i], r) for i, r in group], self.pad_id)
+            # Responses aligned at one index, so only response positions get logits (see response_logits).
+            student = collate([Example(self.student_prompts[i], r) for i, r in group], self.pad_id, align_responses=True)
+            teacher = collate([Example(self.teacher_prompts[i], r) for i, r in group], self.pad_id, align_responses=True)
             batches.append({**student, **{f"teacher_{k}": v for k, v in teacher.items()}})
+        rollout_seconds = time.perf_counter() - started
         beta = beta_at(step, self.total_steps, self.default_beta if config.beta == -1.0 else config.beta, config.beta_end)
 
         def loss_sum(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -147,7 +162,8 @@ class OPD:
         loss = engine.backward_token_mean(batches, loss_sum, response_tokens)
         lengths = [len(r) for r in responses]
         return {"loss": loss, **engine.optimizer_step(), "on_policy": float(on_policy), "horizon": float(horizon),
-                "beta": beta, "response_length": sum(lengths) / len(lengths), "truncated": truncated}
+                "beta": beta, "response_length": sum(lengths) / len(lengths), "truncated": truncated,
+                "rollout_seconds": rollout_seconds}
 
     def token_losses(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, batch: dict[str, torch.Tensor],
                      beta: float) -> torch.Tensor:
