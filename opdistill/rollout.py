@@ -180,6 +180,14 @@ def iter_samples(
                for row, (p, s) in enumerate(jobs)]
 
 
+def samples_in_order(model: Any, tokenizer: Any, prompts: list[list[int]], params: SamplingParams, *, n: int = 1,
+                     batch_size: int = 16, bf16: bool = False) -> list[Sample]:
+    """All n samples of every prompt, prompt-major (index p * n + s), whatever order the batches ran in."""
+    by_job = {(s.prompt_index, s.sample_index): s
+              for batch in iter_samples(model, tokenizer, prompts, params, n=n, batch_size=batch_size, bf16=bf16) for s in batch}
+    return [by_job[(p, s)] for p in range(len(prompts)) for s in range(n)]
+
+
 def horizon_at(step: int, kind: str, max_tokens: int, *, ratio: float = 0.0, tokens: int = 0,
                start: int = 0, increment: int = 0, every: int = 1) -> int:
     """Rollout length at optimizer step `step` (0-based) under a horizon schedule (SPEC §3, arXiv 2605.31490).

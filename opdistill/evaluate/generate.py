@@ -8,7 +8,7 @@ import torch
 
 from ..data import Record, render_prompt
 from ..models import load_model, load_tokenizer, resolve_precision
-from ..rollout import SamplingParams, iter_samples
+from ..rollout import SamplingParams, samples_in_order
 
 
 def generate_texts(model_name: str, records: list[Record], params: SamplingParams, *, system: str = "",
@@ -18,8 +18,5 @@ def generate_texts(model_name: str, records: list[Record], params: SamplingParam
     model = model or load_model(model_name)
     torch.manual_seed(seed)
     prompts = [render_prompt(tokenizer, r.with_system(system)) for r in records]
-    texts = [""] * len(records)
-    for batch in iter_samples(model, tokenizer, prompts, params, batch_size=batch_size, bf16=resolve_precision(precision) == "bf16"):
-        for sample in batch:
-            texts[sample.prompt_index] = sample.text
-    return texts
+    samples = samples_in_order(model, tokenizer, prompts, params, batch_size=batch_size, bf16=resolve_precision(precision) == "bf16")
+    return [s.text for s in samples]

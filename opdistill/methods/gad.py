@@ -27,7 +27,7 @@ from ..engine import Engine, Trainable, chunks, data_order, total_steps_for
 from ..models import load_model, save_pretrained_atomic
 from ..objectives.policy import group_advantages, kl_k3, ppo_clip_per_token
 from ..objectives.preference import bradley_terry, pairwise_accuracy
-from ..rollout import SamplingParams, iter_samples, token_logprobs
+from ..rollout import SamplingParams, samples_in_order, token_logprobs
 from .seqkd import response_nll_sum, response_tokens
 
 SATURATED_ACC = 0.99  # d_acc at or above this gives the generator no signal
@@ -109,12 +109,8 @@ class GAD:
         """N samples per prompt from the current student, prompt-major."""
         model = engine.accelerator.unwrap_model(engine.model)
         prompts = [self.prompts[i] for i in indices]
-        flat: dict[tuple[int, int], Any] = {}
-        for batch in iter_samples(model, self.tokenizer, prompts, self.sampling, n=self.config.n_samples,
-                                  batch_size=self.config.rollout_batch_size, bf16=False):
-            for sample in batch:
-                flat[(sample.prompt_index, sample.sample_index)] = sample
-        ordered = [flat[(b, i)] for b in range(len(prompts)) for i in range(self.config.n_samples)]
+        ordered = samples_in_order(model, self.tokenizer, prompts, self.sampling, n=self.config.n_samples,
+                                   batch_size=self.config.rollout_batch_size)
         examples = [Example(prompts[s.prompt_index], s.response_ids) for s in ordered]
         lengths = torch.tensor([len(s.response_ids) for s in ordered], dtype=torch.float32)
         return Rollouts(examples, lengths, sum(not s.finished for s in ordered) / len(ordered))
@@ -212,12 +208,10 @@ class GAD:
         advantages = group_advantages(rewards).view(-1)
 
         engine.model.train()
-        sizes = [len(b["input_ids"]) for b in batches]
-        starts = [sum(sizes[:i]) for i in range(len(sizes))]
         stats = {"clipped": 0.0, "kl": 0.0, "entropy": 0.0}
-        for batch, ref_lp, start in zip(batches, ref, starts):
+        for batch, ref_lp, batch_advantages in zip(batches, ref, advantages.split([len(b["input_ids"]) for b in batches])):
             batch["ref_logprobs"] = ref_lp.cpu()
-            batch["advantages"] = advantages[start : start + len(batch["input_ids"])].unsqueeze(1).expand_as(ref_lp).contiguous()
+            batch["advantages"] = batch_advantages.unsqueeze(1).expand_as(ref_lp).contiguous()
 
         def loss_sum(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float() / config.temperature

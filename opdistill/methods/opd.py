@@ -23,9 +23,9 @@ from ..config import SAMPLED_ESTIMATORS, OPDConfig
 from ..data import Example, collate, fit_prompt, load_records, render_prompt, response_ids, teacher_messages
 from ..engine import Engine, chunks, data_order, total_steps_for
 from ..models import load_model, load_tokenizer, shared_vocabulary_size
-from ..objectives.divergences import per_token, reward_policy_gradient
+from ..objectives.divergences import default_beta, per_token, reward_policy_gradient
 from ..objectives.policy import kl_k1, kl_k3
-from ..rollout import SamplingParams, horizon_at, iter_samples, positions_from_mask
+from ..rollout import SamplingParams, horizon_at, positions_from_mask, samples_in_order
 from .seqkd import response_tokens
 
 
@@ -79,7 +79,6 @@ class OPD:
         self.total_steps = total_steps_for(config, self.order.steps_per_epoch)
         self.teacher: Any = None
         self.vocab = 0
-        self.default_beta = 0.5 if config.divergence == "jsd" else 0.0
 
     # ------------------------------------------------------------ set-up
 
@@ -121,16 +120,12 @@ class OPD:
         return random.Random(self.config.seed * 1_000_003 + step).random() < self.config.on_policy_ratio
 
     def sample(self, engine: Engine, indices: list[int], horizon: int) -> tuple[list[list[int]], float]:
+        """One response per prompt from the current student, and the share that hit the horizon."""
         model = engine.accelerator.unwrap_model(engine.model)
         params = SamplingParams(self.config.temperature, self.config.top_p, horizon)
-        out: dict[int, list[int]] = {}
-        finished = 0
-        for batch in iter_samples(model, self.tokenizer, [self.student_prompts[i] for i in indices], params,
-                                  batch_size=self.config.rollout_batch_size):
-            for sample in batch:
-                out[sample.prompt_index] = sample.response_ids
-                finished += sample.finished
-        return [out[b] for b in range(len(indices))], 1.0 - finished / len(indices)
+        samples = samples_in_order(model, self.tokenizer, [self.student_prompts[i] for i in indices], params,
+                                   batch_size=self.config.rollout_batch_size)
+        return [s.response_ids for s in samples], sum(not s.finished for s in samples) / len(samples)
 
     def step(self, engine: Engine, step: int) -> dict[str, float]:
         config = self.config
@@ -142,14 +137,14 @@ class OPD:
             responses, truncated = self.sample(engine, indices, horizon)
         else:
             responses, truncated = [self.responses[i][:horizon] for i in indices], 0.0
+        rollout_seconds = time.perf_counter() - started
         batches = []
         for group in chunks(list(zip(indices, responses)), config.micro_batch_size):
             # Responses aligned at one index, so only response positions get logits (see response_logits).
             student = collate([Example(self.student_prompts[i], r) for i, r in group], self.pad_id, align_responses=True)
             teacher = collate([Example(self.teacher_prompts[i], r) for i, r in group], self.pad_id, align_responses=True)
             batches.append({**student, **{f"teacher_{k}": v for k, v in teacher.items()}})
-        rollout_seconds = time.perf_counter() - started
-        beta = beta_at(step, self.total_steps, self.default_beta if config.beta == -1.0 else config.beta, config.beta_end)
+        beta = beta_at(step, self.total_steps, default_beta(config.divergence) if config.beta == -1.0 else config.beta, config.beta_end)
 
         def loss_sum(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
             student_logits = response_logits(model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"])[:, : self.vocab]

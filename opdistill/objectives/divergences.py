@@ -29,6 +29,11 @@ from torch.utils.checkpoint import checkpoint
 KINDS = ("fkl", "rkl", "jsd", "skl", "srkl", "veto_fkl", "veto_rkl")
 
 
+def default_beta(kind: str) -> float:
+    """β when none is given: 0.5 for jsd (the symmetric JSD), 0 for Veto (plain forward / reverse KL)."""
+    return 0.5 if kind == "jsd" else 0.0
+
+
 def kl_from_logprobs(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
     """Σ_v p (log p − log q) over the last dim; entries with p = 0 (log p = −inf) contribute 0, gradients included."""
     present = torch.isfinite(log_p)
@@ -121,7 +126,7 @@ def per_token(student_logits: torch.Tensor, teacher_logits: torch.Tensor, kind: 
         raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher logits {tuple(teacher_logits.shape)} differ in shape")
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    beta = (0.5 if kind == "jsd" else 0.0) if beta is None else beta
+    beta = default_beta(kind) if beta is None else beta
     alpha = 0.1 if alpha is None else alpha
     if kind in ("skl", "srkl") and not 0.0 < alpha < 1.0:
         raise ValueError(f"alpha must be in (0, 1) for {kind}, got {alpha}")
