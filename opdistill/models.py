@@ -7,6 +7,7 @@ from the config, and cache it as safetensors under the opdistill cache directory
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import importlib.util
 import os
@@ -185,10 +186,13 @@ def apply_lora(model: Any, r: int, alpha: int, dropout: float, target_modules: s
 
 
 def save_pretrained_atomic(model: Any, tokenizer: Any, out_dir: str | Path) -> Path:
-    """Save a plain Hugging Face checkpoint (LoRA merged) via a temp dir and a rename."""
+    """Save a plain Hugging Face checkpoint (LoRA merged) via a temp dir and a rename.
+
+    A LoRA model is merged in a copy: merging in place would replace the adapter layers the optimizer is
+    still training (GAD saves its reference mid-run)."""
     out = Path(out_dir)
     if hasattr(model, "merge_and_unload"):
-        model = model.merge_and_unload()
+        model = copy.deepcopy(model).merge_and_unload()
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.parent.mkdir(parents=True, exist_ok=True)

@@ -55,19 +55,23 @@ def autocast_context(bf16: bool, device: torch.device) -> contextlib.AbstractCon
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
 
-def draw(probs: torch.Tensor) -> torch.Tensor:
+def draw(probs: torch.Tensor, uniforms: torch.Tensor | None = None) -> torch.Tensor:
     """One index per row with probability proportional to `probs` (rows need not sum to 1).
 
     Inverse-CDF sampling: a cumulative sum and a binary search, about 20x cheaper here than
-    torch.multinomial over a 49k vocabulary, which draws an exponential per entry.
+    torch.multinomial over a 49k vocabulary, which draws an exponential per entry. `uniforms` (one U(0,1)
+    per row) fixes the draw; by default they come from torch's global generator.
     """
     cdf = probs.cumsum(dim=-1)
-    u = torch.rand(probs.shape[0], 1, device=probs.device, dtype=cdf.dtype) * cdf[:, -1:]
+    if uniforms is None:
+        uniforms = torch.rand(probs.shape[0], device=probs.device)
+    u = uniforms.to(device=probs.device, dtype=cdf.dtype).unsqueeze(-1) * cdf[:, -1:]
     # right=True: the first index whose cdf exceeds u, so zero-probability entries are never picked.
     return torch.searchsorted(cdf, u, right=True).clamp(max=probs.shape[-1] - 1).squeeze(-1)
 
 
-def sample_next(logits: torch.Tensor, params: SamplingParams) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_next(logits: torch.Tensor, params: SamplingParams,
+                uniforms: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Draw one token per row; return (tokens, their log-probs under the policy at `params.temperature`).
 
     The log-prob is taken before nucleus truncation: it is what a forward pass of the same policy gives,
@@ -82,9 +86,9 @@ def sample_next(logits: torch.Tensor, params: SamplingParams) -> tuple[torch.Ten
         probs = sorted_lp.exp()
         # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
         outside = probs.cumsum(dim=-1) - probs >= params.top_p
-        tokens = order.gather(-1, draw(probs.masked_fill(outside, 0.0)).unsqueeze(-1)).squeeze(-1)
+        tokens = order.gather(-1, draw(probs.masked_fill(outside, 0.0), uniforms).unsqueeze(-1)).squeeze(-1)
     else:
-        tokens = draw(logprobs.exp())
+        tokens = draw(logprobs.exp(), uniforms)
     return tokens, logprobs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
 
 
@@ -107,14 +111,21 @@ def pack_jobs(prompts: list[list[int]], n: int, batch_size: int,
     return batches
 
 
+def row_generator(prompt_seed: int, sample_index: int) -> torch.Generator:
+    """The random stream of one sample: fixed by its prompt's seed and its index, whatever batch it runs in."""
+    return torch.Generator().manual_seed((prompt_seed * 1_000_003 + sample_index) % 2**63)
+
+
 @torch.no_grad()
 def sample_batch(model: Any, prompts: list[list[int]], copies: list[int], params: SamplingParams,
-                 pad_id: int, eos: set[int]) -> tuple[list[list[int]], list[list[float]], list[bool]]:
+                 pad_id: int, eos: set[int], generators: list[torch.Generator] | None = None,
+                 ) -> tuple[list[list[int]], list[list[float]], list[bool]]:
     """Sample `copies[i]` continuations of prompt i with a KV cache.
 
     Each prompt is prefilled once and its cache copied for its samples; rows that reach EOS leave the batch,
-    so the decode cost follows the sequences still running. Returns per row (prompt-major): tokens, log-probs,
-    finished (EOS produced).
+    so the decode cost follows the sequences still running. With `generators` (one per row, prompt-major)
+    every row draws its tokens from its own stream, so a sample does not depend on which batch, process or
+    world size it ran in. Returns per row (prompt-major): tokens, log-probs, finished (EOS produced).
     """
     device = next(model.parameters()).device
     ids, mask = left_pad(prompts, pad_id)
@@ -132,7 +143,8 @@ def sample_batch(model: Any, prompts: list[list[int]], copies: list[int], params
     active = torch.arange(total, device=device)  # original row of each row still in the batch
     eos_ids = torch.tensor(sorted(eos), device=device)
     for _ in range(params.max_new_tokens):
-        token, logprob = sample_next(logits, params)
+        uniforms = None if generators is None else torch.cat([torch.rand(1, generator=generators[r]) for r in active.tolist()])
+        token, logprob = sample_next(logits, params, uniforms)
         for row, t, lp in zip(active.tolist(), token.tolist(), logprob.tolist()):
             tokens[row].append(t)
             logprobs[row].append(lp)
@@ -163,29 +175,39 @@ def iter_samples(
     batch_size: int = 16,
     bf16: bool = False,
     skip: Callable[[int, int], bool] | None = None,
+    seeds: list[int] | None = None,
 ) -> Iterator[list[Sample]]:
     """Yield the samples of each generated batch as soon as it is done.
 
-    `skip(prompt_index, sample_index)` lets a resumed run leave out what it already has.
+    `skip(prompt_index, sample_index)` lets a resumed run leave out what it already has. `seeds` (one per
+    prompt) gives every sample its own random stream (`row_generator`); without it torch's global one is used.
     """
     device = next(model.parameters()).device
     eos = eos_token_ids(tokenizer, model)
     model.eval()
     for batch in pack_jobs(prompts, n, batch_size, skip):
+        jobs = [(p, s) for p, samples in batch for s in samples]
+        generators = None if seeds is None else [row_generator(seeds[p], s) for p, s in jobs]
         with autocast_context(bf16, device):
             tokens, logprobs, finished = sample_batch(model, [prompts[p] for p, _ in batch], [len(s) for _, s in batch],
-                                                      params, tokenizer.pad_token_id, eos)
-        jobs = [(p, s) for p, samples in batch for s in samples]
+                                                      params, tokenizer.pad_token_id, eos, generators)
         yield [Sample(p, s, tokens[row], tokenizer.decode(tokens[row], skip_special_tokens=True).strip(), finished[row], logprobs[row])
                for row, (p, s) in enumerate(jobs)]
 
 
 def samples_in_order(model: Any, tokenizer: Any, prompts: list[list[int]], params: SamplingParams, *, n: int = 1,
-                     batch_size: int = 16, bf16: bool = False) -> list[Sample]:
+                     batch_size: int = 16, bf16: bool = False, seeds: list[int] | None = None) -> list[Sample]:
     """All n samples of every prompt, prompt-major (index p * n + s), whatever order the batches ran in."""
     by_job = {(s.prompt_index, s.sample_index): s
-              for batch in iter_samples(model, tokenizer, prompts, params, n=n, batch_size=batch_size, bf16=bf16) for s in batch}
+              for batch in iter_samples(model, tokenizer, prompts, params, n=n, batch_size=batch_size, bf16=bf16, seeds=seeds)
+              for s in batch}
     return [by_job[(p, s)] for p in range(len(prompts)) for s in range(n)]
+
+
+def rollout_seeds(seed: int, step: int, record_indices: list[int]) -> list[int]:
+    """Per-prompt sampling seeds of a training step: a function of the run seed, the step and each record's
+    index in the data, so the rollouts are the same on 1 or N processes and after a resume."""
+    return [((seed * 1_000_003 + step) * 1_000_003 + index) % 2**63 for index in record_indices]
 
 
 def horizon_at(step: int, kind: str, max_tokens: int, *, ratio: float = 0.0, tokens: int = 0,

@@ -1,7 +1,8 @@
 """An OpenAI-compatible chat-completions server for tests, with injectable faults.
 
 Runs for real on 127.0.0.1 (a thread in the test process, or `python tests/openai_stub_server.py`).
-Answers are deterministic text derived from the prompt. Faults:
+Answers are deterministic text derived from the prompt; opdistill's judge prompts get a rule-based
+judgment (see judge_text). Faults:
   --script 429,500,timeout,...  the first requests get these faults in order, then all succeed
   --fault-rate 0.1              each request fails with that probability (kind drawn from --fault-kinds)
   --always-fail-substring S     every request whose prompt contains S gets a 500
@@ -24,7 +25,7 @@ FAULT_KINDS = ("429", "500", "503", "timeout", "malformed", "reset", "truncated"
 
 class StubState:
     def __init__(self, script: list[str], fault_rate: float, fault_kinds: list[str], seed: int, latency: float,
-                 timeout_sleep: float, retry_after: str, always_fail_substring: str, status_always: int, expected_key: str) -> None:
+                 timeout_sleep: float, retry_after: str, always_fail_substring: str, status_always: int, expected_key: str, judge_mode: str = "length") -> None:
         self.script = list(script)
         self.fault_rate = fault_rate
         self.fault_kinds = fault_kinds
@@ -35,6 +36,7 @@ class StubState:
         self.always_fail_substring = always_fail_substring
         self.status_always = status_always
         self.expected_key = expected_key
+        self.judge_mode = judge_mode
         self.lock = threading.Lock()
         self.requests = 0
         self.succeeded = 0
@@ -57,8 +59,40 @@ class StubState:
             return None
 
 
-def answer_text(messages: list[dict[str, str]], temperature: float) -> str:
+def section(prompt: str, title: str) -> str:
+    """The text under `[title]` in one of opdistill's judge prompts, up to the next blank-line-separated part."""
+    start = prompt.index(f"[{title}]\n") + len(title) + 3
+    end = prompt.find("\n\n[", start)
+    return prompt[start:end if end >= 0 else prompt.find("\n\nReply", start)]
+
+
+def length_score(answer: str) -> int:
+    """The stub judge's rule: 1 point per 3 words, from 1 to 10 (a real judge reads; this one counts)."""
+    return max(1, min(10, 1 + len(answer.split()) // 3))
+
+
+def judge_text(prompt: str, mode: str, temperature: float = 0.0) -> str | None:
+    """A judgment when `prompt` is one of opdistill's judge prompts, else None. Modes: length (the longer
+    answer is better), first (always prefers the first answer: pure position bias), garbage (never parses),
+    flaky (does not parse when asked greedily, parses when re-asked with sampling)."""
+    unparseable = mode == "garbage" or (mode == "flaky" and temperature == 0)
+    if unparseable and ("[Answer 1]" in prompt or "[Assistant A]" in prompt):
+        return "Both answers have merits."
+    if "[Answer 1]" in prompt:
+        return f"Scores: {length_score(section(prompt, 'Answer 1'))} {length_score(section(prompt, 'Answer 2'))}\nCounted words."
+    if "[Assistant A]" in prompt:
+        if mode == "first":
+            return "Verdict: A\nThe first one."
+        a, b = length_score(section(prompt, "Assistant A")), length_score(section(prompt, "Assistant B"))
+        return f"Verdict: {'A' if a > b else 'B' if b > a else 'tie'}\nCounted words."
+    return None
+
+
+def answer_text(messages: list[dict[str, str]], temperature: float, judge_mode: str = "length") -> str:
     prompt = messages[-1]["content"]
+    judged = judge_text(prompt, judge_mode, temperature)
+    if judged is not None:
+        return judged
     system = next((m["content"] for m in messages if m["role"] == "system"), "")
     prefix = "Réponse" if "French" in system else "Answer"
     return f"{prefix}: {prompt[::-1][:80]} (t={temperature})"
@@ -113,7 +147,7 @@ def make_handler(state: StubState) -> type[BaseHTTPRequestHandler]:
                     state.faults[fault] = state.faults.get(fault, 0) + 1
                 self._fault(fault)
                 return
-            text = answer_text(messages, payload.get("temperature", 1.0))
+            text = answer_text(messages, payload.get("temperature", 1.0), state.judge_mode)
             body = {"id": "x", "object": "chat.completion", "model": payload.get("model"),
                     "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
                     "usage": {"prompt_tokens": len(prompt.split()), "completion_tokens": len(text.split())}}

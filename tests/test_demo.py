@@ -9,7 +9,7 @@ import pytest
 
 from opdistill.config import build_config
 from opdistill.demo import BASE_ROW, TEACHER_ROW, DemoOptions, run_demo, train_config
-from opdistill.report import render_run_report
+from opdistill.report import RunData, render_report
 
 
 @pytest.mark.parametrize("method", ["gad", "seqkd"])
@@ -25,10 +25,14 @@ def test_gad_demo_on_a_tiny_model_writes_metrics_generations_report_and_student(
     metrics = run_demo(opts)
     out = tmp_path / "demo"
     rows = [TEACHER_ROW, BASE_ROW, "student after warm-up (SeqKD only)", "student after GAD"]
-    assert list(metrics["models"]) == rows
-    assert json.loads((out / "metrics.json").read_text())["models"].keys() == set(rows)
+    models = metrics["sets"]["heldout"]["models"]
+    assert list(models) == rows and metrics["teacher"] == TEACHER_ROW and metrics["models"][TEACHER_ROW]["system"] == opts.system
+    assert json.loads((out / "metrics.json").read_text())["sets"]["heldout"]["models"].keys() == set(rows)
+    for row in rows:  # the demo's evaluation is `opdistill eval`'s: task check, teacher log-prob, overlap with the teacher
+        assert {"french_share", "teacher_logprob", "distinct_2", "eos_rate"} <= set(models[row])
+        assert (TEACHER_ROW in models[row]["vs"]) == (row != TEACHER_ROW)
     generations = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
-    assert len(generations) == 4 and all(set(rows) <= set(g) for g in generations)
+    assert len(generations) == 4 * len(rows) and {g["model"] for g in generations} == set(rows)
     assert (out / "student" / "config.json").is_file() and (out / "student" / "model.safetensors").is_file()
     history = [json.loads(line) for line in (out / "gad" / "metrics.jsonl").read_text().splitlines()]
     assert [h["stage"] for h in history] == [0.0, 0.0, 0.0, 1.0, 1.0]
@@ -41,15 +45,18 @@ def test_gad_demo_on_a_tiny_model_writes_metrics_generations_report_and_student(
 
 
 def test_the_report_shows_only_the_curves_it_has_and_escapes_text():
-    metrics = {"task": "t", "headline": "french_share", "models": {TEACHER_ROW: {"french_share": 0.7}, BASE_ROW: {"french_share": 0.0}}}
+    metrics = {"task": "t", "headline": "french_share", "teacher": TEACHER_ROW,
+               "sets": {"s": {"prompts": 1, "references": [], "models": {BASE_ROW: {"french_share": 0.0}, TEACHER_ROW: {"french_share": 0.7}}}}}
     history = [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}]
-    generations = [{"prompt": "<script>alert(1)</script>", TEACHER_ROW: "Bonjour", BASE_ROW: "Hello"}]
-    page = render_run_report(metrics, history, {"lr": 1e-5}, generations)
+    generations = [{"set": "s", "index": 0, "model": m, "prompt": "<script>alert(1)</script>", "response": r}
+                   for m, r in [(TEACHER_ROW, "Bonjour"), (BASE_ROW, "Hello")]]
+    page = render_report([RunData("run", metrics, history, {"lr": 1e-5}, generations)])
     assert "<script>" not in page and "&lt;script&gt;" in page
     assert page.count("data:image/png;base64,") == 2
-    assert re.search(r"<td>french_share</td>|<th>french_share</th>", page)
+    assert page.index(f"{TEACHER_ROW} (reference)") < page.index(BASE_ROW)  # the teacher is the first, reference row
+    assert re.search(r"<th>french share</th>", page)
     # no history and no headline: tables only
-    bare = render_run_report({"models": {"m": {"x": 1.0}}}, [], {}, [])
+    bare = render_report([RunData("bare", {"sets": {"s": {"models": {"m": {"mean_words": 1.0}}}}})])
     assert "data:image/png" not in bare and "<td>m</td>" in bare
 
 
@@ -57,7 +64,7 @@ def test_opd_demo_on_a_tiny_model_needs_no_teacher_text(tiny_model, tmp_path):
     opts = DemoOptions(out=str(tmp_path / "opd"), method="opd", model=str(tiny_model), train_prompts=8, heldout_prompts=4,
                        max_new_tokens=6, opd_steps=2, opd_batch_size=2, horizon_tokens=4)
     metrics = run_demo(opts)
-    assert list(metrics["models"]) == [TEACHER_ROW, BASE_ROW, "student after OPD"]
+    assert list(metrics["sets"]["heldout"]["models"]) == [TEACHER_ROW, BASE_ROW, "student after OPD"]
     assert not (tmp_path / "opd" / "teacher.jsonl").exists()
     history = [json.loads(line) for line in (tmp_path / "opd" / "opd" / "metrics.jsonl").read_text().splitlines()]
     assert [h["horizon"] for h in history if "horizon" in h] == [4, 4]

@@ -98,3 +98,29 @@ def repetition(text: str, n: int = 4) -> float:
     """Share of a response's n-grams that repeat an earlier n-gram of the same response (degenerate loops)."""
     grams = ngrams(words(text), n)
     return 1.0 - len(set(grams)) / len(grams) if grams else 0.0
+
+
+# ---------------------------------------------------------------- per-model summaries
+
+
+def mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def text_metrics(texts: list[str]) -> dict[str, float | None]:
+    """Reference-free: length, diversity across responses, and repetition within each."""
+    return {"mean_words": mean_length_words(texts), "distinct_1": distinct_n(texts, 1), "distinct_2": distinct_n(texts, 2),
+            "repetition_4": mean([repetition(t) for t in texts])}
+
+
+def overlap_metrics(candidates: list[str], references: list[str | None]) -> dict[str, float | None]:
+    """Mean n-gram F1 (n = 1..4) and ROUGE-L against one reference, over the prompts that have it."""
+    pairs = [(c, r) for c, r in zip(candidates, references) if r]
+    values: dict[str, float | None] = {f"f1_{n}": mean([ngram_f1(c, r, n) for c, r in pairs]) for n in range(1, 5)}
+    values["rouge_l"] = mean([rouge_l(c, r) for c, r in pairs])
+    values["pairs"] = len(pairs)
+    return values
+
+
+# Task checks: a name on the command line -> a function of the responses giving a share in [0, 1].
+TASK_CHECKS = {"french": is_french}

@@ -27,7 +27,7 @@ from ..engine import Engine, Trainable, chunks, data_order, total_steps_for
 from ..models import load_model, save_pretrained_atomic
 from ..objectives.policy import group_advantages, kl_k3, ppo_clip_per_token
 from ..objectives.preference import bradley_terry, pairwise_accuracy
-from ..rollout import SamplingParams, samples_in_order, token_logprobs
+from ..rollout import SamplingParams, rollout_seeds, samples_in_order, token_logprobs
 from .seqkd import response_nll_sum, response_tokens
 
 SATURATED_ACC = 0.99  # d_acc at or above this gives the generator no signal
@@ -110,7 +110,7 @@ class GAD:
         model = engine.accelerator.unwrap_model(engine.model)
         prompts = [self.prompts[i] for i in indices]
         ordered = samples_in_order(model, self.tokenizer, prompts, self.sampling, n=self.config.n_samples,
-                                   batch_size=self.config.rollout_batch_size)
+                                   batch_size=self.config.rollout_batch_size, seeds=rollout_seeds(self.config.seed, engine.step, indices))
         examples = [Example(prompts[s.prompt_index], s.response_ids) for s in ordered]
         lengths = torch.tensor([len(s.response_ids) for s in ordered], dtype=torch.float32)
         return Rollouts(examples, lengths, sum(not s.finished for s in ordered) / len(ordered))

@@ -25,7 +25,7 @@ from ..engine import Engine, chunks, data_order, total_steps_for
 from ..models import load_model, load_tokenizer, shared_vocabulary_size
 from ..objectives.divergences import default_beta, per_token, reward_policy_gradient
 from ..objectives.policy import kl_k1, kl_k3
-from ..rollout import SamplingParams, horizon_at, positions_from_mask, samples_in_order
+from ..rollout import SamplingParams, horizon_at, positions_from_mask, rollout_seeds, samples_in_order
 from .seqkd import response_tokens
 
 
@@ -124,7 +124,7 @@ class OPD:
         model = engine.accelerator.unwrap_model(engine.model)
         params = SamplingParams(self.config.temperature, self.config.top_p, horizon)
         samples = samples_in_order(model, self.tokenizer, [self.student_prompts[i] for i in indices], params,
-                                   batch_size=self.config.rollout_batch_size)
+                                   batch_size=self.config.rollout_batch_size, seeds=rollout_seeds(self.config.seed, engine.step, indices))
         return [s.response_ids for s in samples], sum(not s.finished for s in samples) / len(samples)
 
     def step(self, engine: Engine, step: int) -> dict[str, float]:

@@ -1,0 +1,307 @@
+"""LLM-as-judge: reference-based scores (MiniLLM / GAD) and pairwise comparison with position swapping.
+
+(a) Reference-based: the judge reads the question, the reference answer (as Answer 1) and the model's answer
+    (as Answer 2) and scores both 1-10 in one reply. The metric is the ratio of the model's total score to the
+    reference's total over the prompts both were scored on (MiniLLM, arXiv 2306.08543; GAD's GPT-4o scores).
+(b) Pairwise: the judge picks the better of two answers, once with each model first. Each order gives model X
+    1 (win), 0.5 (tie) or 0 (loss); a prompt's outcome is the mean of its two orders, so a verdict that flips
+    with the order counts as a tie (a judge that always picks the first answer scores exactly 0.5). The win
+    rate is the mean outcome; its 95% interval is mean ± 1.96·s/√n (normal approximation, sample std s).
+
+Every judge reply is cached in DIR/judge.jsonl (flushed and fsynced per line) keyed by the judge and the
+exact request, so a rerun never pays twice. A reply that does not parse is asked again (up to `retries`
+more times, at `retry_temperature`); if it still does not parse it is stored and counted as unparsed in the
+metrics, never dropped silently. A request the API fails after its own retry budget is not stored: the
+rerun asks again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import math
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+from tqdm import tqdm
+
+from ..teachers.store import JsonlLog
+
+SYSTEM = "You are a careful, impartial judge of answers to user questions."
+
+SCORE_PROMPT = """Rate two answers to the question below for helpfulness, relevance, accuracy, depth and level of detail. Give each an integer score from 1 (useless) to 10 (excellent). Judge the content; neither the order of the answers nor their length is a merit.
+
+[Question]
+{question}
+
+[Answer 1]
+{reference}
+
+[Answer 2]
+{answer}
+
+Reply with one line "Scores: S1 S2" (the scores of Answer 1 and Answer 2), then at most two sentences of explanation."""
+
+PAIR_PROMPT = """Compare two assistants' answers to the user question below and decide which is better: more helpful, relevant, accurate and detailed. The order of the answers and their length must not influence you.
+
+[Question]
+{question}
+
+[Assistant A]
+{first}
+
+[Assistant B]
+{second}
+
+Reply with one line "Verdict: A", "Verdict: B" or "Verdict: tie", then at most two sentences of explanation."""
+
+SCORES = re.compile(r"scores?\s*[:=]?\s*\**\s*(\d+(?:\.\d+)?)\s*(?:/\s*10)?\s*[,;/ ]\s*(?:and\s+)?(\d+(?:\.\d+)?)", re.IGNORECASE)
+VERDICT = re.compile(r"verdict\s*[:=]?\s*\**\s*\[*\s*(a|b|tie)\b", re.IGNORECASE)
+
+
+# ---------------------------------------------------------------- prompts and parsing (pure)
+
+
+def score_messages(question: str, reference: str, answer: str) -> list[dict[str, str]]:
+    return [{"role": "system", "content": SYSTEM},
+            {"role": "user", "content": SCORE_PROMPT.format(question=question, reference=reference, answer=answer)}]
+
+
+def pair_messages(question: str, first: str, second: str) -> list[dict[str, str]]:
+    return [{"role": "system", "content": SYSTEM},
+            {"role": "user", "content": PAIR_PROMPT.format(question=question, first=first, second=second)}]
+
+
+def parse_scores(text: str) -> tuple[float, float] | None:
+    """(reference score, answer score) from 'Scores: S1 S2'; None unless both are in [1, 10]."""
+    match = SCORES.search(text)
+    if not match:
+        return None
+    first, second = float(match[1]), float(match[2])
+    return (first, second) if 1 <= first <= 10 and 1 <= second <= 10 else None
+
+
+def parse_verdict(text: str) -> str | None:
+    """'A', 'B' or 'tie' from 'Verdict: ...'; None when absent."""
+    match = VERDICT.search(text)
+    if not match:
+        return None
+    value = match[1].lower()
+    return "tie" if value == "tie" else value.upper()
+
+
+def score_ratio(scores: list[tuple[float, float]]) -> float | None:
+    """Σ answer score / Σ reference score over the prompts scored (None when none were)."""
+    reference = sum(r for r, _ in scores)
+    return sum(a for _, a in scores) / reference if scores and reference else None
+
+
+def order_outcome(verdict: str, model_first: bool) -> float:
+    """Model X's result in one order: 1 win, 0.5 tie, 0 loss."""
+    if verdict == "tie":
+        return 0.5
+    return 1.0 if (verdict == "A") == model_first else 0.0
+
+
+def prompt_outcome(verdict_x_first: str, verdict_y_first: str) -> float:
+    """Mean of the two orders: an order-dependent verdict becomes a tie."""
+    return (order_outcome(verdict_x_first, True) + order_outcome(verdict_y_first, False)) / 2
+
+
+def win_rate(outcomes: list[float]) -> dict[str, float | int | None]:
+    """Wins (both orders for X), losses (both for Y), ties (everything else), the mean and its 95% interval."""
+    n = len(outcomes)
+    if not n:
+        return {"n": 0, "wins": 0, "ties": 0, "losses": 0, "win_rate": None, "ci_low": None, "ci_high": None}
+    mean = sum(outcomes) / n
+    std = math.sqrt(sum((o - mean) ** 2 for o in outcomes) / (n - 1)) if n > 1 else 0.0
+    half = 1.96 * std / math.sqrt(n)
+    return {"n": n, "wins": sum(o == 1.0 for o in outcomes), "ties": sum(0.0 < o < 1.0 for o in outcomes),
+            "losses": sum(o == 0.0 for o in outcomes), "win_rate": mean,
+            "ci_low": max(0.0, mean - half), "ci_high": min(1.0, mean + half)}
+
+
+# ---------------------------------------------------------------- judges
+
+
+class Judge(Protocol):
+    name: str
+
+    def reply_all(self, requests: list[list[dict[str, str]]], temperature: float,
+                  on_reply: Callable[[int], None] = lambda done: None) -> list[str | None]:
+        """One reply per request; None where the request failed (it is not cached and a rerun asks again).
+        `on_reply(k)` is called as k more replies arrive (progress)."""
+        ...
+
+
+class ApiJudge:
+    """A judge behind an OpenAI-compatible endpoint (the key comes from the environment, never stored)."""
+
+    def __init__(self, url: str, model: str, api_key: str | None, *, concurrency: int = 8, max_tokens: int = 256,
+                 max_attempts: int = 6, retry_base_delay: float = 0.5, timeout: float = 120.0) -> None:
+        from ..teachers.api import RetryPolicy
+
+        self.name = f"api:{model}"
+        self.url, self.model, self.api_key = url, model, api_key
+        self.concurrency, self.max_tokens = concurrency, max_tokens
+        self.policy = RetryPolicy(max_attempts=max_attempts, base_delay=retry_base_delay, timeout=timeout)
+        self.failures: list[str] = []
+        self.requests = 0
+        self.retries = 0
+
+    def reply_all(self, requests: list[list[dict[str, str]]], temperature: float,
+                  on_reply: Callable[[int], None] = lambda done: None) -> list[str | None]:
+        return asyncio.run(self._reply_all(requests, temperature, on_reply))
+
+    async def _reply_all(self, requests: list[list[dict[str, str]]], temperature: float,
+                         on_reply: Callable[[int], None]) -> list[str | None]:
+        from ..teachers.api import ChatCompletionsTeacher, RequestFailed
+
+        client = ChatCompletionsTeacher(self.url, self.model, self.api_key, self.policy)
+        gate = asyncio.Semaphore(self.concurrency)
+        sampling = {"temperature": temperature, "max_tokens": self.max_tokens}
+
+        async def one(messages: list[dict[str, str]]) -> str | None:
+            async with gate:
+                try:
+                    return (await client.complete(messages, sampling)).text
+                except RequestFailed as failure:
+                    self.failures.append(failure.reason)
+                    return None
+                finally:
+                    on_reply(1)
+
+        try:
+            return list(await asyncio.gather(*(one(m) for m in requests)))
+        finally:
+            self.requests += client.stats.requests
+            self.retries += client.stats.retries
+            await client.close()
+
+
+class LocalJudge:
+    """A local chat model as the judge (batched generation; greedy at temperature 0)."""
+
+    def __init__(self, model: str, *, max_tokens: int = 128, batch_size: int = 8, precision: str = "auto", seed: int = 0) -> None:
+        from ..teachers.local import LocalTextTeacher
+
+        self.name = f"local:{model}"
+        self.teacher = LocalTextTeacher(model, precision=precision, batch_size=batch_size)
+        self.max_tokens, self.seed = max_tokens, seed
+        self.failures: list[str] = []
+        self.requests = 0
+        self.retries = 0
+
+    def reply_all(self, requests: list[list[dict[str, str]]], temperature: float,
+                  on_reply: Callable[[int], None] = lambda done: None) -> list[str | None]:
+        import torch
+
+        from ..data import Record
+        from ..sampling import SamplingParams
+
+        torch.manual_seed(self.seed + self.requests)
+        records = [Record(messages=m) for m in requests]
+        replies: list[str | None] = [None] * len(records)
+        for batch in self.teacher.generate(records, SamplingParams(temperature, 1.0, self.max_tokens), 1):
+            for sample in batch:
+                replies[sample.prompt_index] = sample.text
+            on_reply(len(batch))
+        self.requests += len(records)
+        return replies
+
+
+# ---------------------------------------------------------------- cached, retried judging
+
+
+def request_key(judge: str, messages: list[dict[str, str]]) -> str:
+    canonical = json.dumps({"judge": judge, "messages": messages}, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+@dataclass
+class Verdict:
+    text: str
+    parsed: Any  # parse_scores / parse_verdict output; None when unparseable after every retry
+    attempts: int
+
+
+class JudgeCache:
+    """Judge replies by request key, in an append-only JSONL file that survives crashes."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.log = JsonlLog(path)
+        self.rows = {row["key"]: row for row in self.log.rows if isinstance(row.get("key"), str)}
+
+    def close(self) -> None:
+        self.log.close()
+
+
+def judge_requests(judge: Judge, cache: JudgeCache, requests: list[list[dict[str, str]]], parse: Any, *,
+                   temperature: float = 0.0, retries: int = 2, retry_temperature: float = 0.7,
+                   kind: str = "", progress: bool = True) -> list[Verdict | None]:
+    """The parsed verdict of every request (None where the API failed), asking only what the cache lacks."""
+    keys = [request_key(judge.name, m) for m in requests]
+    # Identical requests (two models gave the same answer) are asked once.
+    pending = list({key: i for i, key in reversed(list(enumerate(keys))) if key not in cache.rows}.values())
+    attempt = 0
+    while pending:
+        attempt += 1
+        with tqdm(total=len(pending), desc=f"judge {kind}" + (f" (re-ask {attempt - 1})" if attempt > 1 else ""), unit="req",
+                  disable=not progress, dynamic_ncols=True, file=sys.stderr) as bar:
+            replies = judge.reply_all([requests[i] for i in pending], temperature if attempt == 1 else retry_temperature, bar.update)
+        still = []
+        for i, reply in zip(pending, replies):
+            if reply is None:
+                continue  # the API gave up on it: not cached, a rerun asks again
+            parsed = parse(reply)
+            if parsed is None and attempt <= retries:
+                still.append(i)
+                continue
+            row = {"key": keys[i], "kind": kind, "judge": judge.name, "text": reply,
+                   "parsed": list(parsed) if isinstance(parsed, tuple) else parsed, "attempts": attempt}
+            if keys[i] not in cache.rows:
+                cache.log.append(row)
+                cache.rows[keys[i]] = row
+        pending = still
+    verdicts: list[Verdict | None] = []
+    for key in keys:
+        row = cache.rows.get(key)
+        parsed = row["parsed"] if row else None
+        verdicts.append(Verdict(row["text"], tuple(parsed) if isinstance(parsed, list) else parsed, row["attempts"]) if row else None)
+    return verdicts
+
+
+def reference_scores(judge: Judge, cache: JudgeCache, questions: list[str], references: list[str], answers: list[str],
+                     **options: Any) -> dict[str, Any]:
+    """Judge ratio of one model against one reference, with its counts."""
+    verdicts = judge_requests(judge, cache, [score_messages(q, r, a) for q, r, a in zip(questions, references, answers)],
+                              parse_scores, kind="score", **options)
+    scored = [v.parsed for v in verdicts if v is not None and v.parsed is not None]
+    return {"judge_ratio": score_ratio(scored), "judge_score": sum(a for _, a in scored) / len(scored) if scored else None,
+            "judge_reference_score": sum(r for r, _ in scored) / len(scored) if scored else None,
+            "judged": len(scored), "unparsed": sum(v is not None and v.parsed is None for v in verdicts),
+            "failed": sum(v is None for v in verdicts)}
+
+
+def pairwise(judge: Judge, cache: JudgeCache, questions: list[str], answers_x: list[str], answers_y: list[str],
+             **options: Any) -> dict[str, Any]:
+    """Win / tie / loss of X against Y with both orders per prompt."""
+    requests = [pair_messages(q, x, y) for q, x, y in zip(questions, answers_x, answers_y)]
+    requests += [pair_messages(q, y, x) for q, x, y in zip(questions, answers_x, answers_y)]
+    verdicts = judge_requests(judge, cache, requests, parse_verdict, kind="pair", **options)
+    n = len(questions)
+    outcomes, unparsed, failed, consistent = [], 0, 0, 0
+    for x_first, y_first in zip(verdicts[:n], verdicts[n:]):
+        if x_first is None or y_first is None:
+            failed += 1
+        elif x_first.parsed is None or y_first.parsed is None:
+            unparsed += 1
+        else:
+            outcomes.append(prompt_outcome(x_first.parsed, y_first.parsed))
+            consistent += order_outcome(x_first.parsed, True) == order_outcome(y_first.parsed, False)
+    return {**win_rate(outcomes), "unparsed": unparsed, "failed": failed,
+            "order_consistency": consistent / len(outcomes) if outcomes else None}

