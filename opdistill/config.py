@@ -58,6 +58,9 @@ class RunConfig:
     lora_alpha: int = opt(16, "LoRA alpha.")
     lora_dropout: float = opt(0.0, "LoRA dropout.")
     lora_target_modules: str = opt("all-linear", "LoRA target modules: all-linear or a comma-separated list.")
+    lora_save: str = opt("merged", "How a LoRA student is saved in out_dir/student: merged (a plain checkpoint), adapter "
+                                   "(adapter_config.json + adapter_model.safetensors; opdistill loads it onto its base), or both "
+                                   "(merged in student/, the adapter in student-adapter/).")
     train_mask: str = opt("", "Sparse-subnetwork training: a bool mask .safetensors (opdistill analyze --save-mask) or "
                           "random:<density>; only masked coordinates are updated. Needs weight_decay 0 and lora_r 0.")
     gradient_checkpointing: bool = opt(False, "Recompute activations in the backward pass to save memory.")
@@ -75,6 +78,7 @@ class RunConfig:
         _choice("lr_schedule", self.lr_schedule, ("cosine", "linear", "constant"))
         _choice("overlong", self.overlong, ("truncate", "skip"))
         _choice("precision", self.precision, ("auto", "bf16", "fp32"))
+        _choice("lora_save", self.lora_save, ("merged", "adapter", "both"))
         for name in ("batch_size", "micro_batch_size", "max_prompt_tokens", "max_response_tokens", "keep_checkpoints", "log_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"config field `{name}` must be >= 1, got {getattr(self, name)}")
@@ -153,6 +157,8 @@ class GADConfig(RunConfig):
     discriminator_layers: int = opt(0, "Keep only the first K transformer layers of the discriminator backbone (0: all). "
                                        "A shallow copy of the student is a much cheaper discriminator.")
     freeze_discriminator: bool = opt(False, "Freeze the discriminator after warm-up (the paper's off-policy ablation).")
+    d_lora_r: int = opt(0, "LoRA rank for the discriminator backbone (0: full fine-tuning); alpha, dropout and targets are the "
+                           "student's lora_* values. The scalar head always trains fully. out_dir/discriminator is saved merged.")
 
     def validate(self) -> None:
         super().validate()
@@ -164,6 +170,8 @@ class GADConfig(RunConfig):
             raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.warmup_steps < -1 or self.d_only_steps < 0 or self.rollout_batch_size < 1:
             raise ConfigError("warmup_steps must be >= -1, d_only_steps >= 0 and rollout_batch_size >= 1")
+        if self.d_lora_r < 0:
+            raise ConfigError(f"d_lora_r must be >= 0 (0: full fine-tuning), got {self.d_lora_r}")
         if self.discriminator_layers < 0:
             raise ConfigError(f"discriminator_layers must be >= 0 (0 keeps all), got {self.discriminator_layers}")
         if self.clip_ratio <= 0 or self.kl_coef < 0 or self.d_lr <= 0:

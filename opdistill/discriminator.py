@@ -9,6 +9,8 @@ weights, optimizer and checkpoint: `save` writes `discriminator.safetensors` plu
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .errors import CheckpointError, ModelError
-from .models import resolve_model
+from .models import merged_copy, resolve_model
 from .rollout import positions_from_mask
 
 WEIGHTS = "discriminator.safetensors"
@@ -53,12 +55,20 @@ class Discriminator(nn.Module):
         picked = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
         return self.head(picked.float()).squeeze(-1)
 
-    def save(self, out_dir: str | Path) -> None:
+    def save(self, out_dir: str | Path) -> Path:
+        """Weights (a LoRA backbone merged, in a copy) and the backbone config, written via a temp dir and a rename."""
         out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        save_file(state, str(out / WEIGHTS))
-        (out / "config.json").write_text(json.dumps(self.backbone.config.to_dict(), indent=2))
+        tmp = out.with_name(out.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        backbone = merged_copy(self.backbone)
+        state = {f"backbone.{k}": v for k, v in backbone.state_dict().items()}
+        state.update({f"head.{k}": v for k, v in self.head.state_dict().items()})
+        save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(tmp / WEIGHTS))
+        (tmp / "config.json").write_text(json.dumps(backbone.config.to_dict(), indent=2))
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(tmp, out)
+        return out
 
 
 def keep_first_layers(backbone: nn.Module, layers: int) -> nn.Module:

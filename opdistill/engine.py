@@ -50,6 +50,9 @@ class Method(Protocol):
     def evaluate(self, engine: "Engine") -> dict[str, float]:
         """Held-out metrics (may be empty)."""
 
+    def save_outputs(self, engine: "Engine") -> dict[str, str]:
+        """Optional: write what the method keeps besides the student into engine.out_dir; returns name -> path."""
+
 
 class NonFiniteLoss(Exception):
     pass
@@ -255,6 +258,22 @@ class Engine:
         self.step = int(state["step"])
         return True
 
+    def save_outputs(self, method: Method) -> dict[str, str]:
+        """The trained student (merged and/or adapter-only for LoRA, per lora_save) and whatever else the method
+        keeps (GAD: its discriminator). Main process only."""
+        student = self.accelerator.unwrap_model(self.model)
+        lora = hasattr(student, "merge_and_unload")
+        saved = {}
+        if not lora or self.config.lora_save in ("merged", "both"):
+            saved["student"] = str(save_pretrained_atomic(student, self.tokenizer, self.out_dir / "student"))
+        if lora and self.config.lora_save in ("adapter", "both"):
+            where = "student" if self.config.lora_save == "adapter" else "student-adapter"
+            saved[where] = str(save_pretrained_atomic(student, self.tokenizer, self.out_dir / where, merge=False))
+        finish = getattr(method, "save_outputs", None)
+        if finish is not None:
+            saved.update(finish(self))
+        return saved
+
     # ------------------------------------------------------------ logging
 
     def _metrics_path(self) -> Path:
@@ -286,6 +305,8 @@ class Engine:
         setup = getattr(method, "setup", None)
         if setup is not None:
             setup(self)
+        if self.is_main and self.world_size > 1:
+            print(f"train: {self.world_size} processes ({self.accelerator.distributed_type.value})", file=sys.stderr)
         resumed = self.resume_if_possible()
         if resumed:
             self._trim_metrics()
@@ -346,8 +367,7 @@ class Engine:
         if first_eval:
             summary["initial_eval"] = first_eval
         if self.is_main:
-            student_dir = save_pretrained_atomic(self.accelerator.unwrap_model(self.model), self.tokenizer, self.out_dir / "student")
-            summary["student"] = str(student_dir)
+            summary.update(self.save_outputs(method))
             (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         self.accelerator.wait_for_everyone()
         return summary

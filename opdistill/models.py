@@ -159,9 +159,15 @@ def load_model(
     trust_remote_code: bool = False,
     allow_pickle: bool = False,
 ) -> Any:
-    """Load a causal LM in `dtype`. Only safetensors weights load unless allow_pickle is set."""
+    """Load a causal LM in `dtype`. Only safetensors weights load unless allow_pickle is set.
+
+    A LoRA adapter directory (adapter_config.json, no config.json; `lora_save: adapter`) loads its base
+    model and is merged into it."""
     from transformers import AutoModelForCausalLM
 
+    adapter = Path(name_or_path) / "adapter_config.json"
+    if adapter.is_file() and not (Path(name_or_path) / "config.json").is_file():
+        return load_adapter(Path(name_or_path), dtype=dtype, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
     source = resolve_model(name_or_path)
     try:
         model = AutoModelForCausalLM.from_pretrained(
@@ -176,23 +182,45 @@ def load_model(
     return model
 
 
-def apply_lora(model: Any, r: int, alpha: int, dropout: float, target_modules: str) -> Any:
-    """Wrap a model with LoRA adapters (PEFT)."""
+def load_adapter(path: Path, **options: Any) -> Any:
+    """A saved LoRA adapter merged into the base model its adapter_config.json names."""
+    import json
+
+    from peft import PeftModel
+
+    base_name = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    if not base_name:
+        raise ModelError(f"{path / 'adapter_config.json'} names no base model (base_model_name_or_path)",
+                         "save adapters with opdistill (lora_save: adapter) or add the field")
+    base = load_model(base_name, **options)
+    try:
+        return PeftModel.from_pretrained(base, str(path)).merge_and_unload()
+    except (OSError, ValueError, RuntimeError) as err:
+        raise ModelError(f"cannot apply the LoRA adapter {path} to {base_name}: {str(err).splitlines()[0]}") from None
+
+
+def apply_lora(model: Any, r: int, alpha: int, dropout: float, target_modules: str, task_type: str = "CAUSAL_LM") -> Any:
+    """Wrap a model with LoRA adapters (PEFT). task_type FEATURE_EXTRACTION for a bare backbone (discriminator)."""
     from peft import LoraConfig, get_peft_model
 
     targets: Any = "all-linear" if target_modules == "all-linear" else [m.strip() for m in target_modules.split(",") if m.strip()]
-    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, task_type="CAUSAL_LM")
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, task_type=task_type)
     return get_peft_model(model, config)
 
 
-def save_pretrained_atomic(model: Any, tokenizer: Any, out_dir: str | Path) -> Path:
-    """Save a plain Hugging Face checkpoint (LoRA merged) via a temp dir and a rename.
+def merged_copy(model: Any) -> Any:
+    """A LoRA model's adapters merged into a copy of its base weights (the model itself keeps training);
+    any other model is returned as it is."""
+    return copy.deepcopy(model).merge_and_unload() if hasattr(model, "merge_and_unload") else model
 
-    A LoRA model is merged in a copy: merging in place would replace the adapter layers the optimizer is
-    still training (GAD saves its reference mid-run)."""
+
+def save_pretrained_atomic(model: Any, tokenizer: Any, out_dir: str | Path, merge: bool = True) -> Path:
+    """Save a Hugging Face checkpoint via a temp dir and a rename. A LoRA model is saved merged into a plain
+    checkpoint (merge=True, in a copy: GAD saves its reference mid-run) or as its adapter only (merge=False:
+    adapter_config.json + adapter_model.safetensors, which load_model merges into the base on load)."""
     out = Path(out_dir)
-    if hasattr(model, "merge_and_unload"):
-        model = copy.deepcopy(model).merge_and_unload()
+    if merge:
+        model = merged_copy(model)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.parent.mkdir(parents=True, exist_ok=True)

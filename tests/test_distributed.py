@@ -49,11 +49,17 @@ def overrides(method: str, model: Path, out: Path, processes: int, teacher: Path
     return [f"{k}={v}" for k, v in values.items()]
 
 
-def torchrun(args: list[str]) -> None:
+ACCELERATE_CPU_CONFIG = Path(__file__).parents[1] / "examples" / "accelerate" / "cpu_2proc.yaml"
+
+
+def torchrun(args: list[str], launcher: str = "torchrun") -> None:
+    """Two processes of `opdistill train`, by torchrun or by `accelerate launch` with the documented CPU config."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "opdistill", "train", *args],
-                          env=env, capture_output=True, text=True, timeout=600)
+    start = ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"] if launcher == "torchrun" else
+             [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ACCELERATE_CPU_CONFIG)])
+    done = subprocess.run([*start, "-m", "opdistill", "train", *args], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert "train: 2 processes" in done.stderr, done.stderr[-3000:]
 
 
 def weights(run: Path) -> dict[str, torch.Tensor]:
@@ -95,5 +101,5 @@ def test_gad_resumes_across_world_sizes(tiny_model, tmp_path):
 
     shutil.copytree(tmp_path / "straight", tmp_path / "one-then-two")
     drop_last_checkpoint(tmp_path / "one-then-two")
-    torchrun(overrides("gad", tiny_model, tmp_path / "one-then-two", 2))
+    torchrun(overrides("gad", tiny_model, tmp_path / "one-then-two", 2), launcher="accelerate")
     assert_same_weights(tmp_path / "straight", tmp_path / "one-then-two", tiny_model)

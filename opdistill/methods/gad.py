@@ -24,7 +24,7 @@ from ..config import GADConfig
 from ..data import Example, collate, load_records, tokenize_records
 from ..discriminator import load_discriminator
 from ..engine import Engine, Trainable, chunks, data_order, total_steps_for
-from ..models import load_model, save_pretrained_atomic
+from ..models import apply_lora, load_model, save_pretrained_atomic
 from ..objectives.policy import group_advantages, kl_k3, ppo_clip_per_token
 from ..objectives.preference import bradley_terry, pairwise_accuracy
 from ..rollout import SamplingParams, rollout_seeds, samples_in_order, token_logprobs
@@ -74,8 +74,16 @@ class GAD:
     def setup(self, engine: Engine) -> None:
         source = self.config.discriminator or self.config.student
         disc = load_discriminator(source, layers=self.config.discriminator_layers, trust_remote_code=self.config.trust_remote_code)
+        if self.config.d_lora_r:
+            c = self.config
+            disc.backbone = apply_lora(disc.backbone, c.d_lora_r, c.lora_alpha, c.lora_dropout, c.lora_target_modules, "FEATURE_EXTRACTION")
         # Dropout off whether it scores or learns: the reward is then exactly the score its BT update sees.
         self.disc = engine.add_trainable(disc.eval(), self.config.d_lr, self.config.d_max_grad_norm)
+
+    def save_outputs(self, engine: Engine) -> dict[str, str]:
+        """The trained discriminator in out_dir/discriminator (reusable as `discriminator:` of another run)."""
+        assert self.disc is not None
+        return {"discriminator": str(engine.accelerator.unwrap_model(self.disc.model).save(engine.out_dir / "discriminator"))}
 
     def reference_dir(self, engine: Engine) -> Path:
         return engine.out_dir / "reference"

@@ -1,0 +1,62 @@
+"""LoRA for the student and the discriminator: training continues past GAD's reference save, adapter-only
+saving reloads onto the base, and the discriminator is saved merged."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from opdistill.config import load_config
+from opdistill.discriminator import WEIGHTS, load_discriminator
+from opdistill.methods import train
+from opdistill.models import load_model
+
+from conftest import SELFINSTRUCT
+
+
+def run(method: str, model: Path, out: Path, **extra) -> dict:
+    values = {"method": method, "student": str(model), "data": f"{SELFINSTRUCT}[:16]", "out_dir": str(out), "lr": "1e-2",
+              "precision": "fp32", "max_response_tokens": 8, "seed": 1, "batch_size": 4, "micro_batch_size": 4,
+              "checkpoint_every": 0, "lora_r": 4, **extra}
+    return train(load_config(None, [f"{k}={v}" for k, v in values.items()]))
+
+
+def max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+def test_gad_with_lora_student_and_discriminator(tiny_model, tmp_path):
+    out = tmp_path / "gad"
+    summary = run("gad", tiny_model, out, d_lr="1e-2", n_samples=2, warmup_steps=2, d_only_steps=1, max_steps=2, d_lora_r=4,
+                  micro_batch_size=8, rollout_batch_size=8, lora_save="both")
+    assert set(summary) >= {"student", "student-adapter", "discriminator"}
+    merged = load_file(str(out / "student" / "model.safetensors"))
+    reference = load_file(str(out / "reference" / "model.safetensors"))
+    base = load_file(str(tiny_model / "model.safetensors"))
+    # The adapters kept training after the reference (end of warm-up) was saved from them.
+    assert max_difference(merged, reference) > 1e-4 and max_difference(reference, base) > 1e-4
+    # The adapter alone, put back on its base, is the merged student.
+    adapter_files = {p.name for p in (out / "student-adapter").iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= adapter_files and "config.json" not in adapter_files
+    reloaded = {k: v for k, v in load_model(str(out / "student-adapter")).state_dict().items() if k in merged}
+    assert max_difference(merged, reloaded) < 1e-5
+    # The discriminator is saved merged: plain backbone keys, a trained head, and it reloads.
+    state = load_file(str(out / "discriminator" / WEIGHTS))
+    assert not any("lora" in k for k in state) and float(state["head.weight"].abs().sum()) > 0
+    disc = load_discriminator(str(out / "discriminator"))
+    ids = torch.tensor([[5, 6, 7, 8]])
+    assert torch.isfinite(disc(ids, torch.ones_like(ids))).all()
+
+
+def test_seqkd_and_opd_save_adapter_only_when_asked(tiny_model, tmp_path):
+    run("seqkd", tiny_model, tmp_path / "seqkd", max_steps=2, lora_save="adapter")
+    student = tmp_path / "seqkd" / "student"
+    assert (student / "adapter_config.json").is_file() and not (student / "config.json").exists()
+    assert json.loads((student / "adapter_config.json").read_text())["r"] == 4
+    model = load_model(str(student))  # merged onto the base named in adapter_config.json
+    assert not hasattr(model, "peft_config")
+    run("opd", tiny_model, tmp_path / "opd", max_steps=2, teacher_system="Be brief.", temperature=1.0, rollout_batch_size=4)
+    assert (tmp_path / "opd" / "student" / "config.json").is_file()  # default: merged
