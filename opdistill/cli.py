@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Callable
 
@@ -257,15 +259,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"stopped by signal {signum}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    func: Callable[[argparse.Namespace], int] = args.func
+    # SIGTERM (a scheduler's stop, `kill`) takes the same path as Ctrl-C: every command commits what it has
+    # (collect and eval: each line as it arrives; train: a checkpoint) and exits 130; a rerun continues.
+    previous = signal.signal(signal.SIGTERM, _interrupt) if threading.current_thread() is threading.main_thread() else None
+    try:
+        return run_command(args.func, args)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def run_command(func: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+    """Run a subcommand: a user error or an interruption becomes one message and an exit code, never a traceback."""
     try:
         return func(args)
     except OpdistillError as err:
         print(f"opdistill {args.command}: error: {err.message}", file=sys.stderr)
-        if err.fix:
-            print(f"  fix: {err.fix}", file=sys.stderr)
+        print(f"  fix: {err.fix}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as err:
         print(f"opdistill {args.command}: {err or 'interrupted'}", file=sys.stderr)

@@ -205,7 +205,8 @@ def load_records(spec: str, require_response: bool = False) -> list[Record]:
         try:
             records.append(parse_row(row, f"{path}:{number}", require_response))
         except DataError as err:
-            problems.append(err.message + (f" (fix: {err.fix})" if err.fix else ""))
+            specific = err.fix != DataError.default_fix  # the shared default is said once, below
+            problems.append(err.message + (f" (fix: {err.fix})" if specific else ""))
     if problems:
         shown = "\n  ".join(problems[:MAX_REPORTED])
         more = f"\n  ... and {len(problems) - MAX_REPORTED} more" if len(problems) > MAX_REPORTED else ""

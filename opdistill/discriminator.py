@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -97,15 +98,14 @@ def load_discriminator(source: str, *, layers: int = 0, trust_remote_code: bool 
     if (path / WEIGHTS).is_file():
         config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
         model = Discriminator(AutoModel.from_config(config, trust_remote_code=trust_remote_code))
-        state = load_file(str(path / WEIGHTS))
         try:
-            model.load_state_dict(state)
-        except RuntimeError as err:
+            model.load_state_dict(load_file(str(path / WEIGHTS)))
+        except (RuntimeError, SafetensorError) as err:
             raise CheckpointError(f"{path / WEIGHTS} does not match its config: {str(err).splitlines()[0]}") from None
         return model
     try:
         backbone = AutoModel.from_pretrained(resolve_model(source), trust_remote_code=trust_remote_code, use_safetensors=True)
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, SafetensorError) as err:
         raise ModelError(f"cannot load a discriminator backbone from {source!r}: {str(err).splitlines()[0]}",
                          "pass a causal LM checkpoint (default: the student) or a saved discriminator directory") from None
     return Discriminator(keep_first_layers(backbone, layers) if layers else backbone)

@@ -22,6 +22,7 @@ from typing import Any, Callable, Protocol
 
 import torch
 import yaml
+from safetensors import SafetensorError
 from tqdm import tqdm
 
 from .config import RunConfig, to_dict
@@ -234,10 +235,18 @@ class Engine:
                 shutil.rmtree(final, ignore_errors=True)
                 os.replace(tmp, final)
                 for old in checkpoint_dirs(self.out_dir)[: -self.config.keep_checkpoints]:
-                    shutil.rmtree(old, ignore_errors=True)
-        except OSError as err:
+                    # Renamed first (atomic), so a kill mid-delete never leaves a half-deleted step-N that looks complete.
+                    trash = old.with_name(f".del-{old.name}")
+                    os.replace(old, trash)
+                    shutil.rmtree(trash, ignore_errors=True)
+                for stray in root.glob(".del-*"):  # left by a kill during an earlier delete
+                    shutil.rmtree(stray, ignore_errors=True)
+        except (OSError, RuntimeError, SafetensorError) as err:
+            # torch.save reports a full disk as a RuntimeError from its zip writer, safetensors as its own error
             shutil.rmtree(tmp, ignore_errors=True)
-            raise CheckpointError(f"writing checkpoint {final} failed: {err}", "free disk space; the previous checkpoint is intact") from None
+            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise CheckpointError(f"writing checkpoint {final} failed ({reason}); is the disk full?",
+                                  "free disk space and rerun: the previous checkpoint is intact and the run resumes from it") from None
         self.accelerator.wait_for_everyone()
         return final
 
@@ -252,7 +261,7 @@ class Engine:
                                   "use another out_dir, or resume=false")
         try:
             self.accelerator.load_state(str(latest))
-        except (RuntimeError, KeyError, ValueError, OSError) as err:
+        except (RuntimeError, KeyError, ValueError, OSError, SafetensorError) as err:
             raise CheckpointError(f"cannot resume from {latest}: {str(err).splitlines()[0]}",
                                   "the checkpoint does not match this model/config; use another out_dir or resume=false") from None
         self.step = int(state["step"])

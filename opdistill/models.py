@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 
 from .errors import ModelError
 
@@ -173,7 +174,7 @@ def load_model(
         model = AutoModelForCausalLM.from_pretrained(
             source, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=None if allow_pickle else True
         )
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, SafetensorError) as err:  # SafetensorError: a truncated or corrupt weights file
         text = str(err)
         fix = "pass a Hugging Face checkpoint directory with safetensors weights, a .gguf file, or a cached hub id"
         if "safetensors" in text.lower() and not allow_pickle:

@@ -163,6 +163,11 @@ def generation_key(set_name: str, index: int, messages: list[dict[str, str]], mo
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
+def prompt_seed(seed: int, set_name: str, index: int) -> int:
+    digest = hashlib.sha256(f"{seed}/{set_name}/{index}".encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "little") % 2**63
+
+
 def generate_all(opts: EvalOptions, models: list[ModelSpec], sets: list[EvalSet], store: JsonlLog) -> dict[str, dict[str, Any]]:
     """Every (set, prompt, model) response, generating only what the store lacks; rows by key."""
     import torch
@@ -188,9 +193,11 @@ def generate_all(opts: EvalOptions, models: list[ModelSpec], sets: list[EvalSet]
             tokenizer = load_tokenizer(model_spec.path)
             model = load_model(model_spec.path).to(device)
             prompts = [render_prompt(tokenizer, s.records[i].with_system(model_spec.system)) for s, i, _ in todo]
-            torch.manual_seed(opts.seed)
+            # A response's random stream depends on (seed, set, prompt) only: every model samples a prompt with the
+            # same stream, and a resumed run gives what an uninterrupted one would have.
+            seeds = [prompt_seed(opts.seed, s.name, i) for s, i, _ in todo]
             for batch in iter_samples(model, tokenizer, prompts, params, batch_size=opts.batch_size,
-                                      bf16=resolve_precision(opts.precision) == "bf16"):
+                                      bf16=resolve_precision(opts.precision) == "bf16", seeds=seeds):
                 for sample in batch:
                     eval_set, index, key = todo[sample.prompt_index]
                     row = {"key": key, "set": eval_set.name, "index": index, "model": model_spec.label,
