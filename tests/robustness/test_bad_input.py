@@ -194,3 +194,13 @@ def test_bad_input_gives_one_clear_error(case: Case, model: Path, tmp_path: Path
 
 def test_there_are_at_least_30_cases():
     assert len(CASES) >= 30
+
+
+def test_non_finite_losses_skip_steps_then_stop_the_run(model: Path, tmp_path: Path, capsys) -> None:
+    """lr 1e30 blows the weights up after the first step: every later loss is NaN/inf. Each such step is skipped
+    with a warning, and 5 in a row stop the run with an error (engine.MAX_BAD_STEPS)."""
+    argv = train_with(lines(*[GOOD] * 8), lr="1e30", max_grad_norm=0, max_steps=20)(tmp_path, model)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("skipping the step") == 5 and "5 non-finite losses in a row" in err and "fix:" in err
+    assert not (tmp_path / "run" / "student").exists()
