@@ -9,8 +9,6 @@ weights, optimizer and checkpoint: `save` writes `discriminator.safetensors` plu
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .errors import CheckpointError, ModelError
-from .models import merged_copy, resolve_model
+from .models import merged_copy, replace_dir_atomic, resolve_model
 from .rollout import positions_from_mask
 
 WEIGHTS = "discriminator.safetensors"
@@ -57,19 +55,16 @@ class Discriminator(nn.Module):
         return self.head(picked.float()).squeeze(-1)
 
     def save(self, out_dir: str | Path) -> Path:
-        """Weights (a LoRA backbone merged, in a copy) and the backbone config, written via a temp dir and a rename."""
-        out = Path(out_dir)
-        tmp = out.with_name(out.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        """Weights (a LoRA backbone merged, in a copy) and the backbone config, swapped in atomically."""
         backbone = merged_copy(self.backbone)
         state = {f"backbone.{k}": v for k, v in backbone.state_dict().items()}
         state.update({f"head.{k}": v for k, v in self.head.state_dict().items()})
-        save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(tmp / WEIGHTS))
-        (tmp / "config.json").write_text(json.dumps(backbone.config.to_dict(), indent=2))
-        shutil.rmtree(out, ignore_errors=True)
-        os.replace(tmp, out)
-        return out
+
+        def write(tmp: Path) -> None:
+            save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(tmp / WEIGHTS))
+            (tmp / "config.json").write_text(json.dumps(backbone.config.to_dict(), indent=2))
+
+        return replace_dir_atomic(out_dir, write)
 
 
 def keep_first_layers(backbone: nn.Module, layers: int) -> nn.Module:

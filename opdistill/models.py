@@ -15,7 +15,7 @@ import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors import SafetensorError
@@ -215,23 +215,32 @@ def merged_copy(model: Any) -> Any:
     return copy.deepcopy(model).merge_and_unload() if hasattr(model, "merge_and_unload") else model
 
 
-def save_pretrained_atomic(model: Any, tokenizer: Any, out_dir: str | Path, merge: bool = True) -> Path:
-    """Save a Hugging Face checkpoint via a temp dir and a rename. A LoRA model is saved merged into a plain
-    checkpoint (merge=True, in a copy: GAD saves its reference mid-run) or as its adapter only (merge=False:
-    adapter_config.json + adapter_model.safetensors, which load_model merges into the base on load)."""
+def replace_dir_atomic(out_dir: str | Path, write: Callable[[Path], None]) -> Path:
+    """Let `write` fill a temp dir beside out_dir, fsync it, then swap it in with a rename: a crash leaves
+    either the old directory or the new one, never a half-written one."""
     out = Path(out_dir)
-    if merge:
-        model = merged_copy(model)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.parent.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
+    tmp.mkdir(parents=True)
+    write(tmp)
     _fsync_tree(tmp)
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
     return out
+
+
+def save_pretrained_atomic(model: Any, tokenizer: Any, out_dir: str | Path, merge: bool = True) -> Path:
+    """Save a Hugging Face checkpoint via replace_dir_atomic. A LoRA model is saved merged into a plain
+    checkpoint (merge=True, in a copy: GAD saves its reference mid-run) or as its adapter only (merge=False:
+    adapter_config.json + adapter_model.safetensors, which load_model merges into the base on load)."""
+    saved = merged_copy(model) if merge else model
+
+    def write(tmp: Path) -> None:
+        saved.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+
+    return replace_dir_atomic(out_dir, write)
 
 
 def _fsync_tree(root: Path) -> None:

@@ -245,8 +245,12 @@ def judge_requests(judge: Judge, cache: JudgeCache, requests: list[list[dict[str
                    kind: str = "", progress: bool = True) -> list[Verdict | None]:
     """The parsed verdict of every request (None where the API failed), asking only what the cache lacks."""
     keys = [request_key(judge.name, m) for m in requests]
-    # Identical requests (two models gave the same answer) are asked once.
-    pending = list({key: i for i, key in reversed(list(enumerate(keys))) if key not in cache.rows}.values())
+    pending: list[int] = []
+    asked: set[str] = set()
+    for i, key in enumerate(keys):
+        if key not in cache.rows and key not in asked:  # identical requests (two models, same answer) are asked once
+            asked.add(key)
+            pending.append(i)
     attempt = 0
     while pending:
         attempt += 1
