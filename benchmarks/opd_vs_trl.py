@@ -1,10 +1,13 @@
 """One on-policy distillation step, TRL's DistillationTrainer vs opdistill's OPD, measured in one run.
 
 Same student and teacher (SmolLM2-135M-Instruct, a separate teacher instance on both sides), the same
-prompts, 8 prompts per step, 64 new tokens, reverse KL (TRL β = 1), temperature 1, fp32 on CPU (bf16 on
-GPU for both), the same number of steps. Each side runs in its own process so its peak memory is its
-own; it is read at the end of the last step (the final save is not part of a step). The first step of
-each side is a warm-up and is not timed.
+prompts, 8 prompts per step, 64 new tokens, reverse KL (TRL β = 1), temperature 1, the same number of
+steps, and the same precision (`--precision`): bf16 is TRL's `bf16=True` (autocast over fp32 master weights)
+with its teacher loaded in bf16 (`teacher_model_init_kwargs`), and opdistill's `precision: bf16` (the same
+autocast and fp32 masters, a bf16 teacher, rollouts from a bf16 copy of the student); fp32 is fp32 on both.
+The default is bf16 where the machine has native bf16 (a GPU, or a CPU with AVX512-BF16/AMX), else fp32.
+Each side runs in its own process so its peak memory is its own; it is read at the end of the last step
+(the final save is not part of a step). The first step of each side is a warm-up and is not timed.
 
 Prints seconds per step (median), peak memory and completion tokens per step for both, the floor of the
 step (its FLOPs over the matrix-multiply rate measured in this run, plus the decode steps' weight
@@ -13,6 +16,7 @@ finally `speedup_vs_trl: X.XX` (TRL's median seconds per step over ours).
 
     pip install trl==1.16.0        # the peer; not an opdistill dependency
     python benchmarks/opd_vs_trl.py [--steps 4] [--prompts 8] [--new-tokens 64] [--gradient-checkpointing on|off]
+                                    [--precision bf16|fp32]
 """
 
 from __future__ import annotations
@@ -67,8 +71,9 @@ def run_trl(args: argparse.Namespace, model_dir: str, work: Path) -> dict:
     config = DistillationConfig(output_dir=str(work / "trl"), per_device_train_batch_size=args.prompts, gradient_accumulation_steps=1,
                                 max_steps=args.steps + 1, learning_rate=1e-6, lr_scheduler_type="constant", warmup_steps=0, beta=1.0,
                                 temperature=1.0, max_completion_length=args.new_tokens, logging_steps=1, save_strategy="no",
-                                report_to=[], use_cpu=not cuda, bf16=cuda, seed=0, shuffle_dataset=False, disable_tqdm=True,
-                                gradient_checkpointing=args.gradient_checkpointing == "on")
+                                report_to=[], use_cpu=not cuda, bf16=args.precision == "bf16", seed=0, shuffle_dataset=False,
+                                disable_tqdm=True, gradient_checkpointing=args.gradient_checkpointing == "on",
+                                teacher_model_init_kwargs={"dtype": "bfloat16"} if args.precision == "bf16" else None)
     timer = StepTimer()
     trainer = DistillationTrainer(model=model_dir, teacher_model=model_dir, args=config, train_dataset=dataset,
                                   processing_class=AutoTokenizer.from_pretrained(model_dir), callbacks=[timer])
@@ -91,7 +96,7 @@ def run_opdistill(args: argparse.Namespace, model_dir: str, work: Path) -> dict:
         f"batch_size={args.prompts}", f"micro_batch_size={args.prompts}", f"rollout_batch_size={args.prompts}",
         f"max_response_tokens={args.new_tokens}", f"max_steps={args.steps + 1}", "lr=1e-6", "lr_schedule=constant",
         "warmup_ratio=0", "divergence=rkl", "temperature=1.0", "checkpoint_every=0", "keep_checkpoints=1",
-        f"precision={'bf16' if torch.cuda.is_available() else 'fp32'}", "max_grad_norm=1.0",
+        f"precision={args.precision}", "max_grad_norm=1.0",
         f"gradient_checkpointing={str(args.gradient_checkpointing == 'on').lower()}",
     ])
     # Peak memory up to the end of the last step, as on the TRL side: the final save is not part of a step.
@@ -114,10 +119,10 @@ def run_opdistill(args: argparse.Namespace, model_dir: str, work: Path) -> dict:
 
 # ---------------------------------------------------------------- the floor
 
-def matmul_rate() -> float:
-    """FLOP/s of a large fp32 (CPU) or bf16 (GPU) matrix multiply on this machine, now."""
+def matmul_rate(precision: str) -> float:
+    """FLOP/s of a large matrix multiply at the benchmark's precision on this machine, now."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     size = 4096 if device == "cuda" else 1024
     a, b = torch.randn(size, size, device=device, dtype=dtype), torch.randn(size, size, device=device, dtype=dtype)
     for _ in range(3):
@@ -150,14 +155,15 @@ def memory_bandwidth() -> float:
     return 2 * source.numel() * source.element_size() * reps / (time.perf_counter() - started)
 
 
-def step_floor(model_dir: str, prompts: int, prompt_tokens: float, new_tokens: float, rate: float, bandwidth: float) -> dict:
+def step_floor(model_dir: str, prompts: int, prompt_tokens: float, new_tokens: float, rate: float, bandwidth: float,
+               precision: str) -> dict:
     """Seconds one step cannot go below: its matrix-multiply FLOPs at `rate` plus the weight traffic of its
-    decode steps at `bandwidth` (each decode step reads every weight once)."""
+    decode steps at `bandwidth` (each decode step reads every weight once, in the precision's dtype)."""
     from opdistill.models import load_model
 
     model = load_model(model_dir)
     params = sum(p.numel() for p in model.parameters())  # tied embeddings counted once: the lm_head matmul
-    weight_bytes = sum(p.numel() * (2 if torch.cuda.is_available() else 4) for p in model.parameters())
+    weight_bytes = params * (2 if precision == "bf16" else 4)
     per_token = 2 * params
     sampling = prompts * (prompt_tokens + new_tokens) * per_token
     teacher = prompts * (prompt_tokens + new_tokens) * per_token
@@ -166,6 +172,12 @@ def step_floor(model_dir: str, prompts: int, prompt_tokens: float, new_tokens: f
     traffic = new_tokens * weight_bytes  # each decode step reads every weight once, for the whole batch
     return {"flops": flops, "compute_s": flops / rate, "decode_traffic_s": traffic / bandwidth,
             "floor_s": flops / rate + traffic / bandwidth}
+
+
+def default_precision() -> str:
+    from opdistill.models import resolve_precision
+
+    return resolve_precision("auto")
 
 
 def child(side: str, args: argparse.Namespace, out: str) -> None:
@@ -184,6 +196,8 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--gradient-checkpointing", choices=["on", "off"], default="on",
                         help="activation recomputation on both sides (on: TRL's default)")
+    parser.add_argument("--precision", choices=["bf16", "fp32"], default=default_precision(),
+                        help="the same on both sides (default: bf16 where the machine has native bf16, else fp32)")
     parser.add_argument("--side", choices=["trl", "opdistill"], help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -201,23 +215,23 @@ def main() -> None:
             result_file = Path(work) / f"{side}.json"
             subprocess.run([sys.executable, __file__, "--side", side, "--result", str(result_file), "--steps", str(args.steps),
                             "--prompts", str(args.prompts), "--new-tokens", str(args.new_tokens),
-                            "--gradient-checkpointing", args.gradient_checkpointing], check=True,
+                            "--gradient-checkpointing", args.gradient_checkpointing, "--precision", args.precision], check=True,
                            env={**os.environ, "TQDM_DISABLE": "1"})
             results[side] = json.loads(result_file.read_text())
     model_dir = resolve_model(MODEL)
     tokenizer = load_tokenizer(model_dir)
     texts = prompt_texts(args.prompts * (args.steps + 1))
     prompt_tokens = statistics.mean(len(render_prompt(tokenizer, [{"role": "user", "content": t}])) for t in texts)
-    rate, bandwidth = matmul_rate(), memory_bandwidth()
-    print(f"\nmachine: {torch.get_num_threads()} threads, matmul {rate / 1e9:.1f} GFLOP/s, copy bandwidth {bandwidth / 1e9:.1f} GB/s; "
+    rate, bandwidth = matmul_rate(args.precision), memory_bandwidth()
+    print(f"\nmachine: {torch.get_num_threads()} threads, {args.precision} matmul {rate / 1e9:.1f} GFLOP/s, copy bandwidth {bandwidth / 1e9:.1f} GB/s; "
           f"{args.prompts} prompts/step (mean prompt {prompt_tokens:.0f} tokens), up to {args.new_tokens} new tokens, {args.steps} timed steps, "
-          f"gradient checkpointing {args.gradient_checkpointing} on both sides")
+          f"gradient checkpointing {args.gradient_checkpointing} on both sides, precision {args.precision} on both sides")
     print(f"\n| | TRL DistillationTrainer | opdistill OPD |\n|---|---:|---:|")
     rows = {}
     for side, result in results.items():
         median = statistics.median(result["step_seconds"])
         new_tokens = result["completion_tokens"] / args.prompts
-        floor = step_floor(model_dir, args.prompts, prompt_tokens, new_tokens, rate, bandwidth)
+        floor = step_floor(model_dir, args.prompts, prompt_tokens, new_tokens, rate, bandwidth, args.precision)
         rows[side] = {"median": median, "peak": result["peak_mb"], "tokens": result["completion_tokens"], "floor": floor["floor_s"],
                       "x_floor": median / floor["floor_s"]}
     for label, key, fmt in (("seconds per step (median)", "median", "{:.2f}"), ("peak memory (MiB)", "peak", "{:.0f}"),

@@ -127,8 +127,33 @@ class SeqKDConfig(RunConfig):
         self.require_whole_micro_batches()
 
 
+ROLLOUT_ENGINES = ("hf", "vllm")  # rollout.engines.ENGINES, kept torch-free here (the CLI reads configs without torch)
+
+
 @dataclass
-class GADConfig(RunConfig):
+class OnPolicyConfig(RunConfig):
+    """Settings of the methods that sample from the student during training (GAD, OPD)."""
+
+    temperature: float = opt(1.0, "Student sampling temperature.")
+    top_p: float = opt(1.0, "Student nucleus sampling.")
+    rollout_batch_size: int = opt(32, "Sequences generated together.")
+    rollout_engine: str = opt("hf", "Who samples the rollouts: hf (in process; a bf16 copy of the student under bf16 precision, "
+                                    "refreshed after every optimizer step) or vllm (a colocated vLLM engine; CUDA and the vllm package).")
+    vllm_gpu_memory_utilization: float = opt(0.3, "rollout_engine vllm: share of the GPU's memory vLLM may take (weights + KV cache).")
+
+    def validate(self) -> None:
+        super().validate()
+        _choice("rollout_engine", self.rollout_engine, ROLLOUT_ENGINES)
+        if self.temperature <= 0 or not 0 < self.top_p <= 1:
+            raise ConfigError(f"temperature must be > 0 for on-policy sampling (got {self.temperature}) and top_p in (0, 1] (got {self.top_p})")
+        if self.rollout_batch_size < 1:
+            raise ConfigError(f"rollout_batch_size must be >= 1, got {self.rollout_batch_size}")
+        if not 0 < self.vllm_gpu_memory_utilization < 1:
+            raise ConfigError(f"vllm_gpu_memory_utilization must be in (0, 1), got {self.vllm_gpu_memory_utilization}")
+
+
+@dataclass
+class GADConfig(OnPolicyConfig):
     """GAD (SPEC §2): a discriminator trained with Bradley–Terry is the GRPO reward of the student.
 
     Reference defaults (GAD paper): N = 8, 256 prompts per step, lr 1e-6 for generator and discriminator,
@@ -144,8 +169,6 @@ class GADConfig(RunConfig):
     warmup_ratio: float = opt(0.0, "Share of steps with a linear lr warm-up (not the GAD warm-up stage).")
     n_samples: int = opt(8, "Student samples per prompt (the GRPO group size N).")
     temperature: float = opt(0.8, "Student sampling temperature.")
-    top_p: float = opt(1.0, "Student nucleus sampling.")
-    rollout_batch_size: int = opt(32, "Sequences generated together.")
     micro_batch_size: int = opt(8, "Sequences per forward/backward pass (prompts x samples are split into these).")
     warmup_steps: int = opt(-1, "GAD warm-up stage length in steps (-1: one epoch over the prompts; 0: none).")
     d_only_steps: int = opt(10, "Warm-up steps where only the discriminator trains.")
@@ -164,12 +187,8 @@ class GADConfig(RunConfig):
         super().validate()
         if self.n_samples < 2:
             raise ConfigError(f"n_samples must be >= 2 for group advantages, got {self.n_samples}")
-        if self.temperature <= 0:
-            raise ConfigError(f"temperature must be > 0 for on-policy sampling, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.warmup_steps < -1 or self.d_only_steps < 0 or self.rollout_batch_size < 1:
-            raise ConfigError("warmup_steps must be >= -1, d_only_steps >= 0 and rollout_batch_size >= 1")
+        if self.warmup_steps < -1 or self.d_only_steps < 0:
+            raise ConfigError("warmup_steps must be >= -1 and d_only_steps >= 0")
         if self.d_lora_r < 0:
             raise ConfigError(f"d_lora_r must be >= 0 (0: full fine-tuning), got {self.d_lora_r}")
         if self.discriminator_layers < 0:
@@ -183,7 +202,7 @@ SAMPLED_ESTIMATORS = ("k1", "k3", "reward")
 
 
 @dataclass
-class OPDConfig(RunConfig):
+class OPDConfig(OnPolicyConfig):
     """White-box on-policy distillation (SPEC §3): the student samples, a local teacher scores the same
     tokens under its own (possibly privileged) context, and a token-level divergence is minimised.
 
@@ -206,8 +225,6 @@ class OPDConfig(RunConfig):
     top_k_tail: bool = opt(True, "With top_k: the remaining mass of each side is one tail bucket (false: renormalise over the k).")
     chunk_size: int = opt(128, "Positions per chunk when computing the divergence: peak memory O(chunk x vocab). 0: all at once.")
     distill_temperature: float = opt(1.0, "Temperature applied to both models' logits inside the divergence.")
-    temperature: float = opt(1.0, "Student sampling temperature.")
-    top_p: float = opt(1.0, "Student nucleus sampling.")
     on_policy_ratio: float = opt(1.0, "GKD's λ: share of steps on student samples; the others train on the data's responses.")
     horizon: str = opt("full", "Rollout horizon: full, truncated (TOPD) or progressive (POPD).")
     horizon_ratio: float = opt(0.0, "truncated: H = ratio x max_response_tokens (TOPD ρ; 0 uses horizon_tokens).")
@@ -215,7 +232,6 @@ class OPDConfig(RunConfig):
     horizon_start: int = opt(64, "progressive: H_0 tokens.")
     horizon_increment: int = opt(64, "progressive: ΔH tokens added every horizon_every steps.")
     horizon_every: int = opt(10, "progressive: Δk steps between increments.")
-    rollout_batch_size: int = opt(32, "Sequences generated together.")
 
     def validate(self) -> None:
         super().validate()
@@ -230,13 +246,13 @@ class OPDConfig(RunConfig):
             raise ConfigError(f"beta_end schedules Veto's β, but divergence is {self.divergence}", "remove beta_end or use veto_fkl / veto_rkl")
         if not 0.0 < self.alpha < 1.0:
             raise ConfigError(f"alpha must be in (0, 1), got {self.alpha}")
-        if self.top_k < 0 or self.chunk_size < 0 or self.rollout_batch_size < 1:
-            raise ConfigError("top_k and chunk_size must be >= 0 and rollout_batch_size >= 1")
+        if self.top_k < 0 or self.chunk_size < 0:
+            raise ConfigError("top_k and chunk_size must be >= 0")
         if self.top_k and self.divergence in SAMPLED_ESTIMATORS:
             raise ConfigError(f"top_k restricts a full-vocabulary divergence, but {self.divergence} uses only the sampled token",
                               "set top_k: 0 or pick a full divergence")
-        if self.temperature <= 0 or self.distill_temperature <= 0 or not 0 < self.top_p <= 1:
-            raise ConfigError("temperature and distill_temperature must be > 0 and top_p in (0, 1]")
+        if self.distill_temperature <= 0:
+            raise ConfigError(f"distill_temperature must be > 0, got {self.distill_temperature}")
         if not 0.0 <= self.on_policy_ratio <= 1.0:
             raise ConfigError(f"on_policy_ratio must be in [0, 1], got {self.on_policy_ratio}")
         if self.horizon == "truncated" and self.horizon_ratio <= 0 and self.horizon_tokens <= 0:

@@ -53,6 +53,17 @@ def resolve_precision(precision: str) -> str:
     return precision
 
 
+def compute_dtype(precision: str) -> torch.dtype:
+    """The dtype of frozen models and rollout copies under a run's precision: bf16 where it resolves to bf16
+    (no fp32 masters are needed for a model that never trains), else fp32."""
+    return torch.bfloat16 if resolve_precision(precision) == "bf16" else torch.float32
+
+
+def default_device() -> torch.device:
+    """CUDA when there is a GPU, else the CPU: where a single-process command puts its models."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def cache_dir() -> Path:
     """Where converted models live: $OPDISTILL_CACHE, else ~/.cache/opdistill."""
     return Path(os.environ.get("OPDISTILL_CACHE", Path.home() / ".cache" / "opdistill"))

@@ -4,7 +4,7 @@ import torch
 
 from opdistill.data import Example, collate, render_prompt
 from opdistill.models import load_model, load_tokenizer
-from opdistill.rollout import SamplingParams, iter_samples, token_logprobs
+from opdistill.rollout import HFSampler, SamplingParams, token_logprobs
 
 
 def test_n_samples_per_prompt_with_logprobs_matching_a_forward_pass(tiny_model):
@@ -12,7 +12,7 @@ def test_n_samples_per_prompt_with_logprobs_matching_a_forward_pass(tiny_model):
     prompts = [render_prompt(tokenizer, [{"role": "user", "content": text}]) for text in ("Hi there", "How do I boil an egg quickly?")]
     torch.manual_seed(0)
     params = SamplingParams(temperature=0.8, top_p=1.0, max_new_tokens=12)
-    samples = [s for batch in iter_samples(model, tokenizer, prompts, params, n=3, batch_size=4) for s in batch]
+    samples = [s for batch in HFSampler(model, tokenizer, batch_size=4).iter_batches(prompts, params, n=3) for s in batch]
     assert sorted((s.prompt_index, s.sample_index) for s in samples) == [(p, i) for p in range(2) for i in range(3)]
     for sample in samples:
         assert 1 <= len(sample.response_ids) <= 12 and len(sample.logprobs) == len(sample.response_ids)
@@ -63,7 +63,7 @@ def test_greedy_sampling_matches_transformers_generate_with_left_padding(tiny_mo
     texts = ("Hi", "Write a long poem about the sea and the wind", "Why?", "List three colours")
     prompts = [render_prompt(tokenizer, [{"role": "user", "content": t}]) for t in texts]
     params = SamplingParams(temperature=0.0, max_new_tokens=10)
-    ours = {s.prompt_index: s.response_ids for batch in iter_samples(model, tokenizer, prompts, params, batch_size=4) for s in batch}
+    ours = {s.prompt_index: s.response_ids for s in HFSampler(model, tokenizer, batch_size=4).sample(prompts, params)}
     from opdistill.rollout import left_pad
 
     ids, mask = left_pad(prompts, tokenizer.pad_token_id)

@@ -25,6 +25,7 @@ from typing import Any, Iterable, Mapping
 import torch
 
 from ..errors import ConfigError, ModelError
+from ..seeds import mix_seed
 from .metrics import fraction_mask
 
 RANDOM_PREFIX = "random:"
@@ -165,7 +166,7 @@ def random_masks(shapes: Mapping[str, tuple[int, ...]], density: float, seed: in
     draw is seeded by (seed, its name), so the mask does not depend on the order the names come in."""
     masks = {}
     for name, shape in shapes.items():
-        generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+        generator = torch.Generator().manual_seed(mix_seed(seed, zlib.crc32(name.encode())))
         scores = torch.rand(tuple(shape), generator=generator)
         masks[name] = fraction_mask(scores, density, largest=False)
     return masks

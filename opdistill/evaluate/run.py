@@ -170,11 +170,9 @@ def prompt_seed(seed: int, set_name: str, index: int) -> int:
 
 def generate_all(opts: EvalOptions, models: list[ModelSpec], sets: list[EvalSet], store: JsonlLog) -> dict[str, dict[str, Any]]:
     """Every (set, prompt, model) response, generating only what the store lacks; rows by key."""
-    import torch
-
     from ..data import render_prompt
-    from ..models import load_model, load_tokenizer, resolve_precision
-    from ..rollout import iter_samples
+    from ..models import compute_dtype, default_device, load_model, load_tokenizer
+    from ..rollout import make_sampler
 
     params = SamplingParams(opts.temperature, opts.top_p, opts.max_new_tokens)
     sampling = params.as_dict()
@@ -184,20 +182,19 @@ def generate_all(opts: EvalOptions, models: list[ModelSpec], sets: list[EvalSet]
     missing = sum(key not in rows for todo in jobs.values() for _, _, key in todo)
     bar = tqdm(total=sum(map(len, jobs.values())), initial=sum(map(len, jobs.values())) - missing, desc="generate", unit="resp",
                disable=not opts.progress, dynamic_ncols=True, file=sys.stderr)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         for model_spec in models:
             todo = [job for job in jobs[model_spec.label] if job[2] not in rows]
             if not todo:
                 continue
             tokenizer = load_tokenizer(model_spec.path)
-            model = load_model(model_spec.path).to(device)
+            model = load_model(model_spec.path, dtype=compute_dtype(opts.precision)).to(default_device())
+            sampler = make_sampler("hf", model, tokenizer, precision=opts.precision, batch_size=opts.batch_size, owns_model=True)
             prompts = [render_prompt(tokenizer, s.records[i].with_system(model_spec.system)) for s, i, _ in todo]
             # A response's random stream depends on (seed, set, prompt) only: every model samples a prompt with the
             # same stream, and a resumed run gives what an uninterrupted one would have.
             seeds = [prompt_seed(opts.seed, s.name, i) for s, i, _ in todo]
-            for batch in iter_samples(model, tokenizer, prompts, params, batch_size=opts.batch_size,
-                                      bf16=resolve_precision(opts.precision) == "bf16", seeds=seeds):
+            for batch in sampler.iter_batches(prompts, params, seeds=seeds):
                 for sample in batch:
                     eval_set, index, key = todo[sample.prompt_index]
                     row = {"key": key, "set": eval_set.name, "index": index, "model": model_spec.label,
@@ -206,7 +203,7 @@ def generate_all(opts: EvalOptions, models: list[ModelSpec], sets: list[EvalSet]
                     store.append(row)
                     rows[key] = row
                 bar.update(len(batch))
-            del model
+            del model, sampler
     finally:
         bar.close()
     return {label: {f"{s.name}/{i}": rows[key] for s, i, key in todo} for label, todo in jobs.items()}
@@ -230,14 +227,12 @@ def model_metrics(rows: list[dict[str, Any]], checks: dict[str, Callable[[str], 
 
 def teacher_logprobs(opts: EvalOptions, teacher: ModelSpec, sets: list[EvalSet], generated: dict[str, dict[str, Any]],
                      models: list[ModelSpec]) -> dict[tuple[str, str], dict[str, float]]:
-    import torch
-
-    from ..models import load_model, load_tokenizer
+    from ..models import compute_dtype, default_device, load_model, load_tokenizer
     from .scoring import teacher_logprob
 
     say(f"scoring every response with the teacher {teacher.label!r} ({teacher.path})")
     tokenizer = load_tokenizer(teacher.path)
-    model = load_model(teacher.path).to(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    model = load_model(teacher.path, dtype=compute_dtype(opts.precision)).to(default_device())
     scores = {}
     for eval_set in sets:
         conversations = [r.with_system(teacher.system) for r in eval_set.records]

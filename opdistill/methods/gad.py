@@ -27,7 +27,7 @@ from ..engine import Engine, Trainable, chunks, data_order, total_steps_for
 from ..models import apply_lora, load_model, save_pretrained_atomic
 from ..objectives.policy import group_advantages, kl_k3, ppo_clip_per_token
 from ..objectives.preference import bradley_terry, pairwise_accuracy
-from ..rollout import SamplingParams, rollout_seeds, samples_in_order, token_logprobs
+from ..rollout import SamplingParams, rollout_seeds, token_logprobs
 from .seqkd import response_nll_sum, response_tokens
 
 SATURATED_ACC = 0.99  # d_acc at or above this gives the generator no signal
@@ -97,7 +97,7 @@ class GAD:
         if not (path / "config.json").is_file():
             self.save_reference(engine)
             return
-        self.reference = load_model(str(path)).to(engine.accelerator.device).eval()
+        self.reference = load_model(str(path), dtype=engine.frozen_dtype).to(engine.accelerator.device).eval()
         self.reference.requires_grad_(False)
 
     def save_reference(self, engine: Engine) -> None:
@@ -115,10 +115,9 @@ class GAD:
 
     def sample(self, engine: Engine, indices: list[int]) -> Rollouts:
         """N samples per prompt from the current student, prompt-major."""
-        model = engine.accelerator.unwrap_model(engine.model)
         prompts = [self.prompts[i] for i in indices]
-        ordered = samples_in_order(model, self.tokenizer, prompts, self.sampling, n=self.config.n_samples,
-                                   batch_size=self.config.rollout_batch_size, seeds=rollout_seeds(self.config.seed, engine.step, indices))
+        ordered = engine.sampler.sample(prompts, self.sampling, n=self.config.n_samples,
+                                        seeds=rollout_seeds(self.config.seed, engine.step, indices))
         examples = [Example(prompts[s.prompt_index], s.response_ids) for s in ordered]
         lengths = torch.tensor([len(s.response_ids) for s in ordered], dtype=torch.float32)
         return Rollouts(examples, lengths, sum(not s.finished for s in ordered) / len(ordered))

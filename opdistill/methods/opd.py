@@ -25,7 +25,8 @@ from ..engine import Engine, chunks, data_order, total_steps_for
 from ..models import load_model, load_tokenizer, shared_vocabulary_size
 from ..objectives.divergences import default_beta, per_token, reward_policy_gradient
 from ..objectives.policy import kl_k1, kl_k3
-from ..rollout import SamplingParams, horizon_at, positions_from_mask, rollout_seeds, samples_in_order
+from ..seeds import mix_seed
+from ..rollout import SamplingParams, horizon_at, last_positions, positions_from_mask, rollout_seeds
 from .seqkd import response_tokens
 
 
@@ -43,7 +44,7 @@ def response_logits(model: Any, input_ids: torch.Tensor, attention_mask: torch.T
         return logits[loss_mask[:, 1:].bool()]
     keep = input_ids.shape[1] - start + 1  # positions start-1 .. L-1 predict tokens start .. L
     logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions_from_mask(attention_mask),
-                   logits_to_keep=keep).logits[:, :-1]
+                   logits_to_keep=last_positions(keep, input_ids.shape[1], input_ids.device)).logits[:, :-1]
     return logits[loss_mask[:, start:].bool()]
 
 
@@ -93,7 +94,7 @@ class OPD:
             return
         name = config.teacher or config.student
         teacher_tokenizer = load_tokenizer(name, chat_template=config.chat_template, trust_remote_code=config.trust_remote_code)
-        teacher = load_model(name, trust_remote_code=config.trust_remote_code, allow_pickle=config.allow_pickle)
+        teacher = load_model(name, dtype=engine.frozen_dtype, trust_remote_code=config.trust_remote_code, allow_pickle=config.allow_pickle)
         self.vocab = shared_vocabulary_size(self.tokenizer, teacher_tokenizer, student_vocab,
                                             teacher.get_output_embeddings().weight.shape[0], name)
         self.teacher = teacher.to(engine.accelerator.device).eval().requires_grad_(False)
@@ -117,14 +118,13 @@ class OPD:
 
     def on_policy(self, step: int) -> bool:
         """GKD's λ as a seeded per-step coin: the same steps are on-policy on every process and after a resume."""
-        return random.Random(self.config.seed * 1_000_003 + step).random() < self.config.on_policy_ratio
+        return random.Random(mix_seed(self.config.seed, step)).random() < self.config.on_policy_ratio
 
     def sample(self, engine: Engine, indices: list[int], horizon: int) -> tuple[list[list[int]], float]:
         """One response per prompt from the current student, and the share that hit the horizon."""
-        model = engine.accelerator.unwrap_model(engine.model)
         params = SamplingParams(self.config.temperature, self.config.top_p, horizon)
-        samples = samples_in_order(model, self.tokenizer, [self.student_prompts[i] for i in indices], params,
-                                   batch_size=self.config.rollout_batch_size, seeds=rollout_seeds(self.config.seed, engine.step, indices))
+        samples = engine.sampler.sample([self.student_prompts[i] for i in indices], params,
+                                        seeds=rollout_seeds(self.config.seed, engine.step, indices))
         return [s.response_ids for s in samples], sum(not s.finished for s in samples) / len(samples)
 
     def step(self, engine: Engine, step: int) -> dict[str, float]:

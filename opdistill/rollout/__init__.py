@@ -1,0 +1,17 @@
+"""Rollouts: the sampler seam and its engines, per-sample seeds and horizons, log-prob scoring helpers.
+
+Imports point one way: base (the interface) <- next_token, cache, scoring, schedules <- hf, vllm <- engines.
+Nothing here imports methods, the engine or evaluation.
+"""
+
+from ..sampling import SamplingParams
+from .base import Sample, Sampler, eos_token_ids, pack_jobs
+from .engines import ENGINES, make_sampler
+from .hf import HFSampler, sample_batch
+from .next_token import draw, sample_next
+from .schedules import horizon_at, rollout_seeds, row_generator, row_uniforms
+from .scoring import last_positions, left_pad, positions_from_mask, token_logprobs
+
+__all__ = ["ENGINES", "HFSampler", "Sample", "Sampler", "SamplingParams", "draw", "eos_token_ids", "horizon_at", "last_positions", "left_pad",
+           "make_sampler", "pack_jobs", "positions_from_mask", "rollout_seeds", "row_generator", "row_uniforms", "sample_batch",
+           "sample_next", "token_logprobs"]
