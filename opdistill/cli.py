@@ -175,6 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default=defaults.out, help=f"run directory (default {defaults.out})")
     d.add_argument("--method", choices=["gad", "seqkd", "opd"], default=defaults.method, help=f"training method (default {defaults.method})")
     d.add_argument("--system", default=defaults.system, help=f"the teacher's privileged system prompt (default {defaults.system!r})")
+    d.add_argument("--precision", choices=["auto", "bf16", "fp32"], default=defaults.precision,
+                   help="collection, training and evaluation precision (default auto: bf16 where the CPU or GPU has native bf16)")
     numbers = [("train_prompts", int, "built-in train prompts to collect"), ("heldout_prompts", int, "built-in held-out prompts to evaluate"),
                ("max_new_tokens", int, "response length for collection, training and evaluation"),
                ("batch_size", int, "prompts per training step"), ("lr", float, "student learning rate"),

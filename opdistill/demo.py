@@ -54,6 +54,7 @@ class DemoOptions:
     beta: float = -1.0  # jsd's β or Veto's β (-1: the divergence's default)
     horizon_tokens: int = 0  # > 0: truncated rollouts (TOPD) of this many tokens
     seed: int = 0
+    precision: str = "auto"  # collection, training and evaluation: auto (bf16 where native), bf16 or fp32
 
 
 def _say(message: str) -> None:
@@ -65,7 +66,7 @@ def collect_teacher(opts: DemoOptions, out: Path) -> Path:
     _say(f"1/3 collecting teacher responses ({opts.model} with system prompt {opts.system!r}) on {opts.train_prompts} built-in train prompts")
     summary = collect(CollectOptions(prompts=f"builtin:train[:{opts.train_prompts}]", out=str(teacher_file), teacher_model=opts.model,
                                      system=opts.system, temperature=0.7, top_p=0.95, max_tokens=opts.max_new_tokens, seed=opts.seed,
-                                     batch_size=32))
+                                     batch_size=32, precision=opts.precision))
     for line in summary.lines():
         _say("   " + line)
     return teacher_file
@@ -74,7 +75,8 @@ def collect_teacher(opts: DemoOptions, out: Path) -> Path:
 def train_config(opts: DemoOptions, teacher_file: Path, out: Path) -> dict[str, Any]:
     """The training run's config; every value can be checked in DIR/<method>/config.yaml afterwards."""
     common = {"method": opts.method, "student": opts.model, "data": str(teacher_file), "out_dir": str(out / opts.method),
-              "batch_size": opts.batch_size, "lr": opts.lr, "seed": opts.seed, "max_response_tokens": opts.max_new_tokens}
+              "batch_size": opts.batch_size, "lr": opts.lr, "seed": opts.seed, "max_response_tokens": opts.max_new_tokens,
+              "precision": opts.precision}
     if opts.method == "opd":
         return {**common, "data": f"builtin:train[:{opts.train_prompts}]", "teacher_system": opts.system, "divergence": opts.divergence,
                 "beta": opts.beta, "max_steps": opts.opd_steps, "batch_size": opts.opd_batch_size, "micro_batch_size": opts.opd_batch_size, "lr": opts.opd_lr,
@@ -132,7 +134,7 @@ def run_demo(opts: DemoOptions) -> dict:
     evaluation = run_eval(EvalOptions(
         models=[f"{name}={path}" for name, path in rows.items()], systems=[f"{TEACHER_ROW}={opts.system}"],
         prompts=[f"heldout=builtin:heldout[:{opts.heldout_prompts}]"], out=str(out), teacher=TEACHER_ROW, checks=["french"],
-        max_new_tokens=opts.max_new_tokens, temperature=0.0, batch_size=40, seed=opts.seed))
+        max_new_tokens=opts.max_new_tokens, temperature=0.0, batch_size=40, seed=opts.seed, precision=opts.precision))
     metrics = {**evaluation, "task": f"share of held-out responses in French (system prompt: {opts.system!r})",
                "options": asdict(opts), "training_run": str(run_dir), "seconds": round(time.monotonic() - started, 1)}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, ensure_ascii=False), encoding="utf-8")

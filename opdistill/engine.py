@@ -125,8 +125,15 @@ class Engine:
         # cpu=True on a machine without CUDA: accelerate then treats a torchrun / accelerate launch of several
         # processes as one gloo job instead of several independent single-process runs.
         self.precision = resolve_precision(config.precision)
-        self.accelerator = Accelerator(mixed_precision="bf16" if self.precision == "bf16" else "no", cpu=not torch.cuda.is_available())
         launched = int(os.environ.get("WORLD_SIZE", "1"))
+        if launched == 1:
+            # accelerate keeps one global state per process and refuses a second Accelerator with another mixed
+            # precision; a single process owns it, so a second run in the same Python (the API, a demo after
+            # an fp32 run) starts it afresh. Multi-process runs keep the launcher's state.
+            from accelerate.state import AcceleratorState
+
+            AcceleratorState._reset_state()
+        self.accelerator = Accelerator(mixed_precision="bf16" if self.precision == "bf16" else "no", cpu=not torch.cuda.is_available())
         if launched != self.accelerator.num_processes:
             raise OpdistillError(f"launched as {launched} processes but accelerate sees {self.accelerator.num_processes}",
                                  "start with `accelerate launch` or `torchrun`, whose environment accelerate reads")

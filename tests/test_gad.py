@@ -136,7 +136,7 @@ def test_an_adversarial_step_moves_the_generator_towards_higher_discriminator_sc
     from opdistill.data import collate
     from opdistill.engine import Engine
     from opdistill.methods import load_student
-    from opdistill.methods.gad import GAD, shifted_mask
+    from opdistill.methods.gad import GAD
     from opdistill.models import load_tokenizer
     from opdistill.objectives.policy import group_advantages
     from opdistill.rollout import token_logprobs
@@ -166,7 +166,7 @@ def test_an_adversarial_step_moves_the_generator_towards_higher_discriminator_sc
     engine.fit(method)
 
     batch = collate(seen["rollouts"].examples, tokenizer.pad_token_id)
-    mask = shifted_mask(batch)
+    mask = batch["loss_mask"][:, 1:].float()
 
     def mean_logprob() -> torch.Tensor:
         with torch.no_grad():

@@ -27,7 +27,7 @@ from ..engine import Engine, Trainable, chunks, data_order, total_steps_for
 from ..models import apply_lora, load_model, save_pretrained_atomic
 from ..objectives.policy import group_advantages, kl_k3, ppo_clip_per_token
 from ..objectives.preference import bradley_terry, pairwise_accuracy
-from ..rollout import SamplingParams, rollout_seeds, token_logprobs
+from ..rollout import SamplingParams, entropy_from_logits, response_logits, response_logprobs, response_targets, rollout_seeds
 from .seqkd import response_nll_sum, response_tokens
 
 SATURATED_ACC = 0.99  # d_acc at or above this gives the generator no signal
@@ -41,11 +41,6 @@ class Rollouts:
     examples: list[Example]
     lengths: torch.Tensor  # (B * N,) response tokens
     truncated: float  # share that hit max_new_tokens without EOS
-
-
-def shifted_mask(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Response-token mask aligned with token_logprobs (positions 1..L-1)."""
-    return batch["loss_mask"][:, 1:].float()
 
 
 class GAD:
@@ -186,7 +181,7 @@ class GAD:
         if step >= self.config.d_only_steps:
             engine.model.train()
             examples = [Example(self.prompts[i], self.teacher[i]) for i in indices]
-            batches = [collate(group, self.pad_id) for group in chunks(examples, self.config.micro_batch_size)]
+            batches = [collate(group, self.pad_id, align_responses=True) for group in chunks(examples, self.config.micro_batch_size)]
             metrics["g_ce_loss"] = engine.backward_token_mean(batches, response_nll_sum, response_tokens)
             metrics.update(engine.optimizer_step())
         self.warmup_length = metrics["response_length"]
@@ -203,36 +198,35 @@ class GAD:
         config = self.config
         indices = self.batch_indices(engine, step)
         rollouts = self.sample(engine, indices)
-        batches = [collate(group, self.pad_id) for group in chunks(rollouts.examples, config.micro_batch_size)]
+        # Responses aligned at one index: only response positions reach the LM head (rollout.scoring.response_logits).
+        batches = [collate(group, self.pad_id, align_responses=True) for group in chunks(rollouts.examples, config.micro_batch_size)]
         device = engine.accelerator.device
         with torch.no_grad():
             ref = []
             for batch in batches:
                 moved = {k: v.to(device) for k, v in batch.items()}
                 with engine.accelerator.autocast():
-                    ref.append(token_logprobs(self.reference, moved, config.temperature))
+                    ref.append(response_logprobs(self.reference, moved, config.temperature).cpu())
         d_metrics, rewards = self.discriminator_update(engine, indices, rollouts, train=not config.freeze_discriminator)
         advantages = group_advantages(rewards).view(-1)
 
         engine.model.train()
         stats = {"clipped": 0.0, "kl": 0.0, "entropy": 0.0}
         for batch, ref_lp, batch_advantages in zip(batches, ref, advantages.split([len(b["input_ids"]) for b in batches])):
-            batch["ref_logprobs"] = ref_lp.cpu()
-            batch["advantages"] = batch_advantages.unsqueeze(1).expand_as(ref_lp).contiguous()
+            batch["ref_logprobs"] = ref_lp
+            # one advantage per sequence, repeated for each of its response tokens (response_logits' row-major order)
+            batch["advantages"] = batch_advantages.repeat_interleave(batch["loss_mask"][:, 1:].sum(dim=1))
 
         def loss_sum(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float() / config.temperature
-            logprobs_all = torch.log_softmax(logits, dim=-1)
-            logprobs = logprobs_all.gather(-1, batch["input_ids"][:, 1:].unsqueeze(-1)).squeeze(-1)
-            mask = shifted_mask(batch)
+            logits = response_logits(model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"]).float() / config.temperature
+            logprobs = -torch.nn.functional.cross_entropy(logits, response_targets(batch), reduction="none")
             policy, clipped = ppo_clip_per_token(logprobs, logprobs.detach(), batch["advantages"], config.clip_ratio)
             kl = kl_k3(logprobs, batch["ref_logprobs"])
             with torch.no_grad():
-                entropy = -(logprobs_all.exp() * logprobs_all).sum(-1)
-                stats["clipped"] += float((clipped * mask).sum())
-                stats["kl"] += float((kl * mask).sum())
-                stats["entropy"] += float((entropy * mask).sum())
-            return ((policy + config.kl_coef * kl) * mask).sum()
+                stats["clipped"] += float(clipped.sum())
+                stats["kl"] += float(kl.sum())
+                stats["entropy"] += float(entropy_from_logits(logits).sum())
+            return (policy + config.kl_coef * kl).sum()
 
         g_loss = engine.backward_token_mean(batches, loss_sum, response_tokens)
         step_metrics = engine.optimizer_step()

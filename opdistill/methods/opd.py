@@ -26,26 +26,8 @@ from ..models import load_model, load_tokenizer, shared_vocabulary_size
 from ..objectives.divergences import default_beta, per_token, reward_policy_gradient
 from ..objectives.policy import kl_k1, kl_k3
 from ..seeds import mix_seed
-from ..rollout import SamplingParams, horizon_at, last_positions, positions_from_mask, rollout_seeds
+from ..rollout import SamplingParams, horizon_at, response_logits, rollout_seeds
 from .seqkd import response_tokens
-
-
-def response_logits(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
-    """Next-token logits at the response positions, flattened row-major to (tokens, V): the logits that predict
-    each response token. Two batches holding the same responses behind different prompts line up row for row.
-
-    For a batch collated with align_responses=True (every response starts at the same index) only the
-    positions from there on get logits: the LM head and the (B, L, V) logits tensor shrink to the responses.
-    """
-    starts = loss_mask.float().argmax(dim=1)
-    start = int(starts.min())
-    if start == 0 or not bool((starts == start).all()):  # not aligned (or a row without a response)
-        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]
-        return logits[loss_mask[:, 1:].bool()]
-    keep = input_ids.shape[1] - start + 1  # positions start-1 .. L-1 predict tokens start .. L
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions_from_mask(attention_mask),
-                   logits_to_keep=last_positions(keep, input_ids.shape[1], input_ids.device)).logits[:, :-1]
-    return logits[loss_mask[:, start:].bool()]
 
 
 def beta_at(step: int, total_steps: int, start: float, end: float) -> float:

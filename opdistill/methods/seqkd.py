@@ -5,20 +5,17 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from ..config import RunConfig
 from ..data import Example, collate, load_records, tokenize_records
 from ..engine import Engine, chunks, data_order, total_steps_for
+from ..rollout.scoring import response_logprobs
 
 
 def response_nll_sum(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Summed next-token NLL over response positions (loss_mask marks response tokens)."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
-    targets = batch["input_ids"][:, 1:]
-    mask = batch["loss_mask"][:, 1:].to(torch.float32)
-    nll = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
-    return (nll.view_as(mask) * mask).sum()
+    """Summed next-token NLL over response positions (loss_mask marks response tokens); only those positions
+    reach the cross-entropy (and, for a batch collated with align_responses, the LM head)."""
+    return -response_logprobs(model, batch).sum()
 
 
 def response_tokens(batch: dict[str, torch.Tensor]) -> int:

@@ -44,3 +44,45 @@ def token_logprobs(model: Any, batch: dict[str, torch.Tensor], temperature: floa
         logits = logits / temperature
     targets = batch["input_ids"][:, 1:].unsqueeze(-1)
     return torch.log_softmax(logits, dim=-1).gather(-1, targets).squeeze(-1)
+
+
+def response_logits(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    """Next-token logits at the response positions, flattened row-major to (tokens, V): the logits that predict
+    each response token. Two batches holding the same responses behind different prompts line up row for row.
+
+    For a batch collated with align_responses=True (every response starts at the same index) only the
+    positions from there on get logits: the LM head and the (B, L, V) logits tensor shrink to the responses.
+    """
+    starts = loss_mask.float().argmax(dim=1)
+    start = int(starts.min())
+    if start == 0 or not bool((starts == start).all()):  # not aligned (or a row without a response)
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]
+        return logits[loss_mask[:, 1:].bool()]
+    keep = input_ids.shape[1] - start + 1  # positions start-1 .. L-1 predict tokens start .. L
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions_from_mask(attention_mask),
+                   logits_to_keep=last_positions(keep, input_ids.shape[1], input_ids.device)).logits[:, :-1]
+    return logits[loss_mask[:, start:].bool()]
+
+
+def response_targets(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The response tokens of a collated batch, flattened row-major like response_logits' rows."""
+    return batch["input_ids"][:, 1:][batch["loss_mask"][:, 1:].bool()]
+
+
+def response_logprobs(model: Any, batch: dict[str, torch.Tensor], temperature: float = 1.0) -> torch.Tensor:
+    """log π(y_t | x, y_<t) of every response token (flattened like response_targets), in fp32.
+
+    cross_entropy fuses log_softmax and the gather, and its backward is softmax − one-hot: no V-wide
+    log-probabilities are kept for the backward pass."""
+    logits = response_logits(model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"]).float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    return -torch.nn.functional.cross_entropy(logits, response_targets(batch), reduction="none")
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """H(softmax(z)) = logsumexp(z) − Σ softmax(z) z per row (softmax, not exp(log_softmax): torch.exp is slow on
+    the far-negative tail of real logits)."""
+    logits = logits.float()
+    return torch.logsumexp(logits, dim=-1) - (torch.softmax(logits, dim=-1) * logits).sum(dim=-1)
+
