@@ -109,3 +109,24 @@ def test_vllm_engine_fails_with_a_clear_error_without_vllm_or_cuda(tiny_model):
         make_sampler("vllm", model, tokenizer, model_path=str(tiny_model))
     with pytest.raises(OpdistillError, match="unknown rollout_engine"):
         make_sampler("sglang", model, tokenizer)
+
+
+def test_decode_attention_matches_sdpa_with_left_padding_and_grouped_heads(tiny_model):
+    import copy
+
+    from opdistill.rollout.attention import DECODE_ATTENTION, use_decode_attention
+
+    tokenizer, model = load_tokenizer(str(tiny_model)), load_model(str(tiny_model)).eval()
+    assert model.config.num_attention_heads != model.config.num_key_value_heads  # grouped-query attention is exercised
+    own = copy.deepcopy(model)
+    use_decode_attention(own)
+    assert own.config._attn_implementation == DECODE_ATTENTION and model.config._attn_implementation == "sdpa"
+    prompts = prompts_for(tokenizer)  # different lengths: left padding, so the decode steps carry a mask
+    params = SamplingParams(0.0, 1.0, 16)
+    reference = sample_batch(model, prompts, [2] * 4, params, tokenizer.pad_token_id, set())
+    mine = sample_batch(own, prompts, [2] * 4, params, tokenizer.pad_token_id, set())
+    assert mine[0] == reference[0]
+    torch.testing.assert_close(torch.tensor(mine[1]), torch.tensor(reference[1]), rtol=1e-5, atol=1e-5)
+    # a sampler that owns its copy switches it; the model it samples for keeps SDPA
+    sampler = HFSampler(model, tokenizer, dtype=torch.bfloat16)
+    assert sampler.policy.config._attn_implementation == DECODE_ATTENTION and model.config._attn_implementation == "sdpa"

@@ -1,6 +1,7 @@
 """Rollouts: the sampler seam and its engines, per-sample seeds and horizons, log-prob scoring helpers.
 
-Imports point one way: base (the interface) <- next_token, cache, scoring, schedules <- hf, vllm <- engines.
+Imports point one way: base (the interface) <- next_token, cache, packed, attention, scoring, schedules <- hf, vllm
+<- engines.
 Nothing here imports methods, the engine or evaluation.
 """
 

@@ -5,6 +5,7 @@
   copies the trained parameters into that copy in place after every optimizer step.
 - On a CPU with native bf16, the sampler's own bf16 weights are also kept pre-packed for oneDNN (packed.py):
   ≈ 1.4x the decode throughput of plain bf16 weights here, bitwise the same logits.
+- A model the sampler owns attends at decode steps with attention.decode_attention (two small matmuls per layer).
 - Each prompt is prefilled once and its cache shared by its n samples (GAD's groups).
 - The KV cache is allocated once per batch (cache.py); a decode step writes its slice.
 - Tokens, log-probs and lengths are collected in device tensors and read back once per batch. Finished rows
@@ -23,6 +24,7 @@ import torch
 
 from ..sampling import SamplingParams
 from .base import Sample, Sampler, Skip, eos_token_ids, pack_jobs
+from .attention import use_decode_attention
 from .cache import preallocated_cache, select_rows, supports_preallocated_cache
 from .next_token import sample_next
 from .packed import pack_linears, packing_available
@@ -54,6 +56,8 @@ class HFSampler(Sampler):
         self.preallocate = supports_preallocated_cache(model)
         may_rewrite = self.owns_copy or owns_model
         self.packed = pack_linears(self.policy, batch_size) if may_rewrite and packing_available(self.policy) else {}
+        if may_rewrite and self.preallocate:
+            use_decode_attention(self.policy)
 
     @staticmethod
     @torch.no_grad()
