@@ -255,6 +255,10 @@ class OPDConfig(OnPolicyConfig):
             raise ConfigError(f"distill_temperature must be > 0, got {self.distill_temperature}")
         if not 0.0 <= self.on_policy_ratio <= 1.0:
             raise ConfigError(f"on_policy_ratio must be in [0, 1], got {self.on_policy_ratio}")
+        if self.on_policy_ratio < 1.0 and self.divergence in SAMPLED_ESTIMATORS:
+            raise ConfigError(f"divergence {self.divergence} is a sampled-token estimator: it is unbiased only on the student's own "
+                              f"samples, but on_policy_ratio {self.on_policy_ratio} feeds it the data's responses on some steps",
+                              "use a full-vocabulary divergence (fkl, rkl, jsd, ...) with on_policy_ratio < 1, or on_policy_ratio: 1")
         if self.horizon == "truncated" and self.horizon_ratio <= 0 and self.horizon_tokens <= 0:
             raise ConfigError("horizon: truncated needs horizon_ratio (0 < ρ <= 1) or horizon_tokens > 0")
         if self.horizon_ratio > 1:
@@ -305,17 +309,25 @@ def _coerce(name: str, value: Any, kind: type, where: str) -> Any:
     )
 
 
-# Names other trainers use for our keys, so a user coming from them gets the right suggestion.
+# Names other trainers use for our keys, so a user coming from them gets the right suggestion (docs/train.md has the
+# table). Suggested only when the target is a key of the method at hand (`beta` is OPD's own key, GAD's kl_coef).
 ALIASES = {
     "learning_rate": "lr", "learning_rat": "lr", "output_dir": "out_dir", "model": "student", "model_name_or_path": "student",
     "num_train_epochs": "epochs", "lr_scheduler_type": "lr_schedule", "per_device_train_batch_size": "micro_batch_size",
     "train_file": "data", "dataset": "data", "eval_file": "eval_data", "bf16": "precision", "save_steps": "checkpoint_every",
     "warmup": "warmup_ratio", "clip_grad_norm": "max_grad_norm", "grad_clip": "max_grad_norm",
+    # TRL (GKD / GRPO / on-policy distillation)
+    "lmbda": "on_policy_ratio", "num_generations": "n_samples", "beta": "kl_coef", "epsilon": "clip_ratio",
+    "max_new_tokens": "max_response_tokens", "max_completion_length": "max_response_tokens", "max_prompt_length": "max_prompt_tokens",
+    "teacher_model_name_or_path": "teacher", "teacher_model": "teacher",
+    # verl (data.*, actor_rollout_ref.*, algorithm.*: the last part of the name)
+    "train_batch_size": "batch_size", "max_response_length": "max_response_tokens", "ppo_micro_batch_size_per_gpu": "micro_batch_size",
+    "kl_loss_coef": "kl_coef", "n": "n_samples", "total_training_steps": "max_steps", "total_epochs": "epochs", "clip_ratio_low": "clip_ratio",
 }
 
 
 def _unknown_key(name: str, valid: list[str], where: str) -> ConfigError:
-    close = [ALIASES[name]] if name in ALIASES else difflib.get_close_matches(name, valid, n=1, cutoff=0.5)
+    close = [ALIASES[name]] if ALIASES.get(name) in valid else difflib.get_close_matches(name, valid, n=1, cutoff=0.5)
     fix = f"did you mean `{close[0]}`?" if close else "run `opdistill train --help-config` for the valid keys"
     return ConfigError(f"{where}: unknown config key `{name}`", fix)
 

@@ -196,3 +196,25 @@ def test_config_help_lists_every_field() -> None:
         assert f.metadata["help"] in text
     assert "micro_batch_size" in text and "default 8" in text
     assert len([line for line in text.splitlines() if line.startswith("  ")]) == len(dataclasses.fields(SeqKDConfig))
+
+
+@pytest.mark.parametrize("method, key, suggestion", [
+    ("opd", "lmbda", "on_policy_ratio"), ("gad", "num_generations", "n_samples"), ("gad", "beta", "kl_coef"),
+    ("gad", "epsilon", "clip_ratio"), ("gad", "max_new_tokens", "max_response_tokens"), ("opd", "max_completion_length", "max_response_tokens"),
+    ("gad", "kl_loss_coef", "kl_coef"), ("seqkd", "train_batch_size", "batch_size"), ("opd", "teacher_model_name_or_path", "teacher")])
+def test_names_from_trl_and_verl_suggest_our_key(method: str, key: str, suggestion: str) -> None:
+    err = config_error(None, ["data=d.jsonl", f"{key}=1"], method=method)
+    assert f"`{key}`" in str(err) and f"`{suggestion}`" in (err.fix or "")
+
+
+def test_beta_is_opds_own_key_and_not_suggested_where_kl_coef_does_not_exist() -> None:
+    assert load_config(None, ["data=d.jsonl", "divergence=jsd", "beta=0.3"], method="opd").beta == 0.3
+    err = config_error(None, ["data=d.jsonl", "beta=0.1"], method="seqkd")
+    assert "kl_coef" not in (err.fix or "")
+
+
+@pytest.mark.parametrize("estimator", ["k1", "k3", "reward"])
+def test_sampled_token_estimators_need_the_students_own_samples(estimator: str) -> None:
+    err = config_error(None, ["data=d.jsonl", f"divergence={estimator}", "on_policy_ratio=0.5"], method="opd")
+    assert "sampled-token estimator" in str(err) and "on_policy_ratio" in (err.fix or "")
+    assert load_config(None, ["data=d.jsonl", f"divergence={estimator}"], method="opd").on_policy_ratio == 1.0

@@ -70,3 +70,17 @@ def test_kl_estimators():
     samples = torch.multinomial(p, 200_000, replacement=True)
     estimate = kl_k3(p.log()[samples], q.log()[samples]).mean().item()
     assert estimate == pytest.approx((p * (p / q).log()).sum().item(), rel=0.02)
+
+
+def test_k3_is_clamped_like_verl_so_a_very_unlikely_token_gives_a_finite_loss_and_gradient():
+    """Student log-prob −90, reference −1: unclamped k3 is exp(89) = inf in fp32; clamped it is at most 10."""
+    logprobs = torch.tensor([-90.0, -1.2, -3.0], requires_grad=True)
+    ref = torch.tensor([-1.0, -1.0, -2.5])
+    value = kl_k3(logprobs, ref)
+    assert torch.isfinite(value).all() and value[0] == 10.0
+    (grad,) = torch.autograd.grad(value.sum(), logprobs)
+    assert torch.isfinite(grad).all() and grad[0] == 0.0
+    # inside the bounds the value is the plain estimator
+    inside = torch.exp(ref[1:] - logprobs[1:]) - (ref[1:] - logprobs[1:]) - 1.0
+    torch.testing.assert_close(value[1:], inside.detach())
+

@@ -12,7 +12,7 @@ Kinds (p_T teacher, p_θ student; KL(p‖q) = Σ_v p(v) (log p(v) − log q(v)))
   rkl       KL(p_θ ‖ p_T)
   jsd       β KL(p_T ‖ m) + (1−β) KL(p_θ ‖ m), m = β p_T + (1−β) p_θ formed in probability space (GKD).
             At β = 0 and β = 1 the mixture equals one side and the value is identically 0: these
-            endpoints are NOT forward / reverse KL (use fkl / rkl); config validation rejects them.
+            endpoints are NOT forward / reverse KL, so per_token raises and names fkl / rkl.
   skl       KL(p_T ‖ α p_T + (1−α) p_θ)          (DistiLLM skew KL)
   srkl      KL(p_θ ‖ (1−α) p_T + α p_θ)          (skew reverse KL)
   veto_fkl  KL(Q ‖ p_θ),  Q ∝ p_T · sg(p_θ)^β    (Veto, arXiv 2601.07155: a product target, not a mixture)
@@ -65,9 +65,6 @@ def divergence_from_logprobs(log_s: torch.Tensor, log_t: torch.Tensor, kind: str
     if kind == "rkl":
         return kl_from_logprobs(log_s, log_t)
     if kind == "jsd":
-        if beta <= 0.0 or beta >= 1.0:
-            # Identically 0 (see the module doc); kept connected to the graph so a backward pass still runs.
-            return 0.0 * log_s.masked_fill(~torch.isfinite(log_s), 0.0).sum(dim=-1)
         mixture = log_mixture(log_t, log_s, beta)
         return beta * kl_from_logprobs(log_t, mixture) + (1.0 - beta) * kl_from_logprobs(log_s, mixture)
     if kind == "skl":
@@ -175,6 +172,9 @@ def per_token(student_logits: torch.Tensor, teacher_logits: torch.Tensor, kind: 
     alpha = 0.1 if alpha is None else alpha
     if kind in ("skl", "srkl") and not 0.0 < alpha < 1.0:
         raise ValueError(f"alpha must be in (0, 1) for {kind}, got {alpha}")
+    if kind == "jsd" and not 0.0 < beta < 1.0:
+        raise ValueError(f"jsd with beta {beta}: at β = 0 or 1 the generalised JSD is identically 0, not forward or reverse KL; "
+                         "use beta in (0, 1), or kind fkl / rkl")
     teacher_logits = teacher_logits.detach()
     leading, vocab = student_logits.shape[:-1], student_logits.shape[-1]
     student_rows, teacher_rows = student_logits.reshape(-1, vocab), teacher_logits.reshape(-1, vocab)

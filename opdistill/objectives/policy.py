@@ -43,7 +43,17 @@ def kl_k1(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
     return logprobs - ref_logprobs
 
 
+K3_LOG_RATIO_CLAMP = 20.0  # |ℓ_ref − ℓ_θ| beyond this is clamped before the exponential
+K3_VALUE_CLAMP = 10.0  # and the estimate itself to [−10, 10]
+
+
 def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
-    """k3 = exp(ℓ_ref − ℓ_θ) − (ℓ_ref − ℓ_θ) − 1: unbiased and always ≥ 0 (Schulman's estimator)."""
-    log_ratio = ref_logprobs - logprobs
-    return torch.exp(log_ratio) - log_ratio - 1.0
+    """k3 = exp(ℓ_ref − ℓ_θ) − (ℓ_ref − ℓ_θ) − 1: unbiased and ≥ 0 (Schulman's estimator), clamped for safety.
+
+    A token the student finds very unlikely but the reference does not (ℓ_θ = −90, ℓ_ref = −1) gives
+    exp(89): inf in fp32, and an inf loss and gradient. Like verl (kl_penalty "low_var_kl") the log-ratio is
+    clamped to ±20 and the estimate to [−10, 10]; inside those bounds the value and gradient are unchanged,
+    outside the gradient is 0 (the token then contributes a constant penalty of at most 10).
+    """
+    log_ratio = (ref_logprobs - logprobs).clamp(-K3_LOG_RATIO_CLAMP, K3_LOG_RATIO_CLAMP)
+    return (torch.exp(log_ratio) - log_ratio - 1.0).clamp(-K3_VALUE_CLAMP, K3_VALUE_CLAMP)
