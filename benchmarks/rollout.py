@@ -67,6 +67,9 @@ def main() -> None:
     tokenizer = load_tokenizer(MODEL)
     fp32_model = load_model(MODEL).to(default_device()).eval()
     model = load_model(MODEL, dtype=dtype).to(default_device()).eval()
+    # opdistill's sampler gets its own instance: it owns it, as evaluation's and the local teacher's samplers do,
+    # and may rewrite its layers (oneDNN-packed bf16 linears, one-token decode attention); generate keeps the plain one.
+    own = load_model(MODEL, dtype=dtype).to(default_device()).eval()
     prompts = [render_prompt(tokenizer, r.messages) for r in load_records("builtin:heldout[:16]")]
     cases = [("batch 16, T 1.0", prompts, 1, SamplingParams(1.0, 1.0, args.new_tokens)),
              ("batch 16, T 0.8, top-p 0.95", prompts, 1, SamplingParams(0.8, 0.95, args.new_tokens)),
@@ -77,7 +80,7 @@ def main() -> None:
           f"{args.precision} / fp32 |\n|---|---:|---:|---:|---:|---:|")
     for name, batch, n, params in cases:
         peer = tokens_per_second(hf_generate, args.repeats, model, tokenizer, batch, n, params)
-        mine = tokens_per_second(ours, args.repeats, HFSampler(model, tokenizer, batch_size=16), batch, n, params)
+        mine = tokens_per_second(ours, args.repeats, HFSampler(own, tokenizer, batch_size=16, owns_model=True), batch, n, params)
         fp32 = tokens_per_second(ours, args.repeats, HFSampler(fp32_model, tokenizer, batch_size=16), batch, n, params)
         print(f"| {name} | {peer:.1f} | {mine:.1f} | {mine / peer:.2f}x | {fp32:.1f} | {mine / fp32:.2f}x |", flush=True)
 

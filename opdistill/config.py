@@ -172,7 +172,13 @@ class GADConfig(OnPolicyConfig):
     micro_batch_size: int = opt(8, "Sequences per forward/backward pass (prompts x samples are split into these).")
     warmup_steps: int = opt(-1, "GAD warm-up stage length in steps (-1: one epoch over the prompts; 0: none).")
     d_only_steps: int = opt(10, "Warm-up steps where only the discriminator trains.")
-    clip_ratio: float = opt(0.2, "PPO ratio clip ε.")
+    clip_ratio: float = opt(0.2, "PPO ratio clip ε (policy_loss: ppo_clip).")
+    policy_loss: str = opt("ppo_clip", "Generator objective: ppo_clip (GRPO's clipped ratio) or drpo (DRPO, arXiv 2606.09821: a smooth "
+                                       "advantage-weighted quadratic penalty on the sampled token's probability shift instead of a hard clip).")
+    drpo_delta: float = opt(0.15, "DRPO's trust-region width δ on |π(y) − μ(y)| (the sampled token's probability shift; DPPO's TV "
+                                  "threshold 0.15): the gradient weight reaches 0 there and turns corrective beyond.")
+    ppo_epochs: int = opt(1, "Optimizer steps per rollout batch (each a full pass over it); > 1 makes the trust region matter. "
+                             "The lr schedule and the sampler advance once per rollout batch.")
     kl_coef: float = opt(0.001, "Coefficient of the k3 KL to the reference (the end-of-warm-up student).")
     d_lr: float = opt(1e-6, "Discriminator learning rate.")
     d_max_grad_norm: float = opt(0.2, "Discriminator gradient clipping.")
@@ -195,6 +201,9 @@ class GADConfig(OnPolicyConfig):
             raise ConfigError(f"discriminator_layers must be >= 0 (0 keeps all), got {self.discriminator_layers}")
         if self.clip_ratio <= 0 or self.kl_coef < 0 or self.d_lr <= 0:
             raise ConfigError("clip_ratio and d_lr must be > 0 and kl_coef >= 0")
+        _choice("policy_loss", self.policy_loss, ("ppo_clip", "drpo"))
+        if self.drpo_delta <= 0 or self.ppo_epochs < 1:
+            raise ConfigError(f"drpo_delta must be > 0 (got {self.drpo_delta}) and ppo_epochs >= 1 (got {self.ppo_epochs})")
 
 
 DIVERGENCES = ("fkl", "rkl", "jsd", "skl", "srkl", "veto_fkl", "veto_rkl")
@@ -317,12 +326,14 @@ ALIASES = {
     "train_file": "data", "dataset": "data", "eval_file": "eval_data", "bf16": "precision", "save_steps": "checkpoint_every",
     "warmup": "warmup_ratio", "clip_grad_norm": "max_grad_norm", "grad_clip": "max_grad_norm",
     # TRL (GKD / GRPO / on-policy distillation)
-    "lmbda": "on_policy_ratio", "num_generations": "n_samples", "beta": "kl_coef", "epsilon": "clip_ratio",
+    "lmbda": "on_policy_ratio", "num_generations": "n_samples", "num_iterations": "ppo_epochs", "loss_type": "policy_loss",
+    "beta": "kl_coef", "epsilon": "clip_ratio",
     "max_new_tokens": "max_response_tokens", "max_completion_length": "max_response_tokens", "max_prompt_length": "max_prompt_tokens",
     "teacher_model_name_or_path": "teacher", "teacher_model": "teacher",
     # verl (data.*, actor_rollout_ref.*, algorithm.*: the last part of the name)
     "train_batch_size": "batch_size", "max_response_length": "max_response_tokens", "ppo_micro_batch_size_per_gpu": "micro_batch_size",
-    "kl_loss_coef": "kl_coef", "n": "n_samples", "total_training_steps": "max_steps", "total_epochs": "epochs", "clip_ratio_low": "clip_ratio",
+    "kl_loss_coef": "kl_coef", "loss_mode": "policy_loss", "n": "n_samples", "total_training_steps": "max_steps",
+    "total_epochs": "epochs", "clip_ratio_low": "clip_ratio",
 }
 
 

@@ -221,14 +221,16 @@ class Engine:
             total += summed.detach().item()
         return self.global_sum(total) / global_tokens
 
-    def optimizer_step(self) -> dict[str, float]:
-        """Clip, step the optimizer and the schedule, zero the gradients; returns grad_norm and lr."""
+    def optimizer_step(self, final: bool = True) -> dict[str, float]:
+        """Clip, step the optimizer, zero the gradients; returns grad_norm and lr. `final` (the last optimizer step
+        of a training step; GAD's ppo_epochs make several) also steps the schedule and syncs the sampler."""
         grad_norm = self._clip(self.model, self.config.max_grad_norm)
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
-        self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.sync_sampler()
+        if final:
+            self.scheduler.step()
+            self.sync_sampler()
         return {"grad_norm": grad_norm, "lr": lr}
 
     def _clip(self, model: Any, max_norm: float) -> float:

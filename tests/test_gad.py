@@ -198,3 +198,26 @@ def test_cross_tokenizer_gad_from_smollm2_text_into_a_tiny_student(tiny_model, t
     summary = train(load_config(None, overrides))
     assert summary["steps"] == 4 and (out / "student" / "config.json").is_file()
     assert [line["stage"] for line in metric_lines(out)] == [0, 0, 1, 1]
+
+
+@pytest.mark.parametrize("policy_loss", ["ppo_clip", "drpo"])
+def test_several_ppo_epochs_per_rollout_batch_make_the_trust_region_act(policy_loss, tiny_model, selfinstruct, tmp_path):
+    """With ppo_epochs 3 the later epochs move the policy away from the behaviour policy, so PPO clips (or DRPO's
+    weight crosses its boundary) on some tokens; the lr schedule and the step count still advance per rollout batch."""
+    out = tmp_path / policy_loss
+    summary = train(load_config(None, gad_overrides(tiny_model, selfinstruct, out, policy_loss=policy_loss, ppo_epochs=3, lr="2e-2",
+                                                    drpo_delta="0.02", clip_ratio="0.05", lr_schedule="linear", max_steps=3,
+                                                    checkpoint_every=0)))
+    assert summary["steps"] == 5
+    adversarial = [line for line in metric_lines(out) if line["stage"] == 1]
+    assert len(adversarial) == 3 and all(torch.isfinite(torch.tensor(line["g_loss"])) for line in adversarial)
+    assert max(line["clipped"] for line in adversarial) > 0, f"{policy_loss} never acted over 3 epochs per batch"
+    lrs = [line["lr"] for line in adversarial]
+    assert lrs[0] > lrs[1] > lrs[2], "the linear schedule steps once per rollout batch, not once per epoch"
+
+
+def test_one_ppo_clip_epoch_never_clips(tiny_model, selfinstruct, tmp_path):
+    """One epoch: the update's own detached log-probs are the old ones (ratio 1), as documented."""
+    out = tmp_path / "one"
+    train(load_config(None, gad_overrides(tiny_model, selfinstruct, out, clip_ratio="0.01", checkpoint_every=0)))
+    assert all(line["clipped"] == 0 for line in metric_lines(out) if line["stage"] == 1)

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from opdistill.objectives.policy import group_advantages, kl_k1, kl_k3, ppo_clip_per_token
+from opdistill.objectives.policy import drpo_per_token, group_advantages, kl_k1, kl_k3, ppo_clip_per_token
 from opdistill.objectives.preference import bradley_terry, pairwise_accuracy
 
 
@@ -83,4 +83,31 @@ def test_k3_is_clamped_like_verl_so_a_very_unlikely_token_gives_a_finite_loss_an
     # inside the bounds the value is the plain estimator
     inside = torch.exp(ref[1:] - logprobs[1:]) - (ref[1:] - logprobs[1:]) - 1.0
     torch.testing.assert_close(value[1:], inside.detach())
+
+
+def test_drpo_gradient_is_the_bounded_weight_and_vanishes_on_dppos_boundary():
+    """float64: ∂ℓ/∂log π = −A·r·w with w = 1 − sign(A)(π − μ)/δ; w = 0 exactly where DPPO's mask drops the token."""
+    delta = 0.15
+    behaviour = torch.log(torch.tensor([0.30, 0.30, 0.30, 0.30, 0.50, 0.02], dtype=torch.float64))
+    policy = torch.log(torch.tensor([0.30, 0.40, 0.45, 0.10, 0.20, 0.02], dtype=torch.float64)).requires_grad_(True)
+    advantages = torch.tensor([1.0, 1.0, 1.0, -1.0, 2.0, 0.0], dtype=torch.float64)
+    loss, beyond = drpo_per_token(policy, behaviour, advantages, delta)
+    (grad,) = torch.autograd.grad(loss.sum(), policy)
+    p, mu = policy.detach().exp(), behaviour.exp()
+    ratio, weight = p / mu, 1 - torch.sign(advantages) * (p - mu) / delta
+    torch.testing.assert_close(grad, -advantages * ratio * weight, rtol=1e-12, atol=1e-12)
+    # π = μ: plain policy gradient, ℓ = −A; A = 0: nothing
+    assert loss[0].item() == pytest.approx(-1.0) and loss[5].item() == 0.0 and grad[5].item() == 0.0
+    # shift 0.15 with A > 0 sits exactly on the boundary (w = 0); 0.15 < shift with A > 0 is beyond (w < 0, corrective)
+    assert abs(weight[2].item()) < 1e-12 and grad[2].abs().item() < 1e-12
+    assert beyond[[0, 1, 3, 4, 5]].tolist() == [0.0, 0.0, 1.0, 0.0, 0.0]  # index 2 is on the boundary itself
+    assert weight[3] < 0 and grad[3] < 0  # A < 0 and the token already lost 0.2 > δ of mass: pushed back up
+    # DPPO's Binary-TV mask keeps a token iff sign(A)(π − μ) <= δ: DRPO's weight is positive exactly there
+    kept = torch.sign(advantages) * (p - mu) <= delta + 1e-12
+    assert bool(((weight > -1e-12) == kept)[advantages != 0].all())
+
+
+def test_drpo_rejects_a_non_positive_delta():
+    with pytest.raises(ValueError, match="delta"):
+        drpo_per_token(torch.zeros(2), torch.zeros(2), torch.ones(2), 0.0)
 

@@ -25,7 +25,7 @@ from ..data import Example, collate, load_records, tokenize_records
 from ..discriminator import load_discriminator
 from ..engine import Engine, Trainable, chunks, data_order, total_steps_for
 from ..models import apply_lora, load_model, save_pretrained_atomic
-from ..objectives.policy import group_advantages, kl_k3, ppo_clip_per_token
+from ..objectives.policy import drpo_per_token, group_advantages, kl_k3, ppo_clip_per_token
 from ..objectives.preference import bradley_terry, pairwise_accuracy
 from ..rollout import SamplingParams, entropy_from_logits, response_logits, response_logprobs, response_targets, rollout_seeds
 from .seqkd import response_nll_sum, response_tokens
@@ -41,6 +41,7 @@ class Rollouts:
     examples: list[Example]
     lengths: torch.Tensor  # (B * N,) response tokens
     truncated: float  # share that hit max_new_tokens without EOS
+    logprobs: list[list[float]]  # per sample, the sampling (behaviour) policy's log-prob of each response token
 
 
 class GAD:
@@ -115,7 +116,7 @@ class GAD:
                                         seeds=rollout_seeds(self.config.seed, engine.step, indices))
         examples = [Example(prompts[s.prompt_index], s.response_ids) for s in ordered]
         lengths = torch.tensor([len(s.response_ids) for s in ordered], dtype=torch.float32)
-        return Rollouts(examples, lengths, sum(not s.finished for s in ordered) / len(ordered))
+        return Rollouts(examples, lengths, sum(not s.finished for s in ordered) / len(ordered), [s.logprobs for s in ordered])
 
     def scores(self, engine: Engine, examples: list[Example], grad: bool) -> torch.Tensor:
         """Discriminator scores, in micro-batches."""
@@ -188,12 +189,14 @@ class GAD:
         return metrics
 
     def adversarial_step(self, engine: Engine, step: int) -> dict[str, float]:
-        """Sample -> reference log-probs -> D scores (rewards) and D update -> advantages -> PPO-clip update with k3 KL.
+        """Sample -> reference log-probs -> D scores (rewards) and D update -> advantages -> ppo_epochs generator
+        updates (PPO-clip or DRPO) with k3 KL.
 
         The rewards are the student scores of D's own BT forward pass, taken before its update, so D runs once
-        per step. The old log-probs are the current policy's, detached, from the update's own forward pass:
-        each rollout batch gets exactly one optimizer step, so the policy that sampled is the one being updated
-        (ratio 1, the clip inactive) and a separate old-log-prob pass would compute the same numbers again.
+        per step. With one PPO-clip epoch the old log-probs are the current policy's, detached, from the
+        update's own forward pass: the policy that sampled is the one being updated (ratio 1, the clip
+        inactive) and a separate old-log-prob pass would compute the same numbers again. With more epochs, and
+        for DRPO, the reference point is the behaviour policy: the sampler's own log-probs of its tokens.
         """
         config = self.config
         indices = self.batch_indices(engine, step)
@@ -212,15 +215,17 @@ class GAD:
 
         engine.model.train()
         stats = {"clipped": 0.0, "kl": 0.0, "entropy": 0.0}
-        for batch, ref_lp, batch_advantages in zip(batches, ref, advantages.split([len(b["input_ids"]) for b in batches])):
+        sizes = [len(b["input_ids"]) for b in batches]
+        for batch, ref_lp, batch_advantages, behaviour in zip(batches, ref, advantages.split(sizes), chunks(rollouts.logprobs, config.micro_batch_size)):
             batch["ref_logprobs"] = ref_lp
             # one advantage per sequence, repeated for each of its response tokens (response_logits' row-major order)
             batch["advantages"] = batch_advantages.repeat_interleave(batch["loss_mask"][:, 1:].sum(dim=1))
+            batch["behaviour_logprobs"] = torch.tensor([lp for row in behaviour for lp in row], dtype=torch.float32)
 
         def loss_sum(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
             logits = response_logits(model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"]).float() / config.temperature
             logprobs = -torch.nn.functional.cross_entropy(logits, response_targets(batch), reduction="none")
-            policy, clipped = ppo_clip_per_token(logprobs, logprobs.detach(), batch["advantages"], config.clip_ratio)
+            policy, clipped = self.policy_token_losses(logprobs, batch)
             kl = kl_k3(logprobs, batch["ref_logprobs"])
             with torch.no_grad():
                 stats["clipped"] += float(clipped.sum())
@@ -228,15 +233,24 @@ class GAD:
                 stats["entropy"] += float(entropy_from_logits(logits).sum())
             return (policy + config.kl_coef * kl).sum()
 
-        g_loss = engine.backward_token_mean(batches, loss_sum, response_tokens)
-        step_metrics = engine.optimizer_step()
-        total_tokens = engine.global_sum(sum(response_tokens(b) for b in batches))
+        for epoch in range(config.ppo_epochs):  # the schedule and the sampler advance once per rollout batch
+            g_loss = engine.backward_token_mean(batches, loss_sum, response_tokens)
+            step_metrics = engine.optimizer_step(final=epoch == config.ppo_epochs - 1)
+        total_tokens = engine.global_sum(sum(response_tokens(b) for b in batches)) * config.ppo_epochs
         metrics = {"stage": 1.0, "g_loss": g_loss, **d_metrics, **step_metrics,
                    "reward_mean": rewards.mean().item(), "reward_std": rewards.std(dim=1).mean().item(),
                    "response_length": rollouts.lengths.mean().item(), "truncated": rollouts.truncated,
                    **{k: engine.global_sum(v) / total_tokens for k, v in stats.items()}}
         self.warn_if_unhealthy(metrics)
         return metrics
+
+    def policy_token_losses(self, logprobs: torch.Tensor, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The generator's policy loss per response token and a 0/1 flag: clipped (PPO) or beyond DRPO's boundary."""
+        config = self.config
+        if config.policy_loss == "drpo":
+            return drpo_per_token(logprobs, batch["behaviour_logprobs"], batch["advantages"], config.drpo_delta)
+        old = batch["behaviour_logprobs"] if config.ppo_epochs > 1 else logprobs.detach()
+        return ppo_clip_per_token(logprobs, old, batch["advantages"], config.clip_ratio)
 
     def warn_if_unhealthy(self, metrics: dict[str, float]) -> None:
         self.saturated.append(metrics["d_acc"] >= SATURATED_ACC)

@@ -38,6 +38,33 @@ def ppo_clip_per_token(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advan
     return loss, (clipped < unclipped).float()
 
 
+DRPO_LOG_RATIO_CLAMP = 20.0
+
+
+def drpo_per_token(logprobs: torch.Tensor, behaviour_logprobs: torch.Tensor, advantages: torch.Tensor,
+                   delta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """DRPO per token (Yao et al., "Rethinking the Divergence Regularization in LLM RL", arXiv 2606.09821, §3):
+
+        ℓ = −A·r + |A| · sg(μ) · (r − 1)² / (2δ),   r = π_θ(y)/μ(y),  μ the behaviour (sampling) policy.
+
+    Since μ(r − 1)² = (π − μ)²/μ, the penalty is an advantage-weighted quadratic on the sampled token's
+    probability shift π − μ, the quantity DPPO's trust region bounds by δ. Its gradient is
+    −A·r·w·∇log π with w = 1 − sign(A)(π − μ)/δ: 1 at π = μ, 0 exactly on DPPO's boundary (where DPPO's hard
+    mask drops the token) and negative beyond it, a correction instead of a dropped gradient. The log-ratio
+    is clamped to ±20 (as verl does) before the exponential. Returns (loss, beyond): beyond = 1.0 where w < 0.
+    """
+    if delta <= 0:
+        raise ValueError(f"DRPO's delta must be > 0, got {delta}")
+    behaviour_logprobs = behaviour_logprobs.detach()
+    ratio = torch.exp((logprobs - behaviour_logprobs).clamp(-DRPO_LOG_RATIO_CLAMP, DRPO_LOG_RATIO_CLAMP))
+    behaviour = behaviour_logprobs.exp()
+    loss = -advantages * ratio + advantages.abs() * behaviour * (ratio - 1.0) ** 2 / (2.0 * delta)
+    with torch.no_grad():
+        shift = logprobs.detach().exp() - behaviour
+        beyond = (torch.sign(advantages) * shift > delta).to(loss.dtype)
+    return loss, beyond
+
+
 def kl_k1(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
     """k1 = ℓ_θ − ℓ_ref: unbiased for KL(π_θ ‖ π_ref) on samples from π_θ, but can be negative."""
     return logprobs - ref_logprobs
