@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import math
 import typing
 from dataclasses import dataclass, field, fields
@@ -21,8 +22,13 @@ from .errors import ConfigError
 
 
 def opt(default: Any, help: str) -> Any:
-    """A dataclass field with its default and its help line."""
+    """A dataclass field with its default and its help line (a list default is copied per instance)."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help})
     return field(default=default, metadata={"help": help})
+
+
+TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}  # report_to name -> the package it needs
 
 
 @dataclass
@@ -68,6 +74,9 @@ class RunConfig:
     trust_remote_code: bool = opt(False, "Allow model repositories to run their own Python code.")
     allow_pickle: bool = opt(False, "Allow loading .bin/.pt (pickle) weights; by default only safetensors load.")
     log_every: int = opt(1, "Write a metrics line every N steps.")
+    report_to: list[str] = opt([], "Experiment trackers besides metrics.jsonl: any of tensorboard, wandb, mlflow (a YAML list or "
+                                   "comma-separated). Every metric of metrics.jsonl is logged per step, the resolved config as "
+                                   "hyperparameters; tensorboard writes to out_dir/trackers.")
 
     def validate(self) -> None:
         """Reject values that are out of range or contradict each other."""
@@ -89,6 +98,11 @@ class RunConfig:
             raise ConfigError(f"config field `lr` must be > 0, got {self.lr}")
         if not 0 <= self.warmup_ratio < 1:
             raise ConfigError(f"config field `warmup_ratio` must be in [0, 1), got {self.warmup_ratio}")
+        for tracker in self.report_to:
+            _choice("report_to", tracker, tuple(TRACKERS))
+            if importlib.util.find_spec(TRACKERS[tracker]) is None:
+                raise ConfigError(f"report_to: {tracker} needs the {TRACKERS[tracker]} package, which is not installed",
+                                  f"pip install {TRACKERS[tracker]}, or remove {tracker} from report_to")
         if self.max_steps == 0 and self.epochs <= 0:
             raise ConfigError("both max_steps and epochs are 0", "set max_steps: N or epochs: E > 0")
         if self.train_mask:
@@ -312,6 +326,11 @@ def _coerce(name: str, value: Any, kind: type, where: str) -> Any:
     elif kind is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
+    elif typing.get_origin(kind) is list:  # list[str]: a YAML list, or one comma-separated string (an override)
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        if isinstance(value, list) and all(isinstance(item, str) for item in value):
+            return list(value)
     raise ConfigError(
         f"{where}: field `{name}` must be {kind.__name__}, got {type(value).__name__} {value!r}",
         f"write {name}: <{kind.__name__}>",
@@ -324,7 +343,7 @@ ALIASES = {
     "learning_rate": "lr", "learning_rat": "lr", "output_dir": "out_dir", "model": "student", "model_name_or_path": "student",
     "num_train_epochs": "epochs", "lr_scheduler_type": "lr_schedule", "per_device_train_batch_size": "micro_batch_size",
     "train_file": "data", "dataset": "data", "eval_file": "eval_data", "bf16": "precision", "save_steps": "checkpoint_every",
-    "warmup": "warmup_ratio", "clip_grad_norm": "max_grad_norm", "grad_clip": "max_grad_norm",
+    "warmup": "warmup_ratio", "clip_grad_norm": "max_grad_norm", "grad_clip": "max_grad_norm", "log_with": "report_to",
     # TRL (GKD / GRPO / on-policy distillation)
     "lmbda": "on_policy_ratio", "num_generations": "n_samples", "num_iterations": "ppo_epochs", "loss_type": "policy_loss",
     "beta": "kl_coef", "epsilon": "clip_ratio",
@@ -417,7 +436,8 @@ def config_help(method: str = "seqkd") -> str:
     types = _field_types(cls)
     lines = [f"{cls.__name__}: {(cls.__doc__ or '').strip().splitlines()[0]}"]
     for f in fields(cls):
-        lines.append(f"  {f.name} ({types[f.name].__name__}, default {f.default!r}): {f.metadata.get('help', '')}")
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        lines.append(f"  {f.name} ({types[f.name].__name__}, default {default!r}): {f.metadata.get('help', '')}")
     return "\n".join(lines)
 
 

@@ -133,7 +133,8 @@ class Engine:
             from accelerate.state import AcceleratorState
 
             AcceleratorState._reset_state()
-        self.accelerator = Accelerator(mixed_precision="bf16" if self.precision == "bf16" else "no", cpu=not torch.cuda.is_available())
+        self.accelerator = Accelerator(mixed_precision="bf16" if self.precision == "bf16" else "no", cpu=not torch.cuda.is_available(),
+                                       log_with=list(config.report_to) or None, project_dir=str(self.out_dir / "trackers"))
         if launched != self.accelerator.num_processes:
             raise OpdistillError(f"launched as {launched} processes but accelerate sees {self.accelerator.num_processes}",
                                  "start with `accelerate launch` or `torchrun`, whose environment accelerate reads")
@@ -342,6 +343,9 @@ class Engine:
         os.replace(tmp, path)
 
     def log(self, metrics: dict[str, Any]) -> None:
+        """One metrics.jsonl line; the same numbers go to the report_to trackers (eval values as eval/NAME)."""
+        if self.config.report_to:
+            self.accelerator.log(tracker_values(metrics), step=self.step)
         if not self.is_main:
             return
         with open(self._metrics_path(), "a", encoding="utf-8") as handle:
@@ -354,6 +358,8 @@ class Engine:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         if self.is_main:
             (self.out_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(self.config), sort_keys=False))
+        if self.config.report_to:
+            self.accelerator.init_trackers(self.out_dir.name or "opdistill", config=tracker_values(to_dict(self.config)))
         setup = getattr(method, "setup", None)
         if setup is not None:
             setup(self)
@@ -421,8 +427,24 @@ class Engine:
         if self.is_main:
             summary.update(self.save_outputs(method))
             (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        if self.config.report_to:
+            self.accelerator.end_training()
         self.accelerator.wait_for_everyone()
         return summary
+
+
+def tracker_values(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Flat name -> number or text for the trackers: nested dicts as PREFIX/NAME, lists as text, None dropped."""
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(tracker_values(value, f"{name}/"))
+        elif isinstance(value, (list, tuple)):
+            flat[name] = ",".join(map(str, value))
+        elif isinstance(value, (bool, int, float, str)):
+            flat[name] = value
+    return flat
 
 
 def _in_main_thread() -> bool:
