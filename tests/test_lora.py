@@ -60,3 +60,32 @@ def test_seqkd_and_opd_save_adapter_only_when_asked(tiny_model, tmp_path):
     assert not hasattr(model, "peft_config")
     run("opd", tiny_model, tmp_path / "opd", max_steps=2, teacher_system="Be brief.", temperature=1.0, rollout_batch_size=4)
     assert (tmp_path / "opd" / "student" / "config.json").is_file()  # default: merged
+
+
+def test_bf16_sampling_copy_of_a_lora_student_follows_the_adapters(tiny_model, tmp_path):
+    """Under bf16 the sampler samples from a bf16 copy of the PEFT model; after training steps it must hold the
+    trained adapters (sync copies only what trains: the LoRA weights), and the frozen base stays as loaded."""
+    from conftest import build_tiny_model
+    from opdistill.engine import Engine
+    from opdistill.methods import OPD, load_student
+    from opdistill.models import load_tokenizer
+
+    teacher = build_tiny_model(tmp_path / "teacher", seed=7)  # other weights: a real divergence to reduce
+    config = load_config(None, [f"{k}={v}" for k, v in {
+        "method": "opd", "student": str(tiny_model), "teacher": str(teacher), "data": f"{SELFINSTRUCT}[:16]", "out_dir": str(tmp_path / "opd"), "lr": "1e-2",
+        "precision": "bf16", "max_response_tokens": 8, "seed": 1, "batch_size": 4, "micro_batch_size": 4, "checkpoint_every": 0,
+        "lora_r": 4, "max_steps": 2}.items()])
+    tokenizer = load_tokenizer(config.student)
+    method = OPD(config, tokenizer)
+    engine = Engine(config, load_student(config), tokenizer, method.total_steps)
+    engine.fit(method)
+    student = engine.accelerator.unwrap_model(engine.model)
+    copy = engine.sampler.policy
+    assert engine.sampler.owns_copy and copy is not student
+    trained = {n: p for n, p in student.named_parameters() if p.requires_grad}
+    assert trained and all("lora_" in n for n in trained)
+    mine = dict(copy.named_parameters())
+    for name, parameter in trained.items():
+        assert mine[name].dtype == torch.bfloat16
+        torch.testing.assert_close(mine[name], parameter.detach().to(torch.bfloat16), rtol=0, atol=0)
+    assert any(float(p.abs().max()) > 0 for n, p in trained.items() if "lora_B" in n), "the adapters trained"
