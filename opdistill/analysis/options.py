@@ -45,6 +45,6 @@ class AnalysisOptions:
     def torch_device(self) -> "torch.device":
         import torch  # here: the CLI reads these defaults without loading torch
 
-        if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return torch.device(self.device)
+        from ..models import default_device
+
+        return default_device() if self.device == "auto" else torch.device(self.device)

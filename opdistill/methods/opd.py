@@ -26,7 +26,7 @@ from ..models import load_model, load_tokenizer, shared_vocabulary_size
 from ..objectives.divergences import default_beta, per_token, reward_policy_gradient
 from ..objectives.policy import kl_k1, kl_k3
 from ..seeds import mix_seed
-from ..rollout import SamplingParams, horizon_at, response_logits, rollout_seeds
+from ..rollout import SamplingParams, horizon_at, logprobs_of, response_logits, response_targets, rollout_seeds
 from .seqkd import response_tokens
 
 
@@ -150,9 +150,9 @@ class OPD:
             return per_token(student_logits, teacher_logits, config.divergence, beta=beta, alpha=config.alpha,
                              temperature=config.distill_temperature, chunk_size=config.chunk_size or None,
                              top_k=config.top_k or None, tail=config.top_k_tail)
-        tokens = batch["input_ids"][:, 1:][batch["loss_mask"][:, 1:].bool()].unsqueeze(-1)
-        student_lp = torch.log_softmax(student_logits.float() / config.distill_temperature, -1).gather(-1, tokens).squeeze(-1)
-        teacher_lp = torch.log_softmax(teacher_logits.float() / config.distill_temperature, -1).gather(-1, tokens).squeeze(-1)
+        tokens = response_targets(batch)
+        student_lp = logprobs_of(student_logits, tokens, config.distill_temperature)
+        teacher_lp = logprobs_of(teacher_logits, tokens, config.distill_temperature)
         if config.divergence == "k1":
             return kl_k1(student_lp, teacher_lp)
         if config.divergence == "k3":

@@ -34,16 +34,22 @@ def last_positions(count: int, length: int, device: torch.device) -> torch.Tenso
     return torch.arange(length - count, length, device=device)
 
 
-def token_logprobs(model: Any, batch: dict[str, torch.Tensor], temperature: float = 1.0) -> torch.Tensor:
-    """log π(y_t | y_<t) at every position of a collated batch, shape (B, L-1), aligned with loss_mask[:, 1:].
+def logprobs_of(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """log softmax(logits / T)[target] per row of (..., V) logits, in fp32 (float64 stays float64).
 
-    Computed position by position from the logits (log_softmax, then gather), in fp32.
-    """
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
+    cross_entropy fuses log_softmax and the gather, and its backward is softmax − one-hot: no V-wide
+    log-probabilities are kept for the backward pass."""
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     if temperature != 1.0:
         logits = logits / temperature
-    targets = batch["input_ids"][:, 1:].unsqueeze(-1)
-    return torch.log_softmax(logits, dim=-1).gather(-1, targets).squeeze(-1)
+    flat = logits.reshape(-1, logits.shape[-1])
+    return -torch.nn.functional.cross_entropy(flat, targets.reshape(-1), reduction="none").view(targets.shape)
+
+
+def token_logprobs(model: Any, batch: dict[str, torch.Tensor], temperature: float = 1.0) -> torch.Tensor:
+    """log π(y_t | y_<t) at every position of a collated batch, shape (B, L-1), aligned with loss_mask[:, 1:]."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    return logprobs_of(logits, batch["input_ids"][:, 1:], temperature)
 
 
 def response_logits(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
@@ -70,14 +76,9 @@ def response_targets(batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 def response_logprobs(model: Any, batch: dict[str, torch.Tensor], temperature: float = 1.0) -> torch.Tensor:
-    """log π(y_t | x, y_<t) of every response token (flattened like response_targets), in fp32.
-
-    cross_entropy fuses log_softmax and the gather, and its backward is softmax − one-hot: no V-wide
-    log-probabilities are kept for the backward pass."""
-    logits = response_logits(model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"]).float()
-    if temperature != 1.0:
-        logits = logits / temperature
-    return -torch.nn.functional.cross_entropy(logits, response_targets(batch), reduction="none")
+    """log π(y_t | x, y_<t) of every response token (flattened like response_targets), in fp32."""
+    logits = response_logits(model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
+    return logprobs_of(logits, response_targets(batch), temperature)
 
 
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
