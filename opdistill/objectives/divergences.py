@@ -94,7 +94,11 @@ def restrict_to_teacher_top_k(log_s: torch.Tensor, log_t: torch.Tensor, k: int, 
     """Both distributions over the teacher's top-k tokens, plus one tail bucket holding the rest of each
     distribution's mass (tail=True), or renormalised over the k tokens (tail=False)."""
     top_t, index = log_t.topk(min(k, log_t.shape[-1]), dim=-1)
-    top_s = log_s.gather(-1, index)
+    return on_teacher_top_k(log_s.gather(-1, index), top_t, tail)
+
+
+def on_teacher_top_k(top_s: torch.Tensor, top_t: torch.Tensor, tail: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both sides' log-probs of the teacher's top-k tokens -> two distributions over k tokens (+ a tail bucket)."""
     if not tail:
         return top_s - torch.logsumexp(top_s, -1, keepdim=True), top_t - torch.logsumexp(top_t, -1, keepdim=True)
     tail_t = log1mexp(torch.logsumexp(top_t, -1, keepdim=True))
@@ -157,15 +161,10 @@ class ForwardOrReverseKL(torch.autograd.Function):
         return torch.cat(grads), None, None, None, None
 
 
-def per_token(student_logits: torch.Tensor, teacher_logits: torch.Tensor, kind: str, *, beta: float | None = None,
-              alpha: float | None = None, temperature: float = 1.0, chunk_size: int | None = None,
-              top_k: int | None = None, tail: bool = True) -> torch.Tensor:
-    """Divergence per position, shape logits.shape[:-1]. beta: the JSD weight (jsd, default 0.5) or the Veto β
-    (veto_*, default 0); alpha: the skew (skl / srkl, default 0.1). The teacher side never gets a gradient."""
+def _checked_options(kind: str, beta: float | None, alpha: float | None, temperature: float) -> tuple[float, float]:
+    """(β, α) with their defaults, after checking the kind and the ranges."""
     if kind not in KINDS:
         raise ValueError(f"unknown divergence {kind!r}; choose one of {', '.join(KINDS)}")
-    if student_logits.shape != teacher_logits.shape:
-        raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher logits {tuple(teacher_logits.shape)} differ in shape")
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     beta = default_beta(kind) if beta is None else beta
@@ -175,6 +174,17 @@ def per_token(student_logits: torch.Tensor, teacher_logits: torch.Tensor, kind: 
     if kind == "jsd" and not 0.0 < beta < 1.0:
         raise ValueError(f"jsd with beta {beta}: at β = 0 or 1 the generalised JSD is identically 0, not forward or reverse KL; "
                          "use beta in (0, 1), or kind fkl / rkl")
+    return beta, alpha
+
+
+def per_token(student_logits: torch.Tensor, teacher_logits: torch.Tensor, kind: str, *, beta: float | None = None,
+              alpha: float | None = None, temperature: float = 1.0, chunk_size: int | None = None,
+              top_k: int | None = None, tail: bool = True) -> torch.Tensor:
+    """Divergence per position, shape logits.shape[:-1]. beta: the JSD weight (jsd, default 0.5) or the Veto β
+    (veto_*, default 0); alpha: the skew (skl / srkl, default 0.1). The teacher side never gets a gradient."""
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher logits {tuple(teacher_logits.shape)} differ in shape")
+    beta, alpha = _checked_options(kind, beta, alpha, temperature)
     teacher_logits = teacher_logits.detach()
     leading, vocab = student_logits.shape[:-1], student_logits.shape[-1]
     student_rows, teacher_rows = student_logits.reshape(-1, vocab), teacher_logits.reshape(-1, vocab)
@@ -183,16 +193,41 @@ def per_token(student_logits: torch.Tensor, teacher_logits: torch.Tensor, kind: 
         chunk = chunk_size or len(student_rows)
         reverse = kind in ("rkl", "veto_rkl")
         return ForwardOrReverseKL.apply(student_rows, teacher_rows, reverse, temperature, max(1, chunk)).reshape(leading)
-    args = (kind, beta, alpha, temperature, top_k, tail)
+    return _in_chunks(_per_row, student_rows, (teacher_rows,), (kind, beta, alpha, temperature, top_k, tail), chunk_size).reshape(leading)
+
+
+def _in_chunks(fn: Any, student_rows: torch.Tensor, teacher_rows: tuple[torch.Tensor, ...], args: tuple, chunk_size: int | None) -> torch.Tensor:
+    """fn(student chunk, *teacher chunks, *args) over chunks of rows, each recomputed in the backward pass."""
     if not chunk_size or chunk_size >= len(student_rows):
-        return _per_row(student_rows, teacher_rows, *args).reshape(leading)
+        return fn(student_rows, *teacher_rows, *args)
     recompute = torch.is_grad_enabled() and student_rows.requires_grad
     parts = []
     for start in range(0, len(student_rows), chunk_size):
-        s, t = student_rows[start : start + chunk_size], teacher_rows[start : start + chunk_size]
+        chunk = (student_rows[start : start + chunk_size], *(t[start : start + chunk_size] for t in teacher_rows))
         # Recomputing the chunk in backward keeps only its inputs alive, not its V-wide intermediates.
-        parts.append(checkpoint(_per_row, s, t, *args, use_reentrant=False) if recompute else _per_row(s, t, *args))
-    return torch.cat(parts).reshape(leading)
+        parts.append(checkpoint(fn, *chunk, *args, use_reentrant=False) if recompute else fn(*chunk, *args))
+    return torch.cat(parts)
+
+
+def _top_k_rows(student_logits: torch.Tensor, top_ids: torch.Tensor, top_logprobs: torch.Tensor, kind: str, beta: float,
+                alpha: float, temperature: float, tail: bool) -> torch.Tensor:
+    log_s = torch.log_softmax(student_logits.to(torch.promote_types(student_logits.dtype, torch.float32)) / temperature, dim=-1)
+    return divergence_from_logprobs(*on_teacher_top_k(log_s.gather(-1, top_ids), top_logprobs.to(log_s.dtype), tail), kind, beta, alpha)
+
+
+def per_token_top_k(student_logits: torch.Tensor, top_ids: torch.Tensor, top_logprobs: torch.Tensor, kind: str, *,
+                    beta: float | None = None, alpha: float | None = None, temperature: float = 1.0, chunk_size: int | None = None,
+                    tail: bool = True) -> torch.Tensor:
+    """per_token(..., top_k=k) when the teacher is known only by its top-k: `top_ids` (…, k) its k most likely tokens and
+    `top_logprobs` their log-probs (already at `temperature`), as a remote server returns them. Equal to per_token
+    with the teacher's full logits and the same k (tested)."""
+    if top_ids.shape != top_logprobs.shape or top_ids.shape[:-1] != student_logits.shape[:-1]:
+        raise ValueError(f"student logits {tuple(student_logits.shape)}, top-k ids {tuple(top_ids.shape)} and log-probs "
+                         f"{tuple(top_logprobs.shape)} do not line up")
+    beta, alpha = _checked_options(kind, beta, alpha, temperature)
+    leading, vocab, k = student_logits.shape[:-1], student_logits.shape[-1], top_ids.shape[-1]
+    rows = (top_ids.reshape(-1, k), top_logprobs.detach().reshape(-1, k))
+    return _in_chunks(_top_k_rows, student_logits.reshape(-1, vocab), rows, (kind, beta, alpha, temperature, tail), chunk_size).reshape(leading)
 
 
 def sampled_token_reward(student_logprobs: torch.Tensor, teacher_logprobs: torch.Tensor) -> torch.Tensor:

@@ -14,13 +14,14 @@ import email.utils
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import httpx
 
 from ..errors import OpdistillError
 
 RETRY_STATUS = {408, 409, 425, 429}
+T = TypeVar("T")
 
 
 @dataclass
@@ -100,14 +101,16 @@ def parse_completion(body: Any) -> tuple[str, str | None, dict[str, int]]:
     return text, choice.get("finish_reason"), usage
 
 
-class ChatCompletionsTeacher:
-    """One client for an OpenAI-compatible endpoint (`base_url` ends before /chat/completions, e.g. .../v1)."""
+class ApiClient:
+    """POSTs JSON to one OpenAI-compatible endpoint with the retry policy above. `key_hint` names where the key
+    came from, for the message when it is refused."""
 
-    def __init__(self, base_url: str, model: str, api_key: str | None, policy: RetryPolicy, seed: int = 0) -> None:
-        self.url = base_url.rstrip("/") + "/chat/completions"
-        self.model = model
+    def __init__(self, base_url: str, api_key: str | None, policy: RetryPolicy, seed: int = 0,
+                 key_hint: str = "the environment variable named by --api-key-env") -> None:
+        self.base_url = base_url.rstrip("/")
         self.policy = policy
         self.stats = ApiStats()
+        self.key_hint = key_hint
         self._rng = random.Random(seed)
         headers = {"Content-Type": "application/json"}
         if api_key:
@@ -117,15 +120,15 @@ class ChatCompletionsTeacher:
     async def close(self) -> None:
         await self._client.aclose()
 
-    async def complete(self, messages: list[dict[str, str]], sampling: dict[str, Any]) -> Completion:
-        """One completion, retried within the budget; raises RequestFailed or AuthError."""
-        payload = {"model": self.model, "messages": messages, **sampling}
+    async def post(self, path: str, payload: dict[str, Any], parse: Callable[[Any], T]) -> tuple[T, int]:
+        """POST `payload` to base_url + path until `parse` accepts the body; returns (parsed, attempts).
+        Raises RequestFailed when the budget is spent or the request is wrong, AuthError when refused."""
         reason = ""
         for attempt in range(1, self.policy.max_attempts + 1):
             self.stats.requests += 1
             server_delay: float | None = None
             try:
-                response = await self._client.post(self.url, json=payload)
+                response = await self._client.post(self.base_url + path, json=payload)
             except httpx.TimeoutException:
                 reason = "timeout"
             except httpx.TransportError as err:  # refused, reset, dropped mid-body
@@ -133,19 +136,12 @@ class ChatCompletionsTeacher:
             else:
                 status = response.status_code
                 if status in (401, 403):
-                    raise AuthError(
-                        f"the teacher endpoint refused the credentials (HTTP {status})",
-                        "check the API key in the environment variable named by --api-key-env",
-                    )
+                    raise AuthError(f"the teacher endpoint refused the credentials (HTTP {status})", f"check the API key in {self.key_hint}")
                 if status == 200:
                     try:
-                        text, finish, usage = parse_completion(response.json())
-                    except ValueError as err:
+                        return parse(response.json()), attempt
+                    except ValueError as err:  # json.JSONDecodeError is a ValueError
                         reason = f"malformed body: {err}"
-                    else:
-                        self.stats.prompt_tokens += usage["prompt_tokens"]
-                        self.stats.completion_tokens += usage["completion_tokens"]
-                        return Completion(text, finish, usage, attempt)
                 elif status in RETRY_STATUS or status >= 500:
                     reason = f"http {status}"
                     server_delay = retry_after_seconds(response.headers.get("retry-after"))
@@ -162,3 +158,19 @@ class ChatCompletionsTeacher:
                 delay = min(max(delay, server_delay), self.policy.max_retry_after)
             await asyncio.sleep(delay)
         raise RequestFailed(reason, self.policy.max_attempts)
+
+
+class ChatCompletionsTeacher(ApiClient):
+    """Text from an OpenAI-compatible endpoint (`base_url` ends before /chat/completions, e.g. .../v1)."""
+
+    def __init__(self, base_url: str, model: str, api_key: str | None, policy: RetryPolicy, seed: int = 0) -> None:
+        super().__init__(base_url, api_key, policy, seed)
+        self.model = model
+
+    async def complete(self, messages: list[dict[str, str]], sampling: dict[str, Any]) -> Completion:
+        """One completion, retried within the budget; raises RequestFailed or AuthError."""
+        (text, finish, usage), attempts = await self.post("/chat/completions", {"model": self.model, "messages": messages, **sampling},
+                                                          parse_completion)
+        self.stats.prompt_tokens += usage["prompt_tokens"]
+        self.stats.completion_tokens += usage["completion_tokens"]
+        return Completion(text, finish, usage, attempts)

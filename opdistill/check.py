@@ -1,0 +1,223 @@
+"""`opdistill check CONFIG`: the pre-flight check, also run at the start of every `train`.
+
+It catches the silent mismatches that wreck a white-box run without an error: a teacher with another
+vocabulary (or the same one padded), another EOS token (the teacher then scores the student's stop token as
+unlikely, and the student learns to never stop), another chat template (the teacher reads the prompt in a
+format it was never trained on), prompts that do not fit the limits, records naming unknown teachers.
+Only tokenizers and model configs are loaded, never weights, so it takes seconds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+from .config import OPDConfig, RunConfig, teacher_spec
+from .data import Record, load_records, render_prompt, teacher_messages
+from .errors import ConfigError, OpdistillError
+
+PROBE_REPLY = "OK."  # an assistant turn appended to the probe chat, so the templates' turn endings are compared too
+
+
+@dataclass
+class Problem:
+    message: str
+    fix: str
+
+
+@dataclass
+class CheckReport:
+    rows: list[tuple[str, str, str]] = field(default_factory=list)  # (what, ok | error | note, detail)
+    problems: list[Problem] = field(default_factory=list)
+
+    def ok(self, what: str, detail: str) -> None:
+        self.rows.append((what, "ok", detail))
+
+    def note(self, what: str, detail: str) -> None:
+        self.rows.append((what, "note", detail))
+
+    def fail(self, what: str, message: str, fix: str) -> None:
+        self.rows.append((what, "error", message))
+        self.problems.append(Problem(message, fix))
+
+    def lines(self) -> list[str]:
+        width = max((len(what) for what, _, _ in self.rows), default=0)
+        out = [f"  {what:<{width}}  {status:<5}  {detail}" for what, status, detail in self.rows]
+        for problem in self.problems:
+            out += [f"error: {problem.message}", f"  fix: {problem.fix}"]
+        return out
+
+    def raise_if_failed(self) -> None:
+        if self.problems:
+            first = self.problems[0]
+            more = f" (and {len(self.problems) - 1} more problem(s): run `opdistill check` for the list)" if len(self.problems) > 1 else ""
+            raise ConfigError(first.message + more, first.fix)
+
+
+def preflight(config: RunConfig, tokenizer: Any) -> CheckReport:
+    """Check the data against the student's tokenizer and limits, and every white-box teacher against the student."""
+    from .models import load_tokenizer
+
+    report = CheckReport()
+    try:
+        records = load_records(config.data, require_response=needs_responses(config))
+    except OpdistillError as err:
+        report.fail("data", err.message, err.fix)
+        return report
+    report.ok("data", f"{config.data}: {len(records)} records")
+    check_lengths(report, config, tokenizer, records)
+    if not isinstance(config, OPDConfig):
+        return report
+    teachers = {"": (config.teacher or ("" if config.lora_r else config.student), "")} if not config.teacher_url else \
+        {"": (config.teacher_model, config.teacher_url)}
+    teachers.update({name: teacher_spec(spec, f"teachers.{name}") for name, spec in config.teachers.items()})
+    used = {record.meta.get("teacher") or "" for record in records}
+    unknown = sorted(name for name in used if isinstance(name, str) and name and name not in teachers)
+    if unknown:
+        report.fail("teacher names", f"records name teachers the config lacks: {', '.join(unknown)}",
+                    "add them to `teachers:` (name: model or URL#model), or fix the records' `teacher` fields")
+    probe = records[0]
+    for name, (model, url) in teachers.items():
+        if name not in used or (not model and not url):
+            continue  # unused, or the LoRA student's own base weights (the same tokenizer by construction)
+        label = f"teacher {name or '(default)'}"
+        if url:
+            check_remote(report, label, url, model, config, tokenizer, probe)
+            continue
+        try:
+            teacher_tokenizer = load_tokenizer(model, chat_template=config.chat_template, trust_remote_code=config.trust_remote_code)
+        except OpdistillError as err:
+            report.fail(label, err.message, err.fix)
+            continue
+        check_local(report, label, model, config, tokenizer, teacher_tokenizer, probe)
+    return report
+
+
+def needs_responses(config: RunConfig) -> bool:
+    return config.method == "seqkd" or (isinstance(config, OPDConfig) and config.on_policy_ratio < 1.0)
+
+
+def check_lengths(report: CheckReport, config: RunConfig, tokenizer: Any, records: list[Record]) -> None:
+    """Prompts over max_prompt_tokens, and the limits against the student's context window."""
+    lengths = [len(render_prompt(tokenizer, r.messages)) for r in records]
+    over = sum(length > config.max_prompt_tokens for length in lengths)
+    detail = f"longest {max(lengths)} tokens, limit {config.max_prompt_tokens}; {over} over (overlong: {config.overlong})"
+    if over == len(lengths) and config.overlong == "skip":
+        report.fail("prompt lengths", f"every prompt is longer than max_prompt_tokens {config.max_prompt_tokens}: nothing to train on",
+                    f"raise max_prompt_tokens to at least {min(lengths)}")
+    elif over:
+        report.note("prompt lengths", detail)
+    else:
+        report.ok("prompt lengths", detail)
+    window = model_config_value(config.student, "max_position_embeddings", config.trust_remote_code)
+    longest = min(max(lengths), config.max_prompt_tokens) + config.max_response_tokens
+    if window and longest > window:  # a note, not an error: RoPE models run past it, with degraded quality
+        report.note("context window", f"a prompt of {longest - config.max_response_tokens} tokens + max_response_tokens "
+                    f"{config.max_response_tokens} exceed the student's max_position_embeddings {window}; lower max_prompt_tokens")
+
+
+def model_config_value(name: str, key: str, trust_remote_code: bool) -> Any:
+    """One field of a model's config.json (no weights loaded); None when it cannot be read."""
+    from transformers import AutoConfig
+
+    from .models import resolve_model
+
+    try:
+        config = AutoConfig.from_pretrained(resolve_model(name), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, OpdistillError):
+        return None
+    return getattr(config, key, None) or getattr(config.get_text_config(), key, None)
+
+
+def probe_ids(tokenizer: Any, record: Record, config: OPDConfig) -> list[int]:
+    """The teacher's view of the first record plus a short assistant reply, rendered by `tokenizer`'s template."""
+    messages = teacher_messages(record, config.teacher_system, config.teacher_template) + [{"role": "assistant", "content": PROBE_REPLY}]
+    return tokenizer(tokenizer.apply_chat_template(messages, tokenize=False), add_special_tokens=False)["input_ids"]
+
+
+def eos_ids(tokenizer: Any, name: str, trust_remote_code: bool) -> set[int]:
+    """The tokens that end a turn: the tokenizer's EOS and the model's generation config's."""
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    try:
+        from transformers import GenerationConfig
+
+        from .models import resolve_model
+
+        extra = GenerationConfig.from_pretrained(resolve_model(name)).eos_token_id
+    except (OSError, ValueError, OpdistillError):
+        extra = None
+    return ids | set(extra if isinstance(extra, list) else [extra] if extra is not None else [])
+
+
+def check_local(report: CheckReport, label: str, name: str, config: OPDConfig, student: Any, teacher: Any, probe: Record) -> None:
+    """Vocabulary (ids and padded sizes), EOS and pad tokens, and the chat template of a local teacher."""
+    student_vocab, teacher_vocab = student.get_vocab(), teacher.get_vocab()
+    if student_vocab != teacher_vocab:
+        differing = sorted(t for t in set(student_vocab) | set(teacher_vocab) if student_vocab.get(t) != teacher_vocab.get(t))
+        report.fail(f"{label} vocabulary", f"{name} maps {len(differing)} token(s) differently from the student (e.g. {differing[0]!r}); "
+                    f"{len(teacher_vocab)} vs {len(student_vocab)} tokens",
+                    "token-level divergences need one tokenizer: pick a teacher of the student's family, or method: gad (text only)")
+        return
+    sizes = [model_config_value(n, "vocab_size", config.trust_remote_code) for n in (config.student, name)]
+    padded = f"; output layers {sizes[0]} (student) and {sizes[1]} (teacher), sliced to the shared {min(sizes)}" \
+        if all(sizes) and sizes[0] != sizes[1] else ""
+    report.ok(f"{label} vocabulary", f"identical, {len(student_vocab)} tokens{padded}")
+    student_eos, teacher_eos = eos_ids(student, config.student, config.trust_remote_code), eos_ids(teacher, name, config.trust_remote_code)
+    if student.eos_token_id not in teacher_eos:
+        report.fail(f"{label} EOS", f"the student ends answers with {student.eos_token!r} (id {student.eos_token_id}) but {name}'s EOS is "
+                    f"{teacher.eos_token!r} (ids {sorted(teacher_eos)}): the teacher scores the student's stop as unlikely and the "
+                    "student learns not to stop", "use a teacher whose tokenizer/generation_config ends turns with the student's EOS")
+    else:
+        report.ok(f"{label} EOS", f"{student.eos_token!r} (id {student.eos_token_id}); pad {student.pad_token!r} / {teacher.pad_token!r}"
+                  + ("" if student_eos == teacher_eos else f"; teacher also stops on {sorted(teacher_eos - student_eos)}"))
+    ours, theirs = probe_ids(student, probe, config), probe_ids(teacher, probe, config)
+    if ours != theirs:
+        at = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
+        report.fail(f"{label} chat template", f"{name}'s chat template renders {probe.source} differently from the student's "
+                    f"from token {at}: student {student.decode(ours[at:at + 8])!r}, teacher {teacher.decode(theirs[at:at + 8])!r}",
+                    "the teacher scores the rendering of the student's template: give both the same chat_template, or pick a "
+                    "teacher of the student's family")
+    else:
+        report.ok(f"{label} chat template", f"same rendering of {probe.source} ({len(ours)} tokens)")
+
+
+def check_remote(report: CheckReport, label: str, url: str, model: str, config: OPDConfig, tokenizer: Any, probe: Record) -> None:
+    """The server serves `model`, accepts top_k prompt log-probs and (when it has /tokenize) tokenises like the student."""
+    import os
+
+    key = os.environ.get(config.teacher_api_key_env) if config.teacher_api_key_env else None
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    base = url.rstrip("/")
+    ids = probe_ids(tokenizer, probe, config)
+    try:
+        with httpx.Client(headers=headers, timeout=config.teacher_timeout) as client:
+            listed = client.get(base + "/models")
+            if listed.status_code in (401, 403):
+                report.fail(label, f"{base} refused the credentials (HTTP {listed.status_code})",
+                            f"set the key in the environment variable {config.teacher_api_key_env}")
+                return
+            served = [m.get("id") for m in listed.json().get("data", [])] if listed.status_code == 200 else []
+            if served and model not in served:
+                report.fail(label, f"{base} does not serve {model!r} (it serves {', '.join(map(str, served))})", "fix teacher_model / URL#model")
+                return
+            answer = client.post(base + "/completions", json={"model": model, "prompt": ids, "max_tokens": 1,
+                                                              "prompt_logprobs": max(config.top_k, 1), "temperature": 0.0})
+            if answer.status_code != 200:
+                report.fail(label, f"{base} refused a prompt log-prob request with k = {max(config.top_k, 1)} "
+                            f"(HTTP {answer.status_code}: {answer.text[:160]})", "lower top_k to the server's cap (often 20)")
+                return
+            report.ok(label, f"{base} serves {model!r} and answers prompt log-probs with k = {max(config.top_k, 1)}")
+            text = tokenizer.decode(ids)
+            tokenized = client.post(base.removesuffix("/v1") + "/tokenize", json={"model": model, "prompt": text, "add_special_tokens": False})
+    except (httpx.HTTPError, ValueError) as err:
+        report.fail(label, f"cannot reach the remote teacher at {base}: {type(err).__name__}", "start the server, or fix teacher_url")
+        return
+    if tokenized.status_code != 200:
+        report.note(f"{label} tokenizer", "the server has no /tokenize: vocabulary and EOS not compared (log-prob requests carry ids)")
+    elif tokenized.json().get("tokens") != ids:
+        report.fail(f"{label} tokenizer", f"the server tokenises the rendered probe differently from the student ({base}/tokenize)",
+                    "a white-box teacher needs the student's tokenizer: serve a model of the student's family")
+    else:
+        report.ok(f"{label} tokenizer", f"same token ids for the rendered probe ({len(ids)} tokens)")

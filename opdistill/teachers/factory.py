@@ -1,0 +1,68 @@
+"""Build a run's white-box teachers from its config: local models, remote servers, the student's own weights."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from ..config import OPDConfig, teacher_spec
+from ..data import Record
+from ..errors import DataError
+from ..models import load_model, load_tokenizer, shared_vocabulary_size
+from .api import RetryPolicy
+from .logprob import AdapterOffTeacher, LocalTeacher, LogProbTeacher, TeacherSet
+from .remote import RemoteTeacher
+
+
+def record_teacher(record: Record, teachers: dict[str, str]) -> str:
+    """The name of the teacher a record asks for ("" for the default), checked against the config's `teachers`."""
+    name = record.meta.get("teacher") or ""
+    if not isinstance(name, str):
+        raise DataError(f"{record.source}: field `teacher` must be a string naming one of the config's teachers")
+    if name and name not in teachers:
+        known = ", ".join(sorted(teachers)) or "none are configured"
+        raise DataError(f"{record.source}: the record names teacher {name!r}, which the config's `teachers` lacks ({known})",
+                        f"add `teachers: {{{name}: <model or URL#model>}}` to the config, or fix the record")
+    return name
+
+
+def cache_path(config: OPDConfig, out_dir: Path, rank: int, world_size: int, name: str) -> Path:
+    """Where a remote teacher's scored rows are kept: one file per teacher and per process (each scores its own rows)."""
+    base = Path(config.teacher_cache) if config.teacher_cache else out_dir / "teacher_cache.jsonl"
+    suffix = (f".{name}" if name else "") + (f".rank{rank}" if world_size > 1 else "")
+    return base.with_name(base.stem + suffix + base.suffix) if suffix else base
+
+
+def build_teachers(config: OPDConfig, tokenizer: Any, get_student: Callable[[], Any], student_vocab: int, dtype: torch.dtype,
+                   device: torch.device, out_dir: Path, rank: int = 0, world_size: int = 1, needs_default: bool = True) -> TeacherSet:
+    """The default teacher (when some record uses it) and every named one."""
+
+    def build(model: str, url: str, name: str) -> LogProbTeacher:
+        if url:
+            policy = RetryPolicy(max_attempts=config.teacher_max_attempts, timeout=config.teacher_timeout)
+            return RemoteTeacher(url, model, k=max(config.top_k, 1), vocab=student_vocab, api_key_env=config.teacher_api_key_env,
+                                 policy=policy, concurrency=config.teacher_concurrency, seed=config.seed,
+                                 cache_path=cache_path(config, out_dir, rank, world_size, name))
+        return local_teacher(model, config, tokenizer, student_vocab, dtype, device)
+
+    default: LogProbTeacher | None = None
+    if needs_default:
+        if config.teacher_url:
+            default = build(config.teacher_model, config.teacher_url, "")
+        elif not config.teacher and config.lora_r:
+            default = AdapterOffTeacher(get_student, tokenizer.pad_token_id, config.micro_batch_size)
+        else:
+            default = build(config.teacher or config.student, "", "")
+    named = {name: build(*teacher_spec(spec, f"teachers.{name}"), name) for name, spec in config.teachers.items()}
+    return TeacherSet(default, named)
+
+
+def local_teacher(name: str, config: OPDConfig, tokenizer: Any, student_vocab: int, dtype: torch.dtype, device: torch.device) -> LocalTeacher:
+    """A frozen local model in `dtype` that shares the student's tokenizer (checked)."""
+    teacher_tokenizer = load_tokenizer(name, chat_template=config.chat_template, trust_remote_code=config.trust_remote_code)
+    model = load_model(name, dtype=dtype, trust_remote_code=config.trust_remote_code, allow_pickle=config.allow_pickle)
+    vocab = shared_vocabulary_size(tokenizer, teacher_tokenizer, student_vocab, model.get_output_embeddings().weight.shape[0], name)
+    return LocalTeacher(model.to(device).eval().requires_grad_(False), tokenizer.pad_token_id, vocab, name=name,
+                        micro_batch_size=config.micro_batch_size)

@@ -1,0 +1,192 @@
+"""The white-box teacher seam: given (teacher prompt, response) token rows, the teacher's next-token
+distribution at every response position.
+
+A teacher answers with full-vocabulary logits (a model in this process) or with the top-k log-probs per
+position plus the log-prob of the response token itself (a remote server: providers cap k, often at 20).
+Either way the result is flattened row-major over the response tokens, like `rollout.response_targets`,
+so it lines up row for row with the student's `response_logits` for the same responses.
+
+Implementations: `LocalTeacher` (a frozen model, bf16 under bf16 precision), `AdapterOffTeacher` (the
+student's own base weights with its LoRA adapters switched off) and `teachers.remote.RemoteTeacher`.
+`TeacherSet` routes each row to the teacher its record names.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, fields, replace
+from typing import Any, Callable, Iterator
+
+import torch
+
+from ..data import Example, collate
+from ..errors import OpdistillError
+from ..rollout.scoring import logprobs_of, response_logits
+
+
+@dataclass(frozen=True)
+class TeacherRow:
+    """One scored row: the teacher's context (rendered by the client, privileged context included) and the
+    response tokens whose next-token distributions are wanted."""
+
+    prompt: list[int]
+    response: list[int]
+
+
+@dataclass
+class TeacherScores:
+    """The teacher's distributions at the response positions of some rows, one row per response token.
+
+    `logits` (tokens, V): full-vocabulary logits. `top_ids`/`top_logprobs` (tokens, k): the k most likely
+    tokens and their log-probs at temperature 1, most likely first. `token_logprobs` (tokens,): the log-prob
+    of each response token itself, which a top-k answer carries because the token may be outside the k.
+    """
+
+    logits: torch.Tensor | None = None
+    top_ids: torch.Tensor | None = None
+    top_logprobs: torch.Tensor | None = None
+    token_logprobs: torch.Tensor | None = None
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+
+    def to(self, device: torch.device) -> "TeacherScores":
+        return replace(self, **{name: value.to(device) for name, value in self.tensors().items()})
+
+    def top_k(self, k: int, temperature: float = 1.0) -> "TeacherScores":
+        """The same scores restricted to the teacher's k most likely tokens (log-probs at `temperature`)."""
+        if self.logits is not None:
+            values, ids = torch.log_softmax(self.logits.float() / temperature, dim=-1).topk(min(k, self.logits.shape[-1]), dim=-1)
+            return TeacherScores(top_ids=ids, top_logprobs=values)
+        if self.top_ids is None or self.top_logprobs is None:
+            raise OpdistillError("the teacher returned no distributions, only token log-probs", "set top_k: 0 and use k1, k3 or reward")
+        if temperature != 1.0:
+            raise OpdistillError(f"a top-k teacher's log-probs are at temperature 1; distill_temperature {temperature} needs full logits",
+                                 "set distill_temperature: 1, or use a local teacher")
+        if self.top_ids.shape[-1] < k:
+            raise OpdistillError(f"the teacher returned {self.top_ids.shape[-1]} log-probs per position, fewer than top_k {k}",
+                                 f"set top_k: {self.top_ids.shape[-1]} or less (providers cap it, often at 20)")
+        return TeacherScores(top_ids=self.top_ids[:, :k], top_logprobs=self.top_logprobs[:, :k])
+
+    def sampled(self, targets: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+        """log p_T(y_t) of the response tokens `targets` (flattened like the rows)."""
+        if self.logits is not None:
+            return logprobs_of(self.logits, targets.to(self.logits.device), temperature)
+        if self.token_logprobs is None:
+            raise OpdistillError("the teacher's answer holds no log-probs of the response tokens")
+        if temperature != 1.0:
+            raise OpdistillError(f"a remote teacher's token log-probs are at temperature 1, not distill_temperature {temperature}",
+                                 "set distill_temperature: 1, or use a local teacher")
+        return self.token_logprobs
+
+    def select(self, index: torch.Tensor) -> "TeacherScores":
+        return replace(self, **{name: value.index_select(0, index.to(value.device)) for name, value in self.tensors().items()})
+
+    @staticmethod
+    def cat(parts: list["TeacherScores"]) -> "TeacherScores":
+        names = [set(part.tensors()) for part in parts]
+        if any(n != names[0] for n in names):
+            raise OpdistillError("teachers of one batch answered in different forms (full logits and top-k)",
+                                 "set top_k so every teacher is compared on its top-k tokens")
+        return TeacherScores(**{name: torch.cat([getattr(p, name) for p in parts]) for name in names[0]})
+
+
+class LogProbTeacher(ABC):
+    """A white-box teacher. `name` identifies it in caches and messages; `remote` teachers answer top-k only."""
+
+    name: str = "teacher"
+    remote: bool = False
+
+    @abstractmethod
+    def score(self, rows: list[TeacherRow]) -> TeacherScores:
+        """The teacher's distributions at every response position of `rows`, flattened row-major."""
+
+    def close(self) -> None:
+        """Release what the teacher holds (connections, caches)."""
+
+
+class LocalTeacher(LogProbTeacher):
+    """A model in this process. `vocab` keeps the first columns only: a teacher that pads its output layer
+    beyond the tokenizer has unused columns the student lacks (see models.shared_vocabulary_size)."""
+
+    def __init__(self, model: Any, pad_id: int, vocab: int | None = None, name: str = "local", micro_batch_size: int = 8) -> None:
+        self.model = model
+        self.pad_id = pad_id
+        self.vocab = vocab
+        self.name = name
+        self.micro_batch_size = micro_batch_size
+
+    @contextlib.contextmanager
+    def scoring_model(self) -> Iterator[Any]:
+        yield self.model
+
+    @torch.no_grad()
+    def score(self, rows: list[TeacherRow]) -> TeacherScores:
+        parts = []
+        with self.scoring_model() as model:
+            device = next(model.parameters()).device
+            for start in range(0, len(rows), self.micro_batch_size):
+                # Responses aligned at one index, so only response positions get logits (see response_logits).
+                batch = collate([Example(r.prompt, r.response) for r in rows[start:start + self.micro_batch_size]], self.pad_id,
+                                align_responses=True)
+                batch = {k: v.to(device) for k, v in batch.items()}
+                parts.append(response_logits(model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"])[:, : self.vocab])
+        return TeacherScores(logits=torch.cat(parts))
+
+
+class AdapterOffTeacher(LocalTeacher):
+    """The student's own starting weights: the LoRA student with its adapters switched off (no second copy).
+    `get_model` returns the current (unwrapped) student, so the teacher follows engine restores."""
+
+    def __init__(self, get_model: Callable[[], Any], pad_id: int, micro_batch_size: int = 8) -> None:
+        super().__init__(None, pad_id, None, name="student-base", micro_batch_size=micro_batch_size)
+        self.get_model = get_model
+
+    @contextlib.contextmanager
+    def scoring_model(self) -> Iterator[Any]:
+        student = self.get_model()
+        with student.disable_adapter():
+            yield student
+
+
+class TeacherSet:
+    """The run's teachers: a default one, and named ones that a record picks with its `teacher` field."""
+
+    def __init__(self, default: LogProbTeacher | None, named: dict[str, LogProbTeacher] | None = None) -> None:
+        self.default = default
+        self.named = dict(named or {})
+
+    def all(self) -> list[LogProbTeacher]:
+        return ([self.default] if self.default is not None else []) + list(self.named.values())
+
+    def pick(self, name: str) -> LogProbTeacher:
+        if name:
+            return self.named[name]
+        if self.default is None:
+            raise OpdistillError("a record names no teacher and the config has no default teacher",
+                                 "give every record a `teacher` field or set teacher: / teacher_url:")
+        return self.default
+
+    def score(self, rows: list[TeacherRow], names: list[str], top_k: int = 0, temperature: float = 1.0) -> TeacherScores:
+        """Score each row with its teacher; the answer is in the rows' order. With top_k every teacher's answer is
+        restricted to its top-k tokens (the form a remote teacher gives), so teachers of both kinds mix."""
+        groups: dict[str, list[int]] = {}
+        for index, name in enumerate(names):
+            groups.setdefault(name, []).append(index)
+        parts, owners = [], []
+        for name, members in groups.items():
+            scores = self.pick(name).score([rows[i] for i in members])
+            parts.append(scores.top_k(top_k, temperature) if top_k else scores)
+            owners.extend(members)
+        if len(parts) == 1:
+            return parts[0]
+        # Token offsets of each row inside the concatenated group answers, then gather them back in row order.
+        lengths = [len(rows[i].response) for i in owners]
+        starts = dict(zip(owners, torch.tensor([0] + lengths[:-1]).cumsum(0).tolist()))
+        order = torch.cat([torch.arange(starts[i], starts[i] + len(rows[i].response)) for i in range(len(rows))])
+        return TeacherScores.cat(parts).select(order)
+
+    def close(self) -> None:
+        for teacher in self.all():
+            teacher.close()
