@@ -131,6 +131,13 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from .serve import ServeOptions, serve
+
+    serve(ServeOptions(**{name: getattr(args, name) for name in ServeOptions.__dataclass_fields__ if hasattr(args, name)}))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="opdistill", description="On-policy distillation of large language models.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -258,6 +265,23 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--seed", type=int, default=o.seed, help="seed of the randomised SVD")
     a.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     a.set_defaults(func=_analyze)
+
+    v = sub.add_parser("serve", help="serve a model over HTTP: a subset of vLLM's OpenAI-compatible API (prompt_logprobs, chat, tokenize)",
+                       description="Serve one model (built-in name, directory, .gguf) behind /v1/models, /v1/completions (with vLLM's "
+                                   "prompt_logprobs), /v1/chat/completions and /tokenize, e.g. a white-box teacher on another machine. "
+                                   "Docs: docs/teachers.md. Example: opdistill serve smollm2-135m-instruct --port 8000")
+    v.add_argument("model", metavar="MODEL", help="the model: a built-in name, a Hugging Face checkpoint directory, a .gguf file or a cached hub id")
+    v.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for every interface)")
+    v.add_argument("--port", type=int, default=8000, help="TCP port (default 8000; 0: a free port, printed at start)")
+    v.add_argument("--system", default="", help="privileged system prompt put first in every chat request; /v1/completions prompts are served as sent")
+    v.add_argument("--api-key-env", default="", metavar="NAME", help="environment variable holding the API key clients must send as a Bearer token (never printed)")
+    v.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto", help="model precision (default auto: bf16 where it is fast); log-probs are fp32")
+    v.add_argument("--max-request-bytes", type=int, default=1 << 20, help="largest request body (default 1 MiB; larger: 413)")
+    v.add_argument("--max-prompt-tokens", type=int, default=0, help="longest prompt in tokens (default and maximum: the model's context length)")
+    v.add_argument("--max-logprobs", type=int, default=20, help="largest prompt_logprobs a request may ask for (default 20, as vLLM)")
+    v.add_argument("--model-name", default="", help="the model id clients send and /v1/models lists (default: MODEL as given)")
+    v.add_argument("--chat-template", default="", help="Jinja chat template text or file, for a tokenizer without one")
+    v.set_defaults(func=_serve)
     return parser
 
 

@@ -11,9 +11,9 @@ from .engines import ENGINES, make_sampler
 from .hf import HFSampler, sample_batch
 from .next_token import draw, sample_next
 from .schedules import horizon_at, rollout_seeds, row_generator, row_uniforms
-from .scoring import (entropy_from_logits, last_positions, left_pad, logprobs_of, positions_from_mask, response_logits, response_logprobs,
-                      response_targets, token_logprobs)
+from .scoring import (TopLogprobs, entropy_from_logits, last_positions, left_pad, logprobs_of, positions_from_mask, response_logits, response_logprobs,
+                      response_targets, token_logprobs, top_k_logprobs)
 
-__all__ = ["ENGINES", "HFSampler", "Sample", "Sampler", "SamplingParams", "draw", "entropy_from_logits", "eos_token_ids", "horizon_at", "last_positions", "left_pad", "logprobs_of",
+__all__ = ["ENGINES", "HFSampler", "Sample", "Sampler", "SamplingParams", "TopLogprobs", "draw", "entropy_from_logits", "eos_token_ids", "horizon_at", "last_positions", "left_pad", "logprobs_of",
            "make_sampler", "pack_jobs", "positions_from_mask", "response_logits", "response_logprobs", "response_targets", "rollout_seeds", "row_generator", "row_uniforms", "sample_batch",
-           "sample_next", "token_logprobs"]
+           "sample_next", "token_logprobs", "top_k_logprobs"]

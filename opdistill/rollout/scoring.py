@@ -1,8 +1,9 @@
-"""Log-prob scoring helpers shared by samplers, methods and evaluation: padding, positions, token log-probs."""
+"""Log-prob scoring helpers shared by samplers, methods, evaluation and the server: padding, positions, token log-probs,
+top-k log-probs with ranks."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -87,3 +88,33 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     logits = logits.float()
     return torch.logsumexp(logits, dim=-1) - (torch.softmax(logits, dim=-1) * logits).sum(dim=-1)
 
+
+
+class TopLogprobs(NamedTuple):
+    """What `top_k_logprobs` returns for T positions; every log-prob is log_softmax of the fp32-upcast logits."""
+
+    ids: torch.Tensor  # (T, k) long: the k most likely tokens at each position, most likely first
+    logprobs: torch.Tensor  # (T, k) fp32 (fp64 for fp64 logits): their log-probs
+    ranks: torch.Tensor  # (T, k) long: 1 + the number of tokens with a strictly higher log-prob (ties share a rank)
+    target_logprobs: torch.Tensor  # (T,) the log-prob of each position's target token
+    target_ranks: torch.Tensor  # (T,) long: the target's rank, as for `ranks`
+
+
+def top_k_logprobs(logits: torch.Tensor, targets: torch.Tensor, k: int, chunk_rows: int = 512) -> TopLogprobs:
+    """The top-k log-probs of each row of (T, V) logits, plus the log-prob and rank of each row's target token:
+    what a white-box teacher serves (vLLM's prompt_logprobs: top-k and the actual token, both ranked).
+
+    Not `logprobs_of`: that fuses the gather into cross_entropy and never holds the row's log-probs, which the
+    top-k and the rank need; the upcast rule is the same. Rows go `chunk_rows` at a time, so the fp32 copy of
+    a long prompt's logits over a large vocabulary is never whole in memory. k is capped at V."""
+    k = min(k, logits.shape[-1])
+    parts: list[tuple[torch.Tensor, ...]] = []
+    for start in range(0, max(logits.shape[0], 1), chunk_rows):  # once for no rows (a one-token prompt): empty results
+        rows = logits[start : start + chunk_rows]
+        logp = torch.log_softmax(rows.to(torch.promote_types(rows.dtype, torch.float32)), dim=-1)
+        top_values, top_ids = logp.topk(k, dim=-1)  # sorted, most likely first
+        # Every token above a top-k entry is itself in the top-k, so counting within the top-k ranks it exactly.
+        top_ranks = 1 + (top_values.unsqueeze(1) > top_values.unsqueeze(2)).sum(dim=-1)
+        target = logp.gather(-1, targets[start : start + chunk_rows].unsqueeze(-1))
+        parts.append((top_ids, top_values, top_ranks, target.squeeze(-1), 1 + (logp > target).sum(dim=-1)))
+    return TopLogprobs(*(torch.cat(column) for column in zip(*parts)))
