@@ -12,8 +12,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-import httpx
-
 from .config import OPDConfig, RunConfig, teacher_spec
 from .data import Record, load_records, render_prompt, teacher_messages
 from .errors import ConfigError, OpdistillError
@@ -184,39 +182,47 @@ def check_local(report: CheckReport, label: str, name: str, config: OPDConfig, s
 
 
 def check_remote(report: CheckReport, label: str, url: str, model: str, config: OPDConfig, tokenizer: Any, probe: Record) -> None:
-    """The server serves `model`, accepts top_k prompt log-probs and (when it has /tokenize) tokenises like the student."""
+    """The server serves `model`, accepts top_k prompt log-probs and (when it has /tokenize) tokenises like the student.
+    Requests go through the training client's retry policy, so a flaky server fails the check only as it would fail a step."""
+    import asyncio
     import os
 
+    from .teachers.api import ApiClient, RequestFailed, RetryPolicy
+
     key = os.environ.get(config.teacher_api_key_env) if config.teacher_api_key_env else None
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
-    base = url.rstrip("/")
+    base, k = url.rstrip("/"), max(config.top_k, 1)
     ids = probe_ids(tokenizer, probe, config)
+
+    async def ask() -> Any:
+        client = ApiClient(base, key, RetryPolicy(max_attempts=config.teacher_max_attempts, timeout=config.teacher_timeout),
+                           key_hint=f"the environment variable {config.teacher_api_key_env}")
+        root = ApiClient(base.removesuffix("/v1"), key, RetryPolicy(max_attempts=2, timeout=config.teacher_timeout))
+        try:
+            await client.post("/completions", {"model": model, "prompt": ids, "max_tokens": 1, "prompt_logprobs": k, "temperature": 0.0},
+                              lambda body: body)
+            try:  # vLLM's /tokenize lives at the server root, not under /v1
+                tokens, _ = await root.post("/tokenize", {"model": model, "prompt": tokenizer.decode(ids), "add_special_tokens": False},
+                                            lambda body: body["tokens"])
+            except (RequestFailed, KeyError, TypeError):
+                tokens = None
+            return tokens
+        finally:
+            await client.close()
+            await root.close()
+
     try:
-        with httpx.Client(headers=headers, timeout=config.teacher_timeout) as client:
-            listed = client.get(base + "/models")
-            if listed.status_code in (401, 403):
-                report.fail(label, f"{base} refused the credentials (HTTP {listed.status_code})",
-                            f"set the key in the environment variable {config.teacher_api_key_env}")
-                return
-            served = [m.get("id") for m in listed.json().get("data", [])] if listed.status_code == 200 else []
-            if served and model not in served:
-                report.fail(label, f"{base} does not serve {model!r} (it serves {', '.join(map(str, served))})", "fix teacher_model / URL#model")
-                return
-            answer = client.post(base + "/completions", json={"model": model, "prompt": ids, "max_tokens": 1,
-                                                              "prompt_logprobs": max(config.top_k, 1), "temperature": 0.0})
-            if answer.status_code != 200:
-                report.fail(label, f"{base} refused a prompt log-prob request with k = {max(config.top_k, 1)} "
-                            f"(HTTP {answer.status_code}: {answer.text[:160]})", "lower top_k to the server's cap (often 20)")
-                return
-            report.ok(label, f"{base} serves {model!r} and answers prompt log-probs with k = {max(config.top_k, 1)}")
-            text = tokenizer.decode(ids)
-            tokenized = client.post(base.removesuffix("/v1") + "/tokenize", json={"model": model, "prompt": text, "add_special_tokens": False})
-    except (httpx.HTTPError, ValueError) as err:
-        report.fail(label, f"cannot reach the remote teacher at {base}: {type(err).__name__}", "start the server, or fix teacher_url")
+        tokens = asyncio.run(ask())
+    except RequestFailed as err:
+        report.fail(label, f"{base} did not answer a prompt log-prob request for {model!r} with k = {k}: {err.reason}",
+                    "start the server, fix teacher_url / teacher_model, or lower top_k to the server's cap (often 20)")
         return
-    if tokenized.status_code != 200:
+    except OpdistillError as err:  # refused credentials
+        report.fail(label, err.message, err.fix)
+        return
+    report.ok(label, f"{base} serves {model!r} and answers prompt log-probs with k = {k}")
+    if tokens is None:
         report.note(f"{label} tokenizer", "the server has no /tokenize: vocabulary and EOS not compared (log-prob requests carry ids)")
-    elif tokenized.json().get("tokens") != ids:
+    elif tokens != ids:
         report.fail(f"{label} tokenizer", f"the server tokenises the rendered probe differently from the student ({base}/tokenize)",
                     "a white-box teacher needs the student's tokenizer: serve a model of the student's family")
     else:

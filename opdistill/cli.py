@@ -7,7 +7,7 @@ import signal
 import sys
 import threading
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from .errors import OpdistillError
 
@@ -35,18 +35,12 @@ def _collect(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from .config import config_help, load_config
+    from .config import config_help
 
     if args.help_config:
         print(config_help(args.method or "seqkd"))
         return 0
-    config_path = None
-    overrides = list(args.overrides)
-    if args.config and "=" in args.config:
-        overrides.insert(0, args.config)
-    else:
-        config_path = args.config
-    config = load_config(config_path, overrides, method=args.method)
+    config = _config_from_args(args)
     from .methods import train
 
     summary = train(config)
@@ -56,6 +50,32 @@ def _train(args: argparse.Namespace) -> int:
     if summary.get("initial_eval") or summary.get("final_eval"):
         print(f"held-out: before {summary.get('initial_eval')} after {summary.get('final_eval')}")
     return 0
+
+
+def _config_from_args(args: argparse.Namespace) -> Any:
+    """CONFIG (optional; a first `key=value` is an override) + overrides + --method -> a validated config."""
+    from .config import load_config
+
+    config_path = None
+    overrides = list(args.overrides)
+    if args.config and "=" in args.config:
+        overrides.insert(0, args.config)
+    else:
+        config_path = args.config
+    return load_config(config_path, overrides, method=args.method)
+
+
+def _check(args: argparse.Namespace) -> int:
+    from .check import preflight
+    from .models import load_tokenizer
+
+    config = _config_from_args(args)
+    tokenizer = load_tokenizer(config.student, chat_template=config.chat_template, trust_remote_code=config.trust_remote_code)
+    report = preflight(config, tokenizer)
+    print(f"opdistill check: {config.method} run, student {config.student}")
+    print("\n".join(report.lines()))
+    print(f"{len(report.problems)} problem(s)" if report.problems else "all checks passed")
+    return 2 if report.problems else 0
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -171,6 +191,17 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--method", choices=["seqkd", "gad", "opd"], help="method (overrides the config's `method`)")
     t.add_argument("--help-config", action="store_true", help="list every config key with its default and meaning")
     t.set_defaults(func=_train)
+
+    from .config import METHOD_CONFIGS
+
+    k = sub.add_parser("check", help="pre-flight check of a training config: data, prompt lengths, teacher vocabulary, EOS, chat template",
+                       description="Load the tokenizers and model configs a `train` run would use (no weights) and check them against "
+                                   "each other and the data; prints a table and one error per problem with its fix; exit 2 on a problem. "
+                                   "`train` runs the same check first. Docs: docs/teachers.md.")
+    k.add_argument("config", nargs="?", help="YAML config file (optional)")
+    k.add_argument("overrides", nargs="*", help="key=value overrides, e.g. teacher=runs/teacher")
+    k.add_argument("--method", choices=list(METHOD_CONFIGS), help="method (overrides the config's `method`)")
+    k.set_defaults(func=_check)
 
     from .demo import DemoOptions
 

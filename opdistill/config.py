@@ -23,8 +23,8 @@ from .errors import ConfigError
 
 def opt(default: Any, help: str) -> Any:
     """A dataclass field with its default and its help line (a list default is copied per instance)."""
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata={"help": help})
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
     return field(default=default, metadata={"help": help})
 
 
@@ -237,6 +237,16 @@ class OPDConfig(OnPolicyConfig):
     lr: float = opt(1e-5, "Student learning rate.")
     teacher: str = opt("", "Teacher model (same tokenizer as the student). Empty: the student's own starting weights "
                            "(self-distillation; with LoRA the frozen base serves as teacher, no second copy).")
+    teacher_url: str = opt("", "A remote teacher instead: base URL of a vLLM-compatible server (e.g. http://host:8000/v1), "
+                               "scored through completions with prompt_logprobs; needs teacher_model and top_k (<= the server's cap).")
+    teacher_model: str = opt("", "The model name the remote teacher serves (the `model` field of its requests).")
+    teacher_api_key_env: str = opt("OPENAI_API_KEY", "Environment variable holding the remote teacher's API key (unset: no key).")
+    teacher_concurrency: int = opt(8, "Remote teacher: requests in flight at once.")
+    teacher_max_attempts: int = opt(6, "Remote teacher: attempts per request (first try + retries, exponential back-off).")
+    teacher_timeout: float = opt(120.0, "Remote teacher: seconds per attempt.")
+    teacher_cache: str = opt("", "Remote teacher: durable cache of scored rows (JSONL); empty: out_dir/teacher_cache.jsonl.")
+    teachers: dict[str, str] = opt({}, "Named teachers for records with a `teacher` field: name -> a model (local) or "
+                                       "URL#model (remote), e.g. {code: qwen2.5-coder-1.5b-instruct, chat: http://host:8000/v1#llama}.")
     teacher_system: str = opt("", "Privileged system prompt that only the teacher sees (context distillation).")
     teacher_template: str = opt("", "Rewrite of the last user turn for the teacher; {prompt} is the original text.")
     divergence: str = opt("rkl", "Token-level objective: fkl, rkl, jsd, skl, srkl, veto_fkl, veto_rkl (full vocabulary), "
@@ -282,6 +292,7 @@ class OPDConfig(OnPolicyConfig):
             raise ConfigError(f"divergence {self.divergence} is a sampled-token estimator: it is unbiased only on the student's own "
                               f"samples, but on_policy_ratio {self.on_policy_ratio} feeds it the data's responses on some steps",
                               "use a full-vocabulary divergence (fkl, rkl, jsd, ...) with on_policy_ratio < 1, or on_policy_ratio: 1")
+        self.validate_teachers()
         if self.horizon == "truncated" and self.horizon_ratio <= 0 and self.horizon_tokens <= 0:
             raise ConfigError("horizon: truncated needs horizon_ratio (0 < ρ <= 1) or horizon_tokens > 0")
         if self.horizon_ratio > 1:
@@ -289,6 +300,41 @@ class OPDConfig(OnPolicyConfig):
         if self.horizon == "progressive" and (self.horizon_start < 1 or self.horizon_increment < 0 or self.horizon_every < 1):
             raise ConfigError("progressive horizon needs horizon_start >= 1, horizon_increment >= 0, horizon_every >= 1")
         self.require_whole_micro_batches()
+
+    def validate_teachers(self) -> None:
+        if self.teacher and self.teacher_url:
+            raise ConfigError("both teacher and teacher_url are set", "keep one: teacher for a local model, teacher_url for a server")
+        if self.teacher_url:
+            teacher_spec(f"{self.teacher_url}#{self.teacher_model}", "teacher_url")
+        elif self.teacher_model:
+            raise ConfigError("teacher_model is set without teacher_url", "set teacher_url, or use teacher: for a local model")
+        for name, spec in self.teachers.items():
+            teacher_spec(spec, f"teachers.{name}")
+        if min(self.teacher_concurrency, self.teacher_max_attempts) < 1 or self.teacher_timeout <= 0:
+            raise ConfigError("teacher_concurrency and teacher_max_attempts must be >= 1 and teacher_timeout > 0")
+        if self.has_remote_teacher():
+            if self.divergence not in SAMPLED_ESTIMATORS and not self.top_k:
+                raise ConfigError(f"a remote teacher returns top-k log-probs, but divergence {self.divergence} needs the full vocabulary",
+                                  "set top_k (<= the server's cap, often 20), or use k1 / k3 / reward")
+            if self.distill_temperature != 1.0:
+                raise ConfigError(f"a remote teacher's log-probs are at temperature 1; distill_temperature is {self.distill_temperature}",
+                                  "set distill_temperature: 1, or use local teachers")
+
+    def has_remote_teacher(self) -> bool:
+        return bool(self.teacher_url) or any(teacher_spec(spec)[1] for spec in self.teachers.values())
+
+
+def teacher_spec(spec: str, field_name: str = "teachers") -> tuple[str, str]:
+    """A teacher entry -> (model, url): `URL#model` is remote (url set), anything else a local model (url empty)."""
+    if not spec.startswith(("http://", "https://")):
+        if not spec:
+            raise ConfigError(f"config field `{field_name}` is empty", "name a model, or URL#model for a remote teacher")
+        return spec, ""
+    url, _, model = spec.partition("#")
+    if not model:
+        raise ConfigError(f"config field `{field_name}`: remote teacher {url} names no model",
+                          "write URL#model, e.g. http://127.0.0.1:8000/v1#smollm2-135m-instruct (teacher_model: for teacher_url)")
+    return model, url
 
 
 METHOD_CONFIGS: dict[str, type[RunConfig]] = {"seqkd": SeqKDConfig, "gad": GADConfig, "opd": OPDConfig}
@@ -326,6 +372,9 @@ def _coerce(name: str, value: Any, kind: type, where: str) -> Any:
     elif kind is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
+    elif typing.get_origin(kind) is dict:  # dict[str, str]: a YAML mapping (an override is YAML too: teachers={a: x})
+        if isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+            return dict(value)
     elif typing.get_origin(kind) is list:  # list[str]: a YAML list, or one comma-separated string (an override)
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]

@@ -1,0 +1,228 @@
+"""A remote white-box teacher against a real `opdistill serve` on 127.0.0.1: same answers as the local teacher,
+the same student, a durable cache across kill -9 and repeated runs, retried faults, a refused key.
+
+Between client and server sits a small forwarding proxy (real HTTP both ways) that records every request body
+and can fail a share of them with HTTP 500, as a flaky provider would."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+import torch
+
+from conftest import build_tiny_model
+from opdistill.config import load_config
+from opdistill.data import render_prompt
+from opdistill.errors import OpdistillError
+from opdistill.methods import train
+from opdistill.models import load_model, load_tokenizer
+from opdistill.serve import ServeOptions, make_server
+from opdistill.teachers.logprob import LocalTeacher, TeacherRow
+from opdistill.teachers.remote import RemoteTeacher
+
+REPO = Path(__file__).resolve().parents[1]
+KEY_ENV = "OPD_REMOTE_TEACHER_TEST_KEY"
+KEY = "sk-remote-teacher-test-0123456789"
+PROBE = 1  # the pre-flight check at the start of every train sends one prompt log-prob request
+
+
+class Proxy(ThreadingHTTPServer):
+    """Forwards every request to `target`; fails every `fault_every`-th POST with HTTP 500; records the others' bodies."""
+
+    daemon_threads = True
+
+    def __init__(self, target: str, fault_every: int = 0) -> None:
+        self.target, self.fault_every = target, fault_every
+        self.bodies: list[bytes] = []
+        self.posts = self.faults = 0
+        self.lock = threading.Lock()
+        super().__init__(("127.0.0.1", 0), ProxyHandler)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}/v1"
+
+    def prompts(self) -> list[str]:
+        """A digest of each forwarded completions prompt."""
+        return [hashlib.sha256(json.dumps(json.loads(b)["prompt"]).encode()).hexdigest() for b in self.bodies if b"prompt_logprobs" in b]
+
+
+class ProxyHandler(BaseHTTPRequestHandler):
+    server: Proxy
+
+    def do_GET(self) -> None:
+        self.forward(None)
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        with self.server.lock:
+            self.server.posts += 1
+            fail = self.server.fault_every > 0 and self.server.posts % self.server.fault_every == 0
+            if fail:
+                self.server.faults += 1
+            else:
+                self.server.bodies.append(body)
+        if fail:
+            self.reply(500, b'{"error": {"message": "injected fault"}}')
+            return
+        self.forward(body)
+
+    def forward(self, body: bytes | None) -> None:
+        request = urllib.request.Request(self.server.target + self.path, data=body, headers={k: v for k, v in self.headers.items()
+                                                                                            if k.lower() in ("content-type", "authorization")})
+        try:
+            with urllib.request.urlopen(request, timeout=60) as response:
+                self.reply(response.status, response.read())
+        except urllib.error.HTTPError as err:
+            self.reply(err.code, err.read())
+
+    def reply(self, status: int, payload: bytes) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+def running(server: ThreadingHTTPServer) -> ThreadingHTTPServer:
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model's tokenizer with other weights: a teacher the student differs from."""
+    return build_tiny_model(tmp_path_factory.mktemp("remote_teacher") / "model", seed=7)
+
+
+@pytest.fixture(scope="module")
+def served(teacher: Path) -> Iterator[str]:
+    """`opdistill serve` for the teacher (fp32, key required), in this process; yields its root URL."""
+    os.environ[KEY_ENV] = KEY
+    server = running(make_server(ServeOptions(model=str(teacher), port=0, precision="fp32", api_key_env=KEY_ENV, model_name="tiny")))
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture()
+def proxy(served: str) -> Iterator[Proxy]:
+    server = running(Proxy(served))
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def records(path: Path, count: int = 8) -> Path:
+    path.write_text("".join(json.dumps({"prompt": f"Tell me fact number {i} about the sea."}) + "\n" for i in range(count)))
+    return path
+
+
+def overrides(student: Path, data: Path, out: Path, *extra: str) -> list[str]:
+    return ["method=opd", f"student={student}", f"data={data}", f"out_dir={out}", "max_steps=3", "batch_size=4", "micro_batch_size=2",
+            "max_response_tokens=12", "precision=fp32", "top_k=5", "lr=1e-3", "seed=3", *extra]
+
+
+def remote(url: str) -> list[str]:
+    return [f"teacher_url={url}", "teacher_model=tiny", f"teacher_api_key_env={KEY_ENV}"]
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_model(str(path)).state_dict()
+
+
+def test_remote_and_local_teachers_give_the_same_top_k_on_the_same_rows(teacher, proxy, tmp_path):
+    tokenizer, model = load_tokenizer(str(teacher)), load_model(str(teacher)).eval()
+    rows = [TeacherRow(render_prompt(tokenizer, [{"role": "user", "content": text}]), tokenizer(text, add_special_tokens=False)["input_ids"])
+            for text in ("Why is the sea salty?", "Name a bird", "Write one short line about rain and wind")]
+    local = LocalTeacher(model, tokenizer.pad_token_id).score(rows)
+    answer = RemoteTeacher(proxy.url, "tiny", k=5, vocab=len(tokenizer), cache_path=tmp_path / "cache.jsonl", api_key_env=KEY_ENV).score(rows)
+    expected = local.top_k(5)
+    torch.testing.assert_close(answer.top_logprobs, expected.top_logprobs, rtol=0, atol=1e-5)
+    assert torch.equal(answer.top_ids, expected.top_ids)
+    targets = torch.tensor([t for row in rows for t in row.response])
+    torch.testing.assert_close(answer.token_logprobs, local.sampled(targets), rtol=0, atol=1e-5)
+
+
+def test_opd_with_a_served_teacher_trains_the_same_student_and_a_repeat_pays_nothing(tiny_model, teacher, proxy, tmp_path):
+    data = records(tmp_path / "data.jsonl")
+    train(load_config(None, overrides(tiny_model, data, tmp_path / "local", f"teacher={teacher}")))
+    cache = tmp_path / "cache.jsonl"
+    train(load_config(None, overrides(tiny_model, data, tmp_path / "remote", *remote(proxy.url), f"teacher_cache={cache}")))
+    local, served = weights(tmp_path / "local" / "student"), weights(tmp_path / "remote" / "student")
+    assert any(not torch.equal(local[name], weights(tiny_model)[name]) for name in local)  # the student did move
+    for name in local:
+        torch.testing.assert_close(served[name], local[name], rtol=0, atol=1e-5)
+    scored = len(proxy.prompts())
+    # One request per row, none twice, plus the pre-flight check's probe (the first record and a short reply).
+    assert scored == 3 * 4 + PROBE and len(set(proxy.prompts())) == scored
+    train(load_config(None, overrides(tiny_model, data, tmp_path / "again", *remote(proxy.url), f"teacher_cache={cache}")))
+    assert len(proxy.prompts()) == scored + PROBE  # the repeated run read every row from the cache
+    again = weights(tmp_path / "again" / "student")
+    assert all(torch.equal(again[name], served[name]) for name in served)
+
+
+def test_a_server_failing_ten_percent_of_requests_gives_the_same_student(tiny_model, served, tmp_path):
+    flaky = running(Proxy(served, fault_every=10))  # 10% of requests fail
+    try:
+        data = records(tmp_path / "data.jsonl", 32)
+        extra = ("max_steps=8", "teacher_max_attempts=8")
+        train(load_config(None, overrides(tiny_model, data, tmp_path / "flaky", *remote(flaky.url), *extra)))
+        clean = running(Proxy(served))
+        train(load_config(None, overrides(tiny_model, data, tmp_path / "clean", *remote(clean.url), *extra)))
+        clean.shutdown()
+    finally:
+        flaky.shutdown()
+    assert flaky.faults >= 3
+    a, b = weights(tmp_path / "flaky" / "student"), weights(tmp_path / "clean" / "student")
+    assert all(torch.equal(a[name], b[name]) for name in a)
+
+
+def test_a_wrong_key_stops_the_run_with_a_clear_error_that_hides_the_key(tiny_model, served, tmp_path, monkeypatch):
+    monkeypatch.setenv("OPD_WRONG_KEY", "sk-wrong-key-should-not-leak")
+    config = load_config(None, overrides(tiny_model, records(tmp_path / "data.jsonl"), tmp_path / "run", f"teacher_url={served}/v1",
+                                         "teacher_model=tiny", "teacher_api_key_env=OPD_WRONG_KEY"))
+    with pytest.raises(OpdistillError) as caught:
+        train(config)
+    text = f"{caught.value.message} {caught.value.fix}"
+    assert "refused the credentials (HTTP 401)" in text and "OPD_WRONG_KEY" in text and "sk-wrong" not in text
+
+
+def test_kill_9_mid_run_and_resume_never_request_a_cached_row_twice(tiny_model, proxy, tmp_path):
+    data, out = records(tmp_path / "data.jsonl", 24), tmp_path / "run"
+    command = [sys.executable, "-m", "opdistill", "train", *overrides(tiny_model, data, out, *remote(proxy.url)), "max_steps=6",
+               "checkpoint_every=1", "max_response_tokens=24"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", KEY_ENV: KEY}
+    process = subprocess.Popen(command, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 180
+    # Kill once a few rows of a step past the first checkpoint are cached: mid-step, after paying for some rows.
+    while len(proxy.prompts()) < 4 * 2 + 2 and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    before, cache = len(proxy.prompts()), out / "teacher_cache.jsonl"
+    cached_before = cache.read_bytes().count(b"\n")  # committed lines (a torn last line is not one)
+    assert 0 < cached_before < 6 * 4
+    finished = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    # The resumed run asks exactly for the rows the cache lacked: none it held (a row whose answer arrived but was
+    # not yet committed when the kill came is asked again, which is why this counts rather than looks for repeats).
+    assert len(proxy.prompts()) - before == 6 * 4 - cached_before + PROBE
+    cached = [json.loads(line)["key"] for line in cache.read_text().splitlines()]
+    assert len(cached) == len(set(cached)) == 6 * 4
