@@ -88,7 +88,10 @@ def _demo(args: argparse.Namespace) -> int:
 def _analyze(args: argparse.Namespace) -> int:
     import torch
 
-    from .analysis.updates import AnalysisOptions, analyze_checkpoints, compare_runs, threshold_key, write_outputs
+    from .analysis.compare import compare_runs
+    from .analysis.options import AnalysisOptions
+    from .analysis.outputs import write_outputs
+    from .analysis.updates import analyze_checkpoints
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -101,44 +104,22 @@ def _analyze(args: argparse.Namespace) -> int:
     if args.compare:
         analysis.summary["compare"] = compare_runs(args.base, args.compare[0], args.compare[1], options)
     paths = write_outputs(analysis, args.out)
-    g = analysis.summary["global"]
-    abs_key = f"sparsity_abs_{threshold_key(args.abs_threshold)}"
-    print(f"{g['tensors_analysed']} tensors, {g['numel']:,} coordinates in {analysis.summary['seconds']:.0f} s")
-    print(f"relative update {g['relative_update']:.4g}; sparsity bf16-aware {g['sparsity_bf16']:.4f}, |delta| < {args.abs_threshold:g} {g[abs_key]:.4f}")
-    if g.get("principal_enrichment") is not None:
-        print(f"enrichment of changed coordinates: principal mask {g['principal_enrichment']:.3f}, low-magnitude mask {g['lowmag_enrichment']:.3f}")
-    if analysis.summary.get("skipped"):
-        print(f"skipped (not in both or not float): {', '.join(analysis.summary['skipped'])}")
-    if args.save_mask:
-        print(f"changed mask ({args.changed}, density {g['changed_density']:.4f}): {args.save_mask}")
-    if args.compare:
-        c = analysis.summary["compare"]
-        print(f"compare: Jaccard {c['jaccard']} vs random baseline {c['random_baseline']}")
+    for line in analysis.lines():
+        print(line)
     print(f"summary: {paths['summary']}")
     print(f"report: {paths['report']}")
     return 0
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from .evaluate.run import EvalOptions, run_eval
+    from .evaluate.options import EvalOptions
+    from .evaluate.run import metrics_lines, run_eval
     from .report import write_report
 
     opts = EvalOptions(**{name: getattr(args, name) for name in EvalOptions.__dataclass_fields__ if hasattr(args, name)},
                        progress=not args.no_progress, embeddings=not args.no_embeddings)
-    metrics = run_eval(opts)
-    for set_name, result in metrics["sets"].items():
-        print(f"[{set_name}] {result['prompts']} prompts")
-        for label, values in result["models"].items():
-            shown = [f"{key} {values[key]:.3g}" for key in ("eos_rate", "mean_words", "distinct_2", "teacher_logprob") if isinstance(values.get(key), float)]
-            shown += [f"{key} {value:.0%}" for key, value in values.items() if key.endswith("_share")]
-            judge = values.get("judge")
-            if judge and judge.get("judge_ratio") is not None:
-                shown.append(f"judge ratio {judge['judge_ratio']:.3f} vs {judge['reference']} ({judge['judged']} judged, {judge['unparsed']} unparsed)")
-            print(f"  {label}: " + ", ".join(shown))
-        for p in result["pairwise"]:
-            rate = f"win rate {p['win_rate']:.2f} [{p['ci_low']:.2f}, {p['ci_high']:.2f}]" if p["n"] else "nothing judged"
-            print(f"  {p['x']} vs {p['y']}: {p['wins']} wins, {p['ties']} ties, {p['losses']} losses; {rate} "
-                  f"({p['unparsed']} unparsed, {p['failed']} failed)")
+    for line in metrics_lines(run_eval(opts)):
+        print(line)
     print(f"metrics: {Path(args.out) / 'metrics.json'}")
     print(f"report: {write_report([args.out])}")
     return 0

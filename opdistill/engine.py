@@ -27,7 +27,8 @@ from tqdm import tqdm
 
 from .config import RunConfig, to_dict
 from .errors import CheckpointError, DataError, OpdistillError
-from .models import compute_dtype, resolve_precision, save_pretrained_atomic
+from .fileio import fsync_tree
+from .models import compute_dtype, default_device, resolve_precision, save_pretrained_atomic
 from .seeds import mix_seed
 
 CHECKPOINT_PREFIX = "step-"
@@ -103,15 +104,6 @@ def checkpoint_dirs(out_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
 
 
-def _fsync_dir_tree(root: Path) -> None:
-    for path in [*root.rglob("*"), root]:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 class Engine:
     """Holds the accelerator, the student, its optimizer and schedule, and the run directory."""
 
@@ -133,7 +125,7 @@ class Engine:
             from accelerate.state import AcceleratorState
 
             AcceleratorState._reset_state()
-        self.accelerator = Accelerator(mixed_precision="bf16" if self.precision == "bf16" else "no", cpu=not torch.cuda.is_available(),
+        self.accelerator = Accelerator(mixed_precision="bf16" if self.precision == "bf16" else "no", cpu=default_device().type == "cpu",
                                        log_with=list(config.report_to) or None, project_dir=str(self.out_dir / "trackers"))
         if launched != self.accelerator.num_processes:
             raise OpdistillError(f"launched as {launched} processes but accelerate sees {self.accelerator.num_processes}",
@@ -274,7 +266,7 @@ class Engine:
             if self.is_main:
                 state = {"step": self.step, "total_steps": self.total_steps, "method": self.config.method, "time": time.time()}
                 (tmp / STATE_FILE).write_text(json.dumps(state))
-                _fsync_dir_tree(tmp)
+                fsync_tree(tmp)
                 shutil.rmtree(final, ignore_errors=True)
                 os.replace(tmp, final)
                 for old in checkpoint_dirs(self.out_dir)[: -self.config.keep_checkpoints]:

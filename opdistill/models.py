@@ -21,6 +21,7 @@ import torch
 from safetensors import SafetensorError
 
 from .errors import ModelError
+from .fileio import fsync_tree
 
 
 @dataclass(frozen=True)
@@ -234,7 +235,7 @@ def replace_dir_atomic(out_dir: str | Path, write: Callable[[Path], None]) -> Pa
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     write(tmp)
-    _fsync_tree(tmp)
+    fsync_tree(tmp)
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
     return out
@@ -252,13 +253,6 @@ def save_pretrained_atomic(model: Any, tokenizer: Any, out_dir: str | Path, merg
             tokenizer.save_pretrained(tmp)
 
     return replace_dir_atomic(out_dir, write)
-
-
-def _fsync_tree(root: Path) -> None:
-    for path in root.rglob("*"):
-        if path.is_file():
-            with open(path, "rb") as handle:
-                os.fsync(handle.fileno())
 
 
 def shared_vocabulary_size(student_tokenizer: Any, teacher_tokenizer: Any, student_vocab: int, teacher_vocab: int,

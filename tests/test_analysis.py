@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from opdistill.analysis import metrics as M
 from opdistill.analysis.masks import MaskWriter, build_masks, load_mask, mask_density, save_mask
-from opdistill.analysis.updates import AnalysisOptions, analyze_checkpoints, analyze_tensors, compare_runs
+from opdistill.analysis import AnalysisOptions, analyze_checkpoints, analyze_tensors, compare_runs
 from opdistill.cli import main
 from opdistill.config import load_config
 from opdistill.errors import ConfigError, ModelError
@@ -218,6 +218,14 @@ def test_streaming_two_checkpoints_equals_in_memory_and_the_concatenated_model(t
         k = math.ceil(percent / 100 * d.numel())
         exact = float(squares[:k].sum() / squares.sum())
         assert g[f"energy_top_{percent:g}pct"] == pytest.approx(exact, rel=5e-3), "the histogram estimate is within 0.5%"
+
+
+def test_printed_lines_of_an_in_memory_analysis_have_no_mask_or_comparison():
+    base = fake_model(0)
+    lines = analyze_tensors(base, perturbed(base, 1, density=0.4), OPTS).lines()
+    assert lines[0].startswith(f"{len(base)} tensors, ") and "|delta| < 1e-05 " in lines[1]
+    assert lines[2].startswith("enrichment of changed coordinates: principal mask ")
+    assert len(lines) == 3, "no skipped tensors, no saved mask, no comparison"
 
 
 def test_different_architectures_are_a_clear_error_naming_the_tensor(tmp_path):

@@ -19,7 +19,7 @@ from opdistill.evaluate.judge import (
 )
 from opdistill.evaluate.metrics import ngram_f1
 from opdistill.evaluate.prompts import join_answer_file, load_eval_set
-from opdistill.evaluate.run import EvalOptions, run_eval
+from opdistill.evaluate.run import EvalOptions, metrics_lines, run_eval
 from opdistill.evaluate.scoring import SentenceEmbedder, embedding_model_path, teacher_logprob
 from opdistill.methods import train
 from opdistill.models import load_model, load_tokenizer
@@ -301,7 +301,7 @@ def test_the_docs_show_the_judge_prompts_exactly_as_sent():
 
 
 def test_a_task_check_can_be_any_importable_function(tmp_path, monkeypatch):
-    from opdistill.evaluate.run import resolve_check
+    from opdistill.evaluate.options import resolve_check
 
     (tmp_path / "my_checks.py").write_text("def mentions_a_number(text):\n    return any(c.isdigit() for c in text)\n")
     monkeypatch.syspath_prepend(str(tmp_path))
@@ -310,3 +310,10 @@ def test_a_task_check_can_be_any_importable_function(tmp_path, monkeypatch):
     assert resolve_check("french")("Bonjour, je suis très content de vous voir et de parler avec vous.")
     with pytest.raises(OpdistillError, match="cannot be loaded"):
         resolve_check("my_checks:missing")
+
+
+def test_printed_lines_of_a_pairwise_comparison_where_nothing_was_judged():
+    pair = {"x": "a", "y": "b", "n": 0, "wins": 0, "ties": 0, "losses": 0, "unparsed": 2, "failed": 0}
+    metrics = {"sets": {"s": {"prompts": 2, "models": {"m": {"eos_rate": 0.5, "mean_words": 3.0, "french_share": 1.0}}, "pairwise": [pair]}}}
+    assert metrics_lines(metrics) == ["[s] 2 prompts", "  m: eos_rate 0.5, mean_words 3, french_share 100%",
+                                      "  a vs b: 0 wins, 0 ties, 0 losses; nothing judged (2 unparsed, 0 failed)"]

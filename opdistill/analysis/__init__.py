@@ -1,7 +1,10 @@
 """Update-geometry analysis (what fine-tuning did to the weights) and sparse-subnetwork training (SPEC §4).
 
-`updates.py` streams two checkpoints and aggregates the metrics of `metrics.py` (pure tensor functions);
-`masks.py` saves/loads changed-masks and applies one as gradient masking; `report.py` renders report.html.
+`updates.py` streams two checkpoints (`checkpoint.py`) through the per-tensor metrics of `tensor.py` (built on
+the pure tensor functions of `metrics.py`) and sums them up (`aggregate.py`); `names.py` reads module types
+and layers from tensor names; `compare.py` compares the changed coordinates of two runs; `outputs.py` writes
+summary.json, spectra.safetensors and report.html (rendered by `report.py`); `masks.py` saves/loads
+changed-masks and applies one as gradient masking.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from typing import Any
 # opdistill.analysis.options (the CLI) does not load torch.
 _EXPORTS = {
     "Analysis": "updates", "AnalysisOptions": "options", "analyze_checkpoints": "updates", "analyze_pairs": "updates",
-    "analyze_tensor": "updates", "analyze_tensors": "updates", "compare_runs": "updates", "write_outputs": "updates",
+    "analyze_tensor": "tensor", "analyze_tensors": "updates", "compare_runs": "compare", "write_outputs": "outputs",
     "apply_gradient_mask": "masks", "apply_train_mask": "masks", "build_masks": "masks", "load_mask": "masks",
     "mask_density": "masks", "save_mask": "masks",
 }

