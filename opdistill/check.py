@@ -103,7 +103,7 @@ def check_lengths(report: CheckReport, config: RunConfig, tokenizer: Any, record
     over = sum(length > config.max_prompt_tokens for length in lengths)
     detail = f"longest {max(lengths)} tokens, limit {config.max_prompt_tokens}; {over} over (overlong: {config.overlong})"
     if over == len(lengths) and config.overlong == "skip":
-        report.fail("prompt lengths", f"every prompt is longer than max_prompt_tokens {config.max_prompt_tokens}: nothing to train on",
+        report.fail("prompt lengths", f"every prompt is over-long (longer than max_prompt_tokens {config.max_prompt_tokens}): nothing to train on",
                     f"raise max_prompt_tokens to at least {min(lengths)}")
     elif over:
         report.note("prompt lengths", detail)
@@ -154,7 +154,7 @@ def check_local(report: CheckReport, label: str, name: str, config: OPDConfig, s
     student_vocab, teacher_vocab = student.get_vocab(), teacher.get_vocab()
     if student_vocab != teacher_vocab:
         differing = sorted(t for t in set(student_vocab) | set(teacher_vocab) if student_vocab.get(t) != teacher_vocab.get(t))
-        report.fail(f"{label} vocabulary", f"{name} maps {len(differing)} token(s) differently from the student (e.g. {differing[0]!r}); "
+        report.fail(f"{label} vocabulary", f"{name} has a different vocabulary: it maps {len(differing)} token(s) differently from the student (e.g. {differing[0]!r}); "
                     f"{len(teacher_vocab)} vs {len(student_vocab)} tokens",
                     "token-level divergences need one tokenizer: pick a teacher of the student's family, or method: gad (text only)")
         return

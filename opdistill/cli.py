@@ -65,6 +65,15 @@ def _config_from_args(args: argparse.Namespace) -> Any:
     return load_config(config_path, overrides, method=args.method)
 
 
+def _config_arguments(parser: argparse.ArgumentParser) -> None:
+    """CONFIG, key=value overrides and --method: how `train` and `check` name a run."""
+    from .config import METHOD_CONFIGS
+
+    parser.add_argument("config", nargs="?", help="YAML config file (optional)")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. lr=1e-5 batch_size=16")
+    parser.add_argument("--method", choices=list(METHOD_CONFIGS), help="method (overrides the config's `method`)")
+
+
 def _check(args: argparse.Namespace) -> int:
     from .check import preflight
     from .models import load_tokenizer
@@ -167,21 +176,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train a student (method: seqkd) from a YAML config and key=value overrides",
                        description="Train a student. Example: opdistill train examples/seqkd_selfinstruct.yaml max_steps=20")
-    t.add_argument("config", nargs="?", help="YAML config file (optional)")
-    t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. lr=1e-5 batch_size=16")
-    t.add_argument("--method", choices=["seqkd", "gad", "opd"], help="method (overrides the config's `method`)")
+    _config_arguments(t)
     t.add_argument("--help-config", action="store_true", help="list every config key with its default and meaning")
     t.set_defaults(func=_train)
-
-    from .config import METHOD_CONFIGS
 
     k = sub.add_parser("check", help="pre-flight check of a training config: data, prompt lengths, teacher vocabulary, EOS, chat template",
                        description="Load the tokenizers and model configs a `train` run would use (no weights) and check them against "
                                    "each other and the data; prints a table and one error per problem with its fix; exit 2 on a problem. "
                                    "`train` runs the same check first. Docs: docs/teachers.md.")
-    k.add_argument("config", nargs="?", help="YAML config file (optional)")
-    k.add_argument("overrides", nargs="*", help="key=value overrides, e.g. teacher=runs/teacher")
-    k.add_argument("--method", choices=list(METHOD_CONFIGS), help="method (overrides the config's `method`)")
+    _config_arguments(k)
     k.set_defaults(func=_check)
 
     from .demo import DemoOptions

@@ -142,7 +142,7 @@ def test_check_cli_prints_a_table_and_exits_2_on_a_problem(tiny_model, selfinstr
     assert "teacher (default) EOS" in printed and "all checks passed" in printed
     assert main(["check", "method=opd", f"student={tiny_model}", f"data={selfinstruct}", "max_prompt_tokens=4", "overlong=skip"]) == 2
     printed = capsys.readouterr().out
-    assert "every prompt is longer than max_prompt_tokens 4" in printed and "fix: raise max_prompt_tokens" in printed
+    assert "every prompt is over-long (longer than max_prompt_tokens 4)" in printed and "fix: raise max_prompt_tokens" in printed
 
 
 def test_remote_teacher_config_needs_top_k_a_model_and_temperature_one():
