@@ -106,7 +106,7 @@ class RunConfig:
         if self.max_steps == 0 and self.epochs <= 0:
             raise ConfigError("both max_steps and epochs are 0", "set max_steps: N or epochs: E > 0")
         if self.train_mask:
-            from .analysis.masks import parse_mask_spec
+            from .masks import parse_mask_spec
 
             parse_mask_spec(self.train_mask)
             if self.weight_decay:

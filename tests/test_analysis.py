@@ -15,7 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from opdistill.analysis import metrics as M
-from opdistill.analysis.masks import MaskWriter, build_masks, load_mask, mask_density, save_mask
+from opdistill.masks import MaskWriter, build_masks, load_mask, mask_density, save_mask
 from opdistill.analysis import AnalysisOptions, analyze_checkpoints, analyze_tensors, compare_runs
 from opdistill.cli import main
 from opdistill.config import load_config

@@ -1,10 +1,10 @@
-"""Update-geometry analysis (what fine-tuning did to the weights) and sparse-subnetwork training (SPEC §4).
+"""Update-geometry analysis: what fine-tuning did to the weights (SPEC §4).
 
 `updates.py` streams two checkpoints (`checkpoint.py`) through the per-tensor metrics of `tensor.py` (built on
 the pure tensor functions of `metrics.py`) and sums them up (`aggregate.py`); `names.py` reads module types
 and layers from tensor names; `compare.py` compares the changed coordinates of two runs; `outputs.py` writes
-summary.json, spectra.safetensors and report.html (rendered by `report.py`); `masks.py` saves/loads
-changed-masks and applies one as gradient masking.
+summary.json, spectra.safetensors and report.html (rendered by `report.py`); the changed-mask file
+format and sparse-subnetwork training live on the training side, in `opdistill/masks.py`.
 """
 
 from __future__ import annotations
@@ -17,8 +17,6 @@ from typing import Any
 _EXPORTS = {
     "Analysis": "updates", "AnalysisOptions": "options", "analyze_checkpoints": "updates", "analyze_pairs": "updates",
     "analyze_tensor": "tensor", "analyze_tensors": "updates", "compare_runs": "compare", "write_outputs": "outputs",
-    "apply_gradient_mask": "masks", "apply_train_mask": "masks", "build_masks": "masks", "load_mask": "masks",
-    "mask_density": "masks", "save_mask": "masks",
 }
 __all__ = list(_EXPORTS)
 

@@ -52,23 +52,6 @@ def top_fraction_energy(delta_sq: torch.Tensor, fraction: float) -> float | None
     return top / total
 
 
-def fraction_mask(values: torch.Tensor, fraction: float, largest: bool) -> torch.Tensor:
-    """A bool mask of exactly round(fraction·N) coordinates (at least 1): the largest or smallest values.
-    Ties at the cut are broken by position, so a quantised base with many equal weights still gets a mask
-    of the asked size (a plain `values <= t` would take every tied weight)."""
-    flat = values.reshape(-1)
-    n = flat.numel()
-    k = min(n, max(1, round(fraction * n)))
-    order_value = -flat if largest else flat
-    threshold = order_value.kthvalue(k).values
-    mask = order_value < threshold
-    need = k - int(mask.sum())
-    if need > 0:
-        ties = (order_value == threshold).nonzero().reshape(-1)[:need]
-        mask[ties] = True
-    return mask.reshape(values.shape)
-
-
 def overlap_enrichment(mask: torch.Tensor, changed: torch.Tensor) -> tuple[float | None, float | None]:
     """overlap = |mask ∩ changed| / |changed|, enrichment = overlap / density(mask): 1 is what a random
     mask of that density gets, > 1 means the changed coordinates are over-represented in the mask."""

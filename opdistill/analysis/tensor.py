@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from ..masks import fraction_mask
 from . import metrics as M
 from .aggregate import MaskCounts, Totals
 from .names import layer_index, module_type, percent_key, threshold_key
@@ -70,7 +71,7 @@ def _matrix_metrics(w: torch.Tensor, w_hat: torch.Tensor, delta: torch.Tensor, c
     k_principal = {r: max(1, round(r / 100 * small)) for r in PRINCIPAL_PERCENTS}
     exact = small <= options.exact_svd_max_dim
 
-    low = M.fraction_mask(w.abs(), alpha, largest=False)
+    low = fraction_mask(w.abs(), alpha, largest=False)
     result.low_magnitude = MaskCounts(int((low & changed).sum()), int(changed.sum()), int(low.sum()), low.numel())
     out["lowmag_overlap"], out["lowmag_enrichment"] = M.overlap_enrichment(low, changed)
     del low
@@ -85,7 +86,7 @@ def _matrix_metrics(w: torch.Tensor, w_hat: torch.Tensor, delta: torch.Tensor, c
     assert u is not None and base_spec.v is not None
     k_rec = min(k_mask, u.shape[1])
     reconstruction = u[:, :k_rec] @ (u[:, :k_rec].T @ w)  # = U_k Σ_k V_kᵀ
-    principal = M.fraction_mask(reconstruction.abs(), alpha, largest=True)
+    principal = fraction_mask(reconstruction.abs(), alpha, largest=True)
     del reconstruction
     result.principal = MaskCounts(int((principal & changed).sum()), int(changed.sum()), int(principal.sum()), principal.numel())
     out["principal_overlap"], out["principal_enrichment"] = M.overlap_enrichment(principal, changed)

@@ -27,7 +27,7 @@ from tqdm import tqdm
 from ..errors import ModelError, OpdistillError
 from .aggregate import EnergyHistogram, MaskCounts, Totals, means_over_matrices
 from .checkpoint import Checkpoint, pair_plan
-from .masks import MaskWriter
+from ..masks import MaskWriter
 from .names import MODULE_TYPES, percent_key, tensor_sort_key, threshold_key
 from .options import AnalysisOptions
 from .tensor import CONCENTRATION_PERCENTS, analyze_tensor

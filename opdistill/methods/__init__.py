@@ -38,8 +38,8 @@ def train(config: RunConfig) -> dict[str, Any]:
         print(f"train: pre-flight check passed ({len(report.rows)} checks; `opdistill check` prints them)")
     method = METHODS[config.method](config, tokenizer)  # reads and checks the data before the (slow) model load
     model = load_student(config)
-    if config.train_mask:  # sparse-subnetwork training: gradient only on the mask's coordinates (analysis/masks.py)
-        from ..analysis.masks import apply_train_mask
+    if config.train_mask:  # sparse-subnetwork training: gradient only on the mask's coordinates (masks.py)
+        from ..masks import apply_train_mask
 
         apply_train_mask(model, config.train_mask, seed=config.seed)
     engine = Engine(config, model, tokenizer, method.total_steps)

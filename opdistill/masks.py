@@ -1,4 +1,4 @@
-"""Changed-masks and sparse-subnetwork training (SPEC §4).
+"""Masks of weight coordinates: the file format, and sparse-subnetwork training (SPEC §4).
 
 A mask is a safetensors file of bool tensors named like the model's parameters (`opdistill analyze
 --save-mask MASK` writes one: True where the tuned weight differs from the base). `train_mask: MASK` in
@@ -24,14 +24,30 @@ from typing import Any, Iterable, Mapping
 
 import torch
 
-from ..errors import ConfigError, ModelError
-from ..seeds import mix_seed
-from .metrics import fraction_mask
+from .errors import ConfigError, ModelError
+from .seeds import mix_seed
 
 RANDOM_PREFIX = "random:"
 
 
 # ---------------------------------------------------------------- files
+
+
+def fraction_mask(values: torch.Tensor, fraction: float, largest: bool) -> torch.Tensor:
+    """A bool mask of exactly round(fraction·N) coordinates (at least 1): the largest or smallest values.
+    Ties at the cut are broken by position, so a quantised base with many equal weights still gets a mask
+    of the asked size (a plain `values <= t` would take every tied weight)."""
+    flat = values.reshape(-1)
+    n = flat.numel()
+    k = min(n, max(1, round(fraction * n)))
+    order_value = -flat if largest else flat
+    threshold = order_value.kthvalue(k).values
+    mask = order_value < threshold
+    need = k - int(mask.sum())
+    if need > 0:
+        ties = (order_value == threshold).nonzero().reshape(-1)[:need]
+        mask[ties] = True
+    return mask.reshape(values.shape)
 
 
 class MaskWriter:
