@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
-import threading
 from pathlib import Path
 from typing import Any, Callable
 
 from .errors import OpdistillError
+from .interrupts import sigterm_as_interrupt
 
 
 def _collect(args: argparse.Namespace) -> int:
@@ -300,20 +299,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt(f"stopped by signal {signum}")
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    # SIGTERM (a scheduler's stop, `kill`) takes the same path as Ctrl-C: every command commits what it has
-    # (collect and eval: each line as it arrives; train: a checkpoint) and exits 130; a rerun continues.
-    previous = signal.signal(signal.SIGTERM, _interrupt) if threading.current_thread() is threading.main_thread() else None
-    try:
+    with sigterm_as_interrupt():  # every command commits what it has and exits 130; a rerun continues
         return run_command(args.func, args)
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
 
 
 def run_command(func: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:

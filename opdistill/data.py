@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     import torch
 
 from .errors import DataError
+from .seeds import mix_seed
 
 ROLES = ("system", "user", "assistant")
 MAX_REPORTED = 20  # how many bad records one error message lists
@@ -308,3 +309,48 @@ def write_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> None:
     with open(path, "w", encoding="utf-8") as handle:
         for row in rows:
             handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+# ---------------------------------------------------------------- step order and micro-batches
+
+@dataclass
+class StepOrder:
+    """Which records each step uses: a fresh seeded permutation per epoch, so a step number alone fixes
+    the data position (exact resume needs nothing else). Each process takes its own slice of the batch."""
+
+    n_records: int
+    batch_size: int
+    seed: int
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.n_records // self.batch_size
+
+    def indices(self, step: int, rank: int = 0, world_size: int = 1) -> list[int]:
+        epoch, position = divmod(step, self.steps_per_epoch)
+        import torch  # here: prompt loading and API collection do not need torch
+
+        generator = torch.Generator().manual_seed(mix_seed(self.seed, epoch))
+        order = torch.randperm(self.n_records, generator=generator).tolist()
+        batch = order[position * self.batch_size : (position + 1) * self.batch_size]
+        return batch[rank::world_size]
+
+
+def data_order(config: Any, usable: int) -> StepOrder:
+    """The seeded step order over `usable` records; fewer than one batch of them is a data error."""
+    if usable < config.batch_size:
+        raise DataError(f"{config.data}: {usable} usable records, fewer than batch_size {config.batch_size}",
+                        "lower batch_size or add records")
+    return StepOrder(usable, config.batch_size, config.seed)
+
+
+def total_steps_for(config: Any, steps_per_epoch: int) -> int:
+    """max_steps, else epochs x steps per epoch (at least 1)."""
+    if config.max_steps:
+        return config.max_steps
+    return max(1, int(config.epochs * steps_per_epoch))
+
+
+def chunks(items: list[Any], size: int) -> list[list[Any]]:
+    """Consecutive pieces of at most `size` items (micro-batches of a step's records)."""
+    return [items[i : i + size] for i in range(0, len(items), size)]

@@ -1,7 +1,8 @@
 """The shared training loop every method uses: accelerate, AdamW, warm-up + decay, clipping, token-mean
-losses under gradient accumulation, checkpoints with exact resume, metrics and progress.
+losses under gradient accumulation, metrics and progress; checkpoints (checkpoints.py) with exact resume.
 
-A method supplies (see `Method`): how many steps, one `step` function, and optionally `evaluate`.
+A method (methods/common.py, `Method`) supplies how many steps and one `step` function; its other hooks
+(setup, on_resume, evaluate, save_outputs) do nothing unless it overrides them.
 Token losses are summed per micro-batch and divided by the number of loss tokens in the whole global
 batch (all micro-batches, all processes), so accumulation never changes the loss (SPEC.md, notation).
 """
@@ -12,49 +13,26 @@ import contextlib
 import json
 import math
 import os
-import shutil
-import signal
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 import yaml
-from safetensors import SafetensorError
 from tqdm import tqdm
 
 from .config import RunConfig, to_dict
-from .errors import CheckpointError, DataError, OpdistillError
-from .fileio import fsync_tree
+from .checkpoints import checkpoint_dirs, checkpoint_name, load_latest_checkpoint, save_checkpoint
+from .errors import OpdistillError
+from .interrupts import sigterm_as_interrupt
 from .models import compute_dtype, default_device, resolve_precision, save_pretrained_atomic
-from .seeds import mix_seed
 
-CHECKPOINT_PREFIX = "step-"
-STATE_FILE = "trainer_state.json"  # written last: a checkpoint without it is incomplete and ignored
+if TYPE_CHECKING:  # the engine runs any method; only the type names one
+    from .methods.common import Method
+
 MAX_BAD_STEPS = 5  # consecutive non-finite losses before the run stops
-
-
-class Method(Protocol):
-    """What a training method gives the engine."""
-
-    total_steps: int
-
-    def setup(self, engine: "Engine") -> None:
-        """Register extra trained parts (engine.add_trainable) before a resume restores them."""
-
-    def on_resume(self, engine: "Engine") -> None:
-        """Restore method state that lives outside the engine checkpoint (e.g. a reference model)."""
-
-    def step(self, engine: "Engine", step: int) -> dict[str, float]:
-        """Run one optimizer step (forward, backward via the engine, engine.optimizer_step()); return metrics."""
-
-    def evaluate(self, engine: "Engine") -> dict[str, float]:
-        """Held-out metrics (may be empty)."""
-
-    def save_outputs(self, engine: "Engine") -> dict[str, str]:
-        """Optional: write what the method keeps besides the student into engine.out_dir; returns name -> path."""
 
 
 class NonFiniteLoss(Exception):
@@ -93,15 +71,6 @@ def adamw(model: Any, lr: float, betas: tuple[float, float], weight_decay: float
     trainable = [p for p in model.parameters() if p.requires_grad]
     fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in trainable)
     return torch.optim.AdamW(trainable, lr=lr, betas=betas, weight_decay=weight_decay, fused=fused or None)
-
-
-def checkpoint_dirs(out_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first."""
-    root = out_dir / "checkpoints"
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if p.name.startswith(CHECKPOINT_PREFIX) and (p / STATE_FILE).is_file()]
-    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
 
 
 class Engine:
@@ -255,51 +224,13 @@ class Engine:
 
     def save_checkpoint(self) -> Path:
         """Atomic checkpoint of model, optimizer, schedule, RNG and data position (= step)."""
-        root = self.out_dir / "checkpoints"
-        final = root / f"{CHECKPOINT_PREFIX}{self.step:06d}"
-        tmp = root / f".tmp-{final.name}"
-        if self.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
-        self.accelerator.wait_for_everyone()
-        try:
-            self.accelerator.save_state(str(tmp), safe_serialization=True)
-            if self.is_main:
-                state = {"step": self.step, "total_steps": self.total_steps, "method": self.config.method, "time": time.time()}
-                (tmp / STATE_FILE).write_text(json.dumps(state))
-                fsync_tree(tmp)
-                shutil.rmtree(final, ignore_errors=True)
-                os.replace(tmp, final)
-                for old in checkpoint_dirs(self.out_dir)[: -self.config.keep_checkpoints]:
-                    # Renamed first (atomic), so a kill mid-delete never leaves a half-deleted step-N that looks complete.
-                    trash = old.with_name(f".del-{old.name}")
-                    os.replace(old, trash)
-                    shutil.rmtree(trash, ignore_errors=True)
-                for stray in root.glob(".del-*"):  # left by a kill during an earlier delete
-                    shutil.rmtree(stray, ignore_errors=True)
-        except (OSError, RuntimeError, SafetensorError) as err:
-            # torch.save reports a full disk as a RuntimeError from its zip writer, safetensors as its own error
-            shutil.rmtree(tmp, ignore_errors=True)
-            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-            raise CheckpointError(f"writing checkpoint {final} failed ({reason}); is the disk full?",
-                                  "free disk space and rerun: the previous checkpoint is intact and the run resumes from it") from None
-        self.accelerator.wait_for_everyone()
-        return final
+        return save_checkpoint(self.accelerator, self.out_dir, self.step, self.total_steps, self.config.method, self.config.keep_checkpoints)
 
     def resume_if_possible(self) -> bool:
-        found = checkpoint_dirs(self.out_dir) if self.config.resume else []
-        if not found:
+        step = load_latest_checkpoint(self.accelerator, self.out_dir, self.config.method) if self.config.resume else None
+        if step is None:
             return False
-        latest = found[-1]
-        state = json.loads((latest / STATE_FILE).read_text())
-        if state.get("method") != self.config.method:
-            raise CheckpointError(f"{latest} was written by method {state.get('method')!r}, not {self.config.method!r}",
-                                  "use another out_dir, or resume=false")
-        try:
-            self.accelerator.load_state(str(latest))
-        except (RuntimeError, KeyError, ValueError, OSError, SafetensorError) as err:
-            raise CheckpointError(f"cannot resume from {latest}: {str(err).splitlines()[0]}",
-                                  "the checkpoint does not match this model/config; use another out_dir or resume=false") from None
-        self.step = int(state["step"])
+        self.step = step
         self.sync_sampler()
         return True
 
@@ -314,9 +245,7 @@ class Engine:
         if lora and self.config.lora_save in ("adapter", "both"):
             where = "student" if self.config.lora_save == "adapter" else "student-adapter"
             saved[where] = str(save_pretrained_atomic(student, self.tokenizer, self.out_dir / where, merge=False))
-        finish = getattr(method, "save_outputs", None)
-        if finish is not None:
-            saved.update(finish(self))
+        saved.update(method.save_outputs(self))
         return saved
 
     # ------------------------------------------------------------ logging
@@ -345,6 +274,31 @@ class Engine:
 
     # ------------------------------------------------------------ the loop
 
+    def _train_step(self, method: Method, bar: Any) -> None:
+        """One step of the method; then eval, log, progress and checkpoint as configured. A non-finite loss
+        skips the step (the method zeroed its gradients), and MAX_BAD_STEPS of them in a row stop the run."""
+        started = time.perf_counter()
+        try:
+            metrics = method.step(self, self.step)
+        except NonFiniteLoss as err:
+            self._bad_steps += 1
+            print(f"train: step {self.step}: {err}; skipping the step ({self._bad_steps} in a row)", file=sys.stderr)
+            if self._bad_steps >= MAX_BAD_STEPS:
+                raise OpdistillError(f"{MAX_BAD_STEPS} non-finite losses in a row", "lower lr, use precision: fp32, or check the data") from None
+            self.step += 1
+            return
+        self._bad_steps = 0
+        self.step += 1
+        metrics["step_seconds"] = time.perf_counter() - started
+        if self.config.eval_every and self.step % self.config.eval_every == 0 and self.step < self.total_steps:
+            metrics["eval"] = method.evaluate(self)
+        if self.step % self.config.log_every == 0 or self.step == self.total_steps:
+            self.log(metrics)
+        bar.update(1)
+        bar.set_postfix({k: f"{metrics[k]:.4f}" for k in method.progress_metrics if k in metrics}, refresh=False)
+        if self.config.checkpoint_every and self.step % self.config.checkpoint_every == 0:
+            self.save_checkpoint()
+
     def fit(self, method: Method) -> dict[str, Any]:
         """Run (or resume) to total_steps; returns the summary written to out_dir/summary.json."""
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -352,17 +306,13 @@ class Engine:
             (self.out_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(self.config), sort_keys=False))
         if self.config.report_to:
             self.accelerator.init_trackers(self.out_dir.name or "opdistill", config=tracker_values(to_dict(self.config)))
-        setup = getattr(method, "setup", None)
-        if setup is not None:
-            setup(self)
+        method.setup(self)
         if self.is_main and self.world_size > 1:
             print(f"train: {self.world_size} processes ({self.accelerator.distributed_type.value})", file=sys.stderr)
         resumed = self.resume_if_possible()
         if resumed:
             self._trim_metrics()
-            on_resume = getattr(method, "on_resume", None)
-            if on_resume is not None:
-                on_resume(self)
+            method.on_resume(self)
             if self.is_main:
                 print(f"train: resumed from step {self.step} ({self.world_size} process(es))", file=sys.stderr)
         first_eval: dict[str, float] = {}
@@ -373,42 +323,19 @@ class Engine:
         bar = tqdm(total=self.total_steps, initial=self.step, desc=f"train {self.config.method}", unit="step",
                    disable=not self.is_main, dynamic_ncols=True, file=sys.stderr)
         interrupted = False
-        previous_handler = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt) if _in_main_thread() else None
         try:
-            while self.step < self.total_steps:
-                started = time.perf_counter()
-                try:
-                    metrics = method.step(self, self.step)
-                except NonFiniteLoss as err:
-                    self._bad_steps += 1
-                    print(f"train: step {self.step}: {err}; skipping the step ({self._bad_steps} in a row)", file=sys.stderr)
-                    if self._bad_steps >= MAX_BAD_STEPS:
-                        raise OpdistillError(f"{MAX_BAD_STEPS} non-finite losses in a row", "lower lr, use precision: fp32, or check the data") from None
-                    self.step += 1
-                    continue
-                self._bad_steps = 0
-                self.step += 1
-                metrics["step_seconds"] = time.perf_counter() - started
-                if self.config.eval_every and self.step % self.config.eval_every == 0 and self.step < self.total_steps:
-                    metrics["eval"] = method.evaluate(self)
-                if self.step % self.config.log_every == 0 or self.step == self.total_steps:
-                    self.log(metrics)
-                bar.update(1)
-                shown = {k: f"{metrics[k]:.4f}" for k in ("loss", "g_loss", "g_ce_loss", "d_loss", "d_acc") if k in metrics}
-                bar.set_postfix(shown, refresh=False)
-                if self.config.checkpoint_every and self.step % self.config.checkpoint_every == 0:
-                    self.save_checkpoint()
+            with sigterm_as_interrupt():  # a scheduler's stop saves a checkpoint, like Ctrl-C
+                while self.step < self.total_steps:
+                    self._train_step(method, bar)
         except KeyboardInterrupt:
             interrupted = True
         finally:
             bar.close()
-            if previous_handler is not None:
-                signal.signal(signal.SIGTERM, previous_handler)
         if interrupted:
             path = self.save_checkpoint()
             raise KeyboardInterrupt(f"interrupted at step {self.step}; checkpoint {path}; rerun the same command to resume")
         saved = checkpoint_dirs(self.out_dir)
-        if not saved or saved[-1].name != f"{CHECKPOINT_PREFIX}{self.step:06d}":
+        if not saved or saved[-1].name != checkpoint_name(self.step):
             self.save_checkpoint()
         final_eval = method.evaluate(self)
         if final_eval:
@@ -437,52 +364,3 @@ def tracker_values(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         elif isinstance(value, (bool, int, float, str)):
             flat[name] = value
     return flat
-
-
-def _in_main_thread() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
-
-
-def _raise_keyboard_interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
-@dataclass
-class StepOrder:
-    """Which records each step uses: a fresh seeded permutation per epoch, so a step number alone fixes
-    the data position (exact resume needs nothing else). Each process takes its own slice of the batch."""
-
-    n_records: int
-    batch_size: int
-    seed: int
-
-    @property
-    def steps_per_epoch(self) -> int:
-        return self.n_records // self.batch_size
-
-    def indices(self, step: int, rank: int = 0, world_size: int = 1) -> list[int]:
-        epoch, position = divmod(step, self.steps_per_epoch)
-        generator = torch.Generator().manual_seed(mix_seed(self.seed, epoch))
-        order = torch.randperm(self.n_records, generator=generator).tolist()
-        batch = order[position * self.batch_size : (position + 1) * self.batch_size]
-        return batch[rank::world_size]
-
-
-def data_order(config: RunConfig, usable: int) -> StepOrder:
-    """The seeded step order over `usable` records; fewer than one batch of them is a data error."""
-    if usable < config.batch_size:
-        raise DataError(f"{config.data}: {usable} usable records, fewer than batch_size {config.batch_size}",
-                        "lower batch_size or add records")
-    return StepOrder(usable, config.batch_size, config.seed)
-
-
-def total_steps_for(config: RunConfig, steps_per_epoch: int) -> int:
-    if config.max_steps:
-        return config.max_steps
-    return max(1, int(config.epochs * steps_per_epoch))
-
-
-def chunks(items: list[Any], size: int) -> list[list[Any]]:
-    return [items[i : i + size] for i in range(0, len(items), size)]

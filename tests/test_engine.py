@@ -16,7 +16,8 @@ from safetensors.torch import load_file
 
 from opdistill.config import load_config
 from opdistill.data import collate, load_records, tokenize_records
-from opdistill.engine import StepOrder, lr_lambda
+from opdistill.data import StepOrder
+from opdistill.engine import lr_lambda
 from opdistill.errors import CheckpointError
 from opdistill.methods import train
 from opdistill.methods.seqkd import response_nll_sum, response_tokens

@@ -21,15 +21,15 @@ from typing import Any
 import torch
 
 from ..config import GADConfig
-from ..data import Example, collate, load_records, tokenize_records
+from ..data import Example, chunks, collate, data_order, load_records, tokenize_records, total_steps_for
 from ..discriminator import load_discriminator
-from ..engine import Engine, Trainable, chunks, data_order, total_steps_for
+from ..engine import Engine, Trainable
 from ..models import apply_lora, load_model, save_pretrained_atomic
 from ..objectives.policy import drpo_per_token, group_advantages, kl_k3, ppo_clip_per_token
 from ..objectives.preference import bradley_terry, pairwise_accuracy
 from ..rollout import (SamplingParams, entropy_from_logits, logprobs_of, response_logits, response_logprobs, response_targets,
                        rollout_seeds)
-from .seqkd import response_nll_sum, response_tokens
+from .common import Method, response_nll_sum, response_tokens
 
 SATURATED_ACC = 0.99  # d_acc at or above this gives the generator no signal
 SATURATED_STEPS = 10  # ... for this many adversarial steps in a row -> warn
@@ -45,8 +45,10 @@ class Rollouts:
     logprobs: list[list[float]]  # per sample, the sampling (behaviour) policy's log-prob of each response token
 
 
-class GAD:
+class GAD(Method):
     """The GAD method: one step function per stage, shared machinery in the engine."""
+
+    progress_metrics = ("g_loss", "g_ce_loss", "d_loss", "d_acc")
 
     def __init__(self, config: GADConfig, tokenizer: Any) -> None:
         self.config = config
@@ -65,6 +67,7 @@ class GAD:
         self.disc: Trainable | None = None
         self.saturated = deque(maxlen=SATURATED_STEPS)
         self.warmup_length: float | None = None
+        self.load_eval_examples(config, tokenizer)
 
     # ------------------------------------------------------------ set-up and resume
 
@@ -262,6 +265,3 @@ class GAD:
         if self.warmup_length and metrics["response_length"] > 2 * self.warmup_length and metrics["truncated"] > 0.5:
             print(f"train: warning: response length {metrics['response_length']:.0f} is over twice the warm-up's "
                   f"{self.warmup_length:.0f} and most samples hit max_response_tokens: possible reward hacking", file=sys.stderr)
-
-    def evaluate(self, engine: Engine) -> dict[str, float]:
-        return {}

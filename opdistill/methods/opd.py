@@ -20,15 +20,15 @@ from typing import Any
 import torch
 
 from ..config import SAMPLED_ESTIMATORS, OPDConfig
-from ..data import Example, collate, fit_prompt, load_records, render_prompt, response_ids, teacher_messages
-from ..engine import Engine, chunks, data_order, total_steps_for
+from ..data import Example, chunks, collate, data_order, fit_prompt, load_records, render_prompt, response_ids, teacher_messages, total_steps_for
+from ..engine import Engine
 from ..objectives.divergences import default_beta, per_token, per_token_top_k, reward_policy_gradient
 from ..objectives.policy import kl_k1, kl_k3
 from ..rollout import SamplingParams, horizon_at, logprobs_of, response_logits, response_targets, rollout_seeds
 from ..seeds import mix_seed
 from ..teachers.factory import build_teachers, record_teacher
 from ..teachers.logprob import LocalTeacher, TeacherRow, TeacherScores, TeacherSet
-from .seqkd import response_tokens
+from .common import Method, response_tokens
 
 
 def beta_at(step: int, total_steps: int, start: float, end: float) -> float:
@@ -38,7 +38,7 @@ def beta_at(step: int, total_steps: int, start: float, end: float) -> float:
     return start + (end - start) * step / (total_steps - 1)
 
 
-class OPD:
+class OPD(Method):
     def __init__(self, config: OPDConfig, tokenizer: Any) -> None:
         self.config = config
         self.tokenizer = tokenizer
@@ -66,6 +66,7 @@ class OPD:
         self.total_steps = total_steps_for(config, self.order.steps_per_epoch)
         self.teachers = TeacherSet(None)
         self.vocab = 0
+        self.load_eval_examples(config, tokenizer)
 
     # ------------------------------------------------------------ set-up
 
@@ -147,6 +148,3 @@ class OPD:
         if config.divergence == "k3":
             return kl_k3(student_lp, teacher_lp)
         return reward_policy_gradient(student_lp, teacher_lp)
-
-    def evaluate(self, engine: Engine) -> dict[str, float]:
-        return {}

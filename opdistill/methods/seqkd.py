@@ -7,22 +7,12 @@ from typing import Any
 import torch
 
 from ..config import RunConfig
-from ..data import Example, collate, load_records, tokenize_records
-from ..engine import Engine, chunks, data_order, total_steps_for
-from ..rollout.scoring import response_logprobs
+from ..data import chunks, collate, data_order, load_records, tokenize_records, total_steps_for
+from ..engine import Engine
+from .common import Method, response_nll_sum, response_tokens
 
 
-def response_nll_sum(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Summed next-token NLL over response positions (loss_mask marks response tokens); only those positions
-    reach the cross-entropy (and, for a batch collated with align_responses, the LM head)."""
-    return -response_logprobs(model, batch).sum()
-
-
-def response_tokens(batch: dict[str, torch.Tensor]) -> int:
-    return int(batch["loss_mask"][:, 1:].sum())
-
-
-class SeqKD:
+class SeqKD(Method):
     """Supervised distillation on teacher text; the engine does everything but the loss."""
 
     def __init__(self, config: RunConfig, tokenizer: Any) -> None:
@@ -33,10 +23,7 @@ class SeqKD:
         print(f"train: data {config.data}: {report.summary()}")
         self.order = data_order(config, len(self.examples))
         self.total_steps = total_steps_for(config, self.order.steps_per_epoch)
-        self.eval_examples: list[Example] = []
-        if config.eval_data:
-            eval_records = load_records(config.eval_data, require_response=True)
-            self.eval_examples, _ = tokenize_records(tokenizer, eval_records, config.max_prompt_tokens, config.max_response_tokens, config.overlong)
+        self.load_eval_examples(config, tokenizer)
 
     def micro_batches(self, engine: Engine, step: int) -> list[dict[str, torch.Tensor]]:
         picked = [self.examples[i] for i in self.order.indices(step, engine.rank, engine.world_size)]
@@ -47,17 +34,3 @@ class SeqKD:
         batches = self.micro_batches(engine, step)
         loss = engine.backward_token_mean(batches, response_nll_sum, response_tokens)
         return {"loss": loss, **engine.optimizer_step(), "tokens": engine.global_sum(sum(map(response_tokens, batches)))}
-
-    @torch.no_grad()
-    def evaluate(self, engine: Engine) -> dict[str, float]:
-        """Mean response-token NLL of the held-out teacher responses."""
-        if not self.eval_examples:
-            return {}
-        engine.model.eval()
-        total, count = 0.0, 0
-        for group in chunks(self.eval_examples[engine.rank :: engine.world_size], self.config.micro_batch_size):
-            batch = {k: v.to(engine.accelerator.device) for k, v in collate(group, self.pad_id).items()}
-            with engine.accelerator.autocast():
-                total += float(response_nll_sum(engine.model, batch))
-            count += response_tokens(batch)
-        return {"nll": engine.global_sum(total) / max(1.0, engine.global_sum(count))}
