@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from .config import OPDConfig, RunConfig, teacher_spec
+from .config import RunConfig, teacher_spec
 from .data import Record, load_records, render_prompt, teacher_messages
 from .errors import ConfigError, OpdistillError
 
@@ -66,7 +66,7 @@ def preflight(config: RunConfig, tokenizer: Any) -> CheckReport:
         return report
     report.ok("data", f"{config.data}: {len(records)} records")
     check_lengths(report, config, tokenizer, records)
-    if not isinstance(config, OPDConfig):
+    if config.method != "opd":  # the other methods have no white-box teacher
         return report
     teachers = {"": (config.teacher or ("" if config.lora_r else config.student), "")} if not config.teacher_url else \
         {"": (config.teacher_model, config.teacher_url)}
@@ -94,7 +94,7 @@ def preflight(config: RunConfig, tokenizer: Any) -> CheckReport:
 
 
 def needs_responses(config: RunConfig) -> bool:
-    return config.method == "seqkd" or (isinstance(config, OPDConfig) and config.on_policy_ratio < 1.0)
+    return config.method == "seqkd" or (config.method == "opd" and config.on_policy_ratio < 1.0)
 
 
 def check_lengths(report: CheckReport, config: RunConfig, tokenizer: Any, records: list[Record]) -> None:
@@ -129,7 +129,7 @@ def model_config_value(name: str, key: str, trust_remote_code: bool) -> Any:
     return getattr(config, key, None) or getattr(config.get_text_config(), key, None)
 
 
-def probe_ids(tokenizer: Any, record: Record, config: OPDConfig) -> list[int]:
+def probe_ids(tokenizer: Any, record: Record, config: Any) -> list[int]:
     """The teacher's view of the first record plus a short assistant reply, rendered by `tokenizer`'s template."""
     messages = teacher_messages(record, config.teacher_system, config.teacher_template) + [{"role": "assistant", "content": PROBE_REPLY}]
     return tokenizer(tokenizer.apply_chat_template(messages, tokenize=False), add_special_tokens=False)["input_ids"]
@@ -149,7 +149,7 @@ def eos_ids(tokenizer: Any, name: str, trust_remote_code: bool) -> set[int]:
     return ids | set(extra if isinstance(extra, list) else [extra] if extra is not None else [])
 
 
-def check_local(report: CheckReport, label: str, name: str, config: OPDConfig, student: Any, teacher: Any, probe: Record) -> None:
+def check_local(report: CheckReport, label: str, name: str, config: Any, student: Any, teacher: Any, probe: Record) -> None:
     """Vocabulary (ids and padded sizes), EOS and pad tokens, and the chat template of a local teacher."""
     student_vocab, teacher_vocab = student.get_vocab(), teacher.get_vocab()
     if student_vocab != teacher_vocab:
@@ -181,7 +181,7 @@ def check_local(report: CheckReport, label: str, name: str, config: OPDConfig, s
         report.ok(f"{label} chat template", f"same rendering of {probe.source} ({len(ours)} tokens)")
 
 
-def check_remote(report: CheckReport, label: str, url: str, model: str, config: OPDConfig, tokenizer: Any, probe: Record) -> None:
+def check_remote(report: CheckReport, label: str, url: str, model: str, config: Any, tokenizer: Any, probe: Record) -> None:
     """The server serves `model`, accepts top_k prompt log-probs and (when it has /tokenize) tokenises like the student.
     Requests go through the training client's retry policy, so a flaky server fails the check only as it would fail a step."""
     import asyncio

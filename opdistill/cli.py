@@ -66,11 +66,12 @@ def _config_from_args(args: argparse.Namespace) -> Any:
 
 def _config_arguments(parser: argparse.ArgumentParser) -> None:
     """CONFIG, key=value overrides and --method: how `train` and `check` name a run."""
-    from .config import METHOD_CONFIGS
+    from .registry import METHODS
 
     parser.add_argument("config", nargs="?", help="YAML config file (optional)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. lr=1e-5 batch_size=16")
-    parser.add_argument("--method", choices=list(METHOD_CONFIGS), help="method (overrides the config's `method`)")
+    parser.add_argument("--method", choices=list(METHODS), help="method (overrides the config's `method`): "
+                        + "; ".join(f"{name}: {entry.summary}" for name, entry in METHODS.items()))
 
 
 def _check(args: argparse.Namespace) -> int:

@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError
+from .registry import METHODS
 
 
 def opt(default: Any, help: str) -> Any:
@@ -35,7 +36,7 @@ TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"} 
 class RunConfig:
     """Settings shared by every method: models, data, optimisation, checkpoints and logging."""
 
-    method: str = opt("seqkd", "Training method: seqkd, gad or opd.")
+    method: str = opt("seqkd", "Training method: one of the registry's (opdistill/registry.py): seqkd, gad, opd, cod.")
     student: str = opt("smollm2-135m-instruct", "Student model: built-in name, local directory, .gguf file or hub id.")
     data: str = opt("", "Training records: JSONL/Parquet/datasets dir, or builtin:train; `path[a:b]` selects rows a..b-1.")
     out_dir: str = opt("runs/train", "Run directory: checkpoints, metrics.jsonl, summary.json and the final student/.")
@@ -84,10 +85,10 @@ class RunConfig:
             raise ConfigError("config field `data` is empty", "set data: PATH (JSONL/Parquet/datasets dir) or data: builtin:train")
         if not self.student:
             raise ConfigError("config field `student` is empty", "set student: smollm2-135m-instruct or a model path")
-        _choice("lr_schedule", self.lr_schedule, ("cosine", "linear", "constant"))
-        _choice("overlong", self.overlong, ("truncate", "skip"))
-        _choice("precision", self.precision, ("auto", "bf16", "fp32"))
-        _choice("lora_save", self.lora_save, ("merged", "adapter", "both"))
+        check_choice("lr_schedule", self.lr_schedule, ("cosine", "linear", "constant"))
+        check_choice("overlong", self.overlong, ("truncate", "skip"))
+        check_choice("precision", self.precision, ("auto", "bf16", "fp32"))
+        check_choice("lora_save", self.lora_save, ("merged", "adapter", "both"))
         for name in ("batch_size", "micro_batch_size", "max_prompt_tokens", "max_response_tokens", "keep_checkpoints", "log_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"config field `{name}` must be >= 1, got {getattr(self, name)}")
@@ -99,7 +100,7 @@ class RunConfig:
         if not 0 <= self.warmup_ratio < 1:
             raise ConfigError(f"config field `warmup_ratio` must be in [0, 1), got {self.warmup_ratio}")
         for tracker in self.report_to:
-            _choice("report_to", tracker, tuple(TRACKERS))
+            check_choice("report_to", tracker, tuple(TRACKERS))
             if importlib.util.find_spec(TRACKERS[tracker]) is None:
                 raise ConfigError(f"report_to: {tracker} needs the {TRACKERS[tracker]} package, which is not installed",
                                   f"pip install {TRACKERS[tracker]}, or remove {tracker} from report_to")
@@ -127,20 +128,6 @@ class RunConfig:
             )
 
 
-@dataclass
-class SeqKDConfig(RunConfig):
-    """SeqKD (SPEC §1): cross-entropy on teacher responses, loss on response tokens only.
-
-    Reference defaults from the GAD paper's baseline: 4 epochs, lr 5e-6.
-    """
-
-    method: str = opt("seqkd", "Training method.")
-
-    def validate(self) -> None:
-        super().validate()
-        self.require_whole_micro_batches()
-
-
 ROLLOUT_ENGINES = ("hf", "vllm")  # rollout.engines.ENGINES, kept torch-free here (the CLI reads configs without torch)
 
 
@@ -157,171 +144,13 @@ class OnPolicyConfig(RunConfig):
 
     def validate(self) -> None:
         super().validate()
-        _choice("rollout_engine", self.rollout_engine, ROLLOUT_ENGINES)
+        check_choice("rollout_engine", self.rollout_engine, ROLLOUT_ENGINES)
         if self.temperature <= 0 or not 0 < self.top_p <= 1:
             raise ConfigError(f"temperature must be > 0 for on-policy sampling (got {self.temperature}) and top_p in (0, 1] (got {self.top_p})")
         if self.rollout_batch_size < 1:
             raise ConfigError(f"rollout_batch_size must be >= 1, got {self.rollout_batch_size}")
         if not 0 < self.vllm_gpu_memory_utilization < 1:
             raise ConfigError(f"vllm_gpu_memory_utilization must be in (0, 1), got {self.vllm_gpu_memory_utilization}")
-
-
-@dataclass
-class GADConfig(OnPolicyConfig):
-    """GAD (SPEC §2): a discriminator trained with Bradley–Terry is the GRPO reward of the student.
-
-    Reference defaults (GAD paper): N = 8, 256 prompts per step, lr 1e-6 for generator and discriminator,
-    grad clip 0.2, temperature 0.8, max response 1536, max prompt 2048, PPO clip 0.2, k3 KL 0.001.
-    """
-
-    method: str = opt("gad", "Training method.")
-    lr: float = opt(1e-6, "Generator (student) learning rate.")
-    batch_size: int = opt(256, "Prompts per step (each gets n_samples student samples).")
-    max_grad_norm: float = opt(0.2, "Generator gradient clipping.")
-    epochs: float = opt(1.0, "Adversarial-stage passes over the prompts (used when max_steps is 0).")
-    lr_schedule: str = opt("constant", "Generator lr after warm-up: constant, cosine or linear.")
-    warmup_ratio: float = opt(0.0, "Share of steps with a linear lr warm-up (not the GAD warm-up stage).")
-    n_samples: int = opt(8, "Student samples per prompt (the GRPO group size N).")
-    temperature: float = opt(0.8, "Student sampling temperature.")
-    micro_batch_size: int = opt(8, "Sequences per forward/backward pass (prompts x samples are split into these).")
-    warmup_steps: int = opt(-1, "GAD warm-up stage length in steps (-1: one epoch over the prompts; 0: none).")
-    d_only_steps: int = opt(10, "Warm-up steps where only the discriminator trains.")
-    clip_ratio: float = opt(0.2, "PPO ratio clip ε (policy_loss: ppo_clip).")
-    policy_loss: str = opt("ppo_clip", "Generator objective: ppo_clip (GRPO's clipped ratio) or drpo (DRPO, arXiv 2606.09821: a smooth "
-                                       "advantage-weighted quadratic penalty on the sampled token's probability shift instead of a hard clip).")
-    drpo_delta: float = opt(0.15, "DRPO's trust-region width δ on |π(y) − μ(y)| (the sampled token's probability shift; DPPO's TV "
-                                  "threshold 0.15): the gradient weight reaches 0 there and turns corrective beyond.")
-    ppo_epochs: int = opt(1, "Optimizer steps per rollout batch (each a full pass over it); > 1 makes the trust region matter. "
-                             "The lr schedule and the sampler advance once per rollout batch.")
-    kl_coef: float = opt(0.001, "Coefficient of the k3 KL to the reference (the end-of-warm-up student).")
-    d_lr: float = opt(1e-6, "Discriminator learning rate.")
-    d_max_grad_norm: float = opt(0.2, "Discriminator gradient clipping.")
-    discriminator: str = opt("", "Discriminator initialisation: a model or saved discriminator dir (empty: the student).")
-    discriminator_layers: int = opt(0, "Keep only the first K transformer layers of the discriminator backbone (0: all). "
-                                       "A shallow copy of the student is a much cheaper discriminator.")
-    freeze_discriminator: bool = opt(False, "Freeze the discriminator after warm-up (the paper's off-policy ablation).")
-    d_lora_r: int = opt(0, "LoRA rank for the discriminator backbone (0: full fine-tuning); alpha, dropout and targets are the "
-                           "student's lora_* values. The scalar head always trains fully. out_dir/discriminator is saved merged.")
-
-    def validate(self) -> None:
-        super().validate()
-        if self.n_samples < 2:
-            raise ConfigError(f"n_samples must be >= 2 for group advantages, got {self.n_samples}")
-        if self.warmup_steps < -1 or self.d_only_steps < 0:
-            raise ConfigError("warmup_steps must be >= -1 and d_only_steps >= 0")
-        if self.d_lora_r < 0:
-            raise ConfigError(f"d_lora_r must be >= 0 (0: full fine-tuning), got {self.d_lora_r}")
-        if self.discriminator_layers < 0:
-            raise ConfigError(f"discriminator_layers must be >= 0 (0 keeps all), got {self.discriminator_layers}")
-        if self.clip_ratio <= 0 or self.kl_coef < 0 or self.d_lr <= 0:
-            raise ConfigError("clip_ratio and d_lr must be > 0 and kl_coef >= 0")
-        _choice("policy_loss", self.policy_loss, ("ppo_clip", "drpo"))
-        if self.drpo_delta <= 0 or self.ppo_epochs < 1:
-            raise ConfigError(f"drpo_delta must be > 0 (got {self.drpo_delta}) and ppo_epochs >= 1 (got {self.ppo_epochs})")
-
-
-DIVERGENCES = ("fkl", "rkl", "jsd", "skl", "srkl", "veto_fkl", "veto_rkl")
-SAMPLED_ESTIMATORS = ("k1", "k3", "reward")
-
-
-@dataclass
-class OPDConfig(OnPolicyConfig):
-    """White-box on-policy distillation (SPEC §3): the student samples, a local teacher scores the same
-    tokens under its own (possibly privileged) context, and a token-level divergence is minimised.
-
-    Peer defaults for reference: TRL's on-policy trainer uses reverse KL, lr 1e-6, T 1.0; Veto's
-    reference setup lr 1e-5, T 0.5, top-p 0.5; GKD λ 0.5, β 0.5, T 0.9.
-    """
-
-    method: str = opt("opd", "Training method.")
-    lr: float = opt(1e-5, "Student learning rate.")
-    teacher: str = opt("", "Teacher model (same tokenizer as the student). Empty: the student's own starting weights "
-                           "(self-distillation; with LoRA the frozen base serves as teacher, no second copy).")
-    teacher_url: str = opt("", "A remote teacher instead: base URL of a vLLM-compatible server (e.g. http://host:8000/v1), "
-                               "scored through completions with prompt_logprobs; needs teacher_model and top_k (<= the server's cap).")
-    teacher_model: str = opt("", "The model name the remote teacher serves (the `model` field of its requests).")
-    teacher_api_key_env: str = opt("OPENAI_API_KEY", "Environment variable holding the remote teacher's API key (unset: no key).")
-    teacher_concurrency: int = opt(8, "Remote teacher: requests in flight at once.")
-    teacher_max_attempts: int = opt(6, "Remote teacher: attempts per request (first try + retries, exponential back-off).")
-    teacher_timeout: float = opt(120.0, "Remote teacher: seconds per attempt.")
-    teacher_cache: str = opt("", "Remote teacher: durable cache of scored rows (JSONL); empty: out_dir/teacher_cache.jsonl.")
-    teachers: dict[str, str] = opt({}, "Named teachers for records with a `teacher` field: name -> a model (local) or "
-                                       "URL#model (remote), e.g. {code: qwen2.5-coder-1.5b-instruct, chat: http://host:8000/v1#llama}.")
-    teacher_system: str = opt("", "Privileged system prompt that only the teacher sees (context distillation).")
-    teacher_template: str = opt("", "Rewrite of the last user turn for the teacher; {prompt} is the original text.")
-    divergence: str = opt("rkl", "Token-level objective: fkl, rkl, jsd, skl, srkl, veto_fkl, veto_rkl (full vocabulary), "
-                                 "or a sampled-token estimator: k1, k3, reward (per-token reward log pT - log pS as advantage).")
-    beta: float = opt(-1.0, "jsd: the mixture weight β in (0, 1) (default 0.5); veto_*: β at the first step (default 0). -1: the default.")
-    beta_end: float = opt(-1.0, "veto_*: β at the last step, linear from `beta` (-1: constant β).")
-    alpha: float = opt(0.1, "skl / srkl: the skew α in (0, 1).")
-    top_k: int = opt(0, "Restrict the divergence to the teacher's top-k tokens per position (0: the full vocabulary).")
-    top_k_tail: bool = opt(True, "With top_k: the remaining mass of each side is one tail bucket (false: renormalise over the k).")
-    chunk_size: int = opt(128, "Positions per chunk when computing the divergence: peak memory O(chunk x vocab). 0: all at once.")
-    distill_temperature: float = opt(1.0, "Temperature applied to both models' logits inside the divergence.")
-    on_policy_ratio: float = opt(1.0, "GKD's λ: share of steps on student samples; the others train on the data's responses.")
-    horizon: str = opt("full", "Rollout horizon: full, truncated (TOPD) or progressive (POPD).")
-    horizon_ratio: float = opt(0.0, "truncated: H = ratio x max_response_tokens (TOPD ρ; 0 uses horizon_tokens).")
-    horizon_tokens: int = opt(0, "truncated: a fixed horizon H in tokens.")
-    horizon_start: int = opt(64, "progressive: H_0 tokens.")
-    horizon_increment: int = opt(64, "progressive: ΔH tokens added every horizon_every steps.")
-    horizon_every: int = opt(10, "progressive: Δk steps between increments.")
-
-    def validate(self) -> None:
-        super().validate()
-        _choice("divergence", self.divergence, DIVERGENCES + SAMPLED_ESTIMATORS)
-        _choice("horizon", self.horizon, ("full", "truncated", "progressive"))
-        if self.divergence == "jsd" and self.beta != -1.0 and not 0.0 < self.beta < 1.0:
-            raise ConfigError(f"jsd with beta {self.beta}: at β = 0 or 1 the generalised JSD is identically 0, not forward/reverse KL",
-                              "use beta in (0, 1), or divergence: fkl / rkl")
-        if self.divergence.startswith("veto") and any(value != -1.0 and not 0.0 <= value <= 1.0 for value in (self.beta, self.beta_end)):
-            raise ConfigError(f"Veto's β must be in [0, 1], got beta {self.beta}, beta_end {self.beta_end}")
-        if self.beta_end != -1.0 and not self.divergence.startswith("veto"):
-            raise ConfigError(f"beta_end schedules Veto's β, but divergence is {self.divergence}", "remove beta_end or use veto_fkl / veto_rkl")
-        if not 0.0 < self.alpha < 1.0:
-            raise ConfigError(f"alpha must be in (0, 1), got {self.alpha}")
-        if self.top_k < 0 or self.chunk_size < 0:
-            raise ConfigError("top_k and chunk_size must be >= 0")
-        if self.top_k and self.divergence in SAMPLED_ESTIMATORS:
-            raise ConfigError(f"top_k restricts a full-vocabulary divergence, but {self.divergence} uses only the sampled token",
-                              "set top_k: 0 or pick a full divergence")
-        if self.distill_temperature <= 0:
-            raise ConfigError(f"distill_temperature must be > 0, got {self.distill_temperature}")
-        if not 0.0 <= self.on_policy_ratio <= 1.0:
-            raise ConfigError(f"on_policy_ratio must be in [0, 1], got {self.on_policy_ratio}")
-        if self.on_policy_ratio < 1.0 and self.divergence in SAMPLED_ESTIMATORS:
-            raise ConfigError(f"divergence {self.divergence} is a sampled-token estimator: it is unbiased only on the student's own "
-                              f"samples, but on_policy_ratio {self.on_policy_ratio} feeds it the data's responses on some steps",
-                              "use a full-vocabulary divergence (fkl, rkl, jsd, ...) with on_policy_ratio < 1, or on_policy_ratio: 1")
-        self.validate_teachers()
-        if self.horizon == "truncated" and self.horizon_ratio <= 0 and self.horizon_tokens <= 0:
-            raise ConfigError("horizon: truncated needs horizon_ratio (0 < ρ <= 1) or horizon_tokens > 0")
-        if self.horizon_ratio > 1:
-            raise ConfigError(f"horizon_ratio must be in (0, 1], got {self.horizon_ratio}")
-        if self.horizon == "progressive" and (self.horizon_start < 1 or self.horizon_increment < 0 or self.horizon_every < 1):
-            raise ConfigError("progressive horizon needs horizon_start >= 1, horizon_increment >= 0, horizon_every >= 1")
-        self.require_whole_micro_batches()
-
-    def validate_teachers(self) -> None:
-        if self.teacher and self.teacher_url:
-            raise ConfigError("both teacher and teacher_url are set", "keep one: teacher for a local model, teacher_url for a server")
-        if self.teacher_url:
-            teacher_spec(f"{self.teacher_url}#{self.teacher_model}", "teacher_url")
-        elif self.teacher_model:
-            raise ConfigError("teacher_model is set without teacher_url", "set teacher_url, or use teacher: for a local model")
-        for name, spec in self.teachers.items():
-            teacher_spec(spec, f"teachers.{name}")
-        if min(self.teacher_concurrency, self.teacher_max_attempts) < 1 or self.teacher_timeout <= 0:
-            raise ConfigError("teacher_concurrency and teacher_max_attempts must be >= 1 and teacher_timeout > 0")
-        if self.has_remote_teacher():
-            if self.divergence not in SAMPLED_ESTIMATORS and not self.top_k:
-                raise ConfigError(f"a remote teacher returns top-k log-probs, but divergence {self.divergence} needs the full vocabulary",
-                                  "set top_k (<= the server's cap, often 20), or use k1 / k3 / reward")
-            if self.distill_temperature != 1.0:
-                raise ConfigError(f"a remote teacher's log-probs are at temperature 1; distill_temperature is {self.distill_temperature}",
-                                  "set distill_temperature: 1, or use local teachers")
-
-    def has_remote_teacher(self) -> bool:
-        return bool(self.teacher_url) or any(teacher_spec(spec)[1] for spec in self.teachers.values())
 
 
 def teacher_spec(spec: str, field_name: str = "teachers") -> tuple[str, str]:
@@ -337,10 +166,7 @@ def teacher_spec(spec: str, field_name: str = "teachers") -> tuple[str, str]:
     return model, url
 
 
-METHOD_CONFIGS: dict[str, type[RunConfig]] = {"seqkd": SeqKDConfig, "gad": GADConfig, "opd": OPDConfig}
-
-
-def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+def check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ConfigError(f"config field `{name}` is {value!r}", f"use one of: {', '.join(allowed)}")
 
@@ -452,9 +278,9 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 def build_config(values: dict[str, Any], where: str = "config", method: str | None = None) -> RunConfig:
     """Make the method's config dataclass from a dict, checking keys and types."""
     method = method or values.get("method") or "seqkd"
-    if not isinstance(method, str) or method not in METHOD_CONFIGS:
-        raise ConfigError(f"{where}: unknown method {method!r}", f"use one of: {', '.join(METHOD_CONFIGS)}")
-    cls = METHOD_CONFIGS[method]
+    if not isinstance(method, str) or method not in METHODS:
+        raise ConfigError(f"{where}: unknown method {method!r}", f"use one of: {', '.join(METHODS)}")
+    cls = METHODS[method].config()
     types = _field_types(cls)
     kwargs: dict[str, Any] = {}
     for key, value in values.items():
@@ -472,7 +298,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     values = read_yaml(path) if path else {}
     where = str(path) if path else "config"
     chosen = method or values.get("method") or "seqkd"
-    types = _field_types(METHOD_CONFIGS[chosen]) if isinstance(chosen, str) and chosen in METHOD_CONFIGS else None
+    types = _field_types(METHODS[chosen].config()) if isinstance(chosen, str) and chosen in METHODS else None
     values.update(parse_overrides(overrides or [], types))
     if method is not None:
         values["method"] = method
@@ -481,7 +307,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 def config_help(method: str = "seqkd") -> str:
     """A table of every field: name, type, default, help."""
-    cls = METHOD_CONFIGS[method]
+    cls = METHODS[method].config()
     types = _field_types(cls)
     lines = [f"{cls.__name__}: {(cls.__doc__ or '').strip().splitlines()[0]}"]
     for f in fields(cls):

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from opdistill.config import RunConfig, SeqKDConfig, config_help, load_config, parse_overrides
+from opdistill.config import RunConfig, config_help, load_config, parse_overrides
+from opdistill.methods.seqkd import SeqKDConfig
 from opdistill.errors import ConfigError
 
 
@@ -218,3 +219,19 @@ def test_sampled_token_estimators_need_the_students_own_samples(estimator: str) 
     err = config_error(None, ["data=d.jsonl", f"divergence={estimator}", "on_policy_ratio=0.5"], method="opd")
     assert "sampled-token estimator" in str(err) and "on_policy_ratio" in (err.fix or "")
     assert load_config(None, ["data=d.jsonl", f"divergence={estimator}"], method="opd").on_policy_ratio == 1.0
+
+
+def test_the_registry_is_the_one_list_of_methods():
+    """Config classes, method classes and the CLI's choices all come from registry.METHODS."""
+    from opdistill.cli import build_parser
+    from opdistill.methods.common import Method
+    from opdistill.registry import METHODS
+
+    for name, entry in METHODS.items():
+        config_class, method_class = entry.config(), entry.method()
+        assert issubclass(config_class, RunConfig) and issubclass(method_class, Method)
+        assert config_class.__dataclass_fields__["method"].default == name
+        assert load_config(None, [f"method={name}", "data=x.jsonl", "peer=p"] if name == "cod" else [f"method={name}", "data=x.jsonl"]).method == name
+    train_parser = build_parser()._subparsers._group_actions[0].choices["train"]
+    method_option = next(a for a in train_parser._actions if a.dest == "method")
+    assert list(method_option.choices) == list(METHODS)

@@ -79,7 +79,7 @@ def test_kill_9_mid_adversarial_stage_then_resume_is_exact(tiny_model, selfinstr
 
 
 def test_gad_config_defaults_and_checks():
-    from opdistill.config import GADConfig
+    from opdistill.methods.gad import GADConfig
     from opdistill.errors import ConfigError
 
     config = load_config(None, ["data=x.jsonl"], method="gad")

@@ -67,7 +67,8 @@ def test_bf16_sampling_copy_of_a_lora_student_follows_the_adapters(tiny_model, t
     trained adapters (sync copies only what trains: the LoRA weights), and the frozen base stays as loaded."""
     from conftest import build_tiny_model
     from opdistill.engine import Engine
-    from opdistill.methods import OPD, load_student
+    from opdistill.methods import load_student
+    from opdistill.methods.opd import OPD
     from opdistill.models import load_tokenizer
 
     teacher = build_tiny_model(tmp_path / "teacher", seed=7)  # other weights: a real divergence to reduce

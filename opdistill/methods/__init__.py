@@ -1,4 +1,5 @@
-"""Training methods, one file each; `train(config)` runs any of them on the shared engine."""
+"""Training methods, one file each (its config dataclass and its Method), listed in opdistill/registry.py;
+`train(config)` runs any of them on the shared engine."""
 
 from __future__ import annotations
 
@@ -10,12 +11,9 @@ import torch
 from ..check import preflight
 from ..config import RunConfig
 from ..engine import Engine
+from ..masks import apply_train_mask
 from ..models import apply_lora, load_model, load_tokenizer
-from .gad import GAD
-from .opd import OPD
-from .seqkd import SeqKD
-
-METHODS = {"seqkd": SeqKD, "gad": GAD, "opd": OPD}
+from ..registry import METHODS
 
 
 def load_student(config: RunConfig) -> Any:
@@ -36,11 +34,9 @@ def train(config: RunConfig) -> dict[str, Any]:
     report.raise_if_failed()
     if os.environ.get("RANK", "0") == "0":
         print(f"train: pre-flight check passed ({len(report.rows)} checks; `opdistill check` prints them)")
-    method = METHODS[config.method](config, tokenizer)  # reads and checks the data before the (slow) model load
+    method = METHODS[config.method].method()(config, tokenizer)  # reads and checks the data before the (slow) model load
     model = load_student(config)
     if config.train_mask:  # sparse-subnetwork training: gradient only on the mask's coordinates (masks.py)
-        from ..masks import apply_train_mask
-
         apply_train_mask(model, config.train_mask, seed=config.seed)
     engine = Engine(config, model, tokenizer, method.total_steps)
     return engine.fit(method)

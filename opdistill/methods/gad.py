@@ -20,10 +20,11 @@ from typing import Any
 
 import torch
 
-from ..config import GADConfig
+from ..config import OnPolicyConfig, check_choice, opt
 from ..data import Example, chunks, collate, data_order, load_records, tokenize_records, total_steps_for
 from ..discriminator import load_discriminator
 from ..engine import Engine, Trainable
+from ..errors import ConfigError
 from ..models import apply_lora, load_model, save_pretrained_atomic
 from ..objectives.policy import drpo_per_token, group_advantages, kl_k3, ppo_clip_per_token
 from ..objectives.preference import bradley_terry, pairwise_accuracy
@@ -43,6 +44,60 @@ class Rollouts:
     lengths: torch.Tensor  # (B * N,) response tokens
     truncated: float  # share that hit max_new_tokens without EOS
     logprobs: list[list[float]]  # per sample, the sampling (behaviour) policy's log-prob of each response token
+
+
+@dataclass
+class GADConfig(OnPolicyConfig):
+    """GAD (SPEC §2): a discriminator trained with Bradley–Terry is the GRPO reward of the student.
+
+    Reference defaults (GAD paper): N = 8, 256 prompts per step, lr 1e-6 for generator and discriminator,
+    grad clip 0.2, temperature 0.8, max response 1536, max prompt 2048, PPO clip 0.2, k3 KL 0.001.
+    """
+
+    method: str = opt("gad", "Training method.")
+    lr: float = opt(1e-6, "Generator (student) learning rate.")
+    batch_size: int = opt(256, "Prompts per step (each gets n_samples student samples).")
+    max_grad_norm: float = opt(0.2, "Generator gradient clipping.")
+    epochs: float = opt(1.0, "Adversarial-stage passes over the prompts (used when max_steps is 0).")
+    lr_schedule: str = opt("constant", "Generator lr after warm-up: constant, cosine or linear.")
+    warmup_ratio: float = opt(0.0, "Share of steps with a linear lr warm-up (not the GAD warm-up stage).")
+    n_samples: int = opt(8, "Student samples per prompt (the GRPO group size N).")
+    temperature: float = opt(0.8, "Student sampling temperature.")
+    micro_batch_size: int = opt(8, "Sequences per forward/backward pass (prompts x samples are split into these).")
+    warmup_steps: int = opt(-1, "GAD warm-up stage length in steps (-1: one epoch over the prompts; 0: none).")
+    d_only_steps: int = opt(10, "Warm-up steps where only the discriminator trains.")
+    clip_ratio: float = opt(0.2, "PPO ratio clip ε (policy_loss: ppo_clip).")
+    policy_loss: str = opt("ppo_clip", "Generator objective: ppo_clip (GRPO's clipped ratio) or drpo (DRPO, arXiv 2606.09821: a smooth "
+                                       "advantage-weighted quadratic penalty on the sampled token's probability shift instead of a hard clip).")
+    drpo_delta: float = opt(0.15, "DRPO's trust-region width δ on |π(y) − μ(y)| (the sampled token's probability shift; DPPO's TV "
+                                  "threshold 0.15): the gradient weight reaches 0 there and turns corrective beyond.")
+    ppo_epochs: int = opt(1, "Optimizer steps per rollout batch (each a full pass over it); > 1 makes the trust region matter. "
+                             "The lr schedule and the sampler advance once per rollout batch.")
+    kl_coef: float = opt(0.001, "Coefficient of the k3 KL to the reference (the end-of-warm-up student).")
+    d_lr: float = opt(1e-6, "Discriminator learning rate.")
+    d_max_grad_norm: float = opt(0.2, "Discriminator gradient clipping.")
+    discriminator: str = opt("", "Discriminator initialisation: a model or saved discriminator dir (empty: the student).")
+    discriminator_layers: int = opt(0, "Keep only the first K transformer layers of the discriminator backbone (0: all). "
+                                       "A shallow copy of the student is a much cheaper discriminator.")
+    freeze_discriminator: bool = opt(False, "Freeze the discriminator after warm-up (the paper's off-policy ablation).")
+    d_lora_r: int = opt(0, "LoRA rank for the discriminator backbone (0: full fine-tuning); alpha, dropout and targets are the "
+                           "student's lora_* values. The scalar head always trains fully. out_dir/discriminator is saved merged.")
+
+    def validate(self) -> None:
+        super().validate()
+        if self.n_samples < 2:
+            raise ConfigError(f"n_samples must be >= 2 for group advantages, got {self.n_samples}")
+        if self.warmup_steps < -1 or self.d_only_steps < 0:
+            raise ConfigError("warmup_steps must be >= -1 and d_only_steps >= 0")
+        if self.d_lora_r < 0:
+            raise ConfigError(f"d_lora_r must be >= 0 (0: full fine-tuning), got {self.d_lora_r}")
+        if self.discriminator_layers < 0:
+            raise ConfigError(f"discriminator_layers must be >= 0 (0 keeps all), got {self.discriminator_layers}")
+        if self.clip_ratio <= 0 or self.kl_coef < 0 or self.d_lr <= 0:
+            raise ConfigError("clip_ratio and d_lr must be > 0 and kl_coef >= 0")
+        check_choice("policy_loss", self.policy_loss, ("ppo_clip", "drpo"))
+        if self.drpo_delta <= 0 or self.ppo_epochs < 1:
+            raise ConfigError(f"drpo_delta must be > 0 (got {self.drpo_delta}) and ppo_epochs >= 1 (got {self.ppo_epochs})")
 
 
 class GAD(Method):

@@ -15,20 +15,126 @@ from __future__ import annotations
 
 import random
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from ..config import SAMPLED_ESTIMATORS, OPDConfig
+from ..config import OnPolicyConfig, check_choice, opt, teacher_spec
 from ..data import Example, chunks, collate, data_order, fit_prompt, load_records, render_prompt, response_ids, teacher_messages, total_steps_for
 from ..engine import Engine
-from ..objectives.divergences import default_beta, per_token, per_token_top_k, reward_policy_gradient
+from ..errors import ConfigError
+from ..objectives.divergences import KINDS, default_beta, per_token, per_token_top_k, reward_policy_gradient
 from ..objectives.policy import kl_k1, kl_k3
 from ..rollout import SamplingParams, horizon_at, logprobs_of, response_logits, response_targets, rollout_seeds
 from ..seeds import mix_seed
 from ..teachers.factory import build_teachers, record_teacher
 from ..teachers.logprob import LocalTeacher, TeacherRow, TeacherScores, TeacherSet
 from .common import Method, response_tokens
+
+
+DIVERGENCES = KINDS  # the full-vocabulary divergences (objectives/divergences.py)
+SAMPLED_ESTIMATORS = ("k1", "k3", "reward")
+
+
+@dataclass
+class OPDConfig(OnPolicyConfig):
+    """White-box on-policy distillation (SPEC §3): the student samples, a local teacher scores the same
+    tokens under its own (possibly privileged) context, and a token-level divergence is minimised.
+
+    Peer defaults for reference: TRL's on-policy trainer uses reverse KL, lr 1e-6, T 1.0; Veto's
+    reference setup lr 1e-5, T 0.5, top-p 0.5; GKD λ 0.5, β 0.5, T 0.9.
+    """
+
+    method: str = opt("opd", "Training method.")
+    lr: float = opt(1e-5, "Student learning rate.")
+    teacher: str = opt("", "Teacher model (same tokenizer as the student). Empty: the student's own starting weights "
+                           "(self-distillation; with LoRA the frozen base serves as teacher, no second copy).")
+    teacher_url: str = opt("", "A remote teacher instead: base URL of a vLLM-compatible server (e.g. http://host:8000/v1), "
+                               "scored through completions with prompt_logprobs; needs teacher_model and top_k (<= the server's cap).")
+    teacher_model: str = opt("", "The model name the remote teacher serves (the `model` field of its requests).")
+    teacher_api_key_env: str = opt("OPENAI_API_KEY", "Environment variable holding the remote teacher's API key (unset: no key).")
+    teacher_concurrency: int = opt(8, "Remote teacher: requests in flight at once.")
+    teacher_max_attempts: int = opt(6, "Remote teacher: attempts per request (first try + retries, exponential back-off).")
+    teacher_timeout: float = opt(120.0, "Remote teacher: seconds per attempt.")
+    teacher_cache: str = opt("", "Remote teacher: durable cache of scored rows (JSONL); empty: out_dir/teacher_cache.jsonl.")
+    teachers: dict[str, str] = opt({}, "Named teachers for records with a `teacher` field: name -> a model (local) or "
+                                       "URL#model (remote), e.g. {code: qwen2.5-coder-1.5b-instruct, chat: http://host:8000/v1#llama}.")
+    teacher_system: str = opt("", "Privileged system prompt that only the teacher sees (context distillation).")
+    teacher_template: str = opt("", "Rewrite of the last user turn for the teacher; {prompt} is the original text.")
+    divergence: str = opt("rkl", "Token-level objective: fkl, rkl, jsd, skl, srkl, veto_fkl, veto_rkl (full vocabulary), "
+                                 "or a sampled-token estimator: k1, k3, reward (per-token reward log pT - log pS as advantage).")
+    beta: float = opt(-1.0, "jsd: the mixture weight β in (0, 1) (default 0.5); veto_*: β at the first step (default 0). -1: the default.")
+    beta_end: float = opt(-1.0, "veto_*: β at the last step, linear from `beta` (-1: constant β).")
+    alpha: float = opt(0.1, "skl / srkl: the skew α in (0, 1).")
+    top_k: int = opt(0, "Restrict the divergence to the teacher's top-k tokens per position (0: the full vocabulary).")
+    top_k_tail: bool = opt(True, "With top_k: the remaining mass of each side is one tail bucket (false: renormalise over the k).")
+    chunk_size: int = opt(128, "Positions per chunk when computing the divergence: peak memory O(chunk x vocab). 0: all at once.")
+    distill_temperature: float = opt(1.0, "Temperature applied to both models' logits inside the divergence.")
+    on_policy_ratio: float = opt(1.0, "GKD's λ: share of steps on student samples; the others train on the data's responses.")
+    horizon: str = opt("full", "Rollout horizon: full, truncated (TOPD) or progressive (POPD).")
+    horizon_ratio: float = opt(0.0, "truncated: H = ratio x max_response_tokens (TOPD ρ; 0 uses horizon_tokens).")
+    horizon_tokens: int = opt(0, "truncated: a fixed horizon H in tokens.")
+    horizon_start: int = opt(64, "progressive: H_0 tokens.")
+    horizon_increment: int = opt(64, "progressive: ΔH tokens added every horizon_every steps.")
+    horizon_every: int = opt(10, "progressive: Δk steps between increments.")
+
+    def validate(self) -> None:
+        super().validate()
+        check_choice("divergence", self.divergence, DIVERGENCES + SAMPLED_ESTIMATORS)
+        check_choice("horizon", self.horizon, ("full", "truncated", "progressive"))
+        if self.divergence == "jsd" and self.beta != -1.0 and not 0.0 < self.beta < 1.0:
+            raise ConfigError(f"jsd with beta {self.beta}: at β = 0 or 1 the generalised JSD is identically 0, not forward/reverse KL",
+                              "use beta in (0, 1), or divergence: fkl / rkl")
+        if self.divergence.startswith("veto") and any(value != -1.0 and not 0.0 <= value <= 1.0 for value in (self.beta, self.beta_end)):
+            raise ConfigError(f"Veto's β must be in [0, 1], got beta {self.beta}, beta_end {self.beta_end}")
+        if self.beta_end != -1.0 and not self.divergence.startswith("veto"):
+            raise ConfigError(f"beta_end schedules Veto's β, but divergence is {self.divergence}", "remove beta_end or use veto_fkl / veto_rkl")
+        if not 0.0 < self.alpha < 1.0:
+            raise ConfigError(f"alpha must be in (0, 1), got {self.alpha}")
+        if self.top_k < 0 or self.chunk_size < 0:
+            raise ConfigError("top_k and chunk_size must be >= 0")
+        if self.top_k and self.divergence in SAMPLED_ESTIMATORS:
+            raise ConfigError(f"top_k restricts a full-vocabulary divergence, but {self.divergence} uses only the sampled token",
+                              "set top_k: 0 or pick a full divergence")
+        if self.distill_temperature <= 0:
+            raise ConfigError(f"distill_temperature must be > 0, got {self.distill_temperature}")
+        if not 0.0 <= self.on_policy_ratio <= 1.0:
+            raise ConfigError(f"on_policy_ratio must be in [0, 1], got {self.on_policy_ratio}")
+        if self.on_policy_ratio < 1.0 and self.divergence in SAMPLED_ESTIMATORS:
+            raise ConfigError(f"divergence {self.divergence} is a sampled-token estimator: it is unbiased only on the student's own "
+                              f"samples, but on_policy_ratio {self.on_policy_ratio} feeds it the data's responses on some steps",
+                              "use a full-vocabulary divergence (fkl, rkl, jsd, ...) with on_policy_ratio < 1, or on_policy_ratio: 1")
+        self.validate_teachers()
+        if self.horizon == "truncated" and self.horizon_ratio <= 0 and self.horizon_tokens <= 0:
+            raise ConfigError("horizon: truncated needs horizon_ratio (0 < ρ <= 1) or horizon_tokens > 0")
+        if self.horizon_ratio > 1:
+            raise ConfigError(f"horizon_ratio must be in (0, 1], got {self.horizon_ratio}")
+        if self.horizon == "progressive" and (self.horizon_start < 1 or self.horizon_increment < 0 or self.horizon_every < 1):
+            raise ConfigError("progressive horizon needs horizon_start >= 1, horizon_increment >= 0, horizon_every >= 1")
+        self.require_whole_micro_batches()
+
+    def validate_teachers(self) -> None:
+        if self.teacher and self.teacher_url:
+            raise ConfigError("both teacher and teacher_url are set", "keep one: teacher for a local model, teacher_url for a server")
+        if self.teacher_url:
+            teacher_spec(f"{self.teacher_url}#{self.teacher_model}", "teacher_url")
+        elif self.teacher_model:
+            raise ConfigError("teacher_model is set without teacher_url", "set teacher_url, or use teacher: for a local model")
+        for name, spec in self.teachers.items():
+            teacher_spec(spec, f"teachers.{name}")
+        if min(self.teacher_concurrency, self.teacher_max_attempts) < 1 or self.teacher_timeout <= 0:
+            raise ConfigError("teacher_concurrency and teacher_max_attempts must be >= 1 and teacher_timeout > 0")
+        if self.has_remote_teacher():
+            if self.divergence not in SAMPLED_ESTIMATORS and not self.top_k:
+                raise ConfigError(f"a remote teacher returns top-k log-probs, but divergence {self.divergence} needs the full vocabulary",
+                                  "set top_k (<= the server's cap, often 20), or use k1 / k3 / reward")
+            if self.distill_temperature != 1.0:
+                raise ConfigError(f"a remote teacher's log-probs are at temperature 1; distill_temperature is {self.distill_temperature}",
+                                  "set distill_temperature: 1, or use local teachers")
+
+    def has_remote_teacher(self) -> bool:
+        return bool(self.teacher_url) or any(teacher_spec(spec)[1] for spec in self.teachers.values())
 
 
 def beta_at(step: int, total_steps: int, start: float, end: float) -> float:

@@ -2,20 +2,35 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from ..config import RunConfig
+from ..config import RunConfig, opt
 from ..data import chunks, collate, data_order, load_records, tokenize_records, total_steps_for
 from ..engine import Engine
 from .common import Method, response_nll_sum, response_tokens
 
 
+@dataclass
+class SeqKDConfig(RunConfig):
+    """SeqKD (SPEC §1): cross-entropy on teacher responses, loss on response tokens only.
+
+    Reference defaults from the GAD paper's baseline: 4 epochs, lr 5e-6.
+    """
+
+    method: str = opt("seqkd", "Training method.")
+
+    def validate(self) -> None:
+        super().validate()
+        self.require_whole_micro_batches()
+
+
 class SeqKD(Method):
     """Supervised distillation on teacher text; the engine does everything but the loss."""
 
-    def __init__(self, config: RunConfig, tokenizer: Any) -> None:
+    def __init__(self, config: SeqKDConfig, tokenizer: Any) -> None:
         self.config = config
         self.pad_id = tokenizer.pad_token_id
         records = load_records(config.data, require_response=True)

@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
-from ..config import OPDConfig, teacher_spec
+from ..config import teacher_spec
 from ..data import Record
 from ..errors import DataError
 from ..models import load_model, load_tokenizer, shared_vocabulary_size
 from .api import RetryPolicy
 from .logprob import AdapterOffTeacher, LocalTeacher, LogProbTeacher, TeacherSet
 from .remote import RemoteTeacher
+
+if TYPE_CHECKING:  # methods.opd builds its teachers here; the config type is only named
+    from ..methods.opd import OPDConfig
 
 
 def record_teacher(record: Record, teachers: dict[str, str]) -> str:
@@ -28,14 +31,14 @@ def record_teacher(record: Record, teachers: dict[str, str]) -> str:
     return name
 
 
-def cache_path(config: OPDConfig, out_dir: Path, rank: int, world_size: int, name: str) -> Path:
+def cache_path(config: "OPDConfig", out_dir: Path, rank: int, world_size: int, name: str) -> Path:
     """Where a remote teacher's scored rows are kept: one file per teacher and per process (each scores its own rows)."""
     base = Path(config.teacher_cache) if config.teacher_cache else out_dir / "teacher_cache.jsonl"
     suffix = (f".{name}" if name else "") + (f".rank{rank}" if world_size > 1 else "")
     return base.with_name(base.stem + suffix + base.suffix) if suffix else base
 
 
-def build_teachers(config: OPDConfig, tokenizer: Any, get_student: Callable[[], Any], student_vocab: int, dtype: torch.dtype,
+def build_teachers(config: "OPDConfig", tokenizer: Any, get_student: Callable[[], Any], student_vocab: int, dtype: torch.dtype,
                    device: torch.device, out_dir: Path, rank: int = 0, world_size: int = 1, needs_default: bool = True) -> TeacherSet:
     """The default teacher (when some record uses it) and every named one."""
 
@@ -59,7 +62,7 @@ def build_teachers(config: OPDConfig, tokenizer: Any, get_student: Callable[[], 
     return TeacherSet(default, named)
 
 
-def local_teacher(name: str, config: OPDConfig, tokenizer: Any, student_vocab: int, dtype: torch.dtype, device: torch.device) -> LocalTeacher:
+def local_teacher(name: str, config: "OPDConfig", tokenizer: Any, student_vocab: int, dtype: torch.dtype, device: torch.device) -> LocalTeacher:
     """A frozen local model in `dtype` that shares the student's tokenizer (checked)."""
     teacher_tokenizer = load_tokenizer(name, chat_template=config.chat_template, trust_remote_code=config.trust_remote_code)
     model = load_model(name, dtype=dtype, trust_remote_code=config.trust_remote_code, allow_pickle=config.allow_pickle)
