@@ -160,12 +160,14 @@ class Engine:
 
     def backward_token_mean(self, micro_batches: list[dict[str, torch.Tensor]],
                             loss_sum: Callable[[Any, dict[str, torch.Tensor]], torch.Tensor],
-                            tokens: Callable[[dict[str, torch.Tensor]], int]) -> float:
+                            tokens: Callable[[dict[str, torch.Tensor]], int], model: Any = None) -> float:
         """Backward of (sum of token losses) / (loss tokens in the global batch); returns that mean loss.
 
         `loss_sum(model, micro_batch)` returns the summed token loss of one micro-batch and `tokens` its
         number of loss tokens. DDP averages gradients over processes, so each process scales by world size.
+        `model` is the student unless given (another trained part, e.g. cod's second peer).
         """
+        model = self.model if model is None else model
         global_tokens = self.global_sum(sum(tokens(mb) for mb in micro_batches))
         if global_tokens == 0:
             raise OpdistillError("a global batch has no loss tokens", "check that the records have non-empty responses")
@@ -173,11 +175,11 @@ class Engine:
         total = 0.0
         for index, micro_batch in enumerate(micro_batches):
             batch = {k: v.to(self.accelerator.device) for k, v in micro_batch.items()}
-            with self.accumulating(self.model, last=index == len(micro_batches) - 1):
+            with self.accumulating(model, last=index == len(micro_batches) - 1):
                 with self.accelerator.autocast():
-                    summed = loss_sum(self.model, batch)
+                    summed = loss_sum(model, batch)
                 if not torch.isfinite(summed):
-                    self.optimizer.zero_grad(set_to_none=True)
+                    model.zero_grad(set_to_none=True)
                     raise NonFiniteLoss(f"loss is {summed.item()}")
                 self.accelerator.backward(summed * scale)
             total += summed.detach().item()
