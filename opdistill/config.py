@@ -55,6 +55,8 @@ class RunConfig:
     max_prompt_tokens: int = opt(2048, "Longest prompt in tokens; longer ones follow `overlong`.")
     max_response_tokens: int = opt(1536, "Longest response in tokens; longer teacher responses are cut (no EOS).")
     overlong: str = opt("truncate", "Over-long prompts: truncate (keep the last max_prompt_tokens) or skip.")
+    unfinished: str = opt("keep", "Teacher responses that did not end (the teacher hit its token limit, or longer than "
+                                  "max_response_tokens): keep (trained on, never given an EOS) or drop the record.")
     precision: str = opt("auto", "bf16 (autocast, fp32 master weights), fp32, or auto: bf16 on GPUs and CPUs with native bf16, else fp32.")
     checkpoint_every: int = opt(50, "Save a resumable checkpoint every N optimizer steps (0: only at the end).")
     keep_checkpoints: int = opt(2, "How many of the newest checkpoints to keep.")
@@ -87,6 +89,7 @@ class RunConfig:
             raise ConfigError("config field `student` is empty", "set student: smollm2-135m-instruct or a model path")
         check_choice("lr_schedule", self.lr_schedule, ("cosine", "linear", "constant"))
         check_choice("overlong", self.overlong, ("truncate", "skip"))
+        check_choice("unfinished", self.unfinished, ("keep", "drop"))
         check_choice("precision", self.precision, ("auto", "bf16", "fp32"))
         check_choice("lora_save", self.lora_save, ("merged", "adapter", "both"))
         for name in ("batch_size", "micro_batch_size", "max_prompt_tokens", "max_response_tokens", "keep_checkpoints", "log_every"):

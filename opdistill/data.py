@@ -33,6 +33,16 @@ class Record:
     meta: dict[str, Any] = field(default_factory=dict)
     source: str = ""  # "file:line", for messages
 
+    @property
+    def finished(self) -> bool:
+        """Whether the teacher's response ended on its own. False when the record says the writer stopped at a token
+        limit: a `finished: false` field, or `meta.finish_reason: length` (written by `opdistill collect`, and the
+        OpenAI-style APIs' own value). Such a text never gains an EOS in training (response_ids)."""
+        if isinstance(self.meta.get("finished"), bool):
+            return self.meta["finished"]
+        info = self.meta.get("meta")
+        return not (isinstance(info, dict) and info.get("finish_reason") == "length")
+
     def with_system(self, system: str) -> list[dict[str, str]]:
         """The conversation as a privileged reader sees it: `system` first in the system prompt, followed by
         the record's own system prompt if it has one. An empty `system` leaves the conversation as it is."""
@@ -227,11 +237,20 @@ def render_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def response_ids(tokenizer: Any, response: str, max_tokens: int) -> list[int]:
-    """Response token ids ending with EOS; a response longer than max_tokens is cut and gets no EOS."""
+def response_ids(tokenizer: Any, response: str, max_tokens: int, finished: bool = True) -> list[int]:
+    """Response token ids, ending with EOS only when the response ended (`finished`) and fits max_tokens with it.
+
+    A text the teacher stopped at its own limit, or one cut here, gets no EOS: training on it must not teach the
+    student to stop where the teacher did not.
+    """
     ids = tokenizer(response.strip(), add_special_tokens=False)["input_ids"]
-    ids = ids + [tokenizer.eos_token_id]
+    if finished:
+        ids = ids + [tokenizer.eos_token_id]
     return ids[:max_tokens]
+
+
+def ends_with_eos(ids: list[int], tokenizer: Any) -> bool:
+    return bool(ids) and ids[-1] == tokenizer.eos_token_id
 
 
 @dataclass
@@ -245,11 +264,15 @@ class Example:
 @dataclass
 class TokenizeReport:
     total: int = 0
-    truncated: int = 0
-    skipped: int = 0
+    truncated: int = 0  # over-long prompts cut
+    skipped: int = 0  # over-long prompts dropped (overlong: skip)
+    unfinished: int = 0  # responses without an EOS: the teacher stopped at its limit, or cut at max_response_tokens
+    dropped: int = 0  # unfinished responses dropped (unfinished: drop)
 
     def summary(self) -> str:
-        return f"{self.total} records, {self.truncated} over-long prompts truncated, {self.skipped} skipped"
+        kept = "kept without EOS" if not self.dropped else "dropped"
+        return (f"{self.total} records, {self.truncated} over-long prompts truncated, {self.skipped} skipped, "
+                f"{self.unfinished} responses that did not end within the limit {kept}")
 
 
 def fit_prompt(ids: list[int], max_tokens: int, policy: str) -> list[int] | None:
@@ -263,9 +286,10 @@ def fit_prompt(ids: list[int], max_tokens: int, policy: str) -> list[int] | None
 
 
 def tokenize_records(
-    tokenizer: Any, records: list[Record], max_prompt_tokens: int, max_response_tokens: int, overlong: str
+    tokenizer: Any, records: list[Record], max_prompt_tokens: int, max_response_tokens: int, overlong: str, unfinished: str = "keep"
 ) -> tuple[list[Example], TokenizeReport]:
-    """Records with responses -> Examples, applying the over-long policy and counting what it did."""
+    """Records with responses -> Examples, applying the over-long prompt policy and the unfinished-response policy
+    (keep: train on the text without an EOS; drop: leave the record out) and counting what they did."""
     report = TokenizeReport(total=len(records))
     examples = []
     for record in records:
@@ -276,10 +300,18 @@ def tokenize_records(
         if fitted is None:
             report.skipped += 1
             continue
+        response = response_ids(tokenizer, record.response, max_response_tokens, record.finished)
+        if not ends_with_eos(response, tokenizer):
+            report.unfinished += 1
+            if unfinished == "drop":
+                report.dropped += 1
+                continue
         report.truncated += len(fitted) < len(prompt)
-        examples.append(Example(fitted, response_ids(tokenizer, record.response, max_response_tokens)))
+        examples.append(Example(fitted, response))
     if not examples:
-        raise DataError(f"every record was skipped as over-long ({report.summary()})", "raise max_prompt_tokens or use overlong: truncate")
+        raise DataError(f"no record is left to train on ({report.summary()})",
+                        "raise max_prompt_tokens or max_response_tokens, use overlong: truncate or unfinished: keep, "
+                        "or collect with a larger max_tokens")
     return examples, report
 
 

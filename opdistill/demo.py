@@ -34,7 +34,8 @@ class DemoOptions:
     model: str = MODEL
     train_prompts: int = 96
     heldout_prompts: int = 40
-    max_new_tokens: int = 32
+    max_new_tokens: int = 32  # collection and training; evaluation runs at twice this
+    unfinished: str = "drop"  # teacher answers that did not end within max_new_tokens: drop or keep (without EOS)
     batch_size: int = 4
     lr: float = 2e-5
     # GAD
@@ -76,7 +77,10 @@ def train_config(opts: DemoOptions, teacher_file: Path, out: Path) -> dict[str, 
     """The training run's config; every value can be checked in DIR/<method>/config.yaml afterwards."""
     common = {"method": opts.method, "student": opts.model, "data": str(teacher_file), "out_dir": str(out / opts.method),
               "batch_size": opts.batch_size, "lr": opts.lr, "seed": opts.seed, "max_response_tokens": opts.max_new_tokens,
-              "precision": opts.precision}
+              "precision": opts.precision,
+              # Dropping teacher answers that did not end within the limit: a text cut at 32 tokens would teach the
+              # student to run on (it never sees an ending) and, with GAD, the discriminator to reward running on.
+              "unfinished": opts.unfinished}
     if opts.method == "opd":
         return {**common, "data": f"builtin:train[:{opts.train_prompts}]", "teacher_system": opts.system, "divergence": opts.divergence,
                 "beta": opts.beta, "max_steps": opts.opd_steps, "batch_size": opts.opd_batch_size, "micro_batch_size": opts.opd_batch_size, "lr": opts.opd_lr,
@@ -129,22 +133,24 @@ def run_demo(opts: DemoOptions) -> dict:
     shutil.rmtree(student_dir, ignore_errors=True)
     shutil.copytree(run_dir / "student", student_dir)
 
-    _say(f"3/3 evaluating on {opts.heldout_prompts} held-out prompts (greedy, {opts.max_new_tokens} new tokens)")
+    # Twice the training limit: a student that learned to stop ends within it; one that did not shows as a low EOS rate.
+    eval_tokens = 2 * opts.max_new_tokens
+    _say(f"3/3 evaluating on {opts.heldout_prompts} held-out prompts (greedy, {eval_tokens} new tokens, twice the training limit)")
     rows = {TEACHER_ROW: opts.model, BASE_ROW: opts.model, **{name: str(path) for name, path in trained_rows(opts, run_dir).items()}}
     evaluation = run_eval(EvalOptions(
         models=[f"{name}={path}" for name, path in rows.items()], systems=[f"{TEACHER_ROW}={opts.system}"],
         prompts=[f"heldout=builtin:heldout[:{opts.heldout_prompts}]"], out=str(out), teacher=TEACHER_ROW, checks=["french"],
-        max_new_tokens=opts.max_new_tokens, temperature=0.0, batch_size=40, seed=opts.seed, precision=opts.precision))
+        max_new_tokens=eval_tokens, temperature=0.0, batch_size=40, seed=opts.seed, precision=opts.precision))
     metrics = {**evaluation, "task": f"share of held-out responses in French (system prompt: {opts.system!r})",
                "options": asdict(opts), "training_run": str(run_dir), "seconds": round(time.monotonic() - started, 1)}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, ensure_ascii=False), encoding="utf-8")
     report = write_report([out])
     models = metrics["sets"]["heldout"]["models"]
-    print(f"\n{'model':40} {'French share':>12} {'mean words':>10} {'repetition':>10} {'distinct-2':>10} {'teacher logp':>12}")
+    print(f"\n{'model':40} {'French share':>12} {'mean words':>10} {'EOS rate':>8} {'repetition':>10} {'distinct-2':>10} {'teacher logp':>12}")
     for name, values in models.items():
         logprob = values.get("teacher_logprob")  # None when a model wrote nothing the teacher could score
-        print(f"{name:40} {values['french_share']:>11.0%} {values['mean_words']:>10.1f} {values['repetition_4']:>10.2f} "
-              f"{values['distinct_2']:>10.2f} {'–' if logprob is None else f'{logprob:.3f}':>12}")
+        print(f"{name:40} {values['french_share']:>11.0%} {values['mean_words']:>10.1f} {values['eos_rate']:>8.2f} "
+              f"{values['repetition_4']:>10.2f} {values['distinct_2']:>10.2f} {'–' if logprob is None else f'{logprob:.3f}':>12}")
     final = list(models)[-1]
     others = ", ".join(f"{name} {values['french_share']:.0%}" for name, values in models.items() if name != final)
     print(f"\nheadline: the {final.removeprefix('student after ')} student answers {models[final]['french_share']:.0%} of held-out "

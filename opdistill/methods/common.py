@@ -62,7 +62,8 @@ class Method:
         self.pad_id = tokenizer.pad_token_id
         if config.eval_data:
             records = load_records(config.eval_data, require_response=True)
-            self.eval_examples, _ = tokenize_records(tokenizer, records, config.max_prompt_tokens, config.max_response_tokens, config.overlong)
+            self.eval_examples, _ = tokenize_records(tokenizer, records, config.max_prompt_tokens, config.max_response_tokens,
+                                                     config.overlong, config.unfinished)
 
 
 @torch.no_grad()

@@ -43,6 +43,7 @@ class Rollouts:
     examples: list[Example]
     lengths: torch.Tensor  # (B * N,) response tokens
     truncated: float  # share that hit max_new_tokens without EOS
+    finished: torch.Tensor  # (B * N,) 1.0 where the sample ended with EOS (it keeps it), 0.0 where it was cut (no EOS)
     logprobs: list[list[float]]  # per sample, the sampling (behaviour) policy's log-prob of each response token
 
 
@@ -73,6 +74,9 @@ class GADConfig(OnPolicyConfig):
                                   "threshold 0.15): the gradient weight reaches 0 there and turns corrective beyond.")
     ppo_epochs: int = opt(1, "Optimizer steps per rollout batch (each a full pass over it); > 1 makes the trust region matter. "
                              "The lr schedule and the sampler advance once per rollout batch.")
+    truncated_rollouts: str = opt("keep", "Samples cut at max_response_tokens (no EOS): keep (the discriminator's reward judges "
+                                          "them as they are) or mask (no policy loss; DAPO's overlong filtering, arXiv 2503.14476 §3.4). "
+                                          "They count in their group's reward statistics and the KL either way.")
     kl_coef: float = opt(0.001, "Coefficient of the k3 KL to the reference (the end-of-warm-up student).")
     d_lr: float = opt(1e-6, "Discriminator learning rate.")
     d_max_grad_norm: float = opt(0.2, "Discriminator gradient clipping.")
@@ -96,6 +100,7 @@ class GADConfig(OnPolicyConfig):
         if self.clip_ratio <= 0 or self.kl_coef < 0 or self.d_lr <= 0:
             raise ConfigError("clip_ratio and d_lr must be > 0 and kl_coef >= 0")
         check_choice("policy_loss", self.policy_loss, ("ppo_clip", "drpo"))
+        check_choice("truncated_rollouts", self.truncated_rollouts, ("keep", "mask"))
         if self.drpo_delta <= 0 or self.ppo_epochs < 1:
             raise ConfigError(f"drpo_delta must be > 0 (got {self.drpo_delta}) and ppo_epochs >= 1 (got {self.ppo_epochs})")
 
@@ -110,7 +115,8 @@ class GAD(Method):
         self.tokenizer = tokenizer
         self.pad_id = tokenizer.pad_token_id
         records = load_records(config.data, require_response=True)
-        examples, report = tokenize_records(tokenizer, records, config.max_prompt_tokens, config.max_response_tokens, config.overlong)
+        examples, report = tokenize_records(tokenizer, records, config.max_prompt_tokens, config.max_response_tokens,
+                                            config.overlong, config.unfinished)
         print(f"train: data {config.data}: {report.summary()}")
         self.prompts = [e.prompt_ids for e in examples]
         self.teacher = [e.response_ids for e in examples]
@@ -175,7 +181,8 @@ class GAD(Method):
                                         seeds=rollout_seeds(self.config.seed, engine.step, indices))
         examples = [Example(prompts[s.prompt_index], s.response_ids) for s in ordered]
         lengths = torch.tensor([len(s.response_ids) for s in ordered], dtype=torch.float32)
-        return Rollouts(examples, lengths, sum(not s.finished for s in ordered) / len(ordered), [s.logprobs for s in ordered])
+        finished = torch.tensor([float(s.finished) for s in ordered])
+        return Rollouts(examples, lengths, 1.0 - finished.mean().item(), finished, [s.logprobs for s in ordered])
 
     def scores(self, engine: Engine, examples: list[Example], grad: bool) -> torch.Tensor:
         """Discriminator scores, in micro-batches."""
@@ -271,6 +278,8 @@ class GAD(Method):
                     ref.append(response_logprobs(self.reference, moved, config.temperature).cpu())
         d_metrics, rewards = self.discriminator_update(engine, indices, rollouts, train=not config.freeze_discriminator)
         advantages = group_advantages(rewards).view(-1)
+        if config.truncated_rollouts == "mask":
+            advantages = advantages * rollouts.finished  # a cut sample's reward judges an answer it never finished
 
         engine.model.train()
         stats = {"clipped": 0.0, "kl": 0.0, "entropy": 0.0}

@@ -21,9 +21,10 @@ from typing import Any
 import torch
 
 from ..config import OnPolicyConfig, check_choice, opt, teacher_spec
-from ..data import Example, chunks, collate, data_order, fit_prompt, load_records, render_prompt, response_ids, teacher_messages, total_steps_for
+from ..data import (Example, chunks, collate, data_order, ends_with_eos, fit_prompt, load_records, render_prompt, response_ids,
+                    teacher_messages, total_steps_for)
 from ..engine import Engine
-from ..errors import ConfigError
+from ..errors import ConfigError, DataError
 from ..objectives.divergences import KINDS, default_beta, per_token, per_token_top_k, reward_policy_gradient
 from ..objectives.policy import kl_k1, kl_k3
 from ..rollout import SamplingParams, horizon_at, logprobs_of, response_logits, response_targets, rollout_seeds
@@ -154,7 +155,7 @@ class OPD(Method):
         self.teacher_prompts: list[list[int]] = []
         self.responses: list[list[int]] = []
         self.teacher_names: list[str] = []  # "" for the default teacher
-        skipped = 0
+        skipped = dropped = 0
         for record in records:
             name = record_teacher(record, config.teachers)
             student = fit_prompt(render_prompt(tokenizer, record.messages), config.max_prompt_tokens, config.overlong)
@@ -163,11 +164,20 @@ class OPD(Method):
             if student is None or teacher is None:
                 skipped += 1
                 continue
+            # The data's responses are trained on only in off-policy steps (on_policy_ratio < 1); like SeqKD's, one
+            # that did not end has no EOS, and `unfinished: drop` leaves its record out.
+            response = response_ids(tokenizer, record.response, config.max_response_tokens, record.finished) if record.response else []
+            if config.on_policy_ratio < 1.0 and config.unfinished == "drop" and not ends_with_eos(response, tokenizer):
+                dropped += 1
+                continue
             self.student_prompts.append(student)
             self.teacher_prompts.append(teacher)
             self.teacher_names.append(name)
-            self.responses.append(response_ids(tokenizer, record.response, config.max_response_tokens) if record.response else [])
-        print(f"train: data {config.data}: {len(records)} records, {skipped} skipped as over-long")
+            self.responses.append(response)
+        print(f"train: data {config.data}: {len(records)} records, {skipped} skipped as over-long, {dropped} dropped as unfinished")
+        if not self.student_prompts:
+            raise DataError(f"{config.data}: no record is left to train on ({skipped} over-long, {dropped} unfinished)",
+                            "raise max_prompt_tokens or max_response_tokens, or use overlong: truncate / unfinished: keep")
         self.order = data_order(config, len(self.student_prompts))
         self.total_steps = total_steps_for(config, self.order.steps_per_epoch)
         self.teachers = TeacherSet(None)

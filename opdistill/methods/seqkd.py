@@ -34,7 +34,8 @@ class SeqKD(Method):
         self.config = config
         self.pad_id = tokenizer.pad_token_id
         records = load_records(config.data, require_response=True)
-        self.examples, report = tokenize_records(tokenizer, records, config.max_prompt_tokens, config.max_response_tokens, config.overlong)
+        self.examples, report = tokenize_records(tokenizer, records, config.max_prompt_tokens, config.max_response_tokens,
+                                                 config.overlong, config.unfinished)
         print(f"train: data {config.data}: {report.summary()}")
         self.order = data_order(config, len(self.examples))
         self.total_steps = total_steps_for(config, self.order.steps_per_epoch)
