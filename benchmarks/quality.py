@@ -57,29 +57,11 @@ redo it and, through the timestamps, everything after it):
 Every attempt's wall time goes to --out/timings.jsonl; results.json sums them per stage.
 
 **Sizes.** smoke: a handful of prompts and 1-2 steps per stage, to check the plumbing in minutes; its numbers mean
-nothing. full: sized for <= 90 minutes on the project's 2-core CPU (native bf16) with the machine to itself.
-docs/models.md and issue 15 give single-stream greedy speeds (1.5B 1.6-4 tok/s, 0.5B 3.9-12); batched, through the
-project's sampler at bf16 with 2 threads on a quiet machine (2026-11-23): 1.5B 27.6 tok/s at batch 16 (~22 as rows
-end), 0.5B 105 (~70), SmolLM2 250 (~150); a 1.5B forward pass (prefill, scoring, judging) 124 tok/s (8 x 450
-tokens: compute-bound, ~380 GFLOP/s). Training steps at the full size's settings, measured the same way (2 steps
-each, short texts): SmolLM2 SeqKD 7-9 s a step of 8 (~5 s of 4, estimated); GAD warm-up 25-35 s and adversarial 79 s a
-step of 8 prompts x 4 samples (~17 s and ~40 s at 4 x 4, estimated: half the sequences, as many decode steps); Qwen 0.5B LoRA SeqKD 12-14 s a step of 8; OPD 53 s a step of
-8 (77 s the first: 17-23 s of rollout, the rest the 1.5B's forward and the 0.5B's forward and backward).
-  collect      128 prompts x ~60 tokens (short answers) = 7.7k tokens / 22 tok/s + the model's load        ~ 6.5 min
-  bb SeqKD     20 steps x ~5 s                                                                             ~ 2 min
-  bb GAD       10 warm-up steps x ~17 s + 12 adversarial x ~40 s                                           ~ 11 min
-  wb SeqKD     10 steps x ~14 s                                                                            ~ 2.5 min
-  wb OPD       10 steps x ~55 s                                                                            ~ 9.5 min
-  eval gen     20 prompts (10 per set) at 256 tokens: teacher 20 x ~80 / 15 tok/s ~1.8 min; SmolLM2 3 rows
-               <= 3 x 20 x 256 / 150 ~1.7 min; Qwen 0.5B 3 rows <= 3 x 20 x 256 / 70 ~3.7 min (bounds)     ~ 6-7 min
-  teacher lp   7 rows x 20 answers x ~215 tokens (prompt + answer) = 30k tokens / 124 tok/s               ~ 4 min
-  judge        6 rows x 20 prompts x 3 requests (reference score + both pairwise orders) = 360 requests;
-               each ~455 prompt tokens / 124 tok/s ~3.7 s + ~0.5 s for a 16-token reply                   ~ 25 min
-  model loads  ~15 loads and bf16 packings x 10-25 s                                                       ~ 4 min
-  total                                                                                                    ~ 71 min
-leaving ~20 min for judge re-asks (unparseable replies, at most 1 more each) and the machine's +-20% drift. On a
-shared machine everything is slower: with another job's two threads on the same two cores, the smoke size's OPD
-sampled 2 x 48 tokens in 44-54 s.
+nothing. full: sized for <= 90 minutes on the project's 2-core CPU (native bf16) with the machine to itself; docs/quality.md
+has the arithmetic (measured speeds per stage) and the measured results.
+
+**Tuning GAD.** `--gad-variant NAME:key=value,...` (repeatable) adds a row smollm2-gad-NAME trained with those settings over
+the default GAD's, from the same teacher text and with the same number of generator updates; finished rows are not redone.
 """
 
 from __future__ import annotations
@@ -434,7 +416,32 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--data-dir", type=Path, default=DATA_DIR, help="the shared data (Self-Instruct, MT-Bench)")
+    parser.add_argument("--gad-variant", action="append", default=[], metavar="NAME:KEY=VALUE,...",
+                        help="one more black-box GAD row, smollm2-gad-NAME, with these train settings over the default GAD's "
+                             "(e.g. long-warmup:warmup_steps=16,lr=1e-5); repeatable; generator updates stay matched to SeqKD")
     return parser.parse_args()
+
+
+def add_gad_variants(specs: list[str], size: Size, configs: dict[str, dict[str, Any]]) -> None:
+    """Register each --gad-variant as a black-box stage and row (tuning GAD, issue 15 item 4). Its warm-up
+    cross-entropy updates plus its adversarial updates equal SeqKD's updates, whatever warm-up it asks for."""
+    from opdistill.config import parse_overrides
+
+    for spec in specs:
+        name, _, settings = spec.partition(":")
+        if not name.replace("-", "").isalnum():
+            raise SystemExit(f"--gad-variant {spec!r}: NAME must be letters, digits and dashes")
+        overrides = parse_overrides([item for item in settings.split(",") if item])  # the same parsing as `opdistill train k=v`
+        if "max_steps" in overrides:
+            raise SystemExit(f"--gad-variant {spec!r}: max_steps follows from the warm-up (compute matching); set warmup_steps instead")
+        config = {**configs["blackbox-gad"], **overrides}
+        config["max_steps"] = size.seqkd_steps - (config["warmup_steps"] - config["d_only_steps"])
+        if config["max_steps"] < 1:
+            raise SystemExit(f"--gad-variant {spec!r}: its warm-up uses all {size.seqkd_steps} generator updates")
+        config["rollout_batch_size"] = config["micro_batch_size"] = size.blackbox_batch * config["n_samples"]
+        stage = f"blackbox-gad-{name}"
+        FAMILIES["blackbox"][f"smollm2-gad-{name}"] = stage  # the table every later step reads its rows from
+        configs[stage] = config
 
 
 def main() -> None:
@@ -451,6 +458,7 @@ def main() -> None:
     stages.run("collect", {"size": asdict(size), "teacher": TEACHER, "system": args.teacher_system, "precision": args.precision},
                [], collect_stage(size, args))
     configs = training_configs(size, args, args.out / "collect" / "train.jsonl", args.out)
+    add_gad_variants(args.gad_variant, size, configs)
     selected = list(FAMILIES) if args.only == "all" else [args.only]
     for family in selected:
         for stage in FAMILIES[family].values():

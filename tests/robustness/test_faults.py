@@ -116,8 +116,9 @@ def weights(out: Path) -> dict:
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_collection_stops_cleanly_and_resumes(sig, api, prompts, tmp_path):
+def test_collection_stops_cleanly_and_resumes(sig, api, prompts, tmp_path, monkeypatch):
     url, state = api
+    monkeypatch.setattr(state, "latency", 0.2)  # slow replies, so the signal lands mid-collection even when a loaded machine polls late
     out, log = tmp_path / "store.jsonl", tmp_path / "log"
     process = launch(collect_args(url, prompts, out), log)
     wait_until(lambda: line_count(out) >= 20, process)
