@@ -33,7 +33,10 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NU
 
 def launch(args: list[str], log: Path) -> subprocess.Popen:
     handle = open(log, "ab")
-    return subprocess.Popen([sys.executable, "-m", "opdistill", *args], env=ENV, stdout=handle, stderr=handle)
+    # A shell starts background jobs with SIGINT ignored, and Python then never installs its Ctrl-C handler; restore
+    # the default so that the SIGINT tests test opdistill, not how pytest was launched.
+    return subprocess.Popen([sys.executable, "-m", "opdistill", *args], env=ENV, stdout=handle, stderr=handle,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def finish(args: list[str], log: Path) -> None:
