@@ -174,6 +174,21 @@ def check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
         raise ConfigError(f"config field `{name}` is {value!r}", f"use one of: {', '.join(allowed)}")
 
 
+def check_divergence_settings(divergence: str, betas: dict[str, float], alpha: float, chunk_size: int, distill_temperature: float) -> None:
+    """The range checks shared by the methods that take a token-level divergence (OPD, CoD). `betas` names each β
+    setting (-1: the divergence's default); at β = 0 or 1 the generalised JSD is identically 0, and Veto's β is a weight."""
+    set_betas = {name: value for name, value in betas.items() if value != -1.0}
+    if divergence == "jsd" and any(not 0.0 < value < 1.0 for value in set_betas.values()):
+        raise ConfigError(f"jsd with beta {betas['beta']}: at β = 0 or 1 the generalised JSD is identically 0, not forward/reverse KL",
+                          "use beta in (0, 1), or divergence: fkl / rkl")
+    if divergence.startswith("veto") and any(not 0.0 <= value <= 1.0 for value in set_betas.values()):
+        raise ConfigError(f"Veto's β must be in [0, 1], got {', '.join(f'{name} {value}' for name, value in betas.items())}")
+    if not 0.0 < alpha < 1.0:
+        raise ConfigError(f"alpha must be in (0, 1), got {alpha}")
+    if chunk_size < 0 or distill_temperature <= 0:
+        raise ConfigError(f"chunk_size must be >= 0 (got {chunk_size}) and distill_temperature > 0 (got {distill_temperature})")
+
+
 def _field_types(cls: type[RunConfig]) -> dict[str, type]:
     hints = typing.get_type_hints(cls)
     return {f.name: hints[f.name] for f in fields(cls)}

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from ..config import OnPolicyConfig, check_choice, opt
+from ..config import OnPolicyConfig, check_choice, check_divergence_settings, opt
 from ..data import Example, Record, StepOrder, chunks, collate, fit_prompt, load_records, render_prompt, teacher_messages, total_steps_for
 from ..engine import Engine, NonFiniteLoss, Trainable, lr_lambda
 from ..errors import ConfigError, DataError
@@ -90,14 +90,7 @@ class CoDConfig(OnPolicyConfig):
                               "non-empty `domain` values", "name the domain where each peer is strong, e.g. peer_a_domain: french")
         check_choice("divergence", self.divergence, KINDS)
         check_choice("gate", self.gate, ("cognizance", "always"))
-        if self.divergence == "jsd" and self.beta != -1.0 and not 0.0 < self.beta < 1.0:
-            raise ConfigError(f"jsd with beta {self.beta}: at β = 0 or 1 the generalised JSD is identically 0", "use beta in (0, 1), or fkl / rkl")
-        if self.divergence.startswith("veto") and self.beta != -1.0 and not 0.0 <= self.beta <= 1.0:
-            raise ConfigError(f"Veto's β must be in [0, 1], got beta {self.beta}")
-        if not 0.0 < self.alpha < 1.0:
-            raise ConfigError(f"alpha must be in (0, 1), got {self.alpha}")
-        if self.chunk_size < 0 or self.distill_temperature <= 0:
-            raise ConfigError(f"chunk_size must be >= 0 (got {self.chunk_size}) and distill_temperature > 0 (got {self.distill_temperature})")
+        check_divergence_settings(self.divergence, {"beta": self.beta}, self.alpha, self.chunk_size, self.distill_temperature)
         if self.anchor < 0:
             raise ConfigError(f"anchor must be >= 0 (0 turns anchoring off), got {self.anchor}")
         if self.lora_r or self.train_mask:

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from ..config import OnPolicyConfig, check_choice, opt, teacher_spec
+from ..config import OnPolicyConfig, check_choice, check_divergence_settings, opt, teacher_spec
 from ..data import (Example, chunks, collate, data_order, ends_with_eos, fit_prompt, load_records, render_prompt, response_ids,
                     teacher_messages, total_steps_for)
 from ..engine import Engine
@@ -84,22 +84,15 @@ class OPDConfig(OnPolicyConfig):
         super().validate()
         check_choice("divergence", self.divergence, DIVERGENCES + SAMPLED_ESTIMATORS)
         check_choice("horizon", self.horizon, ("full", "truncated", "progressive"))
-        if self.divergence == "jsd" and self.beta != -1.0 and not 0.0 < self.beta < 1.0:
-            raise ConfigError(f"jsd with beta {self.beta}: at β = 0 or 1 the generalised JSD is identically 0, not forward/reverse KL",
-                              "use beta in (0, 1), or divergence: fkl / rkl")
-        if self.divergence.startswith("veto") and any(value != -1.0 and not 0.0 <= value <= 1.0 for value in (self.beta, self.beta_end)):
-            raise ConfigError(f"Veto's β must be in [0, 1], got beta {self.beta}, beta_end {self.beta_end}")
         if self.beta_end != -1.0 and not self.divergence.startswith("veto"):
             raise ConfigError(f"beta_end schedules Veto's β, but divergence is {self.divergence}", "remove beta_end or use veto_fkl / veto_rkl")
-        if not 0.0 < self.alpha < 1.0:
-            raise ConfigError(f"alpha must be in (0, 1), got {self.alpha}")
-        if self.top_k < 0 or self.chunk_size < 0:
-            raise ConfigError("top_k and chunk_size must be >= 0")
+        check_divergence_settings(self.divergence, {"beta": self.beta, "beta_end": self.beta_end}, self.alpha, self.chunk_size,
+                                  self.distill_temperature)
+        if self.top_k < 0:
+            raise ConfigError(f"top_k must be >= 0, got {self.top_k}")
         if self.top_k and self.divergence in SAMPLED_ESTIMATORS:
             raise ConfigError(f"top_k restricts a full-vocabulary divergence, but {self.divergence} uses only the sampled token",
                               "set top_k: 0 or pick a full divergence")
-        if self.distill_temperature <= 0:
-            raise ConfigError(f"distill_temperature must be > 0, got {self.distill_temperature}")
         if not 0.0 <= self.on_policy_ratio <= 1.0:
             raise ConfigError(f"on_policy_ratio must be in [0, 1], got {self.on_policy_ratio}")
         if self.on_policy_ratio < 1.0 and self.divergence in SAMPLED_ESTIMATORS:
