@@ -42,9 +42,13 @@ class Rollouts:
 
     examples: list[Example]
     lengths: torch.Tensor  # (B * N,) response tokens
-    truncated: float  # share that hit max_new_tokens without EOS
     finished: torch.Tensor  # (B * N,) 1.0 where the sample ended with EOS (it keeps it), 0.0 where it was cut (no EOS)
     logprobs: list[list[float]]  # per sample, the sampling (behaviour) policy's log-prob of each response token
+
+    @property
+    def truncated(self) -> float:
+        """The share that hit max_new_tokens without EOS."""
+        return 1.0 - self.finished.mean().item()
 
 
 @dataclass
@@ -182,7 +186,7 @@ class GAD(Method):
         examples = [Example(prompts[s.prompt_index], s.response_ids) for s in ordered]
         lengths = torch.tensor([len(s.response_ids) for s in ordered], dtype=torch.float32)
         finished = torch.tensor([float(s.finished) for s in ordered])
-        return Rollouts(examples, lengths, 1.0 - finished.mean().item(), finished, [s.logprobs for s in ordered])
+        return Rollouts(examples, lengths, finished, [s.logprobs for s in ordered])
 
     def scores(self, engine: Engine, examples: list[Example], grad: bool) -> torch.Tensor:
         """Discriminator scores, in micro-batches."""
