@@ -292,6 +292,30 @@ def test_a_local_judge_counts_every_prompt(tiny_model, tmp_path):
                              judge_model="m", judge_local="y"))
 
 
+def test_teacher_logprobs_are_cached_per_response_so_a_new_row_scores_only_its_own(tiny_model, trained_student, tmp_path, capsys):
+    options = {"systems": ["t=Be brief."], "teacher": "t", "prompts": ["builtin:heldout[:3]"], "out": str(tmp_path),
+               "max_new_tokens": 6, "temperature": 1.0, "embeddings": False, "progress": False}
+    first = run_eval(EvalOptions(models=[f"t={tiny_model}", f"s={tiny_model}"], **options))
+    store = tmp_path / "teacher_logprobs.jsonl"
+    assert len(store.read_text().splitlines()) == 3  # same weights and seed: t's and s's answers are the same, scored once
+    capsys.readouterr()
+    again = run_eval(EvalOptions(models=[f"t={tiny_model}", f"s={tiny_model}", f"new={trained_student}"], **options))
+    assert "scoring 3 response(s) with the teacher" in capsys.readouterr().err  # the new row's, nothing else
+    assert len(store.read_text().splitlines()) == 6
+    for label in ("t", "s"):
+        assert again["sets"]["heldout"]["models"][label]["teacher_logprob"] == first["sets"]["heldout"]["models"][label]["teacher_logprob"]
+    # The cached per-response sums give the same mean as scoring the new row's responses directly.
+    generations = read_generations(tmp_path)
+    finished = {(row["model"], row["index"]): row["finished"] for row in map(json.loads, (tmp_path / "generations.jsonl").read_text().splitlines())}
+    records = load_eval_set("builtin:heldout[:3]").records
+    model, tokenizer = load_model(str(tiny_model)), load_tokenizer(str(tiny_model))
+    direct = teacher_logprob(model, tokenizer, [r.with_system("Be brief.") for r in records], [generations[("new", i)] for i in range(3)],
+                             [finished[("new", i)] for i in range(3)], batch_size=2)
+    assert again["sets"]["heldout"]["models"]["new"]["teacher_logprob"] == pytest.approx(direct["teacher_logprob"], abs=1e-4)
+    run_eval(EvalOptions(models=[f"t={tiny_model}", f"s={tiny_model}", f"new={trained_student}"], **options))
+    assert "with the teacher" not in capsys.readouterr().err  # nothing new: the teacher is not even loaded
+
+
 def test_the_docs_show_the_judge_prompts_exactly_as_sent():
     from opdistill.evaluate.judge import PAIR_PROMPT, SCORE_PROMPT, SYSTEM
 

@@ -279,11 +279,23 @@ def judge_requests(judge: Judge, cache: JudgeCache, requests: list[list[dict[str
     return verdicts
 
 
-def reference_scores(judge: Judge, cache: JudgeCache, questions: list[str], references: list[str], answers: list[str],
-                     **options: Any) -> dict[str, Any]:
-    """Judge ratio of one model against one reference, with its counts."""
-    verdicts = judge_requests(judge, cache, [score_messages(q, r, a) for q, r, a in zip(questions, references, answers)],
-                              parse_scores, kind="score", **options)
+def judge_groups(judge: Judge, cache: JudgeCache, groups: list[list[list[dict[str, str]]]], parse: Any,
+                 **options: Any) -> list[list[Verdict | None]]:
+    """judge_requests over many groups of requests in one call (full batches for a local judge); each group's verdicts."""
+    verdicts = judge_requests(judge, cache, [request for group in groups for request in group], parse, **options)
+    split, start = [], 0
+    for group in groups:
+        split.append(verdicts[start:start + len(group)])
+        start += len(group)
+    return split
+
+
+def score_requests(questions: list[str], references: list[str], answers: list[str]) -> list[list[dict[str, str]]]:
+    return [score_messages(q, r, a) for q, r, a in zip(questions, references, answers)]
+
+
+def score_summary(verdicts: list[Verdict | None]) -> dict[str, Any]:
+    """Judge ratio of one model against one reference (from its score_requests' verdicts), with its counts."""
     scored = [v.parsed for v in verdicts if v is not None and v.parsed is not None]
     return {"judge_ratio": score_ratio(scored), "judge_score": sum(a for _, a in scored) / len(scored) if scored else None,
             "judge_reference_score": sum(r for r, _ in scored) / len(scored) if scored else None,
@@ -291,13 +303,15 @@ def reference_scores(judge: Judge, cache: JudgeCache, questions: list[str], refe
             "failed": sum(v is None for v in verdicts)}
 
 
-def pairwise(judge: Judge, cache: JudgeCache, questions: list[str], answers_x: list[str], answers_y: list[str],
-             **options: Any) -> dict[str, Any]:
-    """Win / tie / loss of X against Y with both orders per prompt."""
-    requests = [pair_messages(q, x, y) for q, x, y in zip(questions, answers_x, answers_y)]
-    requests += [pair_messages(q, y, x) for q, x, y in zip(questions, answers_x, answers_y)]
-    verdicts = judge_requests(judge, cache, requests, parse_verdict, kind="pair", **options)
-    n = len(questions)
+def pair_requests(questions: list[str], answers_x: list[str], answers_y: list[str]) -> list[list[dict[str, str]]]:
+    """Every prompt with X first, then every prompt with Y first."""
+    return ([pair_messages(q, x, y) for q, x, y in zip(questions, answers_x, answers_y)]
+            + [pair_messages(q, y, x) for q, x, y in zip(questions, answers_x, answers_y)])
+
+
+def pairwise_summary(verdicts: list[Verdict | None]) -> dict[str, Any]:
+    """Win / tie / loss of X against Y from its pair_requests' verdicts (both orders per prompt)."""
+    n = len(verdicts) // 2
     outcomes, unparsed, failed, consistent = [], 0, 0, 0
     for x_first, y_first in zip(verdicts[:n], verdicts[n:]):
         if x_first is None or y_first is None:
@@ -309,3 +323,10 @@ def pairwise(judge: Judge, cache: JudgeCache, questions: list[str], answers_x: l
             consistent += order_outcome(x_first.parsed, True) == order_outcome(y_first.parsed, False)
     return {**win_rate(outcomes), "unparsed": unparsed, "failed": failed,
             "order_consistency": consistent / len(outcomes) if outcomes else None}
+
+
+def reference_scores(judge: Judge, cache: JudgeCache, questions: list[str], references: list[str], answers: list[str],
+                     **options: Any) -> dict[str, Any]:
+    """Judge ratio of one model against one reference, with its counts."""
+    return score_summary(judge_requests(judge, cache, score_requests(questions, references, answers), parse_scores,
+                                        kind="score", **options))

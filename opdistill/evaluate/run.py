@@ -135,21 +135,57 @@ def model_metrics(rows: list[dict[str, Any]], checks: dict[str, Callable[[str], 
     return values
 
 
-def teacher_logprobs(opts: EvalOptions, teacher: ModelSpec, sets: list[EvalSet], generated: dict[str, dict[str, Any]],
-                     models: list[ModelSpec]) -> dict[tuple[str, str], dict[str, float]]:
-    from ..models import compute_dtype, default_device, load_model, load_tokenizer
-    from .scoring import teacher_logprob
+def logprob_key(teacher: ModelSpec, fingerprint: list[Any], messages: list[dict[str, str]], response: str, finished: bool) -> str:
+    canonical = json.dumps({"teacher": teacher.path, "system": teacher.system, "weights": fingerprint, "messages": messages, "response": response,
+                            "finished": finished}, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
-    say(f"scoring every response with the teacher {teacher.label!r} ({teacher.path})")
+
+def teacher_logprobs(opts: EvalOptions, teacher: ModelSpec, sets: list[EvalSet], generated: dict[str, dict[str, Any]],
+                     models: list[ModelSpec], out: Path) -> dict[tuple[str, str], dict[str, float | int | None]]:
+    """The teacher's mean log-prob of each model's responses per set. Each response's score is kept in
+    teacher_logprobs.jsonl by teacher weights, conversation and text, so adding a model scores only its responses
+    (and the teacher is not even loaded when nothing is new)."""
+    from .scoring import mean_logprob
+
+    fingerprint = model_fingerprint(teacher.path)
+    keyed: dict[tuple[str, str], list[str]] = {}
+    todo: dict[str, tuple[list[dict[str, str]], str, bool]] = {}
+    store = JsonlLog(out / "teacher_logprobs.jsonl")
+    try:
+        cached = {row["key"]: (row["logprob_sum"], row["tokens"]) for row in store.rows}
+        for eval_set in sets:
+            conversations = [r.with_system(teacher.system) for r in eval_set.records]
+            for spec in models:
+                rows = responses(generated, spec.label, eval_set)
+                keys = [logprob_key(teacher, fingerprint, c, r["response"], bool(r["finished"])) for c, r in zip(conversations, rows)]
+                keyed[(eval_set.name, spec.label)] = keys
+                todo.update({k: (c, r["response"], bool(r["finished"])) for k, c, r in zip(keys, conversations, rows) if k not in cached})
+        if todo:
+            cached.update(score_with_teacher(opts, teacher, todo, store))
+    finally:
+        store.close()
+    return {where: mean_logprob([cached[k] for k in keys]) for where, keys in keyed.items()}
+
+
+def score_with_teacher(opts: EvalOptions, teacher: ModelSpec, todo: dict[str, tuple[list[dict[str, str]], str, bool]],
+                       store: JsonlLog) -> dict[str, tuple[float, int]]:
+    """Loads the teacher and scores `todo` (key -> conversation, response, finished), committing each batch."""
+    from ..models import compute_dtype, default_device, load_model, load_tokenizer
+    from .scoring import response_logprobs
+
+    say(f"scoring {len(todo)} response(s) with the teacher {teacher.label!r} ({teacher.path})")
     tokenizer = load_tokenizer(teacher.path)
     model = load_model(teacher.path, dtype=compute_dtype(opts.precision)).to(default_device())
-    scores = {}
-    for eval_set in sets:
-        conversations = [r.with_system(teacher.system) for r in eval_set.records]
-        for spec in models:
-            rows = responses(generated, spec.label, eval_set)
-            scores[(eval_set.name, spec.label)] = teacher_logprob(model, tokenizer, conversations, [r["response"] for r in rows],
-                                                                  [bool(r["finished"]) for r in rows], batch_size=opts.batch_size)
+    keys, scores = list(todo), {}
+    for start in tqdm(range(0, len(keys), opts.batch_size), desc="teacher log-prob", unit="batch", disable=not opts.progress,
+                      dynamic_ncols=True, file=sys.stderr):
+        chunk = keys[start:start + opts.batch_size]
+        conversations, texts, finished = [todo[k][0] for k in chunk], [todo[k][1] for k in chunk], [todo[k][2] for k in chunk]
+        sums = response_logprobs(model, tokenizer, conversations, texts, finished, batch_size=opts.batch_size)
+        for key, (total, tokens) in zip(chunk, sums):
+            store.append({"key": key, "logprob_sum": total, "tokens": tokens})
+            scores[key] = (total, tokens)
     return scores
 
 
@@ -165,10 +201,11 @@ def load_embedder() -> Any:
 
 
 def score(opts: EvalOptions, models: list[ModelSpec], sets: list[EvalSet], generated: dict[str, dict[str, Any]],
-          checks: dict[str, Callable[[str], bool]], teacher: ModelSpec | None) -> dict[str, dict[str, Any]]:
+          checks: dict[str, Callable[[str], bool]], teacher: ModelSpec | None, out: Path) -> dict[str, dict[str, Any]]:
     """Stage 2: per set and model, every metric that needs no judge (length, diversity, task checks, the teacher's
-    log-probability, overlap with each reference). Recomputed on every run: cheap next to generation."""
-    logprobs = teacher_logprobs(opts, teacher, sets, generated, models) if teacher else {}
+    log-probability, overlap with each reference). Recomputed on every run (the teacher's per-response scores are
+    cached): cheap next to generation."""
+    logprobs = teacher_logprobs(opts, teacher, sets, generated, models, out) if teacher else {}
     embedder = load_embedder() if opts.embeddings else None
     results: dict[str, dict[str, Any]] = {}
     for eval_set in sets:
@@ -227,33 +264,41 @@ def judge_all(opts: EvalOptions, models: list[ModelSpec], sets: list[EvalSet], g
     """Stage 3: each model's judge ratio against the judged reference, and the --pairwise comparisons, added to
     `results`. Every reply is cached in judge.jsonl, so a rerun asks only what is missing. Returns the judge
     (None when none is configured: then there is nothing to do)."""
-    from .judge import JudgeCache, pairwise, reference_scores
+    from .judge import JudgeCache, judge_groups, pair_requests, pairwise_summary, parse_scores, parse_verdict, score_requests, score_summary
 
     judge = make_judge(opts)
     if judge is None:
         return None
+    # Every request of every set, model and pair first, then one judge call per kind: a local judge then fills
+    # its batches with prompts of similar length instead of a few per model.
+    score_jobs: list[tuple[dict[str, Any], str, list[Any]]] = []  # (the model's result, its reference, requests)
+    pair_jobs: list[tuple[list[Any], str, str, list[Any]]] = []  # (the set's pairwise list, X, Y, requests)
+    for eval_set in sets:
+        references = set_references(eval_set, generated, teacher)
+        reference = judged_reference(opts, eval_set, references, teacher)
+        questions = [r.messages[-1]["content"] for r in eval_set.records]
+        set_result = results[eval_set.name]
+        for spec in models:
+            if reference is None or spec.label == reference:
+                continue
+            texts = [r["response"] for r in responses(generated, spec.label, eval_set)]
+            kept = [i for i, r in enumerate(references[reference]) if r]  # prompts that have this reference
+            score_jobs.append((set_result["models"][spec.label], reference, score_requests(
+                [questions[i] for i in kept], [references[reference][i] for i in kept], [texts[i] for i in kept])))
+        for pair in opts.pairwise:
+            x, _, y = pair.partition(":")
+            answers = {label: [r["response"] for r in responses(generated, label, eval_set)] for label in (x, y)}
+            pair_jobs.append((set_result["pairwise"], x, y, pair_requests(questions, answers[x], answers[y])))
+    say(f"judging {len(score_jobs)} model-set scores and {len(pair_jobs)} pairwise comparisons ({judge.name})")
     cache = JudgeCache(out / "judge.jsonl")
-    judge_options = {"retries": opts.judge_retries, "progress": opts.progress}
+    options = {"retries": opts.judge_retries, "progress": opts.progress}
     try:
-        for eval_set in sets:
-            references = set_references(eval_set, generated, teacher)
-            reference = judged_reference(opts, eval_set, references, teacher)
-            questions = [r.messages[-1]["content"] for r in eval_set.records]
-            set_result = results[eval_set.name]
-            for spec in models:
-                if reference is None or spec.label == reference:
-                    continue
-                say(f"judging {spec.label} against {reference} on {eval_set.name} ({judge.name})")
-                texts = [r["response"] for r in responses(generated, spec.label, eval_set)]
-                kept = [i for i, r in enumerate(references[reference]) if r]  # prompts that have this reference
-                set_result["models"][spec.label]["judge"] = {"reference": reference, **reference_scores(
-                    judge, cache, [questions[i] for i in kept], [references[reference][i] for i in kept],
-                    [texts[i] for i in kept], **judge_options)}
-            for pair in opts.pairwise:
-                x, _, y = pair.partition(":")
-                say(f"pairwise {x} vs {y} on {eval_set.name}, both orders ({judge.name})")
-                answers = {label: [r["response"] for r in responses(generated, label, eval_set)] for label in (x, y)}
-                set_result["pairwise"].append({"x": x, "y": y, **pairwise(judge, cache, questions, answers[x], answers[y], **judge_options)})
+        scored = judge_groups(judge, cache, [job[-1] for job in score_jobs], parse_scores, kind="score", **options)
+        for (model, reference, _), verdicts in zip(score_jobs, scored):
+            model["judge"] = {"reference": reference, **score_summary(verdicts)}
+        compared = judge_groups(judge, cache, [job[-1] for job in pair_jobs], parse_verdict, kind="pair", **options)
+        for (found, x, y, _), verdicts in zip(pair_jobs, compared):
+            found.append({"x": x, "y": y, **pairwise_summary(verdicts)})
     finally:
         cache.close()
     return judge
@@ -306,7 +351,7 @@ def run_eval(opts: EvalOptions) -> dict[str, Any]:
         f"temperature {opts.temperature}, top-p {opts.top_p}, {opts.max_new_tokens} new tokens")
     generated = generate(opts, models, sets, out)
     teacher = next((m for m in models if m.label == opts.teacher), None)
-    results = score(opts, models, sets, generated, checks, teacher)
+    results = score(opts, models, sets, generated, checks, teacher, out)
     judge = judge_all(opts, models, sets, generated, teacher, results, out)
     return write_metrics(opts, models, checks, judge, results, out, started)
 

