@@ -119,7 +119,7 @@ SIZES = {
     "smoke": Size(train_prompts=16, train_tokens=48, blackbox_batch=2, seqkd_steps=2, gad_warmup=2, gad_d_only=1, gad_samples=2,
                   whitebox_batch=2, whitebox_steps=2, eval_prompts=2, checkpoint_every=1),
     "full": Size(train_prompts=128, train_tokens=128, blackbox_batch=4, seqkd_steps=20, gad_warmup=10, gad_d_only=2, gad_samples=4,
-                 whitebox_batch=8, whitebox_steps=10, eval_prompts=10, checkpoint_every=5),
+                 whitebox_batch=8, whitebox_steps=10, eval_prompts=20, checkpoint_every=5),
 }
 
 
@@ -455,8 +455,10 @@ def main() -> None:
     stages = Stages(args.out)
     say(f"size {args.size}: {asdict(size)}; GAD adversarial steps {size.gad_adversarial}, evaluation at {size.eval_tokens} tokens")
 
-    stages.run("collect", {"size": asdict(size), "teacher": TEACHER, "system": args.teacher_system, "precision": args.precision},
-               [], collect_stage(size, args))
+    # Only what collection reads is in its key: a change to the evaluation's size must not redo every stage after it.
+    collect_key = {"train_prompts": size.train_prompts, "train_tokens": size.train_tokens, "teacher": TEACHER,
+                   "system": args.teacher_system, "precision": args.precision}
+    stages.run("collect", collect_key, [], collect_stage(size, args))
     configs = training_configs(size, args, args.out / "collect" / "train.jsonl", args.out)
     add_gad_variants(args.gad_variant, size, configs)
     selected = list(FAMILIES) if args.only == "all" else [args.only]
