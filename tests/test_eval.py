@@ -188,6 +188,27 @@ def test_unparseable_judge_replies_are_retried_then_counted_never_dropped(judge_
     assert all(row["parsed"] is None and row["text"] for row in cache.rows.values())
 
 
+def test_each_judge_reply_is_stored_the_moment_it_arrives(judge_server, tmp_path):
+    """One call for many requests must not hold every reply until the last one: a crash would lose them all."""
+    import threading
+
+    from opdistill.evaluate.judge import ApiJudge, judge_requests
+
+    url, _ = judge_server(latency=0.3)
+    questions = [f"question {i}" for i in range(6)]
+    requests = [score_messages(q, "a reference", "an answer") for q in questions]
+    cache = JudgeCache(tmp_path / "judge.jsonl")
+    worker = threading.Thread(target=judge_requests, args=(ApiJudge(url, "stub", None, concurrency=1), cache, requests, parse_scores),
+                              kwargs={"progress": False})
+    worker.start()
+    stored_while_asking = 0
+    while worker.is_alive():  # read the file while requests are still in flight
+        stored_while_asking = max(stored_while_asking, len((tmp_path / "judge.jsonl").read_text().splitlines()))
+        worker.join(0.05)
+    assert 1 <= stored_while_asking < 6  # replies reached the file one by one, before the call returned
+    assert len((tmp_path / "judge.jsonl").read_text().splitlines()) == 6
+
+
 def test_a_position_biased_judge_yields_ties(judge_server, tiny_model, trained_student, tmp_path):
     url, _ = judge_server(judge_mode="first")
     metrics = run_eval(EvalOptions(models=[f"base={tiny_model}", f"trained={trained_student}"], prompts=[f"{QUESTIONS}[:5]"],

@@ -132,9 +132,9 @@ class Judge(Protocol):
     name: str
 
     def reply_all(self, requests: list[list[dict[str, str]]], temperature: float,
-                  on_reply: Callable[[int], None] = lambda done: None) -> list[str | None]:
+                  on_reply: Callable[[int, str | None], None] = lambda index, reply: None) -> list[str | None]:
         """One reply per request; None where the request failed (it is not cached and a rerun asks again).
-        `on_reply(k)` is called as k more replies arrive (progress)."""
+        `on_reply(i, reply)` is called as request i's reply arrives, so the caller can store it at once."""
         ...
 
 
@@ -154,29 +154,29 @@ class ApiJudge:
         self.retries = 0
 
     def reply_all(self, requests: list[list[dict[str, str]]], temperature: float,
-                  on_reply: Callable[[int], None] = lambda done: None) -> list[str | None]:
+                  on_reply: Callable[[int, str | None], None] = lambda index, reply: None) -> list[str | None]:
         return asyncio.run(self._reply_all(requests, temperature, on_reply))
 
     async def _reply_all(self, requests: list[list[dict[str, str]]], temperature: float,
-                         on_reply: Callable[[int], None]) -> list[str | None]:
+                         on_reply: Callable[[int, str | None], None]) -> list[str | None]:
         from ..teachers.api import ChatCompletionsTeacher, RequestFailed
 
         client = ChatCompletionsTeacher(self.url, self.model, self.api_key, self.policy)
         gate = asyncio.Semaphore(self.concurrency)
         sampling = {"temperature": temperature, "max_tokens": self.max_tokens}
 
-        async def one(messages: list[dict[str, str]]) -> str | None:
+        async def one(index: int, messages: list[dict[str, str]]) -> str | None:
             async with gate:
+                reply: str | None = None
                 try:
-                    return (await client.complete(messages, sampling)).text
+                    reply = (await client.complete(messages, sampling)).text
                 except RequestFailed as failure:
                     self.failures.append(failure.reason)
-                    return None
-                finally:
-                    on_reply(1)
+                on_reply(index, reply)
+                return reply
 
         try:
-            return list(await asyncio.gather(*(one(m) for m in requests)))
+            return list(await asyncio.gather(*(one(i, m) for i, m in enumerate(requests))))
         finally:
             self.requests += client.stats.requests
             self.retries += client.stats.retries
@@ -197,7 +197,7 @@ class LocalJudge:
         self.retries = 0
 
     def reply_all(self, requests: list[list[dict[str, str]]], temperature: float,
-                  on_reply: Callable[[int], None] = lambda done: None) -> list[str | None]:
+                  on_reply: Callable[[int, str | None], None] = lambda index, reply: None) -> list[str | None]:
         import torch
 
         from ..data import Record
@@ -209,7 +209,7 @@ class LocalJudge:
         for batch in self.teacher.generate(records, SamplingParams(temperature, 1.0, self.max_tokens), 1):
             for sample in batch:
                 replies[sample.prompt_index] = sample.text
-            on_reply(len(batch))
+                on_reply(sample.prompt_index, sample.text)
         self.requests += len(records)
         return replies
 
@@ -254,23 +254,28 @@ def judge_requests(judge: Judge, cache: JudgeCache, requests: list[list[dict[str
     attempt = 0
     while pending:
         attempt += 1
-        with tqdm(total=len(pending), desc=f"judge {kind}" + (f" (re-ask {attempt - 1})" if attempt > 1 else ""), unit="req",
-                  disable=not progress, dynamic_ncols=True, file=sys.stderr) as bar:
-            replies = judge.reply_all([requests[i] for i in pending], temperature if attempt == 1 else retry_temperature, bar.update)
-        still = []
-        for i, reply in zip(pending, replies):
+        still: list[int] = []
+
+        def settle(asked_index: int, reply: str | None) -> None:
+            """Stores a reply the moment it arrives: a crash loses only the requests still in flight."""
+            bar.update(1)
+            i = pending[asked_index]
             if reply is None:
-                continue  # the API gave up on it: not cached, a rerun asks again
+                return  # the API gave up on it: not cached, a rerun asks again
             parsed = parse(reply)
             if parsed is None and attempt <= retries:
                 still.append(i)
-                continue
-            row = {"key": keys[i], "kind": kind, "judge": judge.name, "text": reply,
-                   "parsed": list(parsed) if isinstance(parsed, tuple) else parsed, "attempts": attempt}
+                return
             if keys[i] not in cache.rows:
+                row = {"key": keys[i], "kind": kind, "judge": judge.name, "text": reply,
+                       "parsed": list(parsed) if isinstance(parsed, tuple) else parsed, "attempts": attempt}
                 cache.log.append(row)
                 cache.rows[keys[i]] = row
-        pending = still
+
+        with tqdm(total=len(pending), desc=f"judge {kind}" + (f" (re-ask {attempt - 1})" if attempt > 1 else ""), unit="req",
+                  disable=not progress, dynamic_ncols=True, file=sys.stderr) as bar:
+            judge.reply_all([requests[i] for i in pending], temperature if attempt == 1 else retry_temperature, settle)
+        pending = sorted(still)
     verdicts: list[Verdict | None] = []
     for key in keys:
         row = cache.rows.get(key)

@@ -177,7 +177,7 @@ def score_with_teacher(opts: EvalOptions, teacher: ModelSpec, todo: dict[str, tu
     say(f"scoring {len(todo)} response(s) with the teacher {teacher.label!r} ({teacher.path})")
     tokenizer = load_tokenizer(teacher.path)
     model = load_model(teacher.path, dtype=compute_dtype(opts.precision)).to(default_device())
-    keys, scores = list(todo), {}
+    keys, scores = sorted(todo, key=lambda k: len(todo[k][1])), {}  # similar lengths per batch: little padding
     for start in tqdm(range(0, len(keys), opts.batch_size), desc="teacher log-prob", unit="batch", disable=not opts.progress,
                       dynamic_ncols=True, file=sys.stderr):
         chunk = keys[start:start + opts.batch_size]
