@@ -15,12 +15,12 @@ from opdistill.config import load_config
 from opdistill.data import Example, collate, render_prompt
 from opdistill.errors import DataError, OpdistillError
 from opdistill.evaluate.judge import (
-    JudgeCache, parse_scores, parse_verdict, prompt_outcome, reference_scores, score_messages, score_ratio, win_rate,
+    JudgeCache, parse_scores, parse_verdict, prompt_outcome, score_messages, score_ratio, win_rate,
 )
 from opdistill.evaluate.metrics import ngram_f1
 from opdistill.evaluate.prompts import join_answer_file, load_eval_set
 from opdistill.evaluate.run import EvalOptions, metrics_lines, run_eval
-from opdistill.evaluate.scoring import SentenceEmbedder, embedding_model_path, teacher_logprob
+from opdistill.evaluate.scoring import SentenceEmbedder, embedding_model_path, mean_logprob, response_logprobs
 from opdistill.methods import train
 from opdistill.models import load_model, load_tokenizer
 from opdistill.report import write_report
@@ -135,7 +135,7 @@ def test_teacher_logprob_equals_a_direct_forward_pass(tiny_model):
     model, tokenizer = load_model(str(tiny_model)), load_tokenizer(str(tiny_model))
     conversations = [[{"role": "user", "content": "Name a color."}], [{"role": "user", "content": "Say hi."}]]
     texts, finished = ["blue is a color", "hi there"], [True, False]
-    got = teacher_logprob(model, tokenizer, conversations, texts, finished, batch_size=1)
+    got = mean_logprob(response_logprobs(model, tokenizer, conversations, texts, finished, batch_size=1))
     total, count = 0.0, 0
     for messages, text, done in zip(conversations, texts, finished):
         prompt = render_prompt(tokenizer, messages)
@@ -146,7 +146,7 @@ def test_teacher_logprob_equals_a_direct_forward_pass(tiny_model):
         count += len(response)
     assert got["teacher_scored_tokens"] == count
     assert got["teacher_logprob"] == pytest.approx(total / count, abs=1e-4)
-    batch = collate([Example([1], [2])], 0)  # keeps the import honest: collate is what teacher_logprob batches with
+    batch = collate([Example([1], [2])], 0)  # keeps the import honest: collate is what response_logprobs batches with
     assert batch["loss_mask"].tolist() == [[0, 1]]
 
 
@@ -164,13 +164,21 @@ def test_embedding_similarity_ranks_a_paraphrase_above_an_unrelated_sentence():
 # ---------------------------------------------------------------- the judge over HTTP
 
 
+def judged_scores(judge, cache, questions, references, answers, **options):
+    """One model's judge ratio the way `opdistill eval` asks for it."""
+    from opdistill.evaluate.judge import judge_groups, score_requests, score_summary
+
+    verdicts = judge_groups(judge, cache, [score_requests(questions, references, answers)], parse_scores, kind="score", **options)
+    return score_summary(verdicts[0])
+
+
 def test_unparseable_judge_replies_are_retried_then_counted_never_dropped(judge_server, tmp_path):
     questions, references, answers = ["q1", "q2", "q3"], ["a b c", "d e f g h i", "j"], ["x y", "z", "w v u t s r"]
     url, state = judge_server(judge_mode="flaky")  # unparseable greedy, parseable when re-asked with sampling
     from opdistill.evaluate.judge import ApiJudge
 
     cache = JudgeCache(tmp_path / "judge.jsonl")
-    result = reference_scores(ApiJudge(url, "stub", None), cache, questions, references, answers, retries=2)
+    result = judged_scores(ApiJudge(url, "stub", None), cache, questions, references, answers, retries=2)
     assert (result["judged"], result["unparsed"], result["failed"]) == (3, 0, 0)
     assert state.requests == 6 and {row["attempts"] for row in cache.rows.values()} == {2}
     expected = sum(length_score(a) for a in answers) / sum(length_score(r) for r in references)
@@ -178,12 +186,12 @@ def test_unparseable_judge_replies_are_retried_then_counted_never_dropped(judge_
 
     url, state = judge_server(judge_mode="garbage")
     cache = JudgeCache(tmp_path / "garbage.jsonl")
-    result = reference_scores(ApiJudge(url, "stub", None), cache, questions, references, answers, retries=2)
+    result = judged_scores(ApiJudge(url, "stub", None), cache, questions, references, answers, retries=2)
     assert (result["judged"], result["unparsed"], result["judge_ratio"]) == (0, 3, None)
     assert state.requests == 9  # first ask + 2 retries each
     cache.close()
     cache = JudgeCache(tmp_path / "garbage.jsonl")  # a rerun pays nothing: the unparseable replies are stored
-    again = reference_scores(ApiJudge(url, "stub", None), cache, questions, references, answers, retries=2)
+    again = judged_scores(ApiJudge(url, "stub", None), cache, questions, references, answers, retries=2)
     assert again["unparsed"] == 3 and state.requests == 9
     assert all(row["parsed"] is None and row["text"] for row in cache.rows.values())
 
@@ -330,8 +338,9 @@ def test_teacher_logprobs_are_cached_per_response_so_a_new_row_scores_only_its_o
     finished = {(row["model"], row["index"]): row["finished"] for row in map(json.loads, (tmp_path / "generations.jsonl").read_text().splitlines())}
     records = load_eval_set("builtin:heldout[:3]").records
     model, tokenizer = load_model(str(tiny_model)), load_tokenizer(str(tiny_model))
-    direct = teacher_logprob(model, tokenizer, [r.with_system("Be brief.") for r in records], [generations[("new", i)] for i in range(3)],
-                             [finished[("new", i)] for i in range(3)], batch_size=2)
+    direct = mean_logprob(response_logprobs(model, tokenizer, [r.with_system("Be brief.") for r in records],
+                                            [generations[("new", i)] for i in range(3)], [finished[("new", i)] for i in range(3)],
+                                            batch_size=2))
     assert again["sets"]["heldout"]["models"]["new"]["teacher_logprob"] == pytest.approx(direct["teacher_logprob"], abs=1e-4)
     run_eval(EvalOptions(models=[f"t={tiny_model}", f"s={tiny_model}", f"new={trained_student}"], **options))
     assert "with the teacher" not in capsys.readouterr().err  # nothing new: the teacher is not even loaded

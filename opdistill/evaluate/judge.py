@@ -18,8 +18,6 @@ rerun asks again.
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import json
 import math
 import re
 import sys
@@ -29,7 +27,7 @@ from typing import Any, Callable, Protocol
 
 from tqdm import tqdm
 
-from ..teachers.store import JsonlLog
+from ..teachers.store import JsonlLog, content_key
 
 SYSTEM = "You are a careful, impartial judge of answers to user questions."
 
@@ -218,8 +216,7 @@ class LocalJudge:
 
 
 def request_key(judge: str, messages: list[dict[str, str]]) -> str:
-    canonical = json.dumps({"judge": judge, "messages": messages}, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
-    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+    return content_key({"judge": judge, "messages": messages})
 
 
 @dataclass
@@ -328,10 +325,3 @@ def pairwise_summary(verdicts: list[Verdict | None]) -> dict[str, Any]:
             consistent += order_outcome(x_first.parsed, True) == order_outcome(y_first.parsed, False)
     return {**win_rate(outcomes), "unparsed": unparsed, "failed": failed,
             "order_consistency": consistent / len(outcomes) if outcomes else None}
-
-
-def reference_scores(judge: Judge, cache: JudgeCache, questions: list[str], references: list[str], answers: list[str],
-                     **options: Any) -> dict[str, Any]:
-    """Judge ratio of one model against one reference, with its counts."""
-    return score_summary(judge_requests(judge, cache, score_requests(questions, references, answers), parse_scores,
-                                        kind="score", **options))

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from ..errors import OpdistillError
 from ..sampling import SamplingParams
-from ..teachers.store import JsonlLog
+from ..teachers.store import JsonlLog, content_key
 from .metrics import overlap_metrics, text_metrics
 from .options import EvalOptions, ModelSpec, load_sets, parse_models, resolve_check, validate
 from .prompts import EvalSet
@@ -50,10 +50,8 @@ def model_fingerprint(path: str) -> list[Any]:
 
 def generation_key(set_name: str, index: int, messages: list[dict[str, str]], model: ModelSpec, fingerprint: list[Any],
                    sampling: dict[str, Any], seed: int) -> str:
-    canonical = json.dumps({"set": set_name, "index": index, "messages": messages, "model": asdict(model), "weights": fingerprint,
-                            "sampling": sampling, "seed": seed},
-                           sort_keys=True, ensure_ascii=False, separators=(",", ":"))
-    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+    return content_key({"set": set_name, "index": index, "messages": messages, "model": asdict(model), "weights": fingerprint,
+                        "sampling": sampling, "seed": seed})
 
 
 def prompt_seed(seed: int, set_name: str, index: int) -> int:
@@ -136,9 +134,8 @@ def model_metrics(rows: list[dict[str, Any]], checks: dict[str, Callable[[str], 
 
 
 def logprob_key(teacher: ModelSpec, fingerprint: list[Any], messages: list[dict[str, str]], response: str, finished: bool) -> str:
-    canonical = json.dumps({"teacher": teacher.path, "system": teacher.system, "weights": fingerprint, "messages": messages, "response": response,
-                            "finished": finished}, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
-    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+    return content_key({"teacher": teacher.path, "system": teacher.system, "weights": fingerprint, "messages": messages,
+                        "response": response, "finished": finished})
 
 
 def teacher_logprobs(opts: EvalOptions, teacher: ModelSpec, sets: list[EvalSet], generated: dict[str, dict[str, Any]],

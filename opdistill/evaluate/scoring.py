@@ -52,11 +52,6 @@ def mean_logprob(sums: list[tuple[float, int]]) -> dict[str, float | int | None]
     return {"teacher_logprob": sum(total for total, _ in sums) / tokens if tokens else None, "teacher_scored_tokens": tokens}
 
 
-def teacher_logprob(model: Any, tokenizer: Any, conversations: list[list[dict[str, str]]], responses: list[str],
-                    finished: list[bool], *, batch_size: int = 8) -> dict[str, float | int | None]:
-    """Token-weighted mean teacher log-prob of `responses` after `conversations` (the teacher's view)."""
-    return mean_logprob(response_logprobs(model, tokenizer, conversations, responses, finished, batch_size=batch_size))
-
 
 def embedding_model_path() -> Path | None:
     """The bundled all-MiniLM-L6-v2 directory when its package is installed (located without importing it)."""

@@ -17,13 +17,16 @@ from typing import Any
 from ..errors import DataError
 
 
+def content_key(fields: dict[str, Any]) -> str:
+    """Stable hash of what determines a stored result (canonical JSON: sorted keys, no whitespace): the key of
+    every durable cache here (teacher responses, eval generations, judge replies, teacher log-probs)."""
+    canonical = json.dumps(fields, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
 def record_key(messages: list[dict[str, str]], teacher: str, sampling: dict[str, Any], sample_index: int) -> str:
     """Stable hash of what determines one response."""
-    canonical = json.dumps(
-        {"messages": messages, "teacher": teacher, "sampling": sampling, "sample_index": sample_index},
-        sort_keys=True, ensure_ascii=False, separators=(",", ":"),
-    )
-    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+    return content_key({"messages": messages, "teacher": teacher, "sampling": sampling, "sample_index": sample_index})
 
 
 class JsonlLog:
