@@ -1,7 +1,7 @@
 """Quality benchmark: real distillation from a stronger model, GAD against SeqKD and OPD against SeqKD, measured.
 
     python benchmarks/quality.py --out runs/quality [--size smoke|full] [--only blackbox|whitebox|all]
-                                 [--whitebox-tuning lora|full] [--teacher-system TEXT] [--threads N]
+                                 [--eval-prompts N] [--whitebox-tuning lora|full] [--teacher-system TEXT] [--threads N]
 
 Needs `./setup.sh --models` (the two Qwen2.5-Coder built-ins) and ../shared/data beside the checkout.
 
@@ -57,8 +57,10 @@ redo it and, through the timestamps, everything after it):
 Every attempt's wall time goes to --out/timings.jsonl; results.json sums them per stage.
 
 **Sizes.** smoke: a handful of prompts and 1-2 steps per stage, to check the plumbing in minutes; its numbers mean
-nothing. full: sized for <= 90 minutes on the project's 2-core CPU (native bf16) with the machine to itself; docs/quality.md
-has the arithmetic (measured speeds per stage) and the measured results.
+nothing. full: sized for <= 90 minutes on a 2-core CPU with native bf16 (AVX512-BF16/AMX) and the machine to itself;
+on an AVX2-only CPU `auto` precision is fp32 and the same work takes about 3.3x as long, which the script says before it
+starts. Every result records the machine it ran on. docs/quality.md has the arithmetic (measured speeds per stage,
+both kinds of CPU) and the measured results.
 
 **Tuning GAD.** `--gad-variant NAME:key=value,...` (repeatable) adds a row smollm2-gad-NAME trained with those settings over
 the default GAD's, from the same teacher text and with the same number of generator updates; finished rows are not redone.
@@ -69,10 +71,11 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -119,7 +122,7 @@ SIZES = {
     "smoke": Size(train_prompts=16, train_tokens=48, blackbox_batch=2, seqkd_steps=2, gad_warmup=2, gad_d_only=1, gad_samples=2,
                   whitebox_batch=2, whitebox_steps=2, eval_prompts=2, checkpoint_every=1),
     "full": Size(train_prompts=128, train_tokens=128, blackbox_batch=4, seqkd_steps=20, gad_warmup=10, gad_d_only=2, gad_samples=4,
-                 whitebox_batch=8, whitebox_steps=10, eval_prompts=20, checkpoint_every=5),
+                 whitebox_batch=8, whitebox_steps=10, eval_prompts=16, checkpoint_every=5),
 }
 
 
@@ -136,6 +139,44 @@ def write_json_lines(path: Path, rows: list[dict[str, Any]]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
     tmp.replace(path)
+
+
+# ---------------------------------------------------------------- the machine: what the numbers were measured on
+
+
+def cpu_name() -> str:
+    """The CPU's model name from /proc/cpuinfo (Linux), else what `platform` knows."""
+    import platform
+
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text(encoding="utf-8", errors="replace").splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def machine(precision: str) -> dict[str, Any]:
+    """The machine and the precision `auto` resolved to: speed here depends on native bf16 above all (docs/quality.md,
+    "Machines"), so every result says which kind of CPU it came from."""
+    import torch
+
+    from opdistill.models import bf16_is_fast, resolve_precision
+
+    return {"cpu": cpu_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "native_bf16": bf16_is_fast(), "precision": resolve_precision(precision)}
+
+
+def slow_machine_warning(size_name: str, host: dict[str, Any]) -> str | None:
+    """Said before a full-size run on a CPU without native bf16: the full size is sized for one with it, and the same
+    work ran about 3.3x slower on an AVX2-only CPU (fp32; bf16 is emulated there and slower still)."""
+    if size_name != "full" or host["gpu"] or host["native_bf16"]:
+        return None
+    return (f"this CPU ({host['cpu']}) has no native bf16 (AVX512-BF16 or AMX), so precision {host['precision']} runs here; "
+            "the full size is sized for <= 90 minutes on a 2-core CPU with native bf16, and the same work measured about "
+            "3.3x slower on a 2-core AVX2-only CPU: expect about 4 hours (docs/quality.md, 'Machines'). "
+            "--only blackbox and --only whitebox split it over two runs in the same --out; every stage resumes.")
 
 
 # ---------------------------------------------------------------- stages: skip what is done, time every attempt
@@ -410,6 +451,9 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True, help="run directory; rerun the same command to continue")
     parser.add_argument("--size", choices=sorted(SIZES), default="full")
+    parser.add_argument("--eval-prompts", type=int, default=0, metavar="N",
+                        help="prompts per evaluation set (held-out, MT-Bench) instead of the size's (full: 16; the tables in "
+                             "docs/quality.md used 20); only the evaluation reruns, and it reuses every cached answer and verdict")
     parser.add_argument("--only", choices=["blackbox", "whitebox", "all"], default="all")
     parser.add_argument("--whitebox-tuning", choices=["lora", "full"], default="lora", help="how the 0.5B student trains (docstring)")
     parser.add_argument("--teacher-system", default=DEFAULT_TEACHER_SYSTEM, help="the teacher's privileged system prompt ('' for none)")
@@ -451,9 +495,17 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     size = SIZES[args.size]
+    if args.eval_prompts < 0:
+        raise SystemExit(f"quality: --eval-prompts must be positive, got {args.eval_prompts}")
+    if args.eval_prompts:
+        size = replace(size, eval_prompts=args.eval_prompts)
     args.out.mkdir(parents=True, exist_ok=True)
     stages = Stages(args.out)
     say(f"size {args.size}: {asdict(size)}; GAD adversarial steps {size.gad_adversarial}, evaluation at {size.eval_tokens} tokens")
+    host = machine(args.precision)
+    say(f"machine: {host}")
+    if warning := slow_machine_warning(args.size, host):
+        say(f"warning: {warning}")
 
     # Only what collection reads is in its key: a change to the evaluation's size must not redo every stage after it.
     collect_key = {"train_prompts": size.train_prompts, "train_tokens": size.train_tokens, "teacher": TEACHER,
@@ -475,6 +527,7 @@ def main() -> None:
 
     started = time.monotonic()
     results = report_stage(size, args, stages, families)
+    results["machine"] = host
     seconds = round(time.monotonic() - started, 1)
     results["stage_seconds"]["report"] = seconds
     results["this_invocation_seconds"]["report"] = seconds

@@ -53,6 +53,10 @@ def results_markdown(results: dict[str, Any]) -> str:
              f"evaluation greedy at {s['eval_tokens']} new tokens; judge: {s['teacher']} (local), pairwise against the teacher "
              "in both orders (an order-dependent verdict is a tie) and its score ratio against the teacher's answer. "
              "Overlap columns are against the teacher's answer.", ""]
+    if host := results.get("machine"):
+        lines += [f"Measured on {host['cpu']} ({host['cores']} cores, {host['torch_threads']} torch threads"
+                  + (f", GPU {host['gpu']}" if host["gpu"] else "") + f"), native bf16: {'yes' if host['native_bf16'] else 'no'}, "
+                  f"precision {host['precision']}.", ""]
     for family, sets in results["tables"].items():
         title = {"blackbox": f"Black-box, cross-family: student {s['blackbox_student']}",
                  "whitebox": f"White-box, same family: student {s['whitebox_student']} ({s['whitebox_tuning']})"}[family]
