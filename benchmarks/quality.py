@@ -58,7 +58,7 @@ Every attempt's wall time goes to --out/timings.jsonl; results.json sums them pe
 
 **Sizes.** smoke: a handful of prompts and 1-2 steps per stage, to check the plumbing in minutes; its numbers mean
 nothing. full: sized for <= 90 minutes on a 2-core CPU with native bf16 (AVX512-BF16/AMX) and the machine to itself;
-on an AVX2-only CPU `auto` precision is fp32 and the same work takes about 3.3x as long, which the script says before it
+on an AVX2-only CPU `auto` precision is fp32 and the same work takes 4 to 5 hours, which the script says before it
 starts. Every result records the machine it ran on. docs/quality.md has the arithmetic (measured speeds per stage,
 both kinds of CPU) and the measured results.
 
@@ -169,13 +169,14 @@ def machine(precision: str) -> dict[str, Any]:
 
 
 def slow_machine_warning(size_name: str, host: dict[str, Any]) -> str | None:
-    """Said before a full-size run on a CPU without native bf16: the full size is sized for one with it, and the same
-    work ran about 3.3x slower on an AVX2-only CPU (fp32; bf16 is emulated there and slower still)."""
+    """Said before a full-size run on a CPU without native bf16: the full size is sized for one with it. On a 2-core
+    AVX2-only CPU (fp32; bf16 is emulated there and far slower) the 1.5B teacher generated 4.4x slower and SmolLM2
+    trained about 2x slower (docs/quality.md, "Machines")."""
     if size_name != "full" or host["gpu"] or host["native_bf16"]:
         return None
     return (f"this CPU ({host['cpu']}) has no native bf16 (AVX512-BF16 or AMX), so precision {host['precision']} runs here; "
-            "the full size is sized for <= 90 minutes on a 2-core CPU with native bf16, and the same work measured about "
-            "3.3x slower on a 2-core AVX2-only CPU: expect about 4 hours (docs/quality.md, 'Machines'). "
+            "the full size is sized for <= 90 minutes on a 2-core CPU with native bf16; on a 2-core AVX2-only CPU the 1.5B "
+            "teacher measured 4.4x slower and training about 2x: expect 4 to 5 hours (docs/quality.md, 'Machines'). "
             "--only blackbox and --only whitebox split it over two runs in the same --out; every stage resumes.")
 
 
