@@ -42,7 +42,7 @@ SCORE_PROMPT = """Rate two answers to the question below for helpfulness, releva
 [Answer 2]
 {answer}
 
-Reply with one line "Scores: S1 S2" (the scores of Answer 1 and Answer 2), then at most two sentences of explanation."""
+Reply with one line that starts with "Scores:" followed by two integers from 1 to 10, the score of Answer 1 and then the score of Answer 2, then at most two sentences of explanation."""
 
 PAIR_PROMPT = """Compare two assistants' answers to the user question below and decide which is better: more helpful, relevant, accurate and detailed. The order of the answers and their length must not influence you.
 
@@ -75,7 +75,7 @@ def pair_messages(question: str, first: str, second: str) -> list[dict[str, str]
 
 
 def parse_scores(text: str) -> tuple[float, float] | None:
-    """(reference score, answer score) from 'Scores: S1 S2'; None unless both are in [1, 10]."""
+    """(reference score, answer score) from 'Scores: 7 9'; None unless both are in [1, 10]."""
     match = SCORES.search(text)
     if not match:
         return None
