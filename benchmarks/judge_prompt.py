@@ -22,7 +22,6 @@ DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "selfinstruct_u
 CURRENT_TAIL = J.SCORE_PROMPT.rsplit("\n", 1)[1]
 # The wording before 2026-12-01: small judges copied its placeholder line literally.
 PLACEHOLDER_TAIL = 'Reply with one line "Scores: S1 S2" (the scores of Answer 1 and Answer 2), then at most two sentences of explanation.'
-WORDINGS = {"current": J.SCORE_PROMPT, "placeholder (before)": J.SCORE_PROMPT.replace(CURRENT_TAIL, PLACEHOLDER_TAIL)}
 BAD_ANSWER = "I don't know."
 
 
@@ -45,9 +44,10 @@ def main() -> None:
     judge = J.LocalJudge(args.judge, max_tokens=16)
     items = cases(args.requests)
     print("| wording | unparsed | mean score, human answer | mean score, \"I don't know.\" | seconds |\n|---|---:|---:|---:|---:|")
-    for name, template in WORDINGS.items():
-        requests = [[{"role": "system", "content": J.SYSTEM},
-                     {"role": "user", "content": template.format(question=q, reference=ref, answer=a)}] for q, ref, a in items]
+    # The library's own requests (what `opdistill eval` sends); the old wording differs only in its last line.
+    current = J.score_requests(*map(list, zip(*items)))
+    for name, tail in (("current", CURRENT_TAIL), ("placeholder (before)", PLACEHOLDER_TAIL)):
+        requests = [[{**m, "content": m["content"].replace(CURRENT_TAIL, tail)} for m in messages] for messages in current]
         started = time.monotonic()
         parsed = [J.parse_scores(reply or "") for reply in judge.reply_all(requests, 0.0)]
         human = [p[1] for p, (_, _, a) in zip(parsed, items) if p and a != BAD_ANSWER]
