@@ -1,6 +1,6 @@
 """Quality benchmark: real distillation from a stronger model, GAD against SeqKD and OPD against SeqKD, measured.
 
-    python benchmarks/quality.py --out runs/quality [--size smoke|full] [--only blackbox|whitebox|all]
+    python benchmarks/quality.py --out runs/quality [--size auto|smoke|compact|full] [--only blackbox|whitebox|all]
                                  [--eval-prompts N] [--whitebox-tuning lora|full] [--teacher-system TEXT] [--threads N]
 
 Needs `./setup.sh --models` (the two Qwen2.5-Coder built-ins) and ../shared/data beside the checkout.
@@ -57,10 +57,13 @@ redo it and, through the timestamps, everything after it):
 Every attempt's wall time goes to --out/timings.jsonl; results.json sums them per stage.
 
 **Sizes.** smoke: a handful of prompts and 1-2 steps per stage, to check the plumbing in minutes; its numbers mean
-nothing. full: sized for <= 90 minutes on a 2-core CPU with native bf16 (AVX512-BF16/AMX) and the machine to itself;
-on an AVX2-only CPU `auto` precision is fp32 and the same work takes 4 to 5 hours, which the script says before it
-starts. Every result records the machine it ran on. docs/quality.md has the arithmetic (measured speeds per stage,
-both kinds of CPU) and the measured results.
+nothing. full: sized for <= 90 minutes on a 2-core CPU with native bf16 (AVX512-BF16/AMX) and the machine to itself.
+compact: sized for <= 90 minutes on a 2-core AVX2-only CPU, where `auto` precision is fp32 (bf16 is emulated) and the
+1.5B runs about 4x slower, so the full size would take 4 to 5 hours: fewer teacher texts, fewer updates, a 96-token
+training limit (evaluation at 192) and 6 + 6 evaluation prompts; its judge win rates are too coarse to rank the rows
+(intervals near +-0.3), its stopping, repetition, overlap and log-prob columns are not. auto (the default): full on a
+GPU or a CPU with native bf16, compact otherwise. Every result records the machine it ran on and the size.
+docs/quality.md has the arithmetic (measured speeds per stage, both kinds of CPU) and the measured results.
 
 **Tuning GAD.** `--gad-variant NAME:key=value,...` (repeatable) adds a row smollm2-gad-NAME trained with those settings over
 the default GAD's, from the same teacher text and with the same number of generator updates; finished rows are not redone.
@@ -123,6 +126,9 @@ SIZES = {
                   whitebox_batch=2, whitebox_steps=2, eval_prompts=2, checkpoint_every=1),
     "full": Size(train_prompts=128, train_tokens=128, blackbox_batch=4, seqkd_steps=20, gad_warmup=10, gad_d_only=2, gad_samples=4,
                  whitebox_batch=8, whitebox_steps=10, eval_prompts=16, checkpoint_every=5),
+    # For a CPU without native bf16 (docstring, "Sizes"); docs/quality.md has the per-stage arithmetic behind it.
+    "compact": Size(train_prompts=40, train_tokens=96, blackbox_batch=4, seqkd_steps=8, gad_warmup=4, gad_d_only=1, gad_samples=4,
+                    whitebox_batch=4, whitebox_steps=6, eval_prompts=6, checkpoint_every=2),
 }
 
 
@@ -168,16 +174,30 @@ def machine(precision: str) -> dict[str, Any]:
             "native_bf16": bf16_is_fast(), "precision": resolve_precision(precision)}
 
 
+def fast_machine(host: dict[str, Any]) -> bool:
+    """A GPU, or a CPU running bf16 natively: the machines the full size is sized for."""
+    return bool(host["gpu"]) or (host["native_bf16"] and host["precision"] == "bf16")
+
+
+def choose_size(requested: str, host: dict[str, Any]) -> str:
+    """`auto` picks the size that fits 90 minutes on this machine: full where the 1.5B runs fast, compact where it
+    runs in fp32 on a CPU (about 4x slower; docs/quality.md, "Machines")."""
+    if requested != "auto":
+        return requested
+    return "full" if fast_machine(host) else "compact"
+
+
 def slow_machine_warning(size_name: str, host: dict[str, Any]) -> str | None:
     """Said before a full-size run on a CPU without native bf16: the full size is sized for one with it. On a 2-core
     AVX2-only CPU (fp32; bf16 is emulated there and far slower) the 1.5B teacher generated 4.4x slower and SmolLM2
     trained about 2x slower (docs/quality.md, "Machines")."""
-    if size_name != "full" or host["gpu"] or host["native_bf16"]:
+    if size_name != "full" or fast_machine(host):
         return None
-    return (f"this CPU ({host['cpu']}) has no native bf16 (AVX512-BF16 or AMX), so precision {host['precision']} runs here; "
-            "the full size is sized for <= 90 minutes on a 2-core CPU with native bf16; on a 2-core AVX2-only CPU the 1.5B "
-            "teacher measured 4.4x slower and training about 2x: expect 4 to 5 hours (docs/quality.md, 'Machines'). "
-            "--only blackbox and --only whitebox split it over two runs in the same --out; every stage resumes.")
+    return (f"this CPU ({host['cpu']}) runs precision {host['precision']} (native bf16: {host['native_bf16']}); the full "
+            "size is sized for <= 90 minutes on a 2-core CPU with native bf16; on a 2-core AVX2-only CPU the 1.5B teacher "
+            "measured 4.4x slower and training about 2x: expect 4 to 5 hours (docs/quality.md, 'Machines'). --size compact "
+            "(what --size auto picks here) fits 90 minutes; --only blackbox and --only whitebox split the full size over "
+            "two runs in the same --out; every stage resumes.")
 
 
 # ---------------------------------------------------------------- stages: skip what is done, time every attempt
@@ -415,7 +435,7 @@ def eval_stage(size: Size, args: argparse.Namespace, rows: dict[str, str]) -> Ca
 # ---------------------------------------------------------------- results
 
 
-def report_stage(size: Size, args: argparse.Namespace, stages: Stages, families: list[str]) -> dict[str, Any]:
+def report_stage(size_name: str, size: Size, args: argparse.Namespace, stages: Stages, families: list[str]) -> dict[str, Any]:
     """results.json, results.md and report.html from the evaluation and the training runs."""
     from opdistill.report import write_report
 
@@ -428,7 +448,7 @@ def report_stage(size: Size, args: argparse.Namespace, stages: Stages, families:
     training_runs = [stage for family in families for stage in FAMILIES[family].values()]
     report = write_report([out / "eval", *(out / stage for stage in training_runs)], out / "report.html")
     results = {
-        "settings": {"size": args.size, **asdict(size), "gad_adversarial": size.gad_adversarial, "eval_tokens": size.eval_tokens,
+        "settings": {"size": size_name, **asdict(size), "gad_adversarial": size.gad_adversarial, "eval_tokens": size.eval_tokens,
                      "teacher": TEACHER, "teacher_system": args.teacher_system, "blackbox_student": BLACKBOX_STUDENT,
                      "whitebox_student": WHITEBOX_STUDENT, "whitebox_tuning": args.whitebox_tuning, "precision": args.precision,
                      "families": families},
@@ -451,7 +471,8 @@ def report_stage(size: Size, args: argparse.Namespace, stages: Stages, families:
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True, help="run directory; rerun the same command to continue")
-    parser.add_argument("--size", choices=sorted(SIZES), default="full")
+    parser.add_argument("--size", choices=["auto", *sorted(SIZES)], default="auto",
+                        help="auto (default): full on a GPU or a CPU with native bf16, compact otherwise (docstring, 'Sizes')")
     parser.add_argument("--eval-prompts", type=int, default=0, metavar="N",
                         help="prompts per evaluation set (held-out, MT-Bench) instead of the size's (full: 16; the tables in "
                              "docs/quality.md used 20); only the evaluation reruns, and it reuses every cached answer and verdict")
@@ -495,17 +516,20 @@ def main() -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    size = SIZES[args.size]
     if args.eval_prompts < 0:
         raise SystemExit(f"quality: --eval-prompts must be positive, got {args.eval_prompts}")
+    host = machine(args.precision)
+    say(f"machine: {host}")
+    size_name = choose_size(args.size, host)
+    size = SIZES[size_name]
     if args.eval_prompts:
         size = replace(size, eval_prompts=args.eval_prompts)
     args.out.mkdir(parents=True, exist_ok=True)
     stages = Stages(args.out)
-    say(f"size {args.size}: {asdict(size)}; GAD adversarial steps {size.gad_adversarial}, evaluation at {size.eval_tokens} tokens")
-    host = machine(args.precision)
-    say(f"machine: {host}")
-    if warning := slow_machine_warning(args.size, host):
+    chosen = f" (auto: {'a GPU or native bf16' if fast_machine(host) else 'no GPU and no native bf16'})" if args.size == "auto" else ""
+    say(f"size {size_name}{chosen}: {asdict(size)}; GAD adversarial steps {size.gad_adversarial}, "
+        f"evaluation at {size.eval_tokens} tokens")
+    if warning := slow_machine_warning(size_name, host):
         say(f"warning: {warning}")
 
     # Only what collection reads is in its key: a change to the evaluation's size must not redo every stage after it.
@@ -527,7 +551,7 @@ def main() -> None:
     stages.run("eval", key, deps, eval_stage(size, args, rows), wipe_on_change=False)
 
     started = time.monotonic()
-    results = report_stage(size, args, stages, families)
+    results = report_stage(size_name, size, args, stages, families)
     results["machine"] = host
     seconds = round(time.monotonic() - started, 1)
     results["stage_seconds"]["report"] = seconds
