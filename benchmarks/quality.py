@@ -526,7 +526,8 @@ def main() -> None:
         size = replace(size, eval_prompts=args.eval_prompts)
     args.out.mkdir(parents=True, exist_ok=True)
     stages = Stages(args.out)
-    chosen = f" (auto: {'a GPU or native bf16' if fast_machine(host) else 'no GPU and no native bf16'})" if args.size == "auto" else ""
+    # The reason is fast_machine's own inputs: --precision fp32 on a bf16 CPU also gets compact.
+    chosen = f" (auto: GPU {host['gpu']}, precision {host['precision']})" if args.size == "auto" else ""
     say(f"size {size_name}{chosen}: {asdict(size)}; GAD adversarial steps {size.gad_adversarial}, "
         f"evaluation at {size.eval_tokens} tokens")
     if warning := slow_machine_warning(size_name, host):
