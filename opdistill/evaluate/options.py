@@ -12,7 +12,7 @@ from typing import Callable
 
 from ..errors import DataError, OpdistillError
 from .metrics import TASK_CHECKS
-from .prompts import EvalSet, join_answer_file, load_eval_set
+from .prompts import EvalSet, join_answer_file, load_eval_set, load_suite_set
 
 
 @dataclass
@@ -27,6 +27,8 @@ class EvalOptions:
     models: list[str]  # [LABEL=]MODEL
     prompts: list[str]  # [NAME=]SPEC
     out: str
+    suites: list[str] = field(default_factory=list)  # NAME[a:b]: program-checked suites (suites.py)
+    data_dir: str = ""  # the suites' data folder (default $OPDISTILL_DATA)
     systems: list[str] = field(default_factory=list)  # LABEL=TEXT
     references: list[str] = field(default_factory=list)  # MT-Bench answer files joined on question_id
     teacher: str = ""  # label of the teacher row (reference row; white-box log-probs when local)
@@ -110,9 +112,9 @@ def validate(opts: EvalOptions) -> None:
 
 
 def load_sets(opts: EvalOptions) -> list[EvalSet]:
-    sets = [load_eval_set(spec) for spec in opts.prompts]
+    sets = [load_eval_set(spec) for spec in opts.prompts] + [load_suite_set(spec, opts.data_dir) for spec in opts.suites]
     if not sets:
-        raise OpdistillError("no --prompts given", "pass e.g. --prompts builtin:heldout or --prompts questions.jsonl")
+        raise OpdistillError("no --prompts or --suite given", "pass e.g. --prompts builtin:heldout, --prompts questions.jsonl or --suite gsm8k[0:100]")
     names = [s.name for s in sets]
     if len(set(names)) != len(names):
         raise OpdistillError(f"two prompt sets are named alike ({names})", "name them: --prompts a=FILE1 --prompts b=FILE2")

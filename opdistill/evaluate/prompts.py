@@ -31,6 +31,8 @@ class EvalSet:
     name: str
     records: list[Record]
     references: list[dict[str, str]] = field(default_factory=list)  # per prompt: reference name -> text
+    suite: str = ""  # a program-checked suite's name (suites.py): its answers are scored objectively
+    items: list[Any] = field(default_factory=list)  # the suite's items, one per record
 
     @property
     def reference_names(self) -> list[str]:
@@ -142,3 +144,17 @@ def load_eval_set(spec: str) -> EvalSet:
     if not eval_set.records:
         raise DataError(f"{spec}: no prompts", "pass a file with at least one prompt, or a non-empty [a:b] slice")
     return eval_set
+
+
+def load_suite_set(spec: str, data_dir: str) -> EvalSet:
+    """`NAME[a:b]`: a program-checked suite's prompts (all its items, or the [a:b] slice) as a prompt set."""
+    from .suites import load_suite
+
+    name, rows = split_slice(spec)
+    suite, items = load_suite(name, data_dir=data_dir)
+    items = items[rows]
+    if not items:
+        raise DataError(f"--suite {spec}: the slice selects no item")
+    records = [Record(messages=[{"role": "user", "content": item.prompt}], meta={suite.id_field: item.id}, source=f"{name}:{item.id}")
+               for item in items]
+    return EvalSet(name, records, [{} for _ in items], suite=name, items=items)

@@ -186,6 +186,27 @@ def score_with_teacher(opts: EvalOptions, teacher: ModelSpec, todo: dict[str, tu
     return scores
 
 
+def suite_scores(eval_set: EvalSet, models: list[ModelSpec], generated: dict[str, dict[str, Any]], out: Path) -> dict[str, Any]:
+    """A suite set's objective scores: per model its summary (accuracy with its interval; DIR/suites/SET/LABEL/ holds
+    scores.jsonl and summary.json, as `opdistill score` writes them), and McNemar's paired test of every two models."""
+    from .stats import paired_comparison
+    from .suites import get_suite, score_items, write_scores
+
+    suite = get_suite(eval_set.suite)
+    passed: dict[str, list[bool]] = {}
+    summaries: dict[str, dict[str, Any]] = {}
+    for spec in models:
+        texts = [r["response"] for r in responses(generated, spec.label, eval_set)]
+        say(f"scoring {len(texts)} {suite.name} answer(s) of {spec.label}")
+        rows, summary = score_items(suite, eval_set.items, texts)
+        write_scores(out / "suites" / eval_set.name / spec.label, rows, summary)
+        passed[spec.label] = [bool(row["passed"]) for row in rows]
+        summaries[spec.label] = summary
+    labels = [m.label for m in models]
+    paired = [{"x": x, "y": y, **paired_comparison(passed[x], passed[y])} for i, x in enumerate(labels) for y in labels[i + 1:]]
+    return {"summaries": summaries, "paired": paired}
+
+
 def load_embedder() -> Any:
     """The sentence embedder, or None (with a note) when its model package is not installed."""
     from .scoring import SentenceEmbedder, embedding_model_path
@@ -223,6 +244,12 @@ def score(opts: EvalOptions, models: list[ModelSpec], sets: list[EvalSet], gener
             values["vs"] = vs
             set_result["models"][spec.label] = values
         set_result["pairwise"] = []  # filled by the judge stage
+        if eval_set.suite:
+            objective = suite_scores(eval_set, models, generated, out)
+            set_result["suite"] = eval_set.suite
+            set_result["paired"] = objective["paired"]
+            for label, summary in objective["summaries"].items():
+                set_result["models"][label]["suite"] = summary
         results[eval_set.name] = set_result
     return results
 
@@ -354,7 +381,10 @@ def run_eval(opts: EvalOptions) -> dict[str, Any]:
 
 
 def metrics_lines(metrics: dict[str, Any]) -> list[str]:
-    """What `opdistill eval` prints: per set, each model's headline numbers and judge ratio, then the pairwise results."""
+    """What `opdistill eval` prints: per set, each model's headline numbers and judge ratio, its suite accuracy, then
+    the paired tests and the pairwise results."""
+    from .suites import summary_line as suite_summary_line
+
     lines: list[str] = []
     for set_name, result in metrics["sets"].items():
         lines.append(f"[{set_name}] {result['prompts']} prompts")
@@ -365,6 +395,12 @@ def metrics_lines(metrics: dict[str, Any]) -> list[str]:
             if judge and judge.get("judge_ratio") is not None:
                 shown.append(f"judge ratio {judge['judge_ratio']:.3f} vs {judge['reference']} ({judge['judged']} judged, {judge['unparsed']} unparsed)")
             lines.append(f"  {label}: " + ", ".join(shown))
+        for label, values in result["models"].items():
+            if "suite" in values:
+                lines.append(f"  {label}: {suite_summary_line(values['suite'])}")
+        for p in result.get("paired", []):
+            lines.append(f"  {p['x']} vs {p['y']} ({result['suite']}, paired on {p['n']} items): difference {p['difference']:+.3f}, "
+                         f"{p['x_only']} only {p['x']}, {p['y_only']} only {p['y']}, McNemar p = {p['p_value']:.3g}")
         for p in result["pairwise"]:
             rate = f"win rate {p['win_rate']:.2f} [{p['ci_low']:.2f}, {p['ci_high']:.2f}]" if p["n"] else "nothing judged"
             lines.append(f"  {p['x']} vs {p['y']}: {p['wins']} wins, {p['ties']} ties, {p['losses']} losses; {rate} "

@@ -1,0 +1,178 @@
+"""Program-checked suites: answer extraction, intervals and paired tests, `opdistill score` and `eval --suite`."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from opdistill.cli import main
+from opdistill.errors import OpdistillError
+from opdistill.evaluate.answers import gsm8k_correct, gsm8k_extract, math_correct, math_equal, normalize_math
+from opdistill.evaluate.stats import mcnemar_exact, paired_comparison, wilson_interval
+from opdistill.evaluate.suites import SUITES, load_suite
+
+from conftest import SHARED
+
+DATA = SHARED / "data"
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+# ---------------------------------------------------------------- answers
+
+
+@pytest.mark.parametrize("response, expected", [
+    ("She makes 9 * 2 = $18 a day.\n#### 18", "18"),
+    ("The answer is $1,080.00.", "1080"),
+    ("Total: 3 + 4 = 7 apples, so \\boxed{7}.", "7"),
+    ("First 12, then 15, finally 20", "20"),
+    ("The answer is: -3.5 degrees", "-3.5"),
+    ("#### 1,234", "1234"),
+])
+def test_gsm8k_extraction_is_tolerant_of_formats(response, expected):
+    assert str(gsm8k_extract(response).normalize()) == str(type(gsm8k_extract(response))(expected).normalize())
+
+
+def test_gsm8k_stated_answer_wins_over_a_later_number():
+    solution = "Some work.\n#### 18"
+    assert gsm8k_correct("The answer is 18. (I checked 3 times.)", solution)[0]
+    assert not gsm8k_correct("#### 17", solution)[0]
+    assert not gsm8k_correct("no number here", solution) == (True, None)
+
+
+def test_every_gsm8k_reference_solution_scores_correct_and_a_changed_number_does_not():
+    rows = [json.loads(line) for line in (DATA / "gsm8k_test.jsonl").read_text().splitlines()]
+    assert all(gsm8k_correct(r["answer"], r["answer"])[0] for r in rows)
+    wrong = [r["answer"].rsplit("####", 1)[0] + "#### 100000007" for r in rows[:50]]
+    assert not any(gsm8k_correct(w, r["answer"])[0] for w, r in zip(wrong, rows))
+
+
+@pytest.mark.parametrize("found, gold", [
+    ("\\dfrac{14}{3}", "\\frac{14}{3}"), ("14/3", "\\frac{14}{3}"), ("0.5", "\\frac12"), ("90", "90^\\circ"),
+    ("x = 5", "x=5"), ("Evelyn", "\\text{Evelyn}"), ("\\left( 3, \\frac{\\pi}{2} \\right)", "(3,\\frac{\\pi}{2})"),
+    ("11\\sqrt{2}", "11\\sqrt2"), ("1,000", "1000"), ("-\\frac{1}{2}", "-0.5"),
+])
+def test_math_answers_equal_after_normalisation(found, gold):
+    assert math_equal(found, gold)
+
+
+@pytest.mark.parametrize("found, gold", [("1,-2", "-2,1"), ("\\sqrt{8}", "2\\sqrt{2}"), ("\\frac{14}{3}", "\\frac{14}{5}"), ("3", "-3")])
+def test_math_answers_that_differ_or_that_this_cannot_check_do_not_match(found, gold):
+    assert not math_equal(found, gold)  # the docstring lists what is not checked: reordering, symbolic equality
+
+
+def test_every_math500_solution_matches_its_own_answer():
+    rows = [json.loads(line) for line in (DATA / "math500_test.jsonl").read_text().splitlines()]
+    assert len(rows) == 500
+    assert all(math_correct(r["solution"], r["answer"])[0] for r in rows)
+    assert all(math_correct(f"Thus $\\boxed{{{r['answer']}}}$.", r["answer"])[0] for r in rows)
+    assert normalize_math("\\boxed{\\text{(C)}}") == "(c)"
+
+
+# ---------------------------------------------------------------- intervals and paired tests
+
+
+def test_wilson_interval_known_values_and_edges():
+    low, high = wilson_interval(5, 10)
+    assert math.isclose(low, 0.2366, abs_tol=1e-4) and math.isclose(high, 0.7634, abs_tol=1e-4)
+    low, high = wilson_interval(0, 20)
+    assert low == 0.0 and 0.15 < high < 0.17  # not a point at 0 successes
+    assert wilson_interval(0, 0) == (None, None)
+
+
+def test_mcnemar_exact_p_values():
+    assert mcnemar_exact(0, 6) == pytest.approx(2 / 64)
+    assert mcnemar_exact(3, 3) == 1.0 and mcnemar_exact(0, 0) == 1.0
+    assert mcnemar_exact(1, 9) == pytest.approx(2 * 11 / 1024)
+    result = paired_comparison([True, True, False, False, True], [True, False, False, True, False])
+    assert (result["both"], result["x_only"], result["y_only"], result["neither"]) == (1, 2, 1, 1)
+    assert result["difference"] == pytest.approx(0.2)
+    with pytest.raises(ValueError):
+        paired_comparison([True], [True, False])
+
+
+# ---------------------------------------------------------------- opdistill score
+
+
+def score(tmp_path: Path, suite: str, rows: list[dict], name: str, *extra: str) -> dict:
+    responses = write_jsonl(tmp_path / f"{name}.jsonl", rows)
+    out = tmp_path / name
+    assert main(["score", "--suite", suite, "--responses", str(responses), "--out", str(out), "--data-dir", str(DATA), *extra]) == 0
+    return json.loads((out / "summary.json").read_text())
+
+
+def test_score_gsm8k_writes_rows_and_summary_and_a_paired_test(tmp_path, capsys):
+    rows = [json.loads(line) for line in (DATA / "gsm8k_test.jsonl").read_text().splitlines()[:12]]
+    good = [{"index": i, "response": r["answer"]} for i, r in enumerate(rows)]
+    half = [{"index": i, "response": r["answer"] if i % 2 else "#### -1"} for i, r in enumerate(rows)]
+    summary = score(tmp_path, "gsm8k", good, "good")
+    assert (summary["suite"], summary["n"], summary["passed"], summary["accuracy"]) == ("gsm8k", 12, 12, 1.0)
+    assert 0.7 < summary["ci_low"] < 1.0 and summary["ci_high"] == 1.0
+    scored = [json.loads(line) for line in (tmp_path / "good" / "scores.jsonl").read_text().splitlines()]
+    assert [s["index"] for s in scored] == list(range(12)) and all(s["passed"] for s in scored)
+    summary = score(tmp_path, "gsm8k", half, "half", "--against", str(tmp_path / "good"))
+    assert summary["passed"] == 6
+    assert summary["paired"]["x_only"] == 0 and summary["paired"]["y_only"] == 6
+    assert summary["paired"]["p_value"] == pytest.approx(2 / 64)
+    assert "McNemar p = 0.0312" in capsys.readouterr().out
+
+
+def test_score_math500_by_unique_id(tmp_path):
+    rows = [json.loads(line) for line in (DATA / "math500_test.jsonl").read_text().splitlines()[:6]]
+    answers = [{"unique_id": r["unique_id"], "response": f"\\boxed{{{r['answer']}}}" if i < 4 else "I do not know."} for i, r in enumerate(rows)]
+    summary = score(tmp_path, "math500", answers, "m")
+    assert (summary["n"], summary["passed"], summary["items_in_suite"]) == (6, 4, 500)
+
+
+@pytest.mark.parametrize("rows, message", [
+    ([{"response": "x"}], "no `index` field"),
+    ([{"index": 99999, "response": "x"}], "is not an item of suite gsm8k"),
+    ([{"index": 0, "response": "x"}, {"index": 0, "response": "y"}], "answered twice"),
+    ([{"index": 0, "response": 5}], "field `response` must be a str"),
+    ([{"index": True, "response": "x"}], "is not an item"),
+])
+def test_bad_response_files_name_the_line(tmp_path, rows, message):
+    path = write_jsonl(tmp_path / "r.jsonl", rows)
+    with pytest.raises(OpdistillError, match=message) as caught:
+        from opdistill.evaluate.suites import score_file
+
+        score_file("gsm8k", str(path), str(tmp_path / "out"), data_dir=str(DATA))
+    assert "r.jsonl:" in str(caught.value)
+
+
+def test_a_missing_data_folder_says_how_to_give_it(tmp_path, monkeypatch):
+    monkeypatch.delenv("OPDISTILL_DATA", raising=False)
+    with pytest.raises(OpdistillError, match="--data-dir"):
+        load_suite("gsm8k")
+    with pytest.raises(OpdistillError, match="gsm8k_test.jsonl"):
+        load_suite("gsm8k", data_dir=str(tmp_path))
+    monkeypatch.setenv("OPDISTILL_DATA", str(DATA))
+    assert len(load_suite("gsm8k")[1]) == 1319
+    assert set(SUITES) == {"ifeval", "gsm8k", "math500", "humaneval"}
+
+
+# ---------------------------------------------------------------- opdistill eval --suite
+
+
+def test_eval_suite_generates_scores_and_pairs_two_models(tiny_model, tmp_path):
+    from opdistill.evaluate.run import EvalOptions, metrics_lines, run_eval
+
+    metrics = run_eval(EvalOptions(models=[f"a={tiny_model}", f"b={tiny_model}"], prompts=[], suites=["gsm8k[0:3]", "math500[:2]"],
+                                   data_dir=str(DATA), out=str(tmp_path / "ev"), max_new_tokens=8, embeddings=False, progress=False))
+    result = metrics["sets"]["gsm8k"]
+    assert result["prompts"] == 3 and result["suite"] == "gsm8k"
+    for label in ("a", "b"):
+        assert result["models"][label]["suite"]["n"] == 3
+        rows = (tmp_path / "ev" / "suites" / "gsm8k" / label / "scores.jsonl").read_text().splitlines()
+        assert [json.loads(r)["index"] for r in rows] == [0, 1, 2]
+    # the same weights answer identically, so the paired test sees no discordant item
+    assert result["paired"] == [{"x": "a", "y": "b", "n": 3, "both": result["paired"][0]["both"], "x_only": 0, "y_only": 0,
+                                 "neither": 3 - result["paired"][0]["both"], "difference": 0.0, "p_value": 1.0, "test": "mcnemar_exact"}]
+    assert metrics["sets"]["math500"]["models"]["a"]["suite"]["n"] == 2
+    assert any("McNemar p = 1" in line for line in metrics_lines(metrics))
