@@ -209,6 +209,8 @@ def eval_section(metrics: dict[str, Any]) -> list[str]:
             if overlap_rows:
                 parts.append(f"<h4>Overlap with <code>{html.escape(reference)}</code> (word n-gram F1, ROUGE-L: diagnostics, higher is not better quality)</h4>")
                 parts.append(table(overlap_rows, ["model"] + [h for _, h in OVERLAP_COLUMNS]))
+        if result.get("suite"):
+            parts += suite_tables(result, names, teacher)
         if result.get("pairwise"):
             parts.append("<h4>Pairwise (judge, both orders per prompt; an order-dependent verdict counts as a tie)</h4>")
             parts.append(table([[f"{p['x']} vs {p['y']}", p["n"], p["wins"], p["ties"], p["losses"], p["win_rate"],
@@ -216,6 +218,37 @@ def eval_section(metrics: dict[str, Any]) -> list[str]:
                                 for p in result["pairwise"]],
                                ["pair (X vs Y)", "prompts", "X wins", "ties", "X losses", "X win rate", "95% interval", "order consistency",
                                 "unparsed", "failed"]))
+    return parts
+
+
+def interval_text(p: dict[str, Any]) -> str | None:
+    return f"[{p['ci_low']:.3f}, {p['ci_high']:.3f}]" if p.get("n") else None
+
+
+def suite_tables(result: dict[str, Any], names: list[str], teacher: str | None) -> list[str]:
+    """A program-checked suite's accuracy per model (95% Wilson intervals; IFEval's four levels) and McNemar's
+    exact paired test of every two models on the same items."""
+    models = result["models"]
+    scored = [n for n in names if "suite" in models[n]]
+    ifeval = any("instruction_strict" in models[n]["suite"] for n in scored)
+    header = ["model", "items", "passed", "accuracy", "95% interval"]
+    if ifeval:
+        header += ["prompt loose", "instruction strict", "instruction loose"]
+    rows = []
+    for name in scored:
+        summary = models[name]["suite"]
+        row = [row_name(name, teacher), summary["n"], summary["passed"], summary["accuracy"], interval_text(summary)]
+        if ifeval:
+            row += [f"{summary[k]['accuracy']:.3f} {interval_text(summary[k])}" for k in ("prompt_loose", "instruction_strict", "instruction_loose")]
+        rows.append(row)
+    label = "prompt-level strict accuracy" if ifeval else "accuracy"
+    parts = [f"<h4>Suite <code>{html.escape(result['suite'])}</code>: {label}, checked by program</h4>", table(rows, header),
+             img(bars_png({n: models[n]["suite"]["accuracy"] for n in scored}, f"{result['suite']} {label}", teacher, True), f"{result['suite']} per model")]
+    if result.get("paired"):
+        parts.append("<h4>Paired tests on the same items (McNemar, exact; a small p says the two models differ)</h4>")
+        parts.append(table([[f"{p['x']} vs {p['y']}", p["n"], p["both"], p["x_only"], p["y_only"], p["neither"], p["difference"], p["p_value"]]
+                            for p in result["paired"]],
+                           ["pair (X vs Y)", "items", "both pass", "only X", "only Y", "neither", "accuracy X − Y", "p-value"]))
     return parts
 
 

@@ -176,3 +176,7 @@ def test_eval_suite_generates_scores_and_pairs_two_models(tiny_model, tmp_path):
                                  "neither": 3 - result["paired"][0]["both"], "difference": 0.0, "p_value": 1.0, "test": "mcnemar_exact"}]
     assert metrics["sets"]["math500"]["models"]["a"]["suite"]["n"] == 2
     assert any("McNemar p = 1" in line for line in metrics_lines(metrics))
+    from opdistill.report import write_report
+
+    page = write_report([tmp_path / "ev"]).read_text(encoding="utf-8")
+    assert "Suite <code>gsm8k</code>" in page and "Paired tests on the same items" in page and "95% interval" in page
