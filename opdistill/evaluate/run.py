@@ -18,7 +18,6 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable
 
@@ -50,7 +49,7 @@ def model_fingerprint(path: str) -> list[Any]:
 
 def generation_key(set_name: str, index: int, messages: list[dict[str, str]], model: ModelSpec, fingerprint: list[Any],
                    sampling: dict[str, Any], seed: int) -> str:
-    return content_key({"set": set_name, "index": index, "messages": messages, "model": asdict(model), "weights": fingerprint,
+    return content_key({"set": set_name, "index": index, "messages": messages, "model": model.key_fields(), "weights": fingerprint,
                         "sampling": sampling, "seed": seed})
 
 
@@ -78,6 +77,9 @@ def generate_all(opts: EvalOptions, models: list[ModelSpec], sets: list[EvalSet]
             todo = [job for job in jobs[model_spec.label] if job[2] not in rows]
             if not todo:
                 continue
+            if model_spec.url:
+                generate_api(opts, model_spec, todo, params, store, rows, bar)
+                continue
             tokenizer = load_tokenizer(model_spec.path)
             model = load_model(model_spec.path, dtype=compute_dtype(opts.precision)).to(default_device())
             sampler = make_sampler("hf", model, tokenizer, precision=opts.precision, batch_size=opts.batch_size, owns_model=True)
@@ -98,6 +100,49 @@ def generate_all(opts: EvalOptions, models: list[ModelSpec], sets: list[EvalSet]
     finally:
         bar.close()
     return {label: {f"{s.name}/{i}": rows[key] for s, i, key in todo} for label, todo in jobs.items()}
+
+
+def generate_api(opts: EvalOptions, spec: ModelSpec, todo: list[tuple[EvalSet, int, str]], params: SamplingParams, store: JsonlLog,
+                 rows: dict[str, dict[str, Any]], bar: tqdm) -> None:
+    """An endpoint row's missing responses through the collect client (bounded concurrency, retries with back-off,
+    the key read from its environment variable and sent only in the Authorization header). Each response is stored
+    the moment it arrives; requests that still fail are not stored, so a rerun asks only for those."""
+    import asyncio
+
+    from ..teachers.api import ChatCompletionsTeacher, RequestFailed, RetryPolicy
+
+    key = os.environ.get(spec.api_key_env) or None
+    if key is None:
+        say(f"${spec.api_key_env} is not set; requests to {spec.url} for {spec.label!r} go without an Authorization header")
+    failures: list[str] = []
+
+    async def run() -> None:
+        client = ChatCompletionsTeacher(spec.url, spec.path, key, RetryPolicy(max_attempts=opts.api_max_attempts), seed=opts.seed)
+        gate = asyncio.Semaphore(opts.api_concurrency)
+
+        async def one(eval_set: EvalSet, index: int, row_key: str) -> None:
+            messages = eval_set.records[index].with_system(spec.system)
+            async with gate:
+                try:
+                    done = await client.complete(messages, params.as_dict())
+                except RequestFailed as failure:
+                    failures.append(failure.reason)
+                    return
+            row = {"key": row_key, "set": eval_set.name, "index": index, "model": spec.label, "prompt": messages[-1]["content"],
+                   "response": done.text, "finished": done.finish_reason != "length", "tokens": done.usage["completion_tokens"]}
+            store.append(row)
+            rows[row_key] = row
+            bar.update(1)
+
+        try:
+            await asyncio.gather(*(one(*job) for job in todo))
+        finally:
+            await client.close()
+
+    asyncio.run(run())
+    if failures:
+        raise OpdistillError(f"{len(failures)} of {len(todo)} request(s) to {spec.url} for {spec.label!r} failed (first: {failures[0]})",
+                             "the answers that arrived are stored in generations.jsonl; rerun the same command to ask only for the rest")
 
 
 def generate(opts: EvalOptions, models: list[ModelSpec], sets: list[EvalSet], out: Path) -> dict[str, dict[str, Any]]:
@@ -134,8 +179,26 @@ def model_metrics(rows: list[dict[str, Any]], checks: dict[str, Callable[[str], 
 
 
 def logprob_key(teacher: ModelSpec, fingerprint: list[Any], messages: list[dict[str, str]], response: str, finished: bool) -> str:
-    return content_key({"teacher": teacher.path, "system": teacher.system, "weights": fingerprint, "messages": messages,
-                        "response": response, "finished": finished})
+    identity = {"teacher": teacher.path, "system": teacher.system, "weights": fingerprint, "messages": messages,
+                "response": response, "finished": finished}
+    return content_key({**identity, "url": teacher.url} if teacher.url else identity)
+
+
+def logprob_scorer(opts: EvalOptions, teacher: ModelSpec) -> ModelSpec | None:
+    """Who scores the teacher log-prob: the served teacher of --teacher-url, else the teacher row's local model;
+    None for an endpoint teacher row without --teacher-url (a closed API returns no prompt log-probs)."""
+    if opts.teacher_url:
+        tokenizer = opts.teacher_tokenizer or ("" if teacher.url else teacher.path)
+        if not tokenizer:
+            raise OpdistillError(f"the served teacher {opts.teacher_model!r} needs its tokenizer to render its prompt",
+                                 "pass --teacher-tokenizer DIR (a local copy of the teacher's tokenizer files, a few MB)")
+        return ModelSpec(teacher.label, opts.teacher_model, teacher.system, url=opts.teacher_url.rstrip("/"),
+                         api_key_env=opts.teacher_api_key_env, tokenizer=tokenizer)
+    if teacher.url:
+        say(f"no teacher log-prob: the teacher row {teacher.label!r} is an endpoint; a served white-box teacher (vLLM, opdistill serve) "
+            "scores it with --teacher-url URL --teacher-model ID")
+        return None
+    return teacher
 
 
 def teacher_logprobs(opts: EvalOptions, teacher: ModelSpec, sets: list[EvalSet], generated: dict[str, dict[str, Any]],
@@ -145,7 +208,7 @@ def teacher_logprobs(opts: EvalOptions, teacher: ModelSpec, sets: list[EvalSet],
     (and the teacher is not even loaded when nothing is new)."""
     from .scoring import mean_logprob
 
-    fingerprint = model_fingerprint(teacher.path)
+    fingerprint = [] if teacher.url else model_fingerprint(teacher.path)
     keyed: dict[tuple[str, str], list[str]] = {}
     todo: dict[str, tuple[list[dict[str, str]], str, bool]] = {}
     store = JsonlLog(out / "teacher_logprobs.jsonl")
@@ -159,7 +222,8 @@ def teacher_logprobs(opts: EvalOptions, teacher: ModelSpec, sets: list[EvalSet],
                 keyed[(eval_set.name, spec.label)] = keys
                 todo.update({k: (c, r["response"], bool(r["finished"])) for k, c, r in zip(keys, conversations, rows) if k not in cached})
         if todo:
-            cached.update(score_with_teacher(opts, teacher, todo, store))
+            scorer = score_with_served_teacher if teacher.url else score_with_teacher
+            cached.update(scorer(opts, teacher, todo, store))
     finally:
         store.close()
     return {where: mean_logprob([cached[k] for k in keys]) for where, keys in keyed.items()}
@@ -207,6 +271,42 @@ def suite_scores(eval_set: EvalSet, models: list[ModelSpec], generated: dict[str
     return {"summaries": summaries, "paired": paired}
 
 
+def score_with_served_teacher(opts: EvalOptions, teacher: ModelSpec, todo: dict[str, tuple[list[dict[str, str]], str, bool]],
+                              store: JsonlLog) -> dict[str, tuple[float, int]]:
+    """Scores `todo` through a served teacher's prompt log-probs (k = 1: only each actual token's log-prob is used).
+    The conversation is rendered with a local copy of the teacher's tokenizer (--teacher-tokenizer, a few MB even for
+    a 70B model), the response re-tokenised with it, EOS scored when the response finished, as for a local teacher."""
+    from ..data import render_prompt
+    from ..models import load_tokenizer
+    from ..teachers.logprob import TeacherRow
+    from ..teachers.remote import RemoteTeacher
+
+    tokenizer = load_tokenizer(teacher.tokenizer)
+    say(f"scoring {len(todo)} response(s) with the served teacher {teacher.path!r} at {teacher.url}")
+    remote = RemoteTeacher(teacher.url, teacher.path, k=1, vocab=2**31 - 1, cache_path=Path(opts.out) / "served_teacher_cache.jsonl",
+                           api_key_env=teacher.api_key_env, concurrency=opts.api_concurrency, seed=opts.seed)
+    keys, scores = list(todo), {}
+    try:
+        for start in tqdm(range(0, len(keys), opts.batch_size), desc="teacher log-prob (served)", unit="batch", disable=not opts.progress,
+                          dynamic_ncols=True, file=sys.stderr):
+            chunk, rows, owners = keys[start:start + opts.batch_size], [], []
+            for key in chunk:
+                messages, text, done = todo[key]
+                ids = tokenizer(text.strip(), add_special_tokens=False)["input_ids"] + ([tokenizer.eos_token_id] if done else [])
+                if ids:
+                    rows.append(TeacherRow(render_prompt(tokenizer, messages), ids))
+                    owners.append(key)
+                else:
+                    scores[key] = (0.0, 0)
+            values = remote.score(rows).token_logprobs.split([len(row.response) for row in rows]) if rows else []
+            scores.update({key: (float(v.sum()), v.numel()) for key, v in zip(owners, values)})
+            for key in chunk:
+                store.append({"key": key, "logprob_sum": scores[key][0], "tokens": scores[key][1]})
+    finally:
+        remote.close()
+    return scores
+
+
 def load_embedder() -> Any:
     """The sentence embedder, or None (with a note) when its model package is not installed."""
     from .scoring import SentenceEmbedder, embedding_model_path
@@ -223,7 +323,8 @@ def score(opts: EvalOptions, models: list[ModelSpec], sets: list[EvalSet], gener
     """Stage 2: per set and model, every metric that needs no judge (length, diversity, task checks, the teacher's
     log-probability, overlap with each reference). Recomputed on every run (the teacher's per-response scores are
     cached): cheap next to generation."""
-    logprobs = teacher_logprobs(opts, teacher, sets, generated, models, out) if teacher else {}
+    scorer = logprob_scorer(opts, teacher) if teacher else None
+    logprobs = teacher_logprobs(opts, scorer, sets, generated, models, out) if scorer else {}
     embedder = load_embedder() if opts.embeddings else None
     results: dict[str, dict[str, Any]] = {}
     for eval_set in sets:
