@@ -180,3 +180,17 @@ def test_eval_suite_generates_scores_and_pairs_two_models(tiny_model, tmp_path):
 
     page = write_report([tmp_path / "ev"]).read_text(encoding="utf-8")
     assert "Suite <code>gsm8k</code>" in page and "Paired tests on the same items" in page and "95% interval" in page
+
+
+def test_score_humaneval_runs_chat_answers_in_the_sandbox(tmp_path):
+    import gzip
+
+    problems = [json.loads(line) for line in gzip.open(DATA / "HumanEval.jsonl.gz", "rt").read().splitlines()[:3]]
+    whole = problems[0]["prompt"] + problems[0]["canonical_solution"]
+    answers = [{"task_id": problems[0]["task_id"], "response": f"Here is the function:\n```python\n{whole}```\nIt works."},
+               {"task_id": problems[1]["task_id"], "response": problems[1]["canonical_solution"]},
+               {"task_id": problems[2]["task_id"], "response": "```python\nimport os\nprint(os.environ)\n```"}]
+    summary = score(tmp_path, "humaneval", answers, "he")
+    assert (summary["n"], summary["passed"]) == (3, 2)
+    rows = [json.loads(line) for line in (tmp_path / "he" / "scores.jsonl").read_text().splitlines()]
+    assert [r["passed"] for r in rows] == [True, True, False] and rows[2]["status"] in {"failed", "error"}
