@@ -194,3 +194,16 @@ def test_score_humaneval_runs_chat_answers_in_the_sandbox(tmp_path):
     assert (summary["n"], summary["passed"]) == (3, 2)
     rows = [json.loads(line) for line in (tmp_path / "he" / "scores.jsonl").read_text().splitlines()]
     assert [r["passed"] for r in rows] == [True, True, False] and rows[2]["status"] in {"failed", "error"}
+
+
+def test_score_ifeval_writes_instruction_results_in_record_order(tmp_path):
+    rows = [json.loads(line) for line in (DATA / "ifeval_input_data.jsonl").read_text().splitlines()]
+    lowercase = next(r for r in rows if r["instruction_id_list"] == ["change_case:english_lowercase"])
+    answers = [{"key": lowercase["key"], "response": "all of this answer is written in lowercase letters only."},
+               {"key": rows[0]["key"], "response": "Too short."}]
+    summary = score(tmp_path, "ifeval", answers, "if")
+    assert summary["n"] == 2 and summary["passed"] == 1 and summary["instruction_strict"]["n"] == 1 + len(rows[0]["instruction_id_list"])
+    scored = [json.loads(line) for line in (tmp_path / "if" / "scores.jsonl").read_text().splitlines()]
+    assert scored[0] == {"key": lowercase["key"], "passed": True, "passed_loose": True,
+                         "instructions": [{"id": "change_case:english_lowercase", "strict": True, "loose": True}]}
+    assert [i["id"] for i in scored[1]["instructions"]] == rows[0]["instruction_id_list"]
