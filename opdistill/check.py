@@ -1,9 +1,12 @@
 """`opdistill check CONFIG`: the pre-flight check, also run at the start of every `train`.
 
-It catches the silent mismatches that wreck a white-box run without an error: a teacher with another
-vocabulary (or the same one padded), another EOS token (the teacher then scores the student's stop token as
-unlikely, and the student learns to never stop), another chat template (the teacher reads the prompt in a
-format it was never trained on), prompts that do not fit the limits, records naming unknown teachers.
+Shared checks: the data loads (with teacher responses when the method trains on them: the config's
+`needs_responses`), and prompts fit the limits. Then the method's own checks: the `preflight` hook of the
+config class the registry names for the method (opdistill/registry.py), so no method is named here. The
+helpers below are what those hooks use to catch the silent mismatches that wreck a white-box run without an
+error: a teacher with another vocabulary (or the same one padded), another EOS token (the teacher then scores
+the student's stop token as unlikely, and the student learns to never stop), another chat template (the
+teacher reads the prompt in a format it was never trained on), records naming unknown teachers or domains.
 Only tokenizers and model configs are loaded, never weights, so it takes seconds.
 """
 
@@ -12,8 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from .config import RunConfig, teacher_spec
-from .data import Record, load_records, render_prompt, teacher_messages
+from .config import RunConfig
+from .data import Record, load_records, render_prompt
 from .errors import ConfigError, OpdistillError
 
 PROBE_REPLY = "OK."  # an assistant turn appended to the probe chat, so the templates' turn endings are compared too
@@ -55,46 +58,19 @@ class CheckReport:
 
 
 def preflight(config: RunConfig, tokenizer: Any) -> CheckReport:
-    """Check the data against the student's tokenizer and limits, and every white-box teacher against the student."""
-    from .models import load_tokenizer
-
+    """The shared checks (data, prompt lengths against the student's tokenizer and limits), then the method's own:
+    `config.preflight`, the hook of the config class the registry names for config.method."""
     report = CheckReport()
     try:
-        records = load_records(config.data, require_response=needs_responses(config))
+        records = load_records(config.data, require_response=config.needs_responses(), built_by=config.data_built_by)
     except OpdistillError as err:
         report.fail("data", err.message, err.fix)
         return report
-    report.ok("data", f"{config.data}: {len(records)} records")
+    responses = "with teacher responses" if config.needs_responses() else "prompts (responses not needed)"
+    report.ok("data", f"{config.data}: {len(records)} records, {responses}")
     check_lengths(report, config, tokenizer, records)
-    if config.method != "opd":  # the other methods have no white-box teacher
-        return report
-    teachers = {"": (config.teacher or ("" if config.lora_r else config.student), "")} if not config.teacher_url else \
-        {"": (config.teacher_model, config.teacher_url)}
-    teachers.update({name: teacher_spec(spec, f"teachers.{name}") for name, spec in config.teachers.items()})
-    used = {record.meta.get("teacher") or "" for record in records}
-    unknown = sorted(name for name in used if isinstance(name, str) and name and name not in teachers)
-    if unknown:
-        report.fail("teacher names", f"records name teachers the config lacks: {', '.join(unknown)}",
-                    "add them to `teachers:` (name: model or URL#model), or fix the records' `teacher` fields")
-    probe = records[0]
-    for name, (model, url) in teachers.items():
-        if name not in used or (not model and not url):
-            continue  # unused, or the LoRA student's own base weights (the same tokenizer by construction)
-        label = f"teacher {name or '(default)'}"
-        if url:
-            check_remote(report, label, url, model, config, tokenizer, probe)
-            continue
-        try:
-            teacher_tokenizer = load_tokenizer(model, chat_template=config.chat_template, trust_remote_code=config.trust_remote_code)
-        except OpdistillError as err:
-            report.fail(label, err.message, err.fix)
-            continue
-        check_local(report, label, model, config, tokenizer, teacher_tokenizer, probe)
+    config.preflight(report, tokenizer, records)
     return report
-
-
-def needs_responses(config: RunConfig) -> bool:
-    return config.method == "seqkd" or (config.method == "opd" and config.on_policy_ratio < 1.0)
 
 
 def check_lengths(report: CheckReport, config: RunConfig, tokenizer: Any, records: list[Record]) -> None:
@@ -129,9 +105,9 @@ def model_config_value(name: str, key: str, trust_remote_code: bool) -> Any:
     return getattr(config, key, None) or getattr(config.get_text_config(), key, None)
 
 
-def probe_ids(tokenizer: Any, record: Record, config: Any) -> list[int]:
-    """The teacher's view of the first record plus a short assistant reply, rendered by `tokenizer`'s template."""
-    messages = teacher_messages(record, config.teacher_system, config.teacher_template) + [{"role": "assistant", "content": PROBE_REPLY}]
+def probe_ids(tokenizer: Any, probe: Record) -> list[int]:
+    """The probe (what the teacher reads for one record) plus a short assistant reply, rendered by `tokenizer`'s template."""
+    messages = probe.messages + [{"role": "assistant", "content": PROBE_REPLY}]
     return tokenizer(tokenizer.apply_chat_template(messages, tokenize=False), add_special_tokens=False)["input_ids"]
 
 
@@ -149,14 +125,24 @@ def eos_ids(tokenizer: Any, name: str, trust_remote_code: bool) -> set[int]:
     return ids | set(extra if isinstance(extra, list) else [extra] if extra is not None else [])
 
 
-def check_local(report: CheckReport, label: str, name: str, config: Any, student: Any, teacher: Any, probe: Record) -> None:
-    """Vocabulary (ids and padded sizes), EOS and pad tokens, and the chat template of a local teacher."""
+def check_local(report: CheckReport, label: str, name: str, config: RunConfig, student: Any, probe: Record) -> None:
+    """Vocabulary (ids and padded sizes), EOS and pad tokens, and the chat template of a local white-box teacher (or
+    tutor) `name` against the student's tokenizer. `probe` is what the teacher reads for one record (Record with
+    the teacher's messages): both templates render it."""
+    from .models import load_tokenizer
+
+    try:
+        teacher = load_tokenizer(name, chat_template=config.chat_template, trust_remote_code=config.trust_remote_code)
+    except OpdistillError as err:
+        report.fail(label, err.message, err.fix)
+        return
     student_vocab, teacher_vocab = student.get_vocab(), teacher.get_vocab()
     if student_vocab != teacher_vocab:
         differing = sorted(t for t in set(student_vocab) | set(teacher_vocab) if student_vocab.get(t) != teacher_vocab.get(t))
         report.fail(f"{label} vocabulary", f"{name} has a different vocabulary: it maps {len(differing)} token(s) differently from the student (e.g. {differing[0]!r}); "
                     f"{len(teacher_vocab)} vs {len(student_vocab)} tokens",
-                    "token-level divergences need one tokenizer: pick a teacher of the student's family, or method: gad (text only)")
+                    "token-level divergences need one tokenizer: pick a model of the student's family (a teacher of another "
+                    "family: method: gad, which needs only its text)")
         return
     sizes = [model_config_value(n, "vocab_size", config.trust_remote_code) for n in (config.student, name)]
     padded = f"; output layers {sizes[0]} (student) and {sizes[1]} (teacher), sliced to the shared {min(sizes)}" \
@@ -170,7 +156,7 @@ def check_local(report: CheckReport, label: str, name: str, config: Any, student
     else:
         report.ok(f"{label} EOS", f"{student.eos_token!r} (id {student.eos_token_id}); pad {student.pad_token!r} / {teacher.pad_token!r}"
                   + ("" if student_eos == teacher_eos else f"; teacher also stops on {sorted(teacher_eos - student_eos)}"))
-    ours, theirs = probe_ids(student, probe, config), probe_ids(teacher, probe, config)
+    ours, theirs = probe_ids(student, probe), probe_ids(teacher, probe)
     if ours != theirs:
         at = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
         report.fail(f"{label} chat template", f"{name}'s chat template renders {probe.source} differently from the student's "
@@ -191,7 +177,7 @@ def check_remote(report: CheckReport, label: str, url: str, model: str, config: 
 
     key = os.environ.get(config.teacher_api_key_env) if config.teacher_api_key_env else None
     base, k = url.rstrip("/"), max(config.top_k, 1)
-    ids = probe_ids(tokenizer, probe, config)
+    ids = probe_ids(tokenizer, probe)
 
     async def ask() -> Any:
         client = ApiClient(base, key, RetryPolicy(max_attempts=config.teacher_max_attempts, timeout=config.teacher_timeout),
@@ -227,3 +213,27 @@ def check_remote(report: CheckReport, label: str, url: str, model: str, config: 
                     "a white-box teacher needs the student's tokenizer: serve a model of the student's family")
     else:
         report.ok(f"{label} tokenizer", f"same token ids for the rendered probe ({len(ids)} tokens)")
+
+
+def check_domains(report: CheckReport, records: list[Record], known: dict[str, str], per_step: int) -> None:
+    """Every record's `domain` field is a key of `known` (domain value -> the config key that names it and what it
+    means, for the messages), and each domain has at least `per_step` records (a step draws that many of one domain)."""
+    found: dict[str, int] = {}
+    for record in records:
+        found[repr(record.meta.get("domain"))] = found.get(repr(record.meta.get("domain")), 0) + 1
+    seen = ", ".join(f"{value} ({n})" for value, n in found.items())
+    wrong = [f"{r.source}: `domain` is {r.meta.get('domain')!r}" for r in records if r.meta.get("domain") not in known]
+    if wrong:
+        more = f"; ... and {len(wrong) - 3} more" if len(wrong) > 3 else ""
+        report.fail("domains", f"{len(wrong)} record(s) name no configured domain ({'; '.join(wrong[:3])}{more}); the records' "
+                    f"domains: {seen}", "give every record \"domain\": " + " or ".join(f"{d!r} ({meaning})" for d, meaning in known.items())
+                    + ", or set those config keys to the records' values")
+        return
+    short = {domain: found.get(repr(domain), 0) for domain in known if found.get(repr(domain), 0) < per_step}
+    if short:
+        report.fail("domains", f"fewer records than batch_size {per_step} (one step's draw) in domain(s) "
+                    + ", ".join(f"{d!r} ({n})" for d, n in short.items()),
+                    f"lower batch_size to at most {min(found.get(repr(d), 0) for d in known)}, or add records of "
+                    + ", ".join(map(repr, short)))
+        return
+    report.ok("domains", seen)

@@ -1,6 +1,7 @@
 """Run configuration: one dataclass per method, YAML in, `key=value` overrides.
 
-Every field has a default (the SPEC.md reference default where one exists) and a one-line help text
+Every field has a default (the reference default of the method's paper where one exists; each method's config
+class cites its paper) and a one-line help text
 in its metadata; `opdistill train --help-config` prints them. The same dataclasses drive the CLI and
 the Python API.
 """
@@ -14,12 +15,16 @@ import math
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from .errors import ConfigError
 from .registry import METHODS
+
+if TYPE_CHECKING:  # the check and the records are only named in the hooks' signatures
+    from .check import CheckReport
+    from .data import Record
 
 
 def opt(default: Any, help: str) -> Any:
@@ -36,9 +41,11 @@ TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"} 
 class RunConfig:
     """Settings shared by every method: models, data, optimisation, checkpoints and logging."""
 
-    method: str = opt("seqkd", "Training method: one of the registry's (opdistill/registry.py): seqkd, gad, opd, cod.")
+    method: str = opt("seqkd", f"Training method: one of the registry's (opdistill/registry.py): {', '.join(METHODS)}.")
     student: str = opt("smollm2-135m-instruct", "Student model: built-in name, local directory, .gguf file or hub id.")
     data: str = opt("", "Training records: JSONL/Parquet/datasets dir, or builtin:train; `path[a:b]` selects rows a..b-1.")
+    data_built_by: str = opt("", "The command that builds `data` (an example config names its script): the error for a missing "
+                                 "data file says to run it.")
     out_dir: str = opt("runs/train", "Run directory: checkpoints, metrics.jsonl, summary.json and the final student/.")
     seed: int = opt(0, "Seed for data order, sampling and initialisation.")
     lr: float = opt(5e-6, "Peak learning rate (AdamW).")
@@ -49,7 +56,8 @@ class RunConfig:
     warmup_ratio: float = opt(0.05, "Share of the total steps spent warming the learning rate up linearly from 0.")
     max_grad_norm: float = opt(1.0, "Gradient clipping threshold (global L2 norm); 0 disables clipping.")
     batch_size: int = opt(8, "Global batch size in records per optimizer step (all processes, all micro-batches).")
-    micro_batch_size: int = opt(8, "Records per forward/backward pass; batch_size / micro_batch_size = accumulation.")
+    micro_batch_size: int = opt(8, "Records per forward/backward pass; batch_size / micro_batch_size = accumulation. "
+                                   "Larger than batch_size: the whole batch in one pass.")
     epochs: float = opt(4.0, "Passes over the data (used when max_steps is 0).")
     max_steps: int = opt(0, "Optimizer steps to run; 0 means epochs x steps per epoch.")
     max_prompt_tokens: int = opt(2048, "Longest prompt in tokens; longer ones follow `overlong`.")
@@ -123,12 +131,29 @@ class RunConfig:
                                   "set lora_r: 0 with train_mask")
 
     def require_whole_micro_batches(self) -> None:
-        """For methods whose micro-batches split the records of a step."""
+        """For methods whose micro-batches split the records of a step: a micro-batch larger than the batch is the
+        batch (so `batch_size=2` alone works with the default micro_batch_size 8); one that does not divide it is refused."""
+        self.micro_batch_size = min(self.micro_batch_size, self.batch_size)
         if self.batch_size % self.micro_batch_size:
+            divisors = [d for d in range(1, self.batch_size + 1) if self.batch_size % d == 0]
             raise ConfigError(
-                f"batch_size {self.batch_size} is not a multiple of micro_batch_size {self.micro_batch_size}",
-                "choose micro_batch_size dividing batch_size (the rest is gradient accumulation)",
+                f"config field `micro_batch_size`: batch_size {self.batch_size} is not a multiple of micro_batch_size {self.micro_batch_size}",
+                f"set micro_batch_size to a divisor of batch_size ({', '.join(map(str, divisors))}); batch_size / micro_batch_size "
+                "micro-batches are accumulated per step",
             )
+
+    # ------------------------------------------------------------ pre-flight hooks (`opdistill check`, the start of `train`)
+
+    def needs_responses(self) -> bool:
+        """Whether training reads the records' teacher responses: the check then requires one in every record.
+        A method that trains on prompts alone (its own samples) overrides this."""
+        return True
+
+    def preflight(self, report: "CheckReport", tokenizer: Any, records: list["Record"]) -> None:
+        """The method's own pre-flight checks, after the shared ones (data, prompt lengths): add rows with report.ok,
+        report.note and report.fail. Load tokenizers and model configs only, never weights: the check takes seconds.
+        `check.preflight` calls it on the config class the registry names for the method, so a new method's checks
+        live with its config. Nothing to check by default."""
 
 
 ROLLOUT_ENGINES = ("hf", "vllm")  # rollout.engines.ENGINES, kept torch-free here (the CLI reads configs without torch)
@@ -311,11 +336,18 @@ def build_config(values: dict[str, Any], where: str = "config", method: str | No
     return config
 
 
+def method_named(values: dict[str, Any], overrides: list[str], method: str | None = None) -> Any:
+    """The method a command line names: --method, else a `method=` override, else the YAML's `method`, else seqkd.
+    Not checked here (it may be any YAML value): build_config names an unknown one."""
+    named = parse_overrides([pair for pair in overrides if pair.split("=", 1)[0].strip() == "method"]).get("method")
+    return method or named or values.get("method") or "seqkd"
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None, method: str | None = None) -> RunConfig:
     """YAML file (optional) + `key=value` overrides (+ --method) -> a validated config."""
     values = read_yaml(path) if path else {}
     where = str(path) if path else "config"
-    chosen = method or values.get("method") or "seqkd"
+    chosen = method_named(values, overrides or [], method)
     types = _field_types(METHODS[chosen].config()) if isinstance(chosen, str) and chosen in METHODS else None
     values.update(parse_overrides(overrides or [], types))
     if method is not None:
@@ -323,8 +355,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return build_config(values, where=where, method=method)
 
 
-def config_help(method: str = "seqkd") -> str:
-    """A table of every field: name, type, default, help."""
+def config_help(method: str = "seqkd", where: str = "config") -> str:
+    """A table of every field of `method`'s config: name, type, default, help."""
+    if not isinstance(method, str) or method not in METHODS:
+        raise ConfigError(f"{where}: unknown method {method!r}", f"use one of: {', '.join(METHODS)}")
     cls = METHODS[method].config()
     types = _field_types(cls)
     lines = [f"{cls.__name__}: {(cls.__doc__ or '').strip().splitlines()[0]}"]

@@ -192,10 +192,11 @@ def builtin_prompts_path() -> Path:
     return Path(str(resources.files("opdistill") / "prompts" / "builtin.jsonl"))
 
 
-def load_records(spec: str, require_response: bool = False) -> list[Record]:
+def load_records(spec: str, require_response: bool = False, built_by: str = "") -> list[Record]:
     """Load and validate records from `spec` (a path, `path[a:b]`, or builtin:train / builtin:heldout).
 
-    Every bad record is reported (up to MAX_REPORTED) in one DataError.
+    Every bad record is reported (up to MAX_REPORTED) in one DataError. `built_by` is the command that makes the
+    file (a config's `data_built_by`): a missing file's error says to run it.
     """
     path_text, rows = split_slice(spec)
     split = None
@@ -207,6 +208,9 @@ def load_records(spec: str, require_response: bool = False) -> list[Record]:
     else:
         path = Path(path_text)
     if not path.exists():
+        if built_by:
+            raise DataError(f"data file {path} does not exist; the config's `data_built_by` names the command that builds it",
+                            f"run `{built_by}` first (from the repository root), or point `data` at an existing file")
         raise DataError(f"data file {path} does not exist", "pass a .jsonl, .parquet or saved datasets directory")
     records: list[Record] = []
     problems: list[str] = []

@@ -1,4 +1,5 @@
-"""GAD's discriminator (SPEC §2): a causal-LM backbone with a scalar head, scoring (prompt, response)
+"""GAD's discriminator (Ye et al., "Black-Box On-Policy Distillation of Large Language Models",
+arXiv 2511.10643): a causal-LM backbone with a scalar head, scoring (prompt, response)
 at the last non-padding token of the response.
 
 Initialised from the student checkpoint by default (any causal LM works). Position ids are derived from

@@ -4,7 +4,8 @@ losses under gradient accumulation, metrics and progress; checkpoints (checkpoin
 A method (methods/common.py, `Method`) supplies how many steps and one `step` function; its other hooks
 (setup, on_resume, evaluate, save_outputs) do nothing unless it overrides them.
 Token losses are summed per micro-batch and divided by the number of loss tokens in the whole global
-batch (all micro-batches, all processes), so accumulation never changes the loss (SPEC.md, notation).
+batch (all micro-batches, all processes), so accumulation never changes the loss (averaging per micro-batch instead, a known
+gradient-accumulation bug, weights the tokens of short micro-batches more).
 """
 
 from __future__ import annotations

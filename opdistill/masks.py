@@ -1,4 +1,5 @@
-"""Masks of weight coordinates: the file format, and sparse-subnetwork training (SPEC §4).
+"""Masks of weight coordinates: the file format, and sparse-subnetwork training ("Dense Supervision,
+Sparse Updates", arXiv 2606.13657).
 
 A mask is a safetensors file of bool tensors named like the model's parameters (`opdistill analyze
 --save-mask MASK` writes one: True where the tuned weight differs from the base). `train_mask: MASK` in

@@ -1,4 +1,4 @@
-"""Update-geometry analysis and sparse-subnetwork training (SPEC §4): every metric on a planted update with a
+"""Update-geometry analysis and sparse-subnetwork training (arXiv 2606.13657, 2511.08567): every metric on a planted update with a
 known answer, streaming == in-memory, randomised == exact SVD on a low-rank matrix, the CLI's outputs, and
 masked training that leaves unmasked weights bitwise unchanged."""
 

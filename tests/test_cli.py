@@ -55,6 +55,42 @@ def test_help_config_lists_fields() -> None:
         assert f"  {key} (" in result.stdout, key
 
 
+@pytest.mark.parametrize("command_line, config_class, own_key", [
+    (["{config}"], "GADConfig", "n_samples"),               # the config file's method
+    (["{config}", "method=opd"], "OPDConfig", "divergence"),  # a method= override wins over the file
+    (["{config}", "--method", "cod"], "CoDConfig", "peer"),   # --method wins over both
+    (["method=seqkd"], "SeqKDConfig", "micro_batch_size"),
+])
+def test_help_config_lists_the_keys_of_the_method_the_command_line_names(command_line, config_class, own_key, tmp_path, capsys) -> None:
+    from opdistill.cli import main
+
+    config = tmp_path / "gad.yaml"
+    config.write_text("method: gad\ndata: d.jsonl\n", encoding="utf-8")
+    assert main(["train", *[part.format(config=config) for part in command_line], "--help-config"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"{config_class}:") and f"  {own_key} (" in out
+    if config_class != "GADConfig":
+        assert "  n_samples (" not in out
+
+
+def test_help_config_names_an_unknown_method(tmp_path, capsys) -> None:
+    from opdistill.cli import main
+
+    config = tmp_path / "run.yaml"
+    config.write_text("method: gda\n", encoding="utf-8")
+    assert main(["train", str(config), "--help-config"]) == 2
+    err = capsys.readouterr().err
+    assert f"{config}: unknown method 'gda'" in err and "seqkd, gad, opd, cod" in err
+
+
+def test_top_level_help_lists_every_registered_method() -> None:
+    from opdistill.cli import build_parser
+    from opdistill.registry import METHODS
+
+    train_help = next(a for a in build_parser()._subparsers._group_actions[0]._choices_actions if a.dest == "train").help
+    assert all(name in train_help for name in METHODS) and "method: seqkd" not in train_help
+
+
 def assert_clean_error(result: subprocess.CompletedProcess, *needles: str) -> None:
     assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)
     assert "Traceback" not in result.stderr and "Traceback" not in result.stdout

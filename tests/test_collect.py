@@ -203,3 +203,40 @@ def test_kill_9_mid_run_then_rerun_completes_without_duplicates(tmp_path, fault_
     finally:
         server_proc.kill()
         server_proc.wait()
+
+
+# ---------------------------------------------------------------- an unreachable teacher: refused, unresolved or timed out
+
+
+def unreachable_options(url: str, prompts: Path, out: Path, **kw) -> CollectOptions:
+    return CollectOptions(prompts=str(prompts), out=str(out), teacher_model="stub-model", teacher_url=url, progress=False,
+                          max_attempts=1, concurrency=1, **kw)
+
+
+def test_a_refused_connection_is_named_with_its_address(tmp_path):
+    import socket
+
+    with socket.socket() as probe:  # a port that was free a moment ago: nothing listens there
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    summary = collect(unreachable_options(f"http://127.0.0.1:{port}/v1", write_prompts(tmp_path / "p.jsonl", 2), tmp_path / "out.jsonl"))
+    assert summary.failed == 2 and summary.errors == {"connection": 2}
+    assert f"refused by 127.0.0.1:{port}" in summary.first_failure and "server started" in summary.first_failure
+    assert any(line.startswith("first failure: connection: refused") for line in summary.lines())
+    failures = [json.loads(line) for line in (tmp_path / "out.jsonl.failures.jsonl").read_text().splitlines()]
+    assert all("refused" in row["reason"] for row in failures)
+
+
+def test_an_unresolvable_host_is_named_as_a_dns_failure(tmp_path):
+    # .invalid never resolves (RFC 6761), with or without a network
+    summary = collect(unreachable_options("http://no-such-teacher.invalid/v1", write_prompts(tmp_path / "p.jsonl", 1), tmp_path / "out.jsonl"))
+    assert summary.errors == {"connection": 1}
+    assert "cannot resolve host 'no-such-teacher.invalid'" in summary.first_failure and "DNS" in summary.first_failure
+
+
+def test_a_server_that_never_answers_is_named_as_timed_out(server_factory, tmp_path):
+    server = server_factory(script=["timeout"], timeout_sleep=2.0)
+    prompts = write_prompts(tmp_path / "p.jsonl", 1)
+    summary = collect(options(server, prompts, tmp_path / "out.jsonl", max_attempts=1, concurrency=1, timeout=0.3))
+    assert summary.errors == {"timeout": 1}
+    assert f"127.0.0.1:{server.server_address[1]} sent no answer within 0.3 s (timed out" in summary.first_failure

@@ -125,6 +125,32 @@ def test_batch_not_multiple_of_micro_batch() -> None:
     assert load_config(None, ["data=d.jsonl", "batch_size=12", "micro_batch_size=4"]).batch_size == 12
 
 
+@pytest.mark.parametrize("method, extra", [("seqkd", []), ("opd", []), ("cod", ["peer=p"])])
+def test_a_micro_batch_larger_than_the_batch_is_the_batch(method: str, extra: list[str]) -> None:
+    base = ["data=d.jsonl", f"method={method}", *extra]
+    config = load_config(None, base + ["batch_size=2"])  # micro_batch_size keeps its default 8
+    assert (config.batch_size, config.micro_batch_size) == (2, 2)
+    assert load_config(None, base + ["batch_size=3", "micro_batch_size=5"]).micro_batch_size == 3
+    assert load_config(None, base + ["batch_size=16"]).micro_batch_size == 8  # dividing sizes are kept as given
+    err = config_error(None, base + ["batch_size=6", "micro_batch_size=4"])  # smaller but not a divisor: still refused
+    assert "`micro_batch_size`" in str(err) and "batch_size 6" in str(err) and "1, 2, 3, 6" in (err.fix or "")
+
+
+def test_gad_micro_batches_count_sequences_and_any_batch_size_is_accepted() -> None:
+    # GAD splits batch_size x n_samples sequences into micro-batches of micro_batch_size: nothing to divide.
+    config = load_config(None, ["data=d.jsonl", "method=gad", "batch_size=2"])
+    assert (config.batch_size, config.micro_batch_size) == (2, 8)
+
+
+def test_training_with_batch_size_2_alone_runs(tiny_model: Path, selfinstruct: Path, tmp_path: Path) -> None:
+    from opdistill.methods import train
+
+    config = load_config(None, [f"student={tiny_model}", f"data={selfinstruct}[:4]", f"out_dir={tmp_path}", "batch_size=2", "max_steps=2",
+                                "max_response_tokens=8", "precision=fp32"])
+    assert train(config)["steps"] == 2
+    assert "micro_batch_size: 2" in (tmp_path / "config.yaml").read_text()  # the run records the size it used
+
+
 def test_empty_data_is_an_error(tmp_path: Path) -> None:
     assert "`data`" in str(config_error(None, []))
     assert "`data`" in str(config_error(write(tmp_path, "lr: 1.0e-5\n")))
@@ -235,3 +261,16 @@ def test_the_registry_is_the_one_list_of_methods():
     train_parser = build_parser()._subparsers._group_actions[0].choices["train"]
     method_option = next(a for a in train_parser._actions if a.dest == "method")
     assert list(method_option.choices) == list(METHODS)
+
+
+def test_every_example_config_is_valid():
+    """The example configs users copy: each one loads and passes its method's checks (data files are not read)."""
+    from opdistill.config import load_config
+
+    examples = sorted((Path(__file__).resolve().parents[1] / "examples").glob("*.yaml"))
+    assert any(p.name == "gad_paper_gpu.yaml" for p in examples)
+    for path in examples:
+        config = load_config(str(path), [])
+        assert config.method in ("seqkd", "gad", "opd", "cod"), path
+    paper = load_config(str(examples[[p.name for p in examples].index("gad_paper_gpu.yaml")]), [])
+    assert (paper.lr, paper.d_lr, paper.batch_size, paper.n_samples, paper.temperature, paper.max_response_tokens) == (1e-6, 1e-6, 256, 8, 0.8, 1536)

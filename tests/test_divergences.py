@@ -1,4 +1,4 @@
-"""Every divergence against a float64 brute-force reference written from the SPEC's formulas (values and
+"""Every divergence against a float64 brute-force reference written from the papers' formulas (values and
 gradients), plus the identities the module promises."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ def kl(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 
 def brute_force(student: torch.Tensor, teacher: torch.Tensor, kind: str, beta: float = 0.0, alpha: float = 0.1,
                 temperature: float = 1.0) -> torch.Tensor:
-    """Probability-space formulas in float64, one line per kind (SPEC §3)."""
+    """Probability-space formulas in float64, one line per kind (GKD arXiv 2306.13649, DistiLLM, Veto arXiv 2601.07155)."""
     ps = torch.softmax(student.double() / temperature, -1)
     pt = torch.softmax(teacher.double() / temperature, -1)
     if kind == "fkl":

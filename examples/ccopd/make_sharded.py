@@ -1,4 +1,5 @@
-"""Sharded multi-turn records for CCOPD from the Self-Instruct prompts (../shared/data, never copied here).
+"""Sharded multi-turn records for CCOPD from the Self-Instruct prompts (../shared/data, never copied here; docs/data.md
+says where it comes from).
 
 CCOPD (Lin et al., "Same Evidence, Different Answers: Canonical-Context On-Policy Distillation for
 Multi-Turn Language Models", arXiv 2605.30251) trains a student that receives a task's evidence turn by
@@ -99,7 +100,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.max_shards < 2:
         parser.error("--max-shards must be >= 2")
     if not args.source.is_file():
-        raise SystemExit(f"{args.source} does not exist: pass --source PATH to the Self-Instruct JSONL")
+        raise SystemExit(f"{args.source} does not exist: pass --source PATH to the Self-Instruct JSONL "
+                         "(docs/data.md says where it comes from)")
     records = [r for _, row in read_rows(args.source) if (r := sharded_record(row, args.max_shards)) is not None]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with open(args.out, "w", encoding="utf-8") as handle:

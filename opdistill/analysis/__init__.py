@@ -1,4 +1,5 @@
-"""Update-geometry analysis: what fine-tuning did to the weights (SPEC §4).
+"""Update-geometry analysis: what fine-tuning did to the weights, after
+"Dense Supervision, Sparse Updates" (arXiv 2606.13657) and "The Path Not Taken" (arXiv 2511.08567).
 
 `updates.py` streams two checkpoints (`checkpoint.py`) through the per-tensor metrics of `tensor.py` (built on
 the pure tensor functions of `metrics.py`) and sums them up (`aggregate.py`); `names.py` reads module types

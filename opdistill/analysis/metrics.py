@@ -1,4 +1,5 @@
-"""Pure tensor functions for the update-geometry metrics of SPEC §4. No I/O, no models.
+"""Pure tensor functions for the update-geometry metrics of "Dense Supervision, Sparse Updates"
+(arXiv 2606.13657) and "The Path Not Taken" (arXiv 2511.08567). No I/O, no models.
 
 Every function takes the base weight W, the tuned weight Ŵ or the update ΔW = Ŵ − W as float64 tensors
 (the caller converts), so an exact difference of two float32 or bf16 checkpoints stays exact. Each one is

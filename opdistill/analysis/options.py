@@ -13,7 +13,8 @@ if TYPE_CHECKING:
 
 @dataclass
 class AnalysisOptions:
-    """Knobs of the analysis; the defaults are SPEC §4's."""
+    """Knobs of the analysis; the defaults are those of "Dense Supervision, Sparse Updates" (arXiv 2606.13657)
+    and "The Path Not Taken" (arXiv 2511.08567)."""
 
     eta: float = 1e-3  # bf16-aware tolerance: unchanged iff |ŵ − w| ≤ η·max(|w|, |ŵ|)
     abs_threshold: float = 1e-5  # absolute definition: unchanged iff |Δ| < threshold

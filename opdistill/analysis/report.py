@@ -158,7 +158,7 @@ def render_report(summary: Mapping[str, Any], spectra: Mapping[str, torch.Tensor
         "<h1>What fine-tuning did to the weights</h1>",
         f"<p>BASE <code>{html.escape(str(summary.get('base', '')))}</code> → TUNED <code>{html.escape(str(summary.get('tuned', '')))}</code>; "
         f"{g['tensors_analysed']} tensors, {g['numel']:,} coordinates, {summary.get('seconds', 0):.0f} s. "
-        "Definitions: docs/analysis.md (SPEC §4).</p>",
+        "Definitions: docs/analysis.md (after arXiv 2606.13657 and 2511.08567).</p>",
         "<h2>Global</h2>",
     ]
     keys = ["relative_update", "sparsity_bf16", f"sparsity_abs_{abs_key}", "changed_density", "energy_top_0.1pct", "energy_top_1pct",

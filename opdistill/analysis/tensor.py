@@ -1,5 +1,5 @@
-"""Every SPEC §4 metric of one tensor pair (BASE w, TUNED ŵ): sparsity, concentration, mask enrichment,
-and for 2-D tensors the spectrum of ΔW and the alignment of the principal subspaces."""
+"""Every update-geometry metric (docs/analysis.md) of one tensor pair (BASE w, TUNED ŵ): sparsity, concentration,
+mask enrichment, and for 2-D tensors the spectrum of ΔW and the alignment of the principal subspaces."""
 
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ class TensorResult:
 
 
 def analyze_tensor(name: str, base: torch.Tensor, tuned: torch.Tensor, options: AnalysisOptions, seed: int = 0) -> TensorResult:
-    """Every SPEC §4 metric of one tensor pair (float64 on options' device)."""
+    """Every update-geometry metric of one tensor pair (float64 on options' device)."""
     device = options.torch_device()
     w = base.to(device=device, dtype=torch.float64)
     w_hat = tuned.to(device=device, dtype=torch.float64)

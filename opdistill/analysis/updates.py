@@ -1,4 +1,5 @@
-"""What fine-tuning did to the weights: the Python API behind `opdistill analyze` (SPEC §4).
+"""What fine-tuning did to the weights: the Python API behind `opdistill analyze` (after
+"Dense Supervision, Sparse Updates" (arXiv 2606.13657) and "The Path Not Taken" (arXiv 2511.08567)).
 
 Two Hugging Face safetensors checkpoints are read tensor by tensor (`checkpoint.py`), so only about two
 tensors (plus their float64 difference) are in memory at a time and a model larger than memory can be

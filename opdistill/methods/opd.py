@@ -1,4 +1,5 @@
-"""White-box on-policy distillation (SPEC §3).
+"""White-box on-policy distillation: GKD (Agarwal et al., "On-Policy Distillation of Language Models: Learning from
+Self-Generated Mistakes", arXiv 2306.13649) and its family (docs/opd.md cites each divergence's and horizon's paper).
 
 Each step: the student samples responses to its prompts (up to the step's rollout horizon) → the teacher
 scores the same response tokens under its own context (the student's, or a privileged one: an extra
@@ -20,8 +21,9 @@ from typing import Any
 
 import torch
 
+from ..check import CheckReport, check_local, check_remote
 from ..config import OnPolicyConfig, check_choice, check_divergence_settings, opt, teacher_spec
-from ..data import (Example, chunks, collate, data_order, ends_with_eos, fit_prompt, load_records, render_prompt, response_ids,
+from ..data import (Example, Record, chunks, collate, data_order, ends_with_eos, fit_prompt, load_records, render_prompt, response_ids,
                     teacher_messages, total_steps_for)
 from ..engine import Engine
 from ..errors import ConfigError, DataError
@@ -40,7 +42,7 @@ SAMPLED_ESTIMATORS = ("k1", "k3", "reward")
 
 @dataclass
 class OPDConfig(OnPolicyConfig):
-    """White-box on-policy distillation (SPEC §3): the student samples, a local teacher scores the same
+    """White-box on-policy distillation (GKD, arXiv 2306.13649): the student samples, a local teacher scores the same
     tokens under its own (possibly privileged) context, and a token-level divergence is minimised.
 
     Peer defaults for reference: TRL's on-policy trainer uses reverse KL, lr 1e-6, T 1.0; Veto's
@@ -130,6 +132,31 @@ class OPDConfig(OnPolicyConfig):
     def has_remote_teacher(self) -> bool:
         return bool(self.teacher_url) or any(teacher_spec(spec)[1] for spec in self.teachers.values())
 
+    def needs_responses(self) -> bool:
+        """The data's responses are trained on only in the off-policy steps (on_policy_ratio < 1)."""
+        return self.on_policy_ratio < 1.0
+
+    def preflight(self, report: CheckReport, tokenizer: Any, records: list[Record]) -> None:
+        """Records name only configured teachers; each teacher the records use has the student's vocabulary, EOS and chat
+        template (a local one), or serves top-k prompt log-probs and tokenises like the student (a remote one)."""
+        default = (self.teacher_model, self.teacher_url) if self.teacher_url else (self.teacher or ("" if self.lora_r else self.student), "")
+        teachers = {"": default, **{name: teacher_spec(spec, f"teachers.{name}") for name, spec in self.teachers.items()}}
+        used = {record.meta.get("teacher") or "" for record in records}
+        unknown = sorted(name for name in used if isinstance(name, str) and name and name not in teachers)
+        if unknown:
+            report.fail("teacher names", f"records name teachers the config lacks: {', '.join(unknown)}",
+                        "add them to `teachers:` (name: model or URL#model), or fix the records' `teacher` fields")
+        first = records[0]
+        probe = Record(messages=teacher_messages(first, self.teacher_system, self.teacher_template), source=first.source)
+        for name, (model, url) in teachers.items():
+            if name not in used or (not model and not url):
+                continue  # unused, or the LoRA student's own base weights (the same tokenizer by construction)
+            label = f"teacher {name or '(default)'}"
+            if url:
+                check_remote(report, label, url, model, self, tokenizer, probe)
+            else:
+                check_local(report, label, model, self, tokenizer, probe)
+
 
 def beta_at(step: int, total_steps: int, start: float, end: float) -> float:
     """Veto's β, linear from start (first step) to end (last step); constant when end < 0."""
@@ -143,7 +170,7 @@ class OPD(Method):
         self.config = config
         self.tokenizer = tokenizer
         self.pad_id = tokenizer.pad_token_id
-        records = load_records(config.data, require_response=config.on_policy_ratio < 1.0)
+        records = load_records(config.data, require_response=config.needs_responses())
         self.student_prompts: list[list[int]] = []
         self.teacher_prompts: list[list[int]] = []
         self.responses: list[list[int]] = []

@@ -1,4 +1,5 @@
-"""SeqKD (SPEC §1): cross-entropy on teacher responses, loss on response tokens only."""
+"""SeqKD (Kim & Rush, "Sequence-Level Knowledge Distillation", arXiv 1606.07947): cross-entropy on teacher responses,
+loss on response tokens only."""
 
 from __future__ import annotations
 
@@ -15,9 +16,10 @@ from .common import Method, response_nll_sum, response_tokens
 
 @dataclass
 class SeqKDConfig(RunConfig):
-    """SeqKD (SPEC §1): cross-entropy on teacher responses, loss on response tokens only.
+    """SeqKD (Kim & Rush, arXiv 1606.07947): cross-entropy on teacher responses, loss on response tokens only.
 
-    Reference defaults from the GAD paper's baseline: 4 epochs, lr 5e-6.
+    Reference defaults from the SeqKD baseline of the GAD paper (Ye et al., "Black-Box On-Policy Distillation of Large
+    Language Models", arXiv 2511.10643): 4 epochs, lr 5e-6.
     """
 
     method: str = opt("seqkd", "Training method.")

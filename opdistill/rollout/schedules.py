@@ -1,4 +1,5 @@
-"""What a step samples with: per-sample random streams and rollout horizons (SPEC §3)."""
+"""What a step samples with: per-sample random streams and rollout horizons ("Are Full Rollouts Necessary for On-Policy
+Distillation?", arXiv 2605.31490)."""
 
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ def rollout_seeds(seed: int, step: int, record_indices: list[int]) -> list[int]:
 
 def horizon_at(step: int, kind: str, max_tokens: int, *, ratio: float = 0.0, tokens: int = 0,
                start: int = 0, increment: int = 0, every: int = 1) -> int:
-    """Rollout length at optimizer step `step` (0-based) under a horizon schedule (SPEC §3, arXiv 2605.31490).
+    """Rollout length at optimizer step `step` (0-based) under a horizon schedule (TOPD / POPD, arXiv 2605.31490).
 
     full: max_tokens. truncated (TOPD): H = ratio · max_tokens when ratio > 0, else the fixed `tokens`.
     progressive (POPD): H_k = min(max_tokens, start + increment · floor(k / every)). Always at least 1.

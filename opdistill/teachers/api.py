@@ -1,6 +1,7 @@
 """OpenAI-compatible chat-completions teacher: async, bounded concurrency, retries with back-off.
 
-Retried: HTTP 408/409/429/5xx, time-outs, dropped connections, malformed bodies. Delay: the server's
+Retried: HTTP 408/409/429/5xx, time-outs, refused or dropped connections, malformed bodies (a failure's reason
+says which: `transport_reason`). Delay: the server's
 Retry-After when given, else exponential back-off with jitter. Each request has its own retry budget
 (`max_attempts`); once spent, the failure is recorded and the run goes on. 401/403 stop the run: every
 other request would fail the same way. The API key is read from the environment and only ever placed in
@@ -12,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import random
+import socket
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, TypeVar
@@ -129,10 +131,8 @@ class ApiClient:
             server_delay: float | None = None
             try:
                 response = await self._client.post(self.base_url + path, json=payload)
-            except httpx.TimeoutException:
-                reason = "timeout"
-            except httpx.TransportError as err:  # refused, reset, dropped mid-body
-                reason = f"connection: {type(err).__name__}"
+            except httpx.TransportError as err:  # timed out, refused, unresolved, reset, dropped mid-body
+                reason = transport_reason(err, self.base_url + path, self.policy.timeout)
             else:
                 status = response.status_code
                 if status in (401, 403):
@@ -158,6 +158,32 @@ class ApiClient:
                 delay = min(max(delay, server_delay), self.policy.max_retry_after)
             await asyncio.sleep(delay)
         raise RequestFailed(reason, self.policy.max_attempts)
+
+
+def transport_reason(err: httpx.TransportError, url: str, timeout: float) -> str:
+    """A failed request's reason, saying which of refused / unresolved (DNS) / timed out / dropped it was, so the user
+    knows whether to start the server, fix the host name, or wait. The part before ':' is the error kind counted in
+    ApiStats (timeout or connection)."""
+    where = httpx.URL(url)
+    address = f"{where.host}:{where.port or (443 if where.scheme == 'https' else 80)}"
+    if isinstance(err, httpx.ConnectTimeout):
+        return f"timeout: no connection to {address} within {timeout:g} s (timed out: host down, firewalled or unreachable)"
+    if isinstance(err, httpx.ReadTimeout):
+        return f"timeout: {address} sent no answer within {timeout:g} s (timed out; raise the timeout for a slow model)"
+    if isinstance(err, httpx.TimeoutException):
+        return f"timeout: {address} timed out ({type(err).__name__}, {timeout:g} s)"
+    causes: list[BaseException] = []
+    cause: BaseException | None = err
+    while cause is not None and len(causes) < 8:  # httpx -> httpcore -> OSError -> the socket's own error
+        causes.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    if any(isinstance(c, socket.gaierror) for c in causes):
+        return f"connection: cannot resolve host {where.host!r} (DNS lookup failed: check the host name in the URL)"
+    if any(isinstance(c, ConnectionRefusedError) for c in causes):
+        return f"connection: refused by {address} (nothing listens there: is the server started, on this port?)"
+    if isinstance(err, httpx.ConnectError):
+        return f"connection: cannot connect to {address} ({err or type(err).__name__})"
+    return f"connection: {address} dropped the connection ({type(err).__name__})"  # reset, closed mid-body
 
 
 class ChatCompletionsTeacher(ApiClient):

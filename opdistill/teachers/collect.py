@@ -52,6 +52,7 @@ class CollectSummary:
     completion_tokens: int = 0
     seconds: float = 0.0
     errors: dict[str, int] = field(default_factory=dict)
+    first_failure: str = ""  # the reason of the first request that failed for good (refused, DNS, timed out, HTTP ...)
     interrupted: bool = False
 
     def lines(self) -> list[str]:
@@ -59,7 +60,7 @@ class CollectSummary:
             f"responses: {self.already_stored + self.stored}/{self.total} stored ({self.stored} new, {self.already_stored} from earlier runs), {self.failed} failed",
             f"requests sent: {self.requests} ({self.retries} retries); tokens: {self.prompt_tokens} prompt + {self.completion_tokens} completion",
             f"time: {self.seconds:.1f} s" + (f"; errors: {self.errors}" if self.errors else ""),
-        ]
+        ] + ([f"first failure: {self.first_failure}"] if self.first_failure else [])
 
 
 def _validate(opts: CollectOptions) -> None:
@@ -137,6 +138,7 @@ async def _collect_api(opts: CollectOptions, records: list[Record], keys: list[l
                 done = await client.complete(record.with_system(opts.system), sampling)
             except RequestFailed as failure:
                 summary.failed += 1
+                summary.first_failure = summary.first_failure or failure.reason
                 store.add_failure({"key": keys[p][s], "source": record.source, "sample_index": s,
                                    "reason": failure.reason, "attempts": failure.attempts, "time": time.time()})
             else:
