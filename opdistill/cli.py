@@ -276,6 +276,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--judge-concurrency", type=int, default=8, help="judge requests in flight (default 8)")
     e.add_argument("--judge-retries", type=int, default=2, help="re-asks of a judge reply that does not parse (default 2); then it is counted as unparsed")
     e.add_argument("--judge-max-tokens", type=int, default=256, help="max tokens of a judge reply (default 256)")
+    e.add_argument("--judge-logits", action="store_true", help="--judge-local: the pairwise verdict is the judge's P(A) against P(B) "
+                   "after 'Verdict:', one forward pass per order, averaged over both orders (nothing to parse; position bias cancels)")
+    e.add_argument("--judge-calibration", type=int, default=6, metavar="N",
+                   help="pairs per kind with a known better answer (GSM8K, HumanEval, degraded references) on which the judge's "
+                        "accuracy is measured and printed with every judged table (default 6 per kind, 7 kinds; needs --data-dir; 0: off)")
     e.add_argument("--pairwise", action="append", default=[], metavar="X:Y", help="pairwise judge comparison of two model labels, both orders per prompt")
     e.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     e.set_defaults(func=_eval)

@@ -214,10 +214,11 @@ def eval_section(metrics: dict[str, Any]) -> list[str]:
         if result.get("pairwise"):
             parts.append("<h4>Pairwise (judge, both orders per prompt; an order-dependent verdict counts as a tie)</h4>")
             parts.append(table([[f"{p['x']} vs {p['y']}", p["n"], p["wins"], p["ties"], p["losses"], p["win_rate"],
-                                 f"[{p['ci_low']:.2f}, {p['ci_high']:.2f}]" if p["n"] else None, p["order_consistency"], p["unparsed"], p["failed"]]
+                                 f"[{p['ci_low']:.2f}, {p['ci_high']:.2f}]" if p["n"] else None, p.get("lc_win_rate"),
+                                 p["order_consistency"], p["unparsed"], p["failed"]]
                                 for p in result["pairwise"]],
-                               ["pair (X vs Y)", "prompts", "X wins", "ties", "X losses", "X win rate", "95% interval", "order consistency",
-                                "unparsed", "failed"]))
+                               ["pair (X vs Y)", "prompts", "X wins", "ties", "X losses", "X win rate", "95% interval",
+                                "length-controlled win rate", "order consistency", "unparsed", "failed"]))
     return parts
 
 
@@ -285,6 +286,12 @@ def render_report(runs: list[RunData]) -> str:
             sampling = run.metrics.get("sampling")
             if sampling:
                 parts.append(f"<p>Sampling (the same for every model): {html.escape(json.dumps(sampling))}.</p>")
+            judge = run.metrics.get("judge")
+            if judge:
+                from .evaluate.calibration import calibration_line
+
+                parts.append(f"<p>Judge: <code>{html.escape(str(judge.get('name')))}</code> ({html.escape(str(judge.get('method', 'text')))} "
+                             f"verdicts). {html.escape(calibration_line(judge.get('calibration')))}.</p>")
             parts += eval_section(run.metrics)
     histories = {run.name: run.history for run in runs if run.history}
     curves = curves_png(histories)

@@ -7,6 +7,8 @@
     1 (win), 0.5 (tie) or 0 (loss); a prompt's outcome is the mean of its two orders, so a verdict that flips
     with the order counts as a tie (a judge that always picks the first answer scores exactly 0.5). The win
     rate is the mean outcome; its 95% interval is mean ± 1.96·s/√n (normal approximation, sample std s).
+(c) Logit verdicts (local judges): P(A) from the verdict token's logits after a forced "Verdict:", one forward pass
+    per order; a prompt's outcome is the order-averaged probability (judge_stats). Calibration: calibration.py.
 
 Every judge reply is cached in DIR/judge.jsonl (flushed and fsynced per line) keyed by the judge and the
 exact request, so a rerun never pays twice. A reply that does not parse is asked again (up to `retries`
@@ -18,7 +20,6 @@ rerun asks again.
 from __future__ import annotations
 
 import asyncio
-import math
 import re
 import sys
 from dataclasses import dataclass
@@ -28,6 +29,9 @@ from typing import Any, Callable, Protocol
 from tqdm import tqdm
 
 from ..teachers.store import JsonlLog, content_key
+from .judge_stats import (
+    VERDICT_PREFIX, Lengths, last_token_logits, length_controlled, verdict_probability, verdict_prompt_ids, verdict_token_ids, win_rate,
+)
 
 SYSTEM = "You are a careful, impartial judge of answers to user questions."
 
@@ -110,19 +114,6 @@ def prompt_outcome(verdict_x_first: str, verdict_y_first: str) -> float:
     return (order_outcome(verdict_x_first, True) + order_outcome(verdict_y_first, False)) / 2
 
 
-def win_rate(outcomes: list[float]) -> dict[str, float | int | None]:
-    """Wins (both orders for X), losses (both for Y), ties (everything else), the mean and its 95% interval."""
-    n = len(outcomes)
-    if not n:
-        return {"n": 0, "wins": 0, "ties": 0, "losses": 0, "win_rate": None, "ci_low": None, "ci_high": None}
-    mean = sum(outcomes) / n
-    std = math.sqrt(sum((o - mean) ** 2 for o in outcomes) / (n - 1)) if n > 1 else 0.0
-    half = 1.96 * std / math.sqrt(n)
-    return {"n": n, "wins": sum(o == 1.0 for o in outcomes), "ties": sum(0.0 < o < 1.0 for o in outcomes),
-            "losses": sum(o == 0.0 for o in outcomes), "win_rate": mean,
-            "ci_low": max(0.0, mean - half), "ci_high": min(1.0, mean + half)}
-
-
 # ---------------------------------------------------------------- judges
 
 
@@ -189,10 +180,12 @@ class LocalJudge:
 
         self.name = f"local:{model}"
         self.teacher = LocalTextTeacher(model, precision=precision, batch_size=batch_size)
-        self.max_tokens, self.seed = max_tokens, seed
+        self.max_tokens, self.seed, self.batch_size = max_tokens, seed, batch_size
         self.failures: list[str] = []
         self.requests = 0
         self.retries = 0
+        self.forward_passes = 0  # batches scored by pair_probabilities (the tests count them to prove caching)
+        self._verdict_ids: tuple[list[int], list[int]] | None = None
 
     def reply_all(self, requests: list[list[dict[str, str]]], temperature: float,
                   on_reply: Callable[[int, str | None], None] = lambda index, reply: None) -> list[str | None]:
@@ -210,6 +203,37 @@ class LocalJudge:
                 on_reply(sample.prompt_index, sample.text)
         self.requests += len(records)
         return replies
+
+    def pair_probabilities(self, requests: list[list[dict[str, str]]],
+                           on_result: Callable[[int, float], None] = lambda index, p: None) -> list[float]:
+        """P(A): the probability that the first answer is better, for each pair_messages request, from one forward
+        pass (see "logit verdicts" below). Uncached: judge_pair_probabilities is the cached way to ask."""
+        import torch
+
+        tokenizer, model = self.teacher.tokenizer, self.teacher.sampler.policy
+        if self._verdict_ids is None:
+            self._verdict_ids = verdict_token_ids(tokenizer)
+        ids_a, ids_b = self._verdict_ids
+        prompts = [verdict_prompt_ids(tokenizer, m) for m in requests]
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths per batch: little padding
+        results: list[float] = [0.5] * len(prompts)
+        was_training = model.training
+        model.eval()
+        try:
+            for start in range(0, len(order), self.batch_size):
+                chunk = order[start:start + self.batch_size]
+                with torch.inference_mode():
+                    logits = last_token_logits(model, [prompts[i] for i in chunk], tokenizer.pad_token_id)
+                self.forward_passes += 1
+                # Each verdict's log-mass is the logsumexp over its token variants; float64 for the margin.
+                mass_a, mass_b = (torch.logsumexp(logits[:, ids].double(), dim=1) for ids in (ids_a, ids_b))
+                for i, a, b in zip(chunk, mass_a.tolist(), mass_b.tolist()):
+                    results[i] = verdict_probability(a, b)
+                    on_result(i, results[i])
+        finally:
+            model.train(was_training)
+        self.requests += len(prompts)
+        return results
 
 
 # ---------------------------------------------------------------- cached, retried judging
@@ -311,17 +335,46 @@ def pair_requests(questions: list[str], answers_x: list[str], answers_y: list[st
             + [pair_messages(q, y, x) for q, x, y in zip(questions, answers_x, answers_y)])
 
 
-def pairwise_summary(verdicts: list[Verdict | None]) -> dict[str, Any]:
-    """Win / tie / loss of X against Y from its pair_requests' verdicts (both orders per prompt)."""
+def pairwise_summary(verdicts: list[Verdict | None], lengths: Lengths | None = None) -> dict[str, Any]:
+    """Win / tie / loss of X against Y from its pair_requests' verdicts (both orders per prompt); with `lengths`,
+    also the length-controlled win rate (judge_stats.length_controlled_win_rate)."""
     n = len(verdicts) // 2
-    outcomes, unparsed, failed, consistent = [], 0, 0, 0
-    for x_first, y_first in zip(verdicts[:n], verdicts[n:]):
+    outcomes, judged, unparsed, failed, consistent = [], [], 0, 0, 0
+    for i, (x_first, y_first) in enumerate(zip(verdicts[:n], verdicts[n:])):
         if x_first is None or y_first is None:
             failed += 1
         elif x_first.parsed is None or y_first.parsed is None:
             unparsed += 1
         else:
             outcomes.append(prompt_outcome(x_first.parsed, y_first.parsed))
+            judged.append(i)
             consistent += order_outcome(x_first.parsed, True) == order_outcome(y_first.parsed, False)
     return {**win_rate(outcomes), "unparsed": unparsed, "failed": failed,
-            "order_consistency": consistent / len(outcomes) if outcomes else None}
+            "order_consistency": consistent / len(outcomes) if outcomes else None, **length_controlled(outcomes, judged, lengths)}
+
+
+# ---------------------------------------------------------------- cached logit verdicts
+
+
+def probability_key(judge: str, messages: list[dict[str, str]]) -> str:
+    """Not request_key: a logit verdict of a request is another result than its text reply, kept beside it."""
+    return content_key({"judge": judge, "messages": messages, "logit_verdict": VERDICT_PREFIX})
+
+
+def judge_pair_probabilities(judge: LocalJudge, cache: JudgeCache, requests: list[list[dict[str, str]]], *,
+                             kind: str = "pair_logit", progress: bool = True) -> list[float]:
+    """P(A) of every pair_messages request, computing only what the cache lacks; each result is stored (flushed
+    and fsynced) as its batch finishes, in the same judge.jsonl as the text replies."""
+    keys = [probability_key(judge.name, m) for m in requests]
+    pending = [i for i, key in enumerate(keys) if key not in cache.rows and key not in keys[:i]]  # duplicates asked once
+    with tqdm(total=len(pending), desc=f"judge {kind}", unit="req", disable=not progress, dynamic_ncols=True, file=sys.stderr) as bar:
+        def store(asked_index: int, p_first: float) -> None:
+            key = keys[pending[asked_index]]
+            row = {"key": key, "kind": kind, "judge": judge.name, "p_first": p_first}
+            cache.log.append(row)
+            cache.rows[key] = row
+            bar.update(1)
+
+        if pending:
+            judge.pair_probabilities([requests[i] for i in pending], store)
+    return [float(cache.rows[key]["p_first"]) for key in keys]

@@ -389,7 +389,9 @@ def judge_all(opts: EvalOptions, models: list[ModelSpec], sets: list[EvalSet], g
     """Stage 3: each model's judge ratio against the judged reference, and the --pairwise comparisons, added to
     `results`. Every reply is cached in judge.jsonl, so a rerun asks only what is missing. Returns the judge
     (None when none is configured: then there is nothing to do)."""
-    from .judge import JudgeCache, judge_groups, pair_requests, pairwise_summary, parse_scores, parse_verdict, score_requests, score_summary
+    from .judge import (JudgeCache, judge_groups, judge_pair_probabilities, pair_requests, pairwise_summary, parse_scores, parse_verdict,
+                        score_requests, score_summary)
+    from .judge_stats import probability_summary
 
     judge = make_judge(opts)
     if judge is None:
@@ -397,7 +399,7 @@ def judge_all(opts: EvalOptions, models: list[ModelSpec], sets: list[EvalSet], g
     # Every request of every set, model and pair first, then one judge call per kind: a local judge then fills
     # its batches with prompts of similar length instead of a few per model.
     score_jobs: list[tuple[dict[str, Any], str, list[Any]]] = []  # (the model's result, its reference, requests)
-    pair_jobs: list[tuple[list[Any], str, str, list[Any]]] = []  # (the set's pairwise list, X, Y, requests)
+    pair_jobs: list[tuple[list[Any], str, str, Any, list[Any]]] = []  # (the set's pairwise list, X, Y, lengths, requests)
     for eval_set in sets:
         references = set_references(eval_set, generated, teacher)
         reference = judged_reference(opts, eval_set, references, teacher)
@@ -413,7 +415,8 @@ def judge_all(opts: EvalOptions, models: list[ModelSpec], sets: list[EvalSet], g
         for pair in opts.pairwise:
             x, _, y = pair.partition(":")
             answers = {label: [r["response"] for r in responses(generated, label, eval_set)] for label in (x, y)}
-            pair_jobs.append((set_result["pairwise"], x, y, pair_requests(questions, answers[x], answers[y])))
+            lengths = ([len(a) for a in answers[x]], [len(a) for a in answers[y]])  # characters: the length-controlled win rate
+            pair_jobs.append((set_result["pairwise"], x, y, lengths, pair_requests(questions, answers[x], answers[y])))
     say(f"judging {len(score_jobs)} model-set scores and {len(pair_jobs)} pairwise comparisons ({judge.name})")
     cache = JudgeCache(out / "judge.jsonl")
     options = {"retries": opts.judge_retries, "progress": opts.progress}
@@ -421,12 +424,42 @@ def judge_all(opts: EvalOptions, models: list[ModelSpec], sets: list[EvalSet], g
         scored = judge_groups(judge, cache, [job[-1] for job in score_jobs], parse_scores, kind="score", **options)
         for (model, reference, _), verdicts in zip(score_jobs, scored):
             model["judge"] = {"reference": reference, **score_summary(verdicts)}
-        compared = judge_groups(judge, cache, [job[-1] for job in pair_jobs], parse_verdict, kind="pair", **options)
-        for (found, x, y, _), verdicts in zip(pair_jobs, compared):
-            found.append({"x": x, "y": y, **pairwise_summary(verdicts)})
+        if opts.judge_logits:
+            flat = judge_pair_probabilities(judge, cache, [r for job in pair_jobs for r in job[-1]], progress=opts.progress)
+            start = 0
+            for found, x, y, lengths, requests in pair_jobs:
+                found.append({"x": x, "y": y, **probability_summary(flat[start:start + len(requests)], lengths)})
+                start += len(requests)
+        else:
+            compared = judge_groups(judge, cache, [job[-1] for job in pair_jobs], parse_verdict, kind="pair", **options)
+            for (found, x, y, lengths, _), verdicts in zip(pair_jobs, compared):
+                found.append({"x": x, "y": y, **pairwise_summary(verdicts, lengths)})
+        judge.calibration = calibrate(opts, judge, cache)
     finally:
         cache.close()
     return judge
+
+
+def calibrate(opts: EvalOptions, judge: Any, cache: Any) -> dict[str, Any] | None:
+    """The judge's accuracy on pairs with a known better answer (calibration.py), in the judge's own mode (logit or
+    text), cached in judge.jsonl like every verdict; None when turned off or when the data folder is not given."""
+    from .calibration import build_calibration_set, calibration_accuracy
+
+    if not opts.judge_calibration:
+        return None
+    folder = opts.data_dir or os.environ.get("OPDISTILL_DATA", "")
+    if not folder:
+        say("judge calibration not measured: it is built from GSM8K, HumanEval and reference answers in the data folder; "
+            "pass --data-dir DIR (docs/data.md)")
+        return None
+    items = build_calibration_set(folder, opts.judge_calibration, opts.seed)
+    say(f"calibrating the judge on {len(items)} pairs with a known better answer, both orders")
+    result = calibration_accuracy(judge, items, cache, method="logit" if opts.judge_logits else "text", retries=opts.judge_retries,
+                                  progress=opts.progress)
+    if result["flag"]:
+        say(f"warning: the judge chose the better answer on {result['accuracy']:.0%} of calibration pairs (under 80%): "
+            "its verdicts on this evaluation are not trustworthy")
+    return result
 
 
 # ---------------------------------------------------------------- writing
@@ -440,7 +473,8 @@ def write_metrics(opts: EvalOptions, models: list[ModelSpec], checks: dict[str, 
         "headline": f"{next(iter(checks))}_share" if checks else None,
         "sampling": {**SamplingParams(opts.temperature, opts.top_p, opts.max_new_tokens).as_dict(), "seed": opts.seed},
         "judge": None if judge is None else {"name": judge.name, "requests": judge.requests, "retries": judge.retries,
-                                             "failed_requests": len(judge.failures)},
+                                             "failed_requests": len(judge.failures), "method": "logit" if opts.judge_logits else "text",
+                                             "calibration": getattr(judge, "calibration", None)},
         "sets": results, "seconds": round(time.monotonic() - started, 1),
     }
     metrics = json_safe(metrics)
@@ -504,6 +538,13 @@ def metrics_lines(metrics: dict[str, Any]) -> list[str]:
                          f"{p['x_only']} only {p['x']}, {p['y_only']} only {p['y']}, McNemar p = {p['p_value']:.3g}")
         for p in result["pairwise"]:
             rate = f"win rate {p['win_rate']:.2f} [{p['ci_low']:.2f}, {p['ci_high']:.2f}]" if p["n"] else "nothing judged"
+            if p.get("lc_win_rate") is not None:
+                rate += f", length-controlled {p['lc_win_rate']:.2f} [{p['lc_ci_low']:.2f}, {p['lc_ci_high']:.2f}]"
             lines.append(f"  {p['x']} vs {p['y']}: {p['wins']} wins, {p['ties']} ties, {p['losses']} losses; {rate} "
                          f"({p['unparsed']} unparsed, {p['failed']} failed)")
+    judge = metrics.get("judge") or {}
+    if judge:
+        from .calibration import calibration_line
+
+        lines.append(calibration_line(judge.get("calibration")))
     return lines
