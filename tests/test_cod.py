@@ -212,3 +212,50 @@ def test_kill_and_resume_continue_both_peers_exactly(tiny_model, peer_b, tmp_pat
     a = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
     b = [json.loads(line) for line in (resumed / "metrics.jsonl").read_text().splitlines()]
     assert [round(x["loss_b"], 6) for x in a] == [round(x["loss_b"], 6) for x in b]
+
+
+# ---------------------------------------------------------------- issue 27 §4: what the gate reads, how tutors score
+
+
+def test_the_gate_reads_the_tutors_own_log_probs_not_the_anchored_target(tiny_model, tmp_path):
+    """Both peers are the same weights and read the same context (no privileged prompts, no teacher_messages): the tutor's
+    own log-prob of every sampled token equals the learner's, so the disagreement is 0 and the gate stays closed. The
+    anchored target differs from both (anchor 1.0 pushes it away from the problem-free view), so gating on it would
+    report a disagreement far from 0 and open the gate."""
+    data = write_records(tmp_path / "data.jsonl")
+    out = tmp_path / "same"
+    train(load_config(None, cod_overrides(tiny_model, tiny_model, data, out, max_steps=1, anchor=1.0, gate_margin=1e-4)))
+    line = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert abs(line["disagreement_a"]) < 1e-5 and abs(line["disagreement_b"]) < 1e-5, line
+    assert line["gate_a"] == line["gate_b"] == 0.0 and line["loss_a"] == line["loss_b"] == 0.0
+    assert line["divergence_a"] > 1e-5  # the learner differs from the anchored target: only the gate kept it still
+
+
+def test_tutors_and_adapter_off_teachers_score_in_eval_mode_and_the_trained_model_stays_in_train_mode(tiny_model):
+    from opdistill.models import apply_lora
+    from opdistill.teachers.logprob import AdapterOffTeacher, LocalTeacher, TeacherRow
+
+    torch.manual_seed(0)
+    model = load_model(str(tiny_model))
+    for layer in model.model.layers:
+        layer.self_attn.attention_dropout = 0.5
+    model.train()
+    ids = torch.tensor([[1, 40, 85, 91, 307, 71]])
+    with torch.no_grad():
+        assert not torch.equal(model(input_ids=ids).logits, model(input_ids=ids).logits)  # dropout is live in train mode
+    rows = [TeacherRow([1, 40, 85], [91, 307, 71]), TeacherRow([1, 87], [85, 264])]
+    pad = load_tokenizer(str(tiny_model)).pad_token_id
+    tutor = LocalTeacher(model, pad)
+    first, second = tutor.score(rows).logits, tutor.score(rows).logits
+    assert torch.equal(first, second)
+    assert all(module.training for module in model.modules())  # back in train mode for its own update
+    student = apply_lora(model, 4, 8, 0.5, "q_proj,v_proj")
+    student.train()
+    kept = next(name for name, _ in student.named_modules() if name.endswith("layers.0.mlp"))
+    student.get_submodule(kept).eval()  # a submodule kept in eval mode by its owner stays in eval mode
+    modes = {name: module.training for name, module in student.named_modules()}
+    teacher = AdapterOffTeacher(lambda: student, pad)
+    first, second = teacher.score(rows).logits, teacher.score(rows).logits
+    assert torch.equal(first, second)
+    torch.testing.assert_close(first, tutor.score(rows).logits)  # adapters off: the base model
+    assert {name: module.training for name, module in student.named_modules()} == modes and not modes[kept]

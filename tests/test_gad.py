@@ -221,3 +221,40 @@ def test_one_ppo_clip_epoch_never_clips(tiny_model, selfinstruct, tmp_path):
     out = tmp_path / "one"
     train(load_config(None, gad_overrides(tiny_model, selfinstruct, out, clip_ratio="0.01", checkpoint_every=0)))
     assert all(line["clipped"] == 0 for line in metric_lines(out) if line["stage"] == 1)
+
+
+def test_clamped_k3_has_zero_gradient_past_its_saturation_and_the_exact_one_before():
+    """Float64: k3(r) = e^r − r − 1 reaches the clamp of 10 at r = ℓ_ref − ℓ_θ ≈ 2.6109 (and ≈ −11.0), as its docstring says:
+    past those points the gradient is exactly 0, just inside them it is the unclamped one, ∂k3/∂ℓ_θ = 1 − e^r."""
+    import math
+
+    from opdistill.objectives.policy import K3_SATURATES_ABOVE, K3_SATURATES_BELOW, kl_k3
+
+    for edge in (K3_SATURATES_ABOVE, K3_SATURATES_BELOW):
+        assert math.exp(edge) - edge - 1 == pytest.approx(10.0, abs=1e-9)
+    assert 2.5 < K3_SATURATES_ABOVE < 2.7
+    ratios = torch.tensor([K3_SATURATES_BELOW - 1e-3, K3_SATURATES_BELOW + 1e-3, -1.0, 0.5, 2.0, 2.6, K3_SATURATES_ABOVE + 1e-3, 3.0, 5.0,
+                           19.0, 25.0], dtype=torch.float64)
+    ref = torch.full_like(ratios, -1.0)
+    logprobs = (ref - ratios).requires_grad_(True)
+    kl_k3(logprobs, ref).sum().backward()
+    inside = (ratios > K3_SATURATES_BELOW) & (ratios < K3_SATURATES_ABOVE)
+    assert inside.tolist() == [False, True, True, True, True, True, False, False, False, False, False]
+    torch.testing.assert_close(logprobs.grad[inside], 1.0 - ratios[inside].exp())
+    assert (logprobs.grad[inside] != 0).all() and (logprobs.grad[~inside] == 0).all()
+    torch.testing.assert_close(kl_k3(ref - ratios, ref)[~inside], torch.full_like(ratios[~inside], 10.0))  # a constant penalty
+
+
+def test_the_progress_bar_of_an_adversarial_step_shows_reward_kl_and_clip_share_not_g_loss(tiny_model, selfinstruct, tmp_path):
+    """What the engine puts beside the bar is each of `progress_metrics` that a step returned (engine.py). g_loss is not
+    among them: at ratio 1 the advantages sum to 0 per group, so its value says little about the step (methods/gad.py)."""
+    from opdistill.methods.gad import GAD
+
+    out = tmp_path / "bar"
+    train(load_config(None, gad_overrides(tiny_model, selfinstruct, out, warmup_steps=1, d_only_steps=1, max_steps=2, checkpoint_every=0)))
+    adversarial = [line for line in metric_lines(out) if line["stage"] == 1]
+    assert len(adversarial) == 2
+    for line in adversarial:
+        shown = {k for k in GAD.progress_metrics if k in line}
+        assert {"reward_mean", "kl", "clipped", "d_acc"} <= shown and "g_loss" not in shown, shown
+    assert adversarial[0]["reward_mean"] != adversarial[1]["reward_mean"]  # a reading that changes with the run

@@ -31,7 +31,8 @@ from opdistill.methods import train
 from opdistill.models import load_model, load_tokenizer
 from opdistill.serve import ServeOptions, make_server
 from opdistill.teachers.logprob import LocalTeacher, TeacherRow
-from opdistill.teachers.remote import RemoteTeacher
+from opdistill.teachers.api import RetryPolicy
+from opdistill.teachers.remote import RemoteTeacher, row_key
 
 REPO = Path(__file__).resolve().parents[1]
 KEY_ENV = "OPD_REMOTE_TEACHER_TEST_KEY"
@@ -226,3 +227,94 @@ def test_kill_9_mid_run_and_resume_never_request_a_cached_row_twice(tiny_model, 
     assert len(proxy.prompts()) - before == 6 * 4 - cached_before + PROBE
     cached = [json.loads(line)["key"] for line in cache.read_text().splitlines()]
     assert len(cached) == len(set(cached)) == 6 * 4
+
+
+# ---------------------------------------------------------------- answers a retry cannot fix (issue 27 §4)
+
+
+class Scripted(ThreadingHTTPServer):
+    """A completions server whose answer to each prompt is `answer(prompt)` (a JSON text, NaN allowed); counts requests per prompt."""
+
+    daemon_threads = True
+
+    def __init__(self, answer: Any) -> None:
+        self.answer, self.asked, self.lock = answer, {}, threading.Lock()
+        super().__init__(("127.0.0.1", 0), ScriptedHandler)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}/v1"
+
+
+class ScriptedHandler(BaseHTTPRequestHandler):
+    server: Scripted
+
+    def do_POST(self) -> None:
+        prompt = tuple(json.loads(self.rfile.read(int(self.headers["Content-Length"])))["prompt"])
+        with self.server.lock:
+            self.server.asked[prompt] = self.server.asked.get(prompt, 0) + 1
+        payload = self.server.answer(list(prompt)).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+GOOD, BAD = TeacherRow([1, 2], [5, 6]), TeacherRow([1, 3], [7, 8])  # the bad row's answer is broken at response token 1
+
+
+def body_for(prompt: list[int], breakage: Any = None) -> str:
+    """vLLM's answer with k = 2 (the prompt token and token 9 at each position); `breakage(entry)` edits the last entry."""
+    entries: list[Any] = [None] + [{str(t): {"logprob": -1.0, "rank": 1, "decoded_token": "a"}, "9": {"logprob": -2.0, "rank": 2, "decoded_token": "b"}}
+                                   for t in prompt[1:]]
+    if breakage is not None:
+        breakage(entries[-1], prompt[-1])
+    return json.dumps({"choices": [{"index": 0, "text": "", "prompt_logprobs": entries}]})
+
+
+@pytest.mark.parametrize("breakage, words, retried", [
+    (lambda e, t: e[str(t)].pop("logprob"), "no numeric `logprob`", False),
+    (lambda e, t: e[str(t)].update(logprob=None), "no numeric `logprob`", False),
+    (lambda e, t: e.update({"x1": {"logprob": -3.0}}), "not an integer id", False),
+    (lambda e, t: e[str(t)].update(logprob=float("nan")), "`logprob` nan", False),
+    (lambda e, t: e.pop("9"), "fewer than k = 2", False),
+    (lambda e, t: e.update({"9999": e.pop("9")}), "outside the student's 100-token vocabulary", False),
+    (lambda e, t: e.clear(), "lacks the response token 8", False),
+])
+def test_a_broken_answer_is_one_clear_error_never_retried_nor_cached(tmp_path: Path, breakage: Any, words: str, retried: bool) -> None:
+    server = running(Scripted(lambda prompt: body_for(prompt, breakage if prompt == BAD.prompt + BAD.response else None)))
+    cache = tmp_path / "cache.jsonl"
+    try:
+        teacher = RemoteTeacher(server.url, "m", k=2, vocab=100, cache_path=cache, concurrency=1,
+                                policy=RetryPolicy(max_attempts=3, base_delay=0.01))
+        with pytest.raises(OpdistillError) as caught:
+            teacher.score([GOOD, BAD])
+        teacher.close()
+    finally:
+        server.shutdown()
+        server.server_close()
+    message = caught.value.message
+    assert "row 1 of the batch, response token 1 (prompt_logprobs[3])" in message and words in message, message
+    assert "not retried and nothing was cached" in caught.value.fix
+    assert server.asked[tuple(BAD.prompt + BAD.response)] == 1  # the same answer would come back: asked once
+    keys = [json.loads(line)["key"] for line in cache.read_text().splitlines()] if cache.exists() else []
+    assert row_key(teacher.name, 2, BAD) not in keys and row_key(teacher.name, 2, GOOD) in keys  # the good row is kept
+
+
+def test_a_body_that_may_come_back_right_is_retried_and_then_cached(tmp_path: Path) -> None:
+    answers = iter([json.dumps({"choices": [{"prompt_logprobs": [None]}]})])  # cut short once, then whole
+    server = running(Scripted(lambda prompt: next(answers, None) or body_for(prompt)))
+    try:
+        teacher = RemoteTeacher(server.url, "m", k=2, vocab=100, cache_path=tmp_path / "cache.jsonl",
+                                policy=RetryPolicy(max_attempts=3, base_delay=0.01))
+        scores = teacher.score([GOOD])
+        teacher.close()
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert server.asked[tuple(GOOD.prompt + GOOD.response)] == 2
+    assert scores.top_ids.tolist() == [[5, 9], [6, 9]] and scores.token_logprobs.tolist() == [-1.0, -1.0]

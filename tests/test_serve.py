@@ -255,6 +255,217 @@ def test_start_up_errors_are_one_message(server: Server, tmp_path: Path, capsys:
     assert "error:" in err and "config.json" in err and "fix:" in err
 
 
+# ---------------------------------------------------------------- limits a client is held to (issue 27 §4), over raw sockets
+
+
+def raw_exchange(port: int, data: bytes, wait: float = 10.0) -> bytes:
+    """Send `data` on a fresh connection and return everything the server sends until it closes or `wait` passes."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=wait) as sock:
+        sock.sendall(data)
+        received = b""
+        try:
+            while chunk := sock.recv(65536):
+                received += chunk
+        except (TimeoutError, ConnectionResetError):
+            pass
+        return received
+
+
+def test_a_wrong_key_is_refused_on_the_headers_before_any_body_is_read(server: Server) -> None:
+    # The body is announced but never sent: a server that read it first would wait (here up to 10 s) for nothing.
+    head = (f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer wrong\r\nContent-Type: application/json\r\n"
+            f"Content-Length: 100000\r\n\r\n").encode()
+    started = time.monotonic()
+    reply = raw_exchange(server.port, head)
+    assert reply.startswith(b"HTTP/1.1 401 "), reply[:200]
+    assert time.monotonic() - started < 5 and b"Connection: close" in reply
+    # A client that sent its (small) body before reading still reads the 401, not a reset.
+    body = json.dumps({"prompt": [1, 2], "max_tokens": 0}).encode()
+    reply = raw_exchange(server.port, head.replace(b"100000", str(len(body)).encode()) + body)
+    assert reply.startswith(b"HTTP/1.1 401 ") and b"AuthenticationError" in reply
+
+
+@pytest.mark.parametrize("framing", [b"Transfer-Encoding: chunked\r\n", b"Transfer-Encoding: chunked\r\nContent-Length: 4\r\n"])
+def test_transfer_encoding_is_refused_and_the_connection_closed(server: Server, framing: bytes) -> None:
+    chunk = json.dumps({"prompt": [1, 2], "max_tokens": 0}).encode()
+    request = (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + KEY.encode() + b"\r\n" + framing + b"\r\n"
+               + f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n0\r\n\r\n"
+               # a second request on the same stream must never be served: the first one's framing is unknown
+               + b"GET /v1/models HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + KEY.encode() + b"\r\n\r\n")
+    reply = raw_exchange(server.port, request)
+    assert reply.startswith(b"HTTP/1.1 501 "), reply[:200]
+    assert b"Transfer-Encoding" in reply and b"Connection: close" in reply
+    assert reply.count(b"HTTP/1.1 ") == 1  # the smuggled GET got no answer
+
+
+def test_deeply_nested_json_gets_400_not_500(server: Server) -> None:
+    # 40 levels parse but pass the limit of 32; 1500 exhaust the JSON parser's own recursion guard (a 500 before).
+    for depth, words in ((40, "deeper than 32"), (1500, "deeper than 32")):
+        raw = b'{"prompt": [1, 2], "max_tokens": 0, "note": ' + b"[" * depth + b"]" * depth + b"}"
+        status, reply = call(server, "completions", raw=raw)
+        assert status == 400 and words in reply["error"]["message"] and reply["error"]["param"] == "body", reply
+    status, reply = call(server, "completions", raw=b'{"prompt": [1, 2], "temperature": NaN}')
+    assert status == 400 and "not valid JSON" in reply["error"]["message"]  # NaN is not JSON
+
+
+@pytest.mark.parametrize("body, field", [
+    ({"prompt": [1, 2], "max_tokens": True}, "max_tokens"),  # JSON true is not the integer 1
+    ({"prompt": [1, 2], "prompt_logprobs": True}, "prompt_logprobs"),
+    ({"prompt": [1, 2], "n": True}, "n"),
+    ({"prompt": [1, 2], "best_of": True}, "best_of"),
+    ({"prompt": [1, 2], "logprobs": False}, "logprobs"),  # an integer in the completions API
+    ({"prompt": [1, 2], "logprobs": 2}, "logprobs"),  # per-token log-probs of the completion: not served
+    ({"prompt": [1, 2], "suffix": ""}, "suffix"),  # vLLM refuses any suffix
+    ({"prompt": [1, 2], "stop": ["\n"]}, "stop"),  # would be ignored otherwise: the text would differ from vLLM's
+    ({"prompt": [1, 2], "stop": 5}, "stop"),
+    ({"prompt": [1, 2], "echo": True}, "echo"),
+    ({"prompt": [1, 2], "presence_penalty": 0.5}, "presence_penalty"),
+    ({"prompt": [1, 2], "top_k": 5}, "top_k"),
+    ({"prompt": [1, 2], "logit_bias": {"5": 10}}, "logit_bias"),
+    ({"prompt": [1, 2], "stream_options": {"include_usage": True}}, "stream_options"),
+    ({"prompt": [1, 2], "user": 7}, "user"),
+])
+def test_fields_are_validated_as_vllm_does(server: Server, body: dict[str, Any], field: str) -> None:
+    status, reply = call(server, "completions", body)
+    assert status == 400, reply
+    assert reply["error"]["param"] == field and reply["error"]["type"] == "BadRequestError"
+
+
+def test_chat_fields_are_validated_and_defaults_pass(server: Server) -> None:
+    user = [{"role": "user", "content": "Hi"}]
+    for body, field in (({"messages": user, "logprobs": 1}, "logprobs"), ({"messages": user, "logprobs": True}, "logprobs"),
+                        ({"messages": user, "max_completion_tokens": True}, "max_completion_tokens"),
+                        ({"messages": user, "n": 2}, "n")):
+        status, reply = call(server, "chat/completions", body)
+        assert status == 400 and reply["error"]["param"] == field, reply
+    # What the OpenAI clients send as defaults is accepted.
+    defaults = {"stream": False, "n": 1, "logprobs": False, "top_logprobs": 0, "stop": [], "presence_penalty": 0, "frequency_penalty": 0.0,
+                "top_k": -1, "logit_bias": {}, "user": "u"}
+    status, reply = call(server, "chat/completions", {"messages": user, "max_completion_tokens": 2, "temperature": 0, **defaults})
+    assert status == 200 and reply["usage"]["completion_tokens"] <= 2, reply
+    assert reply["choices"][0]["stop_reason"] is None
+    status, reply = call(server, "completions", {"prompt": [1, 2], "max_tokens": 1, "suffix": None, "echo": False, "best_of": 1,
+                                                 **{k: v for k, v in defaults.items() if k not in ("logprobs", "top_logprobs")}})
+    assert status == 200, reply
+    assert all(choice["stop_reason"] is None and choice["finish_reason"] in ("stop", "length") for choice in reply["choices"])
+
+
+@pytest.fixture(scope="module")
+def limited(tiny_model: Path) -> Iterator[Any]:
+    """A second server, in this process, with two connection slots and a 2-second request deadline."""
+    import threading
+
+    from opdistill.serve import ServeOptions, make_server
+
+    instance = make_server(ServeOptions(model=str(tiny_model), port=0, precision="fp32", max_connections=2, request_timeout=2.0))
+    threading.Thread(target=instance.serve_forever, daemon=True).start()
+    yield instance
+    instance.shutdown()
+    instance.server_close()
+
+
+def test_a_client_trickling_bytes_is_cut_off_at_the_request_deadline(limited: Any) -> None:
+    import socket
+
+    port = limited.server_address[1]
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        started = time.monotonic()
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 50\r\n\r\n")
+        closed_after = None
+        for _ in range(20):  # one byte every 0.5 s: each read succeeds long before a per-read timeout would fire
+            try:
+                sock.sendall(b"{")
+                time.sleep(0.5)
+                sock.setblocking(False)
+                try:
+                    if sock.recv(4096) == b"":
+                        closed_after = time.monotonic() - started
+                        break
+                except BlockingIOError:
+                    pass
+                finally:
+                    sock.setblocking(True)
+            except OSError:  # reset or broken pipe: the server shut the connection
+                closed_after = time.monotonic() - started
+                break
+        assert closed_after is not None and 1.5 < closed_after < 4.5, closed_after
+
+
+def test_connections_past_the_limit_get_503_and_a_freed_slot_serves_again(limited: Any) -> None:
+    import socket
+
+    port = limited.server_address[1]
+    time.sleep(0.5)  # the previous test's connection is reaped and its slot freed
+    held = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(2)]  # idle: they hold both slots
+    try:
+        time.sleep(0.3)
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as third:
+            reply = third.recv(4096)  # sent at once, before this client says anything
+        assert reply.startswith(b"HTTP/1.1 503 ") and b"--max-connections" in reply and b"Retry-After: 1" in reply
+    finally:
+        for sock in held:
+            sock.close()
+    time.sleep(0.5)
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/models")
+    with urllib.request.urlopen(request, timeout=10) as response:
+        assert response.status == 200
+
+
+@pytest.fixture(scope="module")
+def ruled_out(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int]:
+    """The tiny model with one token the model rules out everywhere: its log-prob is exactly -inf in fp32. Its output row
+    is -inf on a hidden unit the final norm keeps (weight 1) and that the embeddings make positive; every other unit is
+    zeroed by the norm, so the other logits stay finite (0)."""
+    from opdistill.models import load_model
+
+    model = load_model(str(tiny_model))
+    model.config.tie_word_embeddings = False
+    with torch.no_grad():
+        model.lm_head.weight = torch.nn.Parameter(model.model.embed_tokens.weight.clone())
+        model.model.embed_tokens.weight[:, 0] = 100.0  # unit 0 dominates the residual stream with a positive value
+        model.model.norm.weight.zero_()
+        model.model.norm.weight[0] = 1.0
+        model.lm_head.weight.zero_()
+        banned = 50
+        model.lm_head.weight[banned, 0] = -float("inf")
+    out = tmp_path_factory.mktemp("ruled_out") / "model"
+    model.save_pretrained(out, safe_serialization=True)
+    from opdistill.models import load_tokenizer
+
+    load_tokenizer(str(tiny_model)).save_pretrained(out)
+    return out, banned
+
+
+def test_minus_infinity_log_probs_are_sent_as_minus_9999_and_the_scores_are_chunked(ruled_out: tuple[Path, int]) -> None:
+    import threading
+
+    from opdistill.serve import SCORE_CHUNK, ServeOptions, make_server
+
+    path, banned = ruled_out
+    instance = make_server(ServeOptions(model=str(path), port=0, precision="fp32"))
+    threading.Thread(target=instance.serve_forever, daemon=True).start()
+    try:
+        assert instance.app.split_head  # a Llama's logits are its head over its backbone: scored in chunks
+        prompt = [1, banned, 40] + [85, banned] * (SCORE_CHUNK // 2 + 5)  # longer than one chunk, so chunks meet
+        request = urllib.request.Request(f"http://127.0.0.1:{instance.server_address[1]}/v1/completions",
+                                         data=json.dumps({"prompt": prompt, "max_tokens": 0, "prompt_logprobs": 2}).encode(),
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as response:
+            text = response.read().decode()
+        assert "Infinity" not in text  # strict JSON
+        entries = json.loads(text)["choices"][0]["prompt_logprobs"]
+        assert len(entries) == len(prompt)
+        for position, token in enumerate(prompt[1:], start=1):
+            value = entries[position][str(token)]["logprob"]
+            assert value == -9999.0 if token == banned else -9999.0 < value <= 0, (position, value)
+    finally:
+        instance.shutdown()
+        instance.server_close()
+
+
+# Last: it stops the module's server.
 def test_sigterm_stops_cleanly_and_logs_hold_no_secrets(server: Server) -> None:
     assert call(server, "completions", {"prompt": MARKER, "max_tokens": 0})[0] == 200
     server.process.send_signal(signal.SIGTERM)

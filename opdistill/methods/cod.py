@@ -65,6 +65,7 @@ class CoDConfig(OnPolicyConfig):
 
     method: str = opt("cod", "Training method.")
     lr: float = opt(1e-5, "Learning rate of both peers (each has its own AdamW and schedule).")
+    batch_size: int = opt(8, "Prompts per peer per step, over all processes: each peer samples this many of the other peer's domain.")
     peer: str = opt("", "Peer B, with the student's tokenizer: built-in name, local directory or hub id (the student is peer A).")
     peer_a_domain: str = opt("a", "The records' `domain` value where peer A (the student) is strong: there it tutors peer B.")
     peer_b_domain: str = opt("b", "The records' `domain` value where peer B is strong: there it tutors peer A.")
@@ -96,6 +97,19 @@ class CoDConfig(OnPolicyConfig):
         if self.lora_r or self.train_mask:
             raise ConfigError("cod trains both peers fully: lora_r and train_mask are not supported with it", "set lora_r: 0 and train_mask: ''")
         self.require_whole_micro_batches()
+
+    def needs_responses(self) -> bool:
+        return False  # both peers learn from their own samples only
+
+    def preflight(self, report: Any, tokenizer: Any, records: list[Record]) -> None:
+        """`opdistill check`: every record names a peer's domain with batch_size records each, and peer B (a white-box
+        tutor) has the student's vocabulary, EOS and chat template."""
+        from ..check import check_domains, check_local
+
+        check_domains(report, records, {self.peer_a_domain: "peer_a_domain: peer A, the student, is strong there",
+                                        self.peer_b_domain: "peer_b_domain: peer B is strong there"}, self.batch_size)
+        first = records[0]
+        check_local(report, "peer B", self.peer, self, tokenizer, Record(tutor_messages(first, self.peer_b_system), source=first.source))
 
 
 @dataclass
@@ -257,7 +271,11 @@ class CoD(Method):
             target = anchored_logits(problem, free, c.anchor).to(learner_logits.device)
             lengths = batch["loss_mask"][:, 1:].sum(dim=1)
             tokens = response_targets(batch)
-            gate, disagreement = cognizance_gate(logprobs_of(learner_logits.detach(), tokens), logprobs_of(target, tokens), lengths, c.gate_margin)
+            # The gate reads the tutor's own log-probs (with the problem, before anchoring): whether the tutor recognises
+            # the response as one it could have given. The anchored target is not the tutor's distribution, and gating
+            # on it kept the gate open on nearly every response (docs/cod.md).
+            tutor_logprobs = logprobs_of(problem.to(learner_logits.device), tokens)
+            gate, disagreement = cognizance_gate(logprobs_of(learner_logits.detach(), tokens), tutor_logprobs, lengths, c.gate_margin)
             if c.gate == "always":
                 gate = torch.ones_like(gate)
             divergence = per_token(learner_logits, target, c.divergence, beta=beta, alpha=c.alpha, temperature=c.distill_temperature,

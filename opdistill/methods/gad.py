@@ -112,7 +112,12 @@ class GADConfig(OnPolicyConfig):
 class GAD(Method):
     """The GAD method: one step function per stage, shared machinery in the engine."""
 
-    progress_metrics = ("g_loss", "g_ce_loss", "d_loss", "d_acc")
+    # Not g_loss: with one PPO-clip epoch the ratio is 1, so its value is −Σ_i A_i·len_i / tokens + kl_coef·KL with
+    # group-normalised advantages A_i that sum to 0 per prompt: about 0 (exactly 0 when the samples are equally long)
+    # whatever the step did, though the gradient is not 0 (metrics.jsonl keeps it). What a user can read instead: the
+    # discriminator's mean reward, the k3 KL to the reference and the share of clipped tokens (beyond DRPO's boundary
+    # with policy_loss: drpo).
+    progress_metrics = ("g_ce_loss", "d_loss", "d_acc", "reward_mean", "kl", "clipped")
 
     def __init__(self, config: GADConfig, tokenizer: Any) -> None:
         self.config = config

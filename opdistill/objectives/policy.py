@@ -72,15 +72,23 @@ def kl_k1(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
 
 K3_LOG_RATIO_CLAMP = 20.0  # |ℓ_ref − ℓ_θ| beyond this is clamped before the exponential
 K3_VALUE_CLAMP = 10.0  # and the estimate itself to [−10, 10]
+# Where the value clamp saturates: k3(r) = e^r − r − 1 = 10 at r ≈ 2.6109 and r ≈ −10.99998 (solved by bisection,
+# tests/test_gad.py checks the gradient on both sides). Both lie inside ±20, so the value clamp binds first.
+K3_SATURATES_ABOVE = 2.6108686381498756
+K3_SATURATES_BELOW = -10.999983298020256
 
 
 def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
-    """k3 = exp(ℓ_ref − ℓ_θ) − (ℓ_ref − ℓ_θ) − 1: unbiased and ≥ 0 (Schulman's estimator), clamped for safety.
+    """k3 = exp(r) − r − 1 with r = ℓ_ref − ℓ_θ: unbiased and ≥ 0 (Schulman's estimator), clamped for safety.
 
     A token the student finds very unlikely but the reference does not (ℓ_θ = −90, ℓ_ref = −1) gives
     exp(89): inf in fp32, and an inf loss and gradient. Like verl (kl_penalty "low_var_kl") the log-ratio is
-    clamped to ±20 and the estimate to [−10, 10]; inside those bounds the value and gradient are unchanged,
-    outside the gradient is 0 (the token then contributes a constant penalty of at most 10).
+    clamped to ±20 and the estimate to [−10, 10]. The value clamp is the one that acts: k3 reaches 10 at
+    r ≈ 2.61 (the reference gives the token e^2.61 ≈ 14 times the student's probability) and at r ≈ −11, so
+    the ±20 clamp never binds first. For r in (−11, 2.61) value and gradient are exact. Past r ≈ 2.61 (and below
+    r ≈ −11) the gradient is exactly 0 and the token pays a constant penalty of 10: the KL term stops pulling a
+    token back once the student has made it about 14 times less likely than the reference does, and further
+    drift on such tokens is restrained by nothing but the policy loss.
     """
     log_ratio = (ref_logprobs - logprobs).clamp(-K3_LOG_RATIO_CLAMP, K3_LOG_RATIO_CLAMP)
     return (torch.exp(log_ratio) - log_ratio - 1.0).clamp(-K3_VALUE_CLAMP, K3_VALUE_CLAMP)

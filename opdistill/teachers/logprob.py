@@ -106,6 +106,20 @@ class LogProbTeacher(ABC):
         """Release what the teacher holds (connections, caches)."""
 
 
+@contextlib.contextmanager
+def eval_mode(model: Any) -> Iterator[Any]:
+    """`model` in eval mode (dropout off) for the block, then each submodule back in the mode it had: a teacher that
+    is also trained (a CoD peer, the LoRA student behind AdapterOffTeacher) scores deterministically and still
+    trains with its own dropout."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
 class LocalTeacher(LogProbTeacher):
     """A model in this process. `vocab` keeps the first columns only: a teacher that pads its output layer
     beyond the tokenizer has unused columns the student lacks (see models.shared_vocabulary_size)."""
@@ -124,7 +138,7 @@ class LocalTeacher(LogProbTeacher):
     @torch.no_grad()
     def score(self, rows: list[TeacherRow]) -> TeacherScores:
         parts = []
-        with self.scoring_model() as model:
+        with self.scoring_model() as model, eval_mode(model):
             device = next(model.parameters()).device
             for start in range(0, len(rows), self.micro_batch_size):
                 # Responses aligned at one index, so only response positions get logits (see response_logits).
