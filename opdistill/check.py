@@ -167,6 +167,47 @@ def check_local(report: CheckReport, label: str, name: str, config: RunConfig, s
         report.ok(f"{label} chat template", f"same rendering of {probe.source} ({len(ours)} tokens)")
 
 
+def check_alignment(report: CheckReport, label: str, name: str, config: RunConfig, student: Any, records: list[Record]) -> None:
+    """cross_tokenizer: teacher `name`'s tokenizer against the student's on the data's own text (its responses, else its
+    prompts): how much of the student's token boundaries the teacher shares, the mean span length, the end-token
+    mapping, and the two chat templates' renderings of the first record. A pair whose decodings disagree on the text
+    itself cannot be aligned: one error with its fix."""
+    from .models import load_tokenizer
+    from .teachers.alignment import alignment_stats, cross_tokenize, same_vocabulary
+
+    try:
+        teacher = load_tokenizer(name, chat_template=config.chat_template, trust_remote_code=config.trust_remote_code)
+    except OpdistillError as err:
+        report.fail(label, err.message, err.fix)
+        return
+    kind = "responses" if any(r.response for r in records) else "prompts"
+    texts = [r.response if kind == "responses" else r.messages[-1]["content"] for r in records if (r.response or kind == "prompts")][:64]
+    try:
+        alignments = [cross_tokenize(student, teacher, student(t.strip(), add_special_tokens=False)["input_ids"] + [student.eos_token_id], True)
+                      for t in texts]
+    except OpdistillError as err:
+        report.fail(f"{label} alignment", err.message, err.fix)
+        return
+    stats = alignment_stats(alignments)
+    vocabulary = "the same vocabulary: every span is one token" if same_vocabulary(student, teacher) else "another vocabulary"
+    report.ok(f"{label} tokenizer", f"{name}: {len(teacher)} tokens against the student's {len(student)}, {vocabulary}")
+    report.ok(f"{label} alignment", f"{len(texts)} {kind} of the data: {stats['shared_boundaries']:.1%} of the student's token boundaries "
+              f"are shared, {stats['one_to_one_chars']:.1%} of characters in one-to-one spans; a span holds "
+              f"{stats['mean_student_tokens']:.2f} student and {stats['mean_teacher_tokens']:.2f} teacher tokens on average")
+    report.ok(f"{label} end token", f"student {student.eos_token!r} (id {student.eos_token_id}) maps to teacher {teacher.eos_token!r} "
+              f"(id {teacher.eos_token_id}); a response cut by the horizon gets no end span")
+    messages = records[0].messages
+    try:
+        theirs = teacher.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    except Exception as err:  # noqa: BLE001 - a tokenizer without a usable template raises any of several types
+        report.fail(f"{label} chat template", f"{name} cannot render {records[0].source} with its chat template: {err}",
+                    "set chat_template (it then applies to both), or pick a teacher with a chat template")
+        return
+    ours = student.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    same = "the same text" if ours == theirs else f"student ends {ours[-40:]!r}, teacher ends {theirs[-40:]!r}"
+    report.ok(f"{label} chat template", f"each side renders its own around the same messages ({same})")
+
+
 def check_remote(report: CheckReport, label: str, url: str, model: str, config: Any, tokenizer: Any, probe: Record) -> None:
     """The server serves `model`, accepts top_k prompt log-probs and (when it has /tokenize) tokenises like the student.
     Requests go through the training client's retry policy, so a flaky server fails the check only as it would fail a step."""
@@ -209,8 +250,9 @@ def check_remote(report: CheckReport, label: str, url: str, model: str, config: 
     if tokens is None:
         report.note(f"{label} tokenizer", "the server has no /tokenize: vocabulary and EOS not compared (log-prob requests carry ids)")
     elif tokens != ids:
-        report.fail(f"{label} tokenizer", f"the server tokenises the rendered probe differently from the student ({base}/tokenize)",
-                    "a white-box teacher needs the student's tokenizer: serve a model of the student's family")
+        report.fail(f"{label} tokenizer", f"the server tokenises the rendered probe differently from the tokenizer the client renders "
+                    f"with ({base}/tokenize)", "same-tokenizer OPD: serve a model of the student's family; cross_tokenizer: point "
+                    "teacher_tokenizer at a copy of the served model's tokenizer")
     else:
         report.ok(f"{label} tokenizer", f"same token ids for the rendered probe ({len(ids)} tokens)")
 

@@ -21,16 +21,18 @@ from typing import Any
 
 import torch
 
-from ..check import CheckReport, check_local, check_remote
+from ..check import CheckReport, check_alignment, check_local, check_remote
 from ..config import OnPolicyConfig, check_choice, check_divergence_settings, opt, teacher_spec
 from ..data import (Example, Record, chunks, collate, data_order, ends_with_eos, fit_prompt, load_records, render_prompt, response_ids,
                     teacher_messages, total_steps_for)
 from ..engine import Engine
-from ..errors import ConfigError, DataError
+from ..errors import ConfigError, DataError, OpdistillError
 from ..objectives.divergences import KINDS, default_beta, per_token, per_token_top_k, reward_policy_gradient
 from ..objectives.policy import kl_k1, kl_k3
+from ..objectives.spans import span_ids, span_token_losses
 from ..rollout import SamplingParams, horizon_at, logprobs_of, response_logits, response_targets, rollout_seeds
 from ..seeds import mix_seed
+from ..teachers.alignment import alignment_stats, cross_tokenize, same_vocabulary, unaligned
 from ..teachers.factory import build_teachers, record_teacher
 from ..teachers.logprob import LocalTeacher, TeacherRow, TeacherScores, TeacherSet
 from .common import Method, response_tokens
@@ -63,6 +65,13 @@ class OPDConfig(OnPolicyConfig):
     teacher_cache: str = opt("", "Remote teacher: durable cache of scored rows (JSONL); empty: out_dir/teacher_cache.jsonl.")
     teachers: dict[str, str] = opt({}, "Named teachers for records with a `teacher` field: name -> a model (local) or "
                                        "URL#model (remote), e.g. {code: qwen2.5-coder-1.5b-instruct, chat: http://host:8000/v1#llama}.")
+    cross_tokenizer: bool = opt(False, "The teacher may have another tokenizer: it scores the student's response text re-tokenised "
+                                       "with its own tokenizer after its own chat template, the two tokenizations are aligned into spans "
+                                       "that end at a shared character boundary, and k1 / k3 / reward act on span log-probs (docs/opd.md).")
+    teacher_tokenizer: str = opt("", "cross_tokenizer with teacher_url: a local copy of the served teacher's tokenizer (default: "
+                                     "teacher_model loaded by name).")
+    teacher_tokenizers: dict[str, str] = opt({}, "cross_tokenizer: the tokenizer of each named remote teacher (name -> path); a "
+                                                 "named local teacher uses its own.")
     teacher_system: str = opt("", "Privileged system prompt that only the teacher sees (context distillation).")
     teacher_template: str = opt("", "Rewrite of the last user turn for the teacher; {prompt} is the original text.")
     divergence: str = opt("rkl", "Token-level objective: fkl, rkl, jsd, skl, srkl, veto_fkl, veto_rkl (full vocabulary), "
@@ -102,6 +111,11 @@ class OPDConfig(OnPolicyConfig):
                               f"samples, but on_policy_ratio {self.on_policy_ratio} feeds it the data's responses on some steps",
                               "use a full-vocabulary divergence (fkl, rkl, jsd, ...) with on_policy_ratio < 1, or on_policy_ratio: 1")
         self.validate_teachers()
+        if self.cross_tokenizer and self.divergence not in SAMPLED_ESTIMATORS:
+            raise ConfigError(f"cross_tokenizer compares span log-probs of two vocabularies, but divergence {self.divergence} needs one "
+                              "vocabulary on both sides", "use divergence: k1, k3 or reward")
+        if self.teacher_tokenizers and not self.cross_tokenizer:
+            raise ConfigError("teacher_tokenizers is set but cross_tokenizer is off", "set cross_tokenizer: true, or remove teacher_tokenizers")
         if self.horizon == "truncated" and self.horizon_ratio <= 0 and self.horizon_tokens <= 0:
             raise ConfigError("horizon: truncated needs horizon_ratio (0 < ρ <= 1) or horizon_tokens > 0")
         if self.horizon_ratio > 1:
@@ -152,10 +166,28 @@ class OPDConfig(OnPolicyConfig):
             if name not in used or (not model and not url):
                 continue  # unused, or the LoRA student's own base weights (the same tokenizer by construction)
             label = f"teacher {name or '(default)'}"
-            if url:
+            if self.cross_tokenizer:
+                check_alignment(report, label, self.teacher_tokenizer_path(name), self, tokenizer, records)
+                if url:  # the server must tokenise like the local copy of its tokenizer the client renders with
+                    from ..models import load_tokenizer
+
+                    teacher_tokenizer = load_tokenizer(self.teacher_tokenizer_path(name), chat_template=self.chat_template,
+                                                       trust_remote_code=self.trust_remote_code)
+                    check_remote(report, label, url, model, self, teacher_tokenizer, probe)
+            elif url:
                 check_remote(report, label, url, model, self, tokenizer, probe)
             else:
                 check_local(report, label, model, self, tokenizer, probe)
+
+    def teacher_tokenizer_path(self, name: str) -> str:
+        """cross_tokenizer: where the tokenizer of teacher `name` ("" the default) loads from: a local teacher's own model,
+        else teacher_tokenizer(s), else the served model's name."""
+        if name:
+            model, url = teacher_spec(self.teachers[name], f"teachers.{name}")
+            return self.teacher_tokenizers.get(name, model) if url else model
+        if self.teacher_url:
+            return self.teacher_tokenizer or self.teacher_model
+        return self.teacher or self.student
 
 
 def beta_at(step: int, total_steps: int, start: float, end: float) -> float:
@@ -175,11 +207,16 @@ class OPD(Method):
         self.teacher_prompts: list[list[int]] = []
         self.responses: list[list[int]] = []
         self.teacher_names: list[str] = []  # "" for the default teacher
+        # cross_tokenizer: each teacher reads its own chat template and scores text in its own tokens.
+        self.teacher_tokenizers = {name: self.load_teacher_tokenizer(name) for name in ("", *config.teachers)} if config.cross_tokenizer else {}
+        self.shared_vocab = {name: same_vocabulary(tokenizer, other) for name, other in self.teacher_tokenizers.items()}
+        self.alignment: dict[str, float] = {}
         skipped = dropped = 0
         for record in records:
             name = record_teacher(record, config.teachers)
             student = fit_prompt(render_prompt(tokenizer, record.messages), config.max_prompt_tokens, config.overlong)
-            teacher = fit_prompt(render_prompt(tokenizer, teacher_messages(record, config.teacher_system, config.teacher_template)),
+            teacher = fit_prompt(render_prompt(self.teacher_tokenizers.get(name, tokenizer),
+                                               teacher_messages(record, config.teacher_system, config.teacher_template)),
                                  config.max_prompt_tokens, config.overlong)
             if student is None or teacher is None:
                 skipped += 1
@@ -204,6 +241,12 @@ class OPD(Method):
         self.vocab = 0
         self.load_eval_examples(config, tokenizer)
 
+    def load_teacher_tokenizer(self, name: str) -> Any:
+        from ..models import load_tokenizer
+
+        c = self.config
+        return load_tokenizer(c.teacher_tokenizer_path(name), chat_template=c.chat_template, trust_remote_code=c.trust_remote_code)
+
     # ------------------------------------------------------------ set-up
 
     def setup(self, engine: Engine) -> None:
@@ -212,8 +255,9 @@ class OPD(Method):
         self.vocab = student.get_output_embeddings().weight.shape[0]
         self.teachers = build_teachers(self.config, self.tokenizer, lambda: engine.accelerator.unwrap_model(engine.model),
                                        self.vocab, engine.frozen_dtype, engine.accelerator.device, engine.out_dir, engine.rank,
-                                       engine.world_size, needs_default="" in self.teacher_names)
-        self.vocab = min([self.vocab] + [t.vocab for t in self.teachers.all() if isinstance(t, LocalTeacher) and t.vocab])
+                                       engine.world_size, needs_default="" in self.teacher_names, teacher_tokenizers=self.teacher_tokenizers)
+        if not self.config.cross_tokenizer:  # another vocabulary is never compared column by column
+            self.vocab = min([self.vocab] + [t.vocab for t in self.teachers.all() if isinstance(t, LocalTeacher) and t.vocab])
 
     # ------------------------------------------------------------ the step
 
@@ -226,12 +270,22 @@ class OPD(Method):
         """GKD's λ as a seeded per-step coin: the same steps are on-policy on every process and after a resume."""
         return random.Random(mix_seed(self.config.seed, step)).random() < self.config.on_policy_ratio
 
-    def sample(self, engine: Engine, indices: list[int], horizon: int) -> tuple[list[list[int]], float]:
-        """One response per prompt from the current student, and the share that hit the horizon."""
+    def sample(self, engine: Engine, indices: list[int], horizon: int) -> tuple[list[list[int]], list[bool]]:
+        """One response per prompt from the current student, and whether each ended with EOS (not cut by the horizon)."""
         params = SamplingParams(self.config.temperature, self.config.top_p, horizon)
         samples = engine.sampler.sample([self.student_prompts[i] for i in indices], params,
                                         seeds=rollout_seeds(self.config.seed, engine.step, indices))
-        return [s.response_ids for s in samples], sum(not s.finished for s in samples) / len(samples)
+        return [s.response_ids for s in samples], [s.finished for s in samples]
+
+    def teacher_rows(self, indices: list[int], responses: list[list[int]], finished: list[bool]) -> tuple[list[TeacherRow], list[Any]]:
+        """What each teacher scores: the student's own tokens, or (cross_tokenizer) the same text in the teacher's tokens,
+        with the spans that align the two (teachers/alignment.py); an end span only for a response that finished."""
+        if not self.config.cross_tokenizer:
+            return [TeacherRow(self.teacher_prompts[i], r) for i, r in zip(indices, responses)], []
+        alignments = [self.align(self.teacher_names[i], r, done) for i, r, done in zip(indices, responses, finished)]
+        self.alignment = {**alignment_stats([a for a in alignments if a.aligned]),
+                          "unaligned": sum(not a.aligned for a in alignments) / len(alignments)}
+        return [TeacherRow(self.teacher_prompts[i], a.teacher_ids) for i, a in zip(indices, alignments)], alignments
 
     def step(self, engine: Engine, step: int) -> dict[str, float]:
         config = self.config
@@ -240,12 +294,14 @@ class OPD(Method):
         on_policy = self.on_policy(step)
         started = time.perf_counter()
         if on_policy:
-            responses, truncated = self.sample(engine, indices, horizon)
+            responses, finished = self.sample(engine, indices, horizon)
         else:
-            responses, truncated = [self.responses[i][:horizon] for i in indices], 0.0
+            responses = [self.responses[i][:horizon] for i in indices]
+            finished = [ends_with_eos(r, self.tokenizer) for r in responses]
+        truncated = sum(not done for done in finished) / len(finished) if on_policy else 0.0
         rollout_seconds = time.perf_counter() - started
         batches = []
-        rows = [TeacherRow(self.teacher_prompts[i], r) for i, r in zip(indices, responses)]
+        rows, alignments = self.teacher_rows(indices, responses, finished)
         for group in chunks(list(range(len(indices))), config.micro_batch_size):
             # Responses aligned at one index, so only response positions get logits (see response_logits).
             student = collate([Example(self.student_prompts[indices[j]], responses[j]) for j in group], self.pad_id, align_responses=True)
@@ -257,14 +313,40 @@ class OPD(Method):
             group = batch["row"].tolist()
             teacher = self.teachers.score([rows[j] for j in group], [self.teacher_names[indices[j]] for j in group],
                                           top_k=config.top_k, temperature=config.distill_temperature)
+            if alignments:
+                return self.span_losses(student_logits, teacher.to(student_logits.device), batch, [alignments[j] for j in group]).sum()
             return self.token_losses(student_logits, teacher.to(student_logits.device), batch, beta).sum()
 
         engine.model.train()
         loss = engine.backward_token_mean(batches, loss_sum, response_tokens)
         lengths = [len(r) for r in responses]
+        spans = {f"align_{k}": v for k, v in self.alignment.items() if k in ("shared_boundaries", "mean_teacher_tokens", "unaligned")} if alignments else {}
         return {"loss": loss, **engine.optimizer_step(), "on_policy": float(on_policy), "horizon": float(horizon),
                 "beta": beta, "response_length": sum(lengths) / len(lengths), "truncated": truncated,
-                "rollout_seconds": rollout_seconds}
+                "rollout_seconds": rollout_seconds, **spans}
+
+    def align(self, name: str, response: list[int], finished: bool) -> Any:
+        """The response against teacher `name`'s tokenization; a placeholder that trains on nothing when the teacher's
+        tokenizer cannot give its text back (a rare sample, e.g. with a control character the teacher drops)."""
+        teacher_tokenizer = self.teacher_tokenizers[name]
+        try:
+            return cross_tokenize(self.tokenizer, teacher_tokenizer, response, finished, shared_vocab=self.shared_vocab[name])
+        except OpdistillError:
+            return unaligned(response, teacher_tokenizer, finished)
+
+    def span_losses(self, student_logits: torch.Tensor, teacher: TeacherScores, batch: dict[str, torch.Tensor],
+                    alignments: list[Any]) -> torch.Tensor:
+        """cross_tokenizer: k1 / k3 / reward on the span log ratios (objectives/spans.py), one loss per student token."""
+        temperature = self.config.distill_temperature
+        student_lp = logprobs_of(student_logits, response_targets(batch), temperature)
+        teacher_targets = torch.tensor([t for a in alignments for t in a.teacher_ids], device=student_logits.device)
+        teacher_lp = teacher.sampled(teacher_targets, temperature)
+        student_ids, teacher_ids, n_spans = span_ids([a.spans for a in alignments])
+        losses = span_token_losses(self.config.divergence, student_lp, teacher_lp, student_ids, teacher_ids, n_spans)
+        if all(a.aligned for a in alignments):
+            return losses
+        keep = torch.tensor([a.aligned for a in alignments for _ in a.student_ids], device=losses.device)
+        return torch.where(keep, losses, torch.zeros_like(losses))  # an unaligned sample's tokens count, with no loss
 
     def token_losses(self, student_logits: torch.Tensor, teacher: TeacherScores, batch: dict[str, torch.Tensor],
                      beta: float) -> torch.Tensor:

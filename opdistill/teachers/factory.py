@@ -39,15 +39,22 @@ def cache_path(config: "OPDConfig", out_dir: Path, rank: int, world_size: int, n
 
 
 def build_teachers(config: "OPDConfig", tokenizer: Any, get_student: Callable[[], Any], student_vocab: int, dtype: torch.dtype,
-                   device: torch.device, out_dir: Path, rank: int = 0, world_size: int = 1, needs_default: bool = True) -> TeacherSet:
-    """The default teacher (when some record uses it) and every named one."""
+                   device: torch.device, out_dir: Path, rank: int = 0, world_size: int = 1, needs_default: bool = True,
+                   teacher_tokenizers: dict[str, Any] | None = None) -> TeacherSet:
+    """The default teacher (when some record uses it) and every named one. `teacher_tokenizers` (cross-tokenizer runs:
+    teacher name -> its tokenizer) lets a teacher keep its own vocabulary: it scores its own token ids."""
+    cross = teacher_tokenizers or {}
 
     def build(model: str, url: str, name: str) -> LogProbTeacher:
         if url:
             policy = RetryPolicy(max_attempts=config.teacher_max_attempts, timeout=config.teacher_timeout)
-            return RemoteTeacher(url, model, k=max(config.top_k, 1), vocab=student_vocab, api_key_env=config.teacher_api_key_env,
+            # Another vocabulary's ids need no bound by the student's: only each actual token's log-prob is read.
+            vocab = 2**31 - 1 if name in cross else student_vocab
+            return RemoteTeacher(url, model, k=max(config.top_k, 1), vocab=vocab, api_key_env=config.teacher_api_key_env,
                                  policy=policy, concurrency=config.teacher_concurrency, seed=config.seed,
                                  cache_path=cache_path(config, out_dir, rank, world_size, name))
+        if name in cross:
+            return own_vocabulary_teacher(model, config, cross[name], dtype, device)
         return local_teacher(model, config, tokenizer, student_vocab, dtype, device)
 
     default: LogProbTeacher | None = None
@@ -68,4 +75,11 @@ def local_teacher(name: str, config: "OPDConfig", tokenizer: Any, student_vocab:
     model = load_model(name, dtype=dtype, trust_remote_code=config.trust_remote_code, allow_pickle=config.allow_pickle)
     vocab = shared_vocabulary_size(tokenizer, teacher_tokenizer, student_vocab, model.get_output_embeddings().weight.shape[0], name)
     return LocalTeacher(model.to(device).eval().requires_grad_(False), tokenizer.pad_token_id, vocab, name=name,
+                        micro_batch_size=config.micro_batch_size)
+
+
+def own_vocabulary_teacher(name: str, config: "OPDConfig", teacher_tokenizer: Any, dtype: torch.dtype, device: torch.device) -> LocalTeacher:
+    """A frozen local model that keeps its own tokenizer (cross_tokenizer): its pad id, every column of its output layer."""
+    model = load_model(name, dtype=dtype, trust_remote_code=config.trust_remote_code, allow_pickle=config.allow_pickle)
+    return LocalTeacher(model.to(device).eval().requires_grad_(False), teacher_tokenizer.pad_token_id, None, name=name,
                         micro_batch_size=config.micro_batch_size)
