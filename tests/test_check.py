@@ -166,3 +166,17 @@ def test_the_check_says_a_remote_teacher_refused_the_connection(tiny_model, tmp_
     report = preflight(config, load_tokenizer(str(tiny_model)))
     assert failures(report) == ["teacher (default)"]
     assert f"refused by 127.0.0.1:{port}" in report.problems[0].message
+
+
+def test_gad_refuses_rollouts_longer_than_the_collected_teacher_texts(tiny_model, tmp_path):
+    """collect --max-tokens 256 and GAD's max_response_tokens 1536 used to be matched by hand."""
+    rows = [{"messages": [{"role": "user", "content": f"Question {i}?"}], "response": f"Answer {i}.", "teacher": "api",
+             "meta": {"sampling": {"temperature": 0.8, "top_p": 1.0, "max_tokens": 256}, "finish_reason": "stop"}} for i in range(4)]
+    data = write_records(tmp_path / "teacher.jsonl", rows)
+    tokenizer = load_tokenizer(str(tiny_model))
+    long = load_config(None, ["method=gad", f"student={tiny_model}", f"data={data}", "batch_size=2", "max_response_tokens=1536"])
+    report = preflight(long, tokenizer)
+    assert failures(report) == ["response limit"]
+    assert "max_response_tokens=256" in report.problems[0].fix and "6.0x" in report.problems[0].message
+    matched = load_config(None, ["method=gad", f"student={tiny_model}", f"data={data}", "batch_size=2", "max_response_tokens=256"])
+    assert failures(preflight(matched, tokenizer)) == []

@@ -91,6 +91,23 @@ class GADConfig(OnPolicyConfig):
     d_lora_r: int = opt(0, "LoRA rank for the discriminator backbone (0: full fine-tuning); alpha, dropout and targets are the "
                            "student's lora_* values. The scalar head always trains fully. out_dir/discriminator is saved merged.")
 
+    def preflight(self, report: Any, tokenizer: Any, records: list[Any]) -> None:
+        """The teacher texts' length limit (`opdistill collect --max-tokens`, recorded with every text it stores) against
+        the rollouts' `max_response_tokens`: a student allowed to sample far longer than any teacher text is told apart
+        from the teacher by length alone, and the discriminator's reward teaches length, not content."""
+        limits = {r.meta.get("meta", {}).get("sampling", {}).get("max_tokens") for r in records if isinstance(r.meta.get("meta"), dict)}
+        limits = {limit for limit in limits if isinstance(limit, int)}
+        if not limits:
+            return  # texts from elsewhere: no recorded limit to compare
+        limit = max(limits)
+        if limit < self.max_response_tokens:
+            report.fail("response limit", f"the teacher texts were collected with at most {limit} tokens (collect --max-tokens), but "
+                        f"max_response_tokens is {self.max_response_tokens}: the student may sample {self.max_response_tokens / limit:.1f}x "
+                        "longer than any teacher text, and the discriminator then rewards length",
+                        f"set max_response_tokens={limit}, or collect again with --max-tokens {self.max_response_tokens}")
+        else:
+            report.ok("response limit", f"teacher texts collected with at most {limit} tokens; rollouts up to {self.max_response_tokens}")
+
     def validate(self) -> None:
         super().validate()
         if self.n_samples < 2:
