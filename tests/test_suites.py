@@ -207,3 +207,14 @@ def test_score_ifeval_writes_instruction_results_in_record_order(tmp_path):
     assert scored[0] == {"key": lowercase["key"], "passed": True, "passed_loose": True,
                          "instructions": [{"id": "change_case:english_lowercase", "strict": True, "loose": True}]}
     assert [i["id"] for i in scored[1]["instructions"]] == rows[0]["instruction_id_list"]
+
+
+def test_vicuna_questions_are_a_prompt_set_and_gpt35_answers_join_as_a_reference():
+    from opdistill.evaluate.prompts import join_answer_file, load_eval_set
+
+    questions = load_eval_set(f"vicuna={DATA / 'vicuna80_questions.jsonl'}")
+    assert questions.name == "vicuna" and len(questions.records) == 80
+    assert questions.records[0].messages == [{"role": "user", "content": "How can I improve my time management skills?"}]
+    assert join_answer_file(questions, DATA / "vicuna80_answers_gpt-3.5.jsonl") == 80
+    assert questions.reference_names == ["gpt-3.5-turbo:20230327"]
+    assert questions.references[0]["gpt-3.5-turbo:20230327"].startswith("Here are some tips")

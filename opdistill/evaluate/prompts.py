@@ -7,8 +7,9 @@ Formats, detected from the first row:
   `reference` become references of those names.
 - MT-Bench questions (`question_id`, `turns`): the first turn is the prompt; a `reference` list gives the
   reference "reference" (its first turn).
-- MT-Bench answer files (`question_id`, `model_id`, `choices[0].turns`) join a question set by question_id
-  through `reference_files`, each as a reference named after its model_id (e.g. "gpt-4").
+- Vicuna questions (`question_id`, `text`, `category`; the GAD paper's out-of-distribution set): the text is the prompt.
+- Answer files join a question set by question_id through `--references`, each as a reference named after its
+  model_id (e.g. "gpt-4", "gpt-3.5-turbo"): MT-Bench's (`choices[0].turns`) and Vicuna's (`answer_id`, `text`).
 """
 
 from __future__ import annotations
@@ -60,6 +61,8 @@ def detect_format(path: Path) -> str:
     row = first_json_row(path)
     if isinstance(row, dict) and "question_id" in row and "turns" in row:
         return "mtbench"
+    if isinstance(row, dict) and "question_id" in row and "text" in row and "answer_id" not in row:
+        return "vicuna"
     return "records"
 
 
@@ -95,6 +98,26 @@ def load_mtbench(path: Path, rows: slice) -> EvalSet:
     return EvalSet(path.stem, records[rows], references[rows])
 
 
+def load_vicuna(path: Path, rows: slice) -> EvalSet:
+    """Vicuna's questions (`question_id`, `text`, `category`), the GAD paper's out-of-distribution set."""
+    records = []
+    for number, row in read_jsonl_objects(path):
+        text = row.get("text")
+        if not isinstance(text, str) or not text.strip():
+            raise DataError(f"{path}:{number}: field `text` must be a non-empty string (the question)")
+        meta = {"question_id": row.get("question_id"), "category": row.get("category")}
+        records.append(Record(messages=[{"role": "user", "content": text}], meta=meta, source=f"{path}:{number}"))
+    return EvalSet(path.stem, records[rows], [{} for _ in records][rows])
+
+
+def answer_of(row: dict[str, Any]) -> str | None:
+    """An answer file row's first-turn answer: MT-Bench's choices[0].turns[0], or Vicuna's `text`."""
+    try:
+        return row["choices"][0]["turns"][0]
+    except (KeyError, IndexError, TypeError):
+        return row.get("text") if "answer_id" in row else None
+
+
 def join_answer_file(eval_set: EvalSet, path: Path) -> int:
     """Add the answers of an MT-Bench answer file as references named after its model_id, matched on
     question_id; returns how many prompts got one."""
@@ -103,12 +126,11 @@ def join_answer_file(eval_set: EvalSet, path: Path) -> int:
     by_question: dict[Any, tuple[str, str]] = {}
     for number, row in read_jsonl_objects(path):
         where = f"{path}:{number}"
-        try:
-            answer = row["choices"][0]["turns"][0]
-        except (KeyError, IndexError, TypeError):
-            raise DataError(f"{where}: expected an MT-Bench answer row with choices[0].turns[0]") from None
+        answer = answer_of(row)
+        if answer is None:
+            raise DataError(f"{where}: expected an MT-Bench answer row with choices[0].turns[0], or a Vicuna answer row with `text`")
         if not isinstance(answer, str) or "question_id" not in row:
-            raise DataError(f"{where}: choices[0].turns[0] must be a string and the row needs question_id")
+            raise DataError(f"{where}: the answer must be a string and the row needs question_id")
         by_question[row["question_id"]] = (str(row.get("model_id") or path.stem), answer)
     matched = 0
     for record, refs in zip(eval_set.records, eval_set.references):
@@ -134,8 +156,11 @@ def load_eval_set(spec: str) -> EvalSet:
     name, body = (head, tail) if sep and NAME.fullmatch(head) and not Path(spec).exists() else ("", spec)
     path_text, rows = split_slice(body)
     path = Path(path_text)
-    if not path_text.startswith("builtin:") and detect_format(path) == "mtbench":
+    file_format = "records" if path_text.startswith("builtin:") else detect_format(path)
+    if file_format == "mtbench":
         eval_set = load_mtbench(path, rows)
+    elif file_format == "vicuna":
+        eval_set = load_vicuna(path, rows)
     else:
         records = load_records(body)
         default_name = path_text.split(":", 1)[1] if path_text.startswith("builtin:") else path.stem
