@@ -1,9 +1,12 @@
-"""Small file-system helpers shared by the writers of checkpoints and saved models."""
+"""Small file-system helpers: syncing trees for the writers of checkpoints and saved models, and reading JSONL files."""
 
 from __future__ import annotations
 
+import gzip
+import json
 import os
 from pathlib import Path
+from typing import Any
 
 
 def fsync_tree(root: Path) -> None:
@@ -22,3 +25,27 @@ def fsync_tree(root: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def read_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
+    """(line number, object) for every non-empty line of a .jsonl (or .jsonl.gz) file, a byte-order mark allowed.
+    A line that is not a JSON object raises DataError naming the file and line."""
+    from .errors import DataError
+
+    opener = gzip.open if path.suffix == ".gz" else open
+    rows = []
+    try:
+        with opener(path, "rt", encoding="utf-8-sig") as handle:
+            for number, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise DataError(f"{path}:{number}: not valid JSON ({err.msg} at column {err.colno})", "fix or remove that line") from None
+                if not isinstance(row, dict):
+                    raise DataError(f"{path}:{number}: a row must be a JSON object, got {type(row).__name__}")
+                rows.append((number, row))
+    except (OSError, UnicodeDecodeError, EOFError) as err:
+        raise DataError(f"{path}: cannot be read ({err})", "pass a UTF-8 JSONL file (or .jsonl.gz)") from None
+    return rows

@@ -62,3 +62,22 @@ def _offline(monkeypatch: pytest.MonkeyPatch) -> None:
     # Tests never reach a hub: everything they load is local.
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture
+def judge_server():
+    """make(**faults) -> (base URL, state): an OpenAI-compatible chat server on 127.0.0.1 (tests/openai_stub_server.py),
+    a judge or an API teacher with injectable faults; every server is shut down after the test."""
+    from openai_stub_server import start_server
+
+    servers = []
+
+    def make(**kwargs):
+        server, state = start_server(**kwargs)
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_address[1]}/v1", state
+
+    yield make
+    for server in servers:
+        server.shutdown()
+        server.server_close()

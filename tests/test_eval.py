@@ -29,26 +29,11 @@ from browser import load_page
 from conftest import SHARED
 
 sys.path.insert(0, str(Path(__file__).parent))
-from openai_stub_server import length_score, start_server  # noqa: E402
+from openai_stub_server import length_score  # noqa: E402
 
 QUESTIONS = SHARED / "data" / "mt_bench_questions.jsonl"
 GPT4 = SHARED / "data" / "mt_bench_reference_gpt-4.jsonl"
 MATH = f"{QUESTIONS}[20:28]"  # question_id 101-108: reasoning questions, which have GPT-4 references
-
-
-@pytest.fixture
-def judge_server():
-    servers = []
-
-    def make(**kwargs):
-        server, state = start_server(**kwargs)
-        servers.append(server)
-        return f"http://127.0.0.1:{server.server_address[1]}/v1", state
-
-    yield make
-    for server in servers:
-        server.shutdown()
-        server.server_close()
 
 
 @pytest.fixture(scope="module")
@@ -202,7 +187,7 @@ def test_each_judge_reply_is_stored_the_moment_it_arrives(judge_server, tmp_path
 
     from opdistill.evaluate.judge import ApiJudge, judge_requests
 
-    url, _ = judge_server(latency=0.3)
+    url, _ = judge_server(latency=0.6)  # long enough for the reading loop below to see a partial file on a loaded machine
     questions = [f"question {i}" for i in range(6)]
     requests = [score_messages(q, "a reference", "an answer") for q in questions]
     cache = JudgeCache(tmp_path / "judge.jsonl")

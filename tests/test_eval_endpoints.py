@@ -5,31 +5,14 @@ served white-box teacher (`opdistill serve` on 127.0.0.1), equal to the local te
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 
-from openai_stub_server import start_server
 from opdistill.errors import OpdistillError
 from opdistill.evaluate.run import EvalOptions, run_eval
 from opdistill.serve import ServeOptions, make_server
 
 QUESTIONS = [{"prompt": f"Question {i}: name a colour."} for i in range(4)]
-
-
-@pytest.fixture()
-def stub():
-    servers = []
-
-    def make(**kwargs):
-        server, state = start_server(**kwargs)
-        servers.append(server)
-        return f"http://127.0.0.1:{server.server_address[1]}/v1", state
-
-    yield make
-    for server in servers:
-        server.shutdown()
-        server.server_close()
 
 
 def prompts_file(tmp_path):
@@ -38,8 +21,8 @@ def prompts_file(tmp_path):
     return str(path)
 
 
-def test_an_api_model_is_a_row_with_retries_its_key_and_a_durable_cache(stub, tiny_model, tmp_path, monkeypatch):
-    url, state = stub(script=["500", "429"], expected_key="sk-row-key")
+def test_an_api_model_is_a_row_with_retries_its_key_and_a_durable_cache(judge_server, tiny_model, tmp_path, monkeypatch):
+    url, state = judge_server(script=["500", "429"], expected_key="sk-row-key")
     monkeypatch.setenv("ROW_KEY", "sk-row-key")
     options = dict(models=[f"student={tiny_model}"], api_models=[f"teacher=gpt-stub@{url}"], api_key_envs=["teacher=ROW_KEY"],
                    teacher="teacher", prompts=[prompts_file(tmp_path)], out=str(tmp_path / "ev"), max_new_tokens=8,
@@ -56,8 +39,8 @@ def test_an_api_model_is_a_row_with_retries_its_key_and_a_durable_cache(stub, ti
     assert state.requests == 6  # the rerun paid for nothing
 
 
-def test_failed_api_requests_stop_with_a_rerun_hint_and_keep_what_arrived(stub, tmp_path):
-    url, _ = stub(always_fail_substring="Question 2")
+def test_failed_api_requests_stop_with_a_rerun_hint_and_keep_what_arrived(judge_server, tmp_path):
+    url, _ = judge_server(always_fail_substring="Question 2")
     options = EvalOptions(models=[], api_models=[f"api=gpt-stub@{url}"], prompts=[prompts_file(tmp_path)], out=str(tmp_path / "ev"),
                           api_max_attempts=2, embeddings=False, progress=False)
     with pytest.raises(OpdistillError, match="1 of 4 request") as caught:
@@ -77,7 +60,7 @@ def test_teacher_not_a_row_says_how_to_evaluate_an_api_model(tiny_model, tmp_pat
         run_eval(EvalOptions(models=[str(tiny_model)], teacher="gpt-4o-mini", prompts=["builtin:heldout[:1]"], out=str(tmp_path)))
 
 
-def test_a_served_teacher_scores_the_same_log_prob_as_the_local_one(stub, tiny_model, tmp_path, monkeypatch):
+def test_a_served_teacher_scores_the_same_log_prob_as_the_local_one(judge_server, tiny_model, tmp_path, monkeypatch):
     import threading
 
     monkeypatch.setenv("SERVE_KEY", "k-123")
@@ -85,7 +68,7 @@ def test_a_served_teacher_scores_the_same_log_prob_as_the_local_one(stub, tiny_m
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         url = f"http://127.0.0.1:{server.server_address[1]}/v1"
-        api_url, _ = stub()  # the scored row answers with real text (the random tiny model's answers decode to nothing)
+        api_url, _ = judge_server()  # the scored row answers with real text (the random tiny model's answers decode to nothing)
         common = dict(models=[f"t={tiny_model}"], api_models=[f"s=stub@{api_url}"], systems=["t=Be brief."], teacher="t", prompts=["builtin:heldout[:3]"],
                       max_new_tokens=8, precision="fp32", embeddings=False, progress=False)
         local = run_eval(EvalOptions(out=str(tmp_path / "local"), **common))

@@ -26,24 +26,9 @@ from opdistill.evaluate.judge_stats import (
 from conftest import SHARED
 
 sys.path.insert(0, str(Path(__file__).parent))
-from openai_stub_server import length_score, start_server  # noqa: E402
+from openai_stub_server import length_score  # noqa: E402
 
 DATA = SHARED / "data"
-
-
-@pytest.fixture
-def judge_server():
-    servers = []
-
-    def make(**kwargs):
-        server, state = start_server(**kwargs)
-        servers.append(server)
-        return f"http://127.0.0.1:{server.server_address[1]}/v1", state
-
-    yield make
-    for server in servers:
-        server.shutdown()
-        server.server_close()
 
 
 # ---------------------------------------------------------------- pure statistics (float64, hand-computed)

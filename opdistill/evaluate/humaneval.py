@@ -7,13 +7,12 @@ The program for a completion is the one the original benchmark runs:
 
 from __future__ import annotations
 
-import gzip
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from opdistill.errors import DataError
+from ..errors import DataError
+from ..fileio import read_jsonl
 
 FIELDS = ("task_id", "prompt", "canonical_solution", "test", "entry_point")
 # An opening fence (```python, ```py, ```Python3 or a bare ```) up to the end of its line, the code, and the
@@ -33,13 +32,6 @@ class HumanEvalProblem:
     entry_point: str
 
 
-def _open_text(path: Path) -> list[str]:
-    if path.suffix == ".gz":
-        with gzip.open(path, "rt", encoding="utf-8") as f:
-            return f.read().splitlines()
-    return path.read_text(encoding="utf-8").splitlines()
-
-
 def _problem(record: object, where: str) -> HumanEvalProblem:
     if not isinstance(record, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
@@ -57,15 +49,7 @@ def load_humaneval(path: str | Path) -> list[HumanEvalProblem]:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such file", fix="pass the path of HumanEval.jsonl.gz (or a .jsonl copy)")
-    problems = []
-    for number, line in enumerate(_open_text(path), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path}:{number}: not valid JSON ({exc.msg} at column {exc.colno})") from None
-        problems.append(_problem(record, f"{path}:{number}"))
+    problems = [_problem(record, f"{path}:{number}") for number, record in read_jsonl(path)]
     if not problems:
         raise DataError(f"{path}: no problems in the file")
     return problems

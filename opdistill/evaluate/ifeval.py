@@ -21,7 +21,6 @@ Nothing heavy is imported until the first response is scored (`if_verifiable` im
 from __future__ import annotations
 
 import functools
-import json
 import random
 import types
 from collections import defaultdict
@@ -31,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DataError
+from ..fileio import read_jsonl
 
 LANGDETECT_SEED = 0  # any fixed value makes langdetect deterministic; 0 is what its README shows
 
@@ -63,27 +63,15 @@ def load_ifeval(path: str | Path) -> list[IFEvalItem]:
 
     Raises DataError naming the file, line and field of the first bad record."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise DataError(f"{path}: cannot read the IFEval file: {e}",
-                        fix="pass the path of IFEval's input_data.jsonl") from e
-    items: list[IFEvalItem] = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if line.strip():
-            items.append(_parse_record(line, f"{path}:{lineno}"))
+    if not path.is_file():
+        raise DataError(f"{path}: no such file", fix="pass the path of IFEval's input_data.jsonl")
+    items = [_parse_record(record, f"{path}:{number}") for number, record in read_jsonl(path)]
     if not items:
         raise DataError(f"{path}: no IFEval records in the file", fix="pass the path of IFEval's input_data.jsonl")
     return items
 
 
-def _parse_record(line: str, where: str) -> IFEvalItem:
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from e
-    if not isinstance(record, dict):
-        raise DataError(f"{where}: a record must be a JSON object, got {type(record).__name__}")
+def _parse_record(record: dict[str, Any], where: str) -> IFEvalItem:
     for field in ("key", "prompt", "instruction_id_list", "kwargs"):
         if field not in record:
             raise DataError(f"{where}: missing field {field!r}")

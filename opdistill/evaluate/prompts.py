@@ -22,6 +22,7 @@ from typing import Any
 
 from ..data import Record, load_records, split_slice
 from ..errors import DataError
+from ..fileio import read_jsonl
 
 NAME = re.compile(r"[\w.-]+")  # a prompt set's label in `NAME=SPEC`
 RECORD_REFERENCES = {"target": "target", "reference": "reference"}  # record field -> reference name
@@ -66,27 +67,10 @@ def detect_format(path: Path) -> str:
     return "records"
 
 
-def read_jsonl_objects(path: Path) -> list[tuple[int, dict[str, Any]]]:
-    """(line number, object) for every non-empty line; a DataError names the first bad line."""
-    rows = []
-    with open(path, "rb") as handle:
-        for number, raw in enumerate(handle, start=1):
-            if not raw.strip():
-                continue
-            try:
-                row = json.loads(raw.decode("utf-8-sig" if number == 1 else "utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError) as err:
-                raise DataError(f"{path}:{number}: not valid JSON ({type(err).__name__})", "fix or remove that line") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{path}:{number}: a row must be a JSON object, got {type(row).__name__}")
-            rows.append((number, row))
-    return rows
-
-
 def load_mtbench(path: Path, rows: slice) -> EvalSet:
     """MT-Bench questions, first turn only (single-turn evaluation)."""
     records, references = [], []
-    for number, row in read_jsonl_objects(path):
+    for number, row in read_jsonl(path):
         where = f"{path}:{number}"
         turns = row.get("turns")
         if not isinstance(turns, list) or not turns or not isinstance(turns[0], str) or not turns[0].strip():
@@ -101,7 +85,7 @@ def load_mtbench(path: Path, rows: slice) -> EvalSet:
 def load_vicuna(path: Path, rows: slice) -> EvalSet:
     """Vicuna's questions (`question_id`, `text`, `category`), the GAD paper's out-of-distribution set."""
     records = []
-    for number, row in read_jsonl_objects(path):
+    for number, row in read_jsonl(path):
         text = row.get("text")
         if not isinstance(text, str) or not text.strip():
             raise DataError(f"{path}:{number}: field `text` must be a non-empty string (the question)")
@@ -124,7 +108,7 @@ def join_answer_file(eval_set: EvalSet, path: Path) -> int:
     if not path.is_file():
         raise DataError(f"reference file {path} does not exist")
     by_question: dict[Any, tuple[str, str]] = {}
-    for number, row in read_jsonl_objects(path):
+    for number, row in read_jsonl(path):
         where = f"{path}:{number}"
         answer = answer_of(row)
         if answer is None:

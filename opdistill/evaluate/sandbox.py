@@ -55,7 +55,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from opdistill.evaluate.humaneval import HumanEvalProblem, program_for
+from .humaneval import HumanEvalProblem, program_for
 
 RUNNER = Path(__file__).with_name("sandbox_runner.py")
 BACKSTOP_S = 10.0  # beyond timeout_s, the evaluator's own kill of a runner that failed to enforce it

@@ -11,7 +11,6 @@ and scores the same way (`run.py`). Both write one line per item and a summary w
 
 from __future__ import annotations
 
-import gzip
 import json
 import os
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import DataError, OpdistillError
+from ..fileio import read_jsonl
 from .stats import proportion
 
 DATA_ENV = "OPDISTILL_DATA"  # the folder holding the suites' files when --data-dir is not given
@@ -41,27 +41,6 @@ class Suite:
     summarize: Callable[[list[dict[str, Any]]], dict[str, Any]]
 
 
-def read_rows(path: Path) -> list[tuple[int, dict[str, Any]]]:
-    """(line number, object) per non-empty line of a .jsonl or .jsonl.gz file; bad lines are named."""
-    opener = gzip.open if path.suffix == ".gz" else open
-    rows = []
-    try:
-        with opener(path, "rt", encoding="utf-8") as handle:
-            for number, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise DataError(f"{path}:{number}: not valid JSON ({err.msg})") from None
-                if not isinstance(row, dict):
-                    raise DataError(f"{path}:{number}: a row must be a JSON object")
-                rows.append((number, row))
-    except OSError as err:
-        raise DataError(f"{path}: cannot be read ({err.strerror or err})") from None
-    return rows
-
-
 def field(row: dict[str, Any], name: str, where: str, kind: type = str) -> Any:
     value = row.get(name)
     if not isinstance(value, kind) or isinstance(value, bool):
@@ -80,7 +59,7 @@ def load_gsm8k(path: Path) -> list[SuiteItem]:
     from .answers import GSM8K_INSTRUCTION, gsm8k_gold
 
     items = []
-    for index, (number, row) in enumerate(read_rows(path)):
+    for index, (number, row) in enumerate(read_jsonl(path)):
         where = f"{path}:{number}"
         solution = field(row, "answer", where)
         try:
@@ -105,7 +84,7 @@ def load_math500(path: Path) -> list[SuiteItem]:
     from .answers import MATH_INSTRUCTION
 
     items = []
-    for number, row in read_rows(path):
+    for number, row in read_jsonl(path):
         where = f"{path}:{number}"
         items.append(SuiteItem(field(row, "unique_id", where), f"{field(row, 'problem', where)}\n\n{MATH_INSTRUCTION}",
                                field(row, "answer", where)))
@@ -220,7 +199,7 @@ def read_responses(path: Path, suite: Suite, items: list[SuiteItem]) -> tuple[li
     chosen: list[SuiteItem] = []
     texts: list[str] = []
     seen: set[Any] = set()
-    for number, row in read_rows(path):
+    for number, row in read_jsonl(path):
         where = f"{path}:{number}"
         if suite.id_field not in row:
             raise DataError(f"{where}: no `{suite.id_field}` field (suite {suite.name} names its items by {suite.id_field})")
@@ -271,7 +250,7 @@ def paired_against(suite: Suite, rows: list[dict[str, Any]], against: Path) -> d
         raise DataError(f"--against {against}: {summary_path} cannot be read ({err})", "pass a directory that `opdistill score` wrote") from None
     if other.get("suite") != suite.name:
         raise DataError(f"--against {against}: it scored suite {other.get('suite')!r}, not {suite.name}")
-    result = paired_rows(rows, [r for _, r in read_rows(against / "scores.jsonl")], suite.id_field)
+    result = paired_rows(rows, [r for _, r in read_jsonl(against / "scores.jsonl")], suite.id_field)
     if not result["n"]:
         raise DataError(f"--against {against}: no item in common with these responses")
     return {"against": str(against), **result}
