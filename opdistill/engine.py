@@ -18,7 +18,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable, Protocol
 
 import torch
 import yaml
@@ -30,8 +30,25 @@ from .errors import OpdistillError
 from .interrupts import sigterm_as_interrupt
 from .models import compute_dtype, default_device, resolve_precision, save_pretrained_atomic
 
-if TYPE_CHECKING:  # the engine runs any method; only the type names one
-    from .methods.common import Method
+
+
+class Method(Protocol):
+    """What the engine calls on a training method, whatever the method (methods/common.py's base class does nothing
+    in every hook a method does not need): `setup` before a resume restores state, `on_resume` after one, `step` once
+    per optimizer step, `evaluate` at the start, every eval_every steps and at the end, `save_outputs` once at the end.
+    The engine names no method of its own: this protocol is its side of the contract."""
+
+    progress_metrics: tuple[str, ...]
+
+    def setup(self, engine: "Engine") -> None: ...
+
+    def on_resume(self, engine: "Engine") -> None: ...
+
+    def step(self, engine: "Engine", step: int) -> dict[str, float]: ...
+
+    def evaluate(self, engine: "Engine") -> dict[str, float]: ...
+
+    def save_outputs(self, engine: "Engine") -> dict[str, str]: ...
 
 MAX_BAD_STEPS = 5  # consecutive non-finite losses before the run stops
 
