@@ -41,7 +41,7 @@ def mean_length_words(texts: list[str]) -> float:
     return sum(len(t.split()) for t in texts) / len(texts) if texts else 0.0
 
 
-# ---------------------------------------------------------------- overlap and diversity (SPEC §5)
+# ---------------------------------------------------------------- overlap and diversity (GAD, arXiv 2511.10643, §5)
 
 TOKEN = re.compile(r"\w+", re.UNICODE)
 

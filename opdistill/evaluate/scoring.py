@@ -1,6 +1,6 @@
 """Metrics that need a model: the white-box teacher's log-probability of responses, and embedding similarity.
 
-Teacher log-probability (SPEC §5): the response text is re-tokenised with the teacher's tokenizer and scored
+Teacher log-probability (the white-box distance to the teacher): the response text is re-tokenised with the teacher's tokenizer and scored
 after the teacher's own prompt (its privileged system prompt included), so any student tokenizer works. The
 metric is the token-weighted mean log p_teacher(y_t | x, y_<t) over all responses; EOS is scored when the
 response finished, since stopping is part of the behaviour being matched.

@@ -1,4 +1,4 @@
-"""GAD — Generative Adversarial Distillation (SPEC §2; Ye et al., arXiv 2511.10643): black-box, on-policy.
+"""GAD — Generative Adversarial Distillation (Ye et al., arXiv 2511.10643): black-box, on-policy.
 
 The discriminator D learns to rank the teacher's response above the student's samples (Bradley–Terry);
 its score is the student's reward, optimised with GRPO (group-normalised advantages, PPO-clip, k3 KL to
@@ -53,7 +53,7 @@ class Rollouts:
 
 @dataclass
 class GADConfig(OnPolicyConfig):
-    """GAD (SPEC §2): a discriminator trained with Bradley–Terry is the GRPO reward of the student.
+    """GAD (Ye et al., arXiv 2511.10643): a discriminator trained with Bradley–Terry is the GRPO reward of the student.
 
     Reference defaults (GAD paper): N = 8, 256 prompts per step, lr 1e-6 for generator and discriminator,
     grad clip 0.2, temperature 0.8, max response 1536, max prompt 2048, PPO clip 0.2, k3 KL 0.001.

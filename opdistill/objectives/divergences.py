@@ -1,4 +1,4 @@
-"""Token-level divergences between the student's and the teacher's next-token distributions (SPEC §3).
+"""Token-level divergences between the student's and the teacher's next-token distributions (GKD, Agarwal et al., arXiv 2306.13649; DistiLLM's skew KL, Ko et al., arXiv 2402.03898; Veto, Jang et al., arXiv 2601.07155).
 
 `per_token` returns one value per position (no reduction, no mask: the caller masks and averages).
 Everything is computed in log space from logits; vocabulary entries masked with -inf (in both models)

@@ -1,4 +1,4 @@
-"""Policy-gradient pieces for on-policy methods (SPEC §2): GRPO group advantages, PPO-clip, KL estimators.
+"""Policy-gradient pieces for on-policy methods (GRPO, Shao et al., arXiv 2402.03300, as GAD uses it, arXiv 2511.10643): GRPO group advantages, PPO-clip, KL estimators.
 
 Per-token functions return unreduced tensors; the caller masks them and averages over the response
 tokens of the global batch (the engine's token mean).

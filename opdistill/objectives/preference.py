@@ -1,4 +1,4 @@
-"""Discriminator objective for GAD (SPEC §2): Bradley–Terry between teacher and student responses."""
+"""Discriminator objective for GAD (Ye et al., arXiv 2511.10643): Bradley–Terry between teacher and student responses."""
 
 from __future__ import annotations
 
