@@ -62,13 +62,17 @@ def preflight(config: RunConfig, tokenizer: Any) -> CheckReport:
     `config.preflight`, the hook of the config class the registry names for config.method."""
     report = CheckReport()
     try:
-        records = load_records(config.data, require_response=config.needs_responses(), built_by=config.data_built_by)
+        records = load_records(config.data, require_response=config.needs_responses(), built_by=config.data_built_by,
+                               plain_text=config.accepts_plain_text())
     except OpdistillError as err:
         report.fail("data", err.message, err.fix)
         return report
     responses = "with teacher responses" if config.needs_responses() else "prompts (responses not needed)"
-    report.ok("data", f"{config.data}: {len(records)} records, {responses}")
-    check_lengths(report, config, tokenizer, records)
+    chats = [r for r in records if r.text is None]  # plain-text records (kd) have no prompt; the method checks their lengths
+    texts = f" ({len(records) - len(chats)} plain texts)" if len(chats) < len(records) else ""
+    report.ok("data", f"{config.data}: {len(records)} records, {responses}{texts}")
+    if chats:
+        check_lengths(report, config, tokenizer, chats)
     config.preflight(report, tokenizer, records)
     return report
 

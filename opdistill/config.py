@@ -149,6 +149,11 @@ class RunConfig:
         A method that trains on prompts alone (its own samples) overrides this."""
         return True
 
+    def accepts_plain_text(self) -> bool:
+        """Whether the method trains on plain-text records (`text`, no chat; data.py): only a method that needs no prompt
+        to sample from or to render for a teacher (kd). The data of any other method refuses them with a clear error."""
+        return False
+
     def preflight(self, report: "CheckReport", tokenizer: Any, records: list["Record"]) -> None:
         """The method's own pre-flight checks, after the shared ones (data, prompt lengths): add rows with report.ok,
         report.note and report.fail. Load tokenizers and model configs only, never weights: the check takes seconds.

@@ -1,8 +1,9 @@
 """Prompt/response records: loading (JSONL, Parquet, `datasets` dir, built-in), validation, chat rendering, masks.
 
 A record is a conversation that ends with a user turn (`messages`, or `prompt` with optional `system`)
-and an optional teacher `response`. Every other field is kept in `meta`. Validation collects every bad
-record and names the file, line and field of each.
+and an optional teacher `response`; or, for the methods that accept it (`plain_text=True`: kd), a plain text
+(`text` and neither `prompt` nor `messages`) trained on as a corpus, with no chat template. Every other field is
+kept in `meta`. Validation collects every bad record and names the file, line and field of each.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ class Record:
     response: str | None = None
     meta: dict[str, Any] = field(default_factory=dict)
     source: str = ""  # "file:line", for messages
+    text: str | None = None  # a plain-text record (no chat: `messages` is empty); trained on every token after the first
 
     @property
     def finished(self) -> bool:
@@ -124,12 +126,15 @@ class _BadLine:
     reason: str
 
 
-def parse_row(row: Any, where: str, require_response: bool = False) -> Record:
-    """Validate one decoded row and make a Record; raises DataError naming `where` and the field."""
+def parse_row(row: Any, where: str, require_response: bool = False, plain_text: bool = False) -> Record:
+    """Validate one decoded row and make a Record; raises DataError naming `where` and the field. A row with `text` and
+    neither `prompt` nor `messages` is a plain-text record: accepted only with `plain_text` (the method trains on it)."""
     if isinstance(row, _BadLine):
         raise DataError(f"{where}: {row.reason}")
     if not isinstance(row, dict):
         raise DataError(f"{where}: a record must be a JSON object, got {type(row).__name__}")
+    if row.get("text") is not None and row.get("messages") is None and row.get("prompt") is None:
+        return _plain_text_record(row, where, plain_text)
     meta = {k: v for k, v in row.items() if k not in ("messages", "prompt", "system", "response")}
     system = row.get("system")
     if system is not None and not isinstance(system, str):
@@ -153,7 +158,10 @@ def parse_row(row: Any, where: str, require_response: bool = False) -> Record:
             raise DataError(f"{where}: field `prompt` is empty")
         messages = [{"role": "user", "content": prompt}]
     else:
-        raise DataError(f"{where}: the record has neither `messages` nor `prompt`", "add \"prompt\": \"...\" or \"messages\": [{\"role\": \"user\", \"content\": \"...\"}]")
+        fields = "`text`, `prompt` nor `messages`" if plain_text else "`messages` nor `prompt`"
+        plain = " (or \"text\": \"...\" for a plain text)" if plain_text else ""
+        raise DataError(f"{where}: the record has neither {fields}",
+                        f"add \"prompt\": \"...\" or \"messages\": [{{\"role\": \"user\", \"content\": \"...\"}}]{plain}")
     if system is not None:
         if messages[0]["role"] == "system":
             raise DataError(f"{where}: the record has both `system` and a system message in `messages`", "keep one of them")
@@ -163,6 +171,22 @@ def parse_row(row: Any, where: str, require_response: bool = False) -> Record:
     if require_response and response is None:
         raise DataError(f"{where}: the record has no `response` (teacher text), which training needs", "collect responses first with `opdistill collect`")
     return Record(messages=messages, response=response, meta=meta, source=where)
+
+
+def _plain_text_record(row: dict[str, Any], where: str, plain_text: bool) -> Record:
+    if not plain_text:
+        raise DataError(f"{where}: a plain-text record (`text`, no `prompt` or `messages`), which this method cannot train on: "
+                        "it needs a prompt (to sample from, or to render for a teacher)",
+                        "train plain text with method: kd, or give the record a `prompt` (and a `response`)")
+    text = row["text"]
+    if not isinstance(text, str):
+        raise DataError(f"{where}: field `text` must be a string, got {type(text).__name__}")
+    if not text.strip():
+        raise DataError(f"{where}: field `text` is empty")
+    if row.get("response") is not None or row.get("system") is not None:
+        raise DataError(f"{where}: a plain-text record (`text`) also has `response` or `system`, which only chat records use",
+                        "keep `text` alone, or make it a chat record: `prompt` + `response`")
+    return Record(messages=[], meta={k: v for k, v in row.items() if k != "text"}, source=where, text=text)
 
 
 def _check_messages(messages: Any, where: str) -> list[dict[str, str]]:
@@ -192,11 +216,12 @@ def builtin_prompts_path() -> Path:
     return Path(str(resources.files("opdistill") / "prompts" / "builtin.jsonl"))
 
 
-def load_records(spec: str, require_response: bool = False, built_by: str = "") -> list[Record]:
+def load_records(spec: str, require_response: bool = False, built_by: str = "", plain_text: bool = False) -> list[Record]:
     """Load and validate records from `spec` (a path, `path[a:b]`, or builtin:train / builtin:heldout).
 
     Every bad record is reported (up to MAX_REPORTED) in one DataError. `built_by` is the command that makes the
-    file (a config's `data_built_by`): a missing file's error says to run it.
+    file (a config's `data_built_by`): a missing file's error says to run it. `plain_text` accepts plain-text records
+    (`text`; a config's `accepts_plain_text()`); without it they are errors that name the method that trains on them.
     """
     path_text, rows = split_slice(spec)
     split = None
@@ -218,7 +243,7 @@ def load_records(spec: str, require_response: bool = False, built_by: str = "") 
         if split not in (None, "all") and isinstance(row, dict) and row.get("split") != split:
             continue
         try:
-            records.append(parse_row(row, f"{path}:{number}", require_response))
+            records.append(parse_row(row, f"{path}:{number}", require_response, plain_text))
         except DataError as err:
             specific = err.fix != DataError.default_fix  # the shared default is said once, below
             problems.append(err.message + (f" (fix: {err.fix})" if specific else ""))
@@ -257,6 +282,13 @@ def ends_with_eos(ids: list[int], tokenizer: Any) -> bool:
     return bool(ids) and ids[-1] == tokenizer.eos_token_id
 
 
+def text_ids(tokenizer: Any, text: str) -> list[int]:
+    """A plain text's token ids. The tokenizer adds its special tokens as for any plain text (a BOS where the model
+    has one); no chat template, and no EOS: a corpus text is not a turn that ends, and an instruct tokenizer's EOS
+    is its end-of-turn token."""
+    return tokenizer(text, add_special_tokens=True)["input_ids"]
+
+
 @dataclass
 class Example:
     """A tokenised training example: prompt ids then response ids; only the response is trained on."""
@@ -272,11 +304,16 @@ class TokenizeReport:
     skipped: int = 0  # over-long prompts dropped (overlong: skip)
     unfinished: int = 0  # responses without an EOS: the teacher stopped at its limit, or cut at max_response_tokens
     dropped: int = 0  # unfinished responses dropped (unfinished: drop)
+    texts: int = 0  # plain-text records
+    texts_cut: int = 0  # plain texts longer than max_response_tokens + 1 tokens, cut
+    texts_short: int = 0  # plain texts of one token (nothing to predict), left out
 
     def summary(self) -> str:
         kept = "kept without EOS" if not self.dropped else "dropped"
+        texts = (f"; {self.texts} plain texts, {self.texts_cut} cut at max_response_tokens, {self.texts_short} of one token "
+                 "left out") if self.texts else ""
         return (f"{self.total} records, {self.truncated} over-long prompts truncated, {self.skipped} skipped, "
-                f"{self.unfinished} responses that did not end within the limit {kept}")
+                f"{self.unfinished} responses that did not end within the limit {kept}{texts}")
 
 
 def fit_prompt(ids: list[int], max_tokens: int, policy: str) -> list[int] | None:
@@ -293,10 +330,21 @@ def tokenize_records(
     tokenizer: Any, records: list[Record], max_prompt_tokens: int, max_response_tokens: int, overlong: str, unfinished: str = "keep"
 ) -> tuple[list[Example], TokenizeReport]:
     """Records with responses -> Examples, applying the over-long prompt policy and the unfinished-response policy
-    (keep: train on the text without an EOS; drop: leave the record out) and counting what they did."""
+    (keep: train on the text without an EOS; drop: leave the record out) and counting what they did. A plain-text
+    record becomes its first token as the "prompt" and the rest as the trained "response" (text_ids)."""
     report = TokenizeReport(total=len(records))
     examples = []
     for record in records:
+        if record.text is not None:
+            ids = text_ids(tokenizer, record.text)
+            report.texts += 1
+            report.texts_cut += len(ids) > max_response_tokens + 1  # the first token is context, the rest are trained on
+            ids = ids[: max_response_tokens + 1]
+            if len(ids) < 2:
+                report.texts_short += 1
+                continue
+            examples.append(Example(ids[:1], ids[1:]))
+            continue
         if record.response is None:
             raise DataError(f"{record.source}: the record has no `response`", "collect teacher responses first")
         prompt = render_prompt(tokenizer, record.messages)

@@ -127,6 +127,9 @@ class Engine:
         self.step = 0
         self._bad_steps = 0
         self._sampler: Any = None
+        # Called with the step of each checkpoint once it is complete on disk: what only a resume from an older step
+        # could need may then go (OPD compacts its remote teacher's cache).
+        self.checkpoint_hooks: list[Callable[[int], None]] = []
 
     # ------------------------------------------------------------ rollouts and frozen models
 
@@ -243,8 +246,11 @@ class Engine:
     # ------------------------------------------------------------ checkpoints
 
     def save_checkpoint(self) -> Path:
-        """Atomic checkpoint of model, optimizer, schedule, RNG and data position (= step)."""
-        return save_checkpoint(self.accelerator, self.out_dir, self.step, self.total_steps, self.config.method, self.config.keep_checkpoints)
+        """Atomic checkpoint of model, optimizer, schedule, RNG and data position (= step); then the checkpoint hooks."""
+        path = save_checkpoint(self.accelerator, self.out_dir, self.step, self.total_steps, self.config.method, self.config.keep_checkpoints)
+        for hook in self.checkpoint_hooks:
+            hook(self.step)
+        return path
 
     def resume_if_possible(self) -> bool:
         step = load_latest_checkpoint(self.accelerator, self.out_dir, self.config.method) if self.config.resume else None

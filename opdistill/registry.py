@@ -36,4 +36,5 @@ METHODS: dict[str, MethodEntry] = {
     "gad": MethodEntry("opdistill.methods.gad", "GADConfig", "GAD", "black-box: a discriminator's reward, GRPO on student samples"),
     "opd": MethodEntry("opdistill.methods.opd", "OPDConfig", "OPD", "white-box: token-level divergence to a teacher on student samples"),
     "cod": MethodEntry("opdistill.methods.cod", "CoDConfig", "CoD", "two peers tutor each other on-policy, each on its own domain"),
+    "kd": MethodEntry("opdistill.methods.kd", "KDConfig", "KD", "off-policy KD on the data's text (chat or plain), LM and KD losses mixed"),
 }

@@ -25,8 +25,9 @@ def body_nodes(node: ast.If | ast.FunctionDef | ast.AsyncFunctionDef) -> set[int
     return {id(child) for statement in node.body for child in ast.walk(statement)}
 
 
-def import_graph() -> dict[str, dict[str, str]]:
-    """module -> {imported opdistill module: 'top' or 'function'} from every import statement that runs."""
+def import_graph(include_typing: bool = False) -> dict[str, dict[str, str]]:
+    """module -> {imported opdistill module: 'top' or 'function'} from every import statement that runs (and, with
+    include_typing, the `if TYPE_CHECKING:` ones too)."""
     files = {module_name(path): path for path in PACKAGE.rglob("*.py")}
     graph: dict[str, dict[str, str]] = {name: {} for name in files}
     for name, path in files.items():
@@ -37,7 +38,7 @@ def import_graph() -> dict[str, dict[str, str]]:
                                               if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))))
         package = name if path.name == "__init__.py" else name.rpartition(".")[0]
         for node in ast.walk(tree):
-            if id(node) in typing_only:
+            if id(node) in typing_only and not include_typing:
                 continue
             if isinstance(node, ast.Import):
                 targets = [alias.name for alias in node.names]
@@ -105,3 +106,14 @@ if __name__ == "__main__":
     graph = import_graph()
     for component in cycles(graph):
         print(describe(graph, component))
+
+
+def test_rooms_know_only_their_own_business():
+    """The engine runs any method and names none (its own Method protocol); teachers serve any method and import none;
+    type-only imports count too."""
+    graph = import_graph(include_typing=True)
+    for room in ("opdistill.engine", "opdistill.checkpoints", "opdistill.teachers", "opdistill.rollout", "opdistill.objectives"):
+        for module, targets in graph.items():
+            if module == room or module.startswith(room + "."):
+                upward = sorted(t for t in targets if t == "opdistill.methods" or t.startswith("opdistill.methods."))
+                assert not upward, f"{module} imports {upward}"

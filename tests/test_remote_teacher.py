@@ -32,7 +32,7 @@ from opdistill.models import load_model, load_tokenizer
 from opdistill.serve import ServeOptions, make_server
 from opdistill.teachers.logprob import LocalTeacher, TeacherRow
 from opdistill.teachers.api import RetryPolicy
-from opdistill.teachers.remote import RemoteTeacher, row_key
+from opdistill.teachers.remote import CachedRow, RemoteTeacher, row_key
 
 REPO = Path(__file__).resolve().parents[1]
 KEY_ENV = "OPD_REMOTE_TEACHER_TEST_KEY"
@@ -41,15 +41,22 @@ PROBE = 1  # the pre-flight check at the start of every train sends one prompt l
 
 
 class Proxy(ThreadingHTTPServer):
-    """Forwards every request to `target`; fails every `fault_every`-th POST with HTTP 500; records the others' bodies."""
+    """Forwards every request to `target`; fails every `fault_every`-th POST with HTTP 500; records the forwarded bodies.
+
+    `together`: each prompt log-prob request waits (up to 5 s) until that many are in flight, so `max_in_flight` shows
+    whether a client sends rows together or one after another without timing anything. `stall_after`: the prompt
+    log-prob requests past that many are held unanswered until `release()`, then dropped (HTTP 500, never forwarded)."""
 
     daemon_threads = True
 
-    def __init__(self, target: str, fault_every: int = 0) -> None:
-        self.target, self.fault_every = target, fault_every
+    def __init__(self, target: str, fault_every: int = 0, together: int = 0, stall_after: int = 0) -> None:
+        self.target, self.fault_every, self.together, self.stall_after = target, fault_every, together, stall_after
         self.bodies: list[bytes] = []
-        self.posts = self.faults = 0
+        self.posts = self.faults = self.scored = self.held = self.in_flight = self.max_in_flight = 0
+        self.connections: set[int] = set()  # client ports: one per connection the client opened
         self.lock = threading.Lock()
+        self.changed = threading.Condition(self.lock)
+        self.released = threading.Event()
         super().__init__(("127.0.0.1", 0), ProxyHandler)
 
     @property
@@ -60,26 +67,48 @@ class Proxy(ThreadingHTTPServer):
         """A digest of each forwarded completions prompt."""
         return [hashlib.sha256(json.dumps(json.loads(b)["prompt"]).encode()).hexdigest() for b in self.bodies if b"prompt_logprobs" in b]
 
+    def release(self) -> None:
+        self.stall_after = 0
+        self.released.set()
+
 
 class ProxyHandler(BaseHTTPRequestHandler):
     server: Proxy
+    protocol_version = "HTTP/1.1"  # keep-alive, so reused connections show in `connections`
 
     def do_GET(self) -> None:
         self.forward(None)
 
     def do_POST(self) -> None:
         body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-        with self.server.lock:
-            self.server.posts += 1
-            fail = self.server.fault_every > 0 and self.server.posts % self.server.fault_every == 0
-            if fail:
-                self.server.faults += 1
-            else:
-                self.server.bodies.append(body)
+        proxy, scoring = self.server, b"prompt_logprobs" in body
+        with proxy.lock:
+            proxy.connections.add(self.client_address[1])
+            proxy.posts += 1
+            fail = proxy.fault_every > 0 and proxy.posts % proxy.fault_every == 0
+            proxy.faults += fail
+            hold = scoring and not fail and proxy.stall_after > 0 and proxy.scored >= proxy.stall_after
+            proxy.scored += scoring and not fail and not hold
+            proxy.held += hold
+        if hold:
+            proxy.released.wait(300)
+            self.reply(500, b'{"error": {"message": "held, then dropped"}}')
+            return
         if fail:
             self.reply(500, b'{"error": {"message": "injected fault"}}')
             return
-        self.forward(body)
+        with proxy.changed:
+            proxy.bodies.append(body)
+            proxy.in_flight += scoring
+            proxy.max_in_flight = max(proxy.max_in_flight, proxy.in_flight)
+            proxy.changed.notify_all()
+            if scoring and proxy.together:
+                proxy.changed.wait_for(lambda: proxy.in_flight >= proxy.together, timeout=5)
+        try:
+            self.forward(body)
+        finally:
+            with proxy.changed:
+                proxy.in_flight -= scoring
 
     def forward(self, body: bytes | None) -> None:
         request = urllib.request.Request(self.server.target + self.path, data=body, headers={k: v for k, v in self.headers.items()
@@ -165,7 +194,8 @@ def test_opd_with_a_served_teacher_trains_the_same_student_and_a_repeat_pays_not
     data = records(tmp_path / "data.jsonl")
     train(load_config(None, overrides(tiny_model, data, tmp_path / "local", f"teacher={teacher}")))
     cache = tmp_path / "cache.jsonl"
-    train(load_config(None, overrides(tiny_model, data, tmp_path / "remote", *remote(proxy.url), f"teacher_cache={cache}")))
+    keep = (f"teacher_cache={cache}", "teacher_cache_keep=all")  # a repeat pays nothing only if the cache keeps every row
+    train(load_config(None, overrides(tiny_model, data, tmp_path / "remote", *remote(proxy.url), *keep)))
     local, served = weights(tmp_path / "local" / "student"), weights(tmp_path / "remote" / "student")
     assert any(not torch.equal(local[name], weights(tiny_model)[name]) for name in local)  # the student did move
     for name in local:
@@ -173,7 +203,7 @@ def test_opd_with_a_served_teacher_trains_the_same_student_and_a_repeat_pays_not
     scored = len(proxy.prompts())
     # One request per row, none twice, plus the pre-flight check's probe (the first record and a short reply).
     assert scored == 3 * 4 + PROBE and len(set(proxy.prompts())) == scored
-    train(load_config(None, overrides(tiny_model, data, tmp_path / "again", *remote(proxy.url), f"teacher_cache={cache}")))
+    train(load_config(None, overrides(tiny_model, data, tmp_path / "again", *remote(proxy.url), *keep)))
     assert len(proxy.prompts()) == scored + PROBE  # the repeated run read every row from the cache
     again = weights(tmp_path / "again" / "student")
     assert all(torch.equal(again[name], served[name]) for name in served)
@@ -205,28 +235,94 @@ def test_a_wrong_key_stops_the_run_with_a_clear_error_that_hides_the_key(tiny_mo
     assert "refused the credentials (HTTP 401)" in text and "OPD_WRONG_KEY" in text and "sk-wrong" not in text
 
 
-def test_kill_9_mid_run_and_resume_never_request_a_cached_row_twice(tiny_model, proxy, tmp_path):
+def cache_lines(path: Path) -> list[dict[str, Any]]:
+    """The committed rows of a teacher cache (a torn last line, or none at all, is skipped)."""
+    rows = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass
+    return rows
+
+
+def test_kill_9_mid_run_and_resume_never_request_a_cached_row_twice(tiny_model, served, tmp_path):
+    # The proxy answers the probe, two whole steps and two rows of the third step, and holds the other two: the run is
+    # killed mid-step, after the checkpoint of step 2 (and its cache compaction), with two rows of step 2 paid for.
+    proxy = running(Proxy(served, stall_after=PROBE + 2 * 4 + 2))
     data, out = records(tmp_path / "data.jsonl", 24), tmp_path / "run"
     command = [sys.executable, "-m", "opdistill", "train", *overrides(tiny_model, data, out, *remote(proxy.url)), "max_steps=6",
                "checkpoint_every=1", "max_response_tokens=24"]
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", KEY_ENV: KEY}
-    process = subprocess.Popen(command, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 180
-    # Kill once a few rows of a step past the first checkpoint are cached: mid-step, after paying for some rows.
-    while len(proxy.prompts()) < 4 * 2 + 2 and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    before, cache = len(proxy.prompts()), out / "teacher_cache.jsonl"
-    cached_before = cache.read_bytes().count(b"\n")  # committed lines (a torn last line is not one)
-    assert 0 < cached_before < 6 * 4
-    finished = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    cache = out / "teacher_cache.jsonl"
+    try:
+        process = subprocess.Popen(command, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 180
+        while (process.poll() is None and time.monotonic() < deadline
+               and not (proxy.held >= 2 and sum(row["step"] == 2 for row in cache_lines(cache)) >= 2)):
+            time.sleep(0.05)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        before = len(proxy.prompts())
+        resume_step = max(int(p.name.removeprefix("step-")) for p in (out / "checkpoints").glob("step-*"))
+        held_rows = [row for row in cache_lines(cache) if row["step"] >= resume_step]
+        assert resume_step == 2 and before == PROBE + 2 * 4 + 2 and len(held_rows) == 2
+        proxy.release()
+        finished = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    finally:
+        proxy.release()
+        proxy.shutdown()
+        proxy.server_close()
     assert finished.returncode == 0, finished.stderr[-2000:]
-    # The resumed run asks exactly for the rows the cache lacked: none it held (a row whose answer arrived but was
-    # not yet committed when the kill came is asked again, which is why this counts rather than looks for repeats).
-    assert len(proxy.prompts()) - before == 6 * 4 - cached_before + PROBE
-    cached = [json.loads(line)["key"] for line in cache.read_text().splitlines()]
-    assert len(cached) == len(set(cached)) == 6 * 4
+    # The resumed run asks exactly for the rows of steps 2..5 the cache lacked: never one it held.
+    assert len(proxy.prompts()) - before == (6 - resume_step) * 4 - len(held_rows) + PROBE
+    # Compacted at every checkpoint: after the last one (step 6) no row is kept, as no resume could ask for one.
+    assert cache_lines(cache) == []
+
+
+def test_all_rows_of_a_step_are_in_flight_at_once_through_one_client(tiny_model, served, tmp_path):
+    # micro_batch_size 1: the old design sent one micro-batch's row, waited, sent the next. The proxy holds each request
+    # until 4 are in flight (or 5 s pass), so only a client that sends the step's 4 rows together reaches 4.
+    proxy = running(Proxy(served, together=4))
+    try:
+        out = tmp_path / "run"
+        train(load_config(None, overrides(tiny_model, records(tmp_path / "data.jsonl"), out, *remote(proxy.url), "micro_batch_size=1",
+                                          "max_steps=2")))
+    finally:
+        proxy.shutdown()
+        proxy.server_close()
+    assert proxy.max_in_flight == 4 and len(proxy.prompts()) == 2 * 4 + PROBE
+    steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"teacher_seconds"' in line]
+    assert len(steps) == 2 and all(s["teacher_seconds"] > 0 for s in steps)
+
+
+def test_one_client_serves_every_call_over_kept_alive_connections(teacher, proxy, tmp_path):
+    tokenizer = load_tokenizer(str(teacher))
+    remote_teacher = RemoteTeacher(proxy.url, "tiny", k=3, vocab=len(tokenizer), cache_path=tmp_path / "cache.jsonl",
+                                   api_key_env=KEY_ENV, concurrency=2)
+    try:
+        for call in range(5):  # five calls of two new rows each
+            remote_teacher.score([TeacherRow([1, 2 + call], [5, 6 + i]) for i in range(2)])
+    finally:
+        remote_teacher.close()
+    assert len(proxy.prompts()) == remote_teacher.requests == 10
+    assert len(proxy.connections) <= 2  # a client per call would have opened a connection per call at least (5)
+
+
+def test_the_cache_stays_bounded_over_a_long_run(tiny_model, proxy, tmp_path):
+    """24 steps of 4 rows, a checkpoint every 2 steps: the cache holds at most the rows of 2 steps, in memory and on disk,
+    where keeping every row would hold 96."""
+    out = tmp_path / "run"
+    train(load_config(None, overrides(tiny_model, records(tmp_path / "data.jsonl", 32), out, *remote(proxy.url), "max_steps=24",
+                                      "checkpoint_every=2", "max_response_tokens=8")))
+    steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"teacher_cache_rows"' in line]
+    assert len(steps) == 24 and len(proxy.prompts()) == 24 * 4 + PROBE
+    # The widest line a row of 8 tokens at k = 5 can take: the longest id (3 digits) and the longest float32 repr.
+    worst = CachedRow(torch.full((8, 5), 383, dtype=torch.int32), torch.full((8, 5), -1.2345678e-05), torch.full((8,), -1.2345678e-05), 23)
+    bound_rows, bound_bytes = 2 * 4, 2 * 4 * (len(json.dumps(worst.to_json("0" * 64))) + 1)
+    assert max(s["teacher_cache_rows"] for s in steps) == bound_rows  # reached (so measured), never passed
+    assert all(s["teacher_cache_bytes"] <= bound_bytes for s in steps), (max(s["teacher_cache_bytes"] for s in steps), bound_bytes)
+    assert cache_lines(out / "teacher_cache.jsonl") == []  # compacted at the final checkpoint
 
 
 # ---------------------------------------------------------------- answers a retry cannot fix (issue 27 §4)

@@ -35,6 +35,7 @@ from ..seeds import mix_seed
 from ..teachers.alignment import alignment_stats, cross_tokenize, same_vocabulary, unaligned
 from ..teachers.factory import build_teachers, record_teacher
 from ..teachers.logprob import LocalTeacher, TeacherRow, TeacherScores, TeacherSet
+from ..teachers.remote import RemoteTeacher
 from .common import Method, response_tokens
 
 
@@ -63,6 +64,9 @@ class OPDConfig(OnPolicyConfig):
     teacher_max_attempts: int = opt(6, "Remote teacher: attempts per request (first try + retries, exponential back-off).")
     teacher_timeout: float = opt(120.0, "Remote teacher: seconds per attempt.")
     teacher_cache: str = opt("", "Remote teacher: durable cache of scored rows (JSONL); empty: out_dir/teacher_cache.jsonl.")
+    teacher_cache_keep: str = opt("resume", "Remote teacher: which scored rows the cache keeps. resume: at each checkpoint, only those a "
+                                            "resume from it may ask for (disk and memory stay bounded); all: every row (a repeated run "
+                                            "with the same teacher_cache pays nothing; ~540 bytes per response token at top_k 20).")
     teachers: dict[str, str] = opt({}, "Named teachers for records with a `teacher` field: name -> a model (local) or "
                                        "URL#model (remote), e.g. {code: qwen2.5-coder-1.5b-instruct, chat: http://host:8000/v1#llama}.")
     cross_tokenizer: bool = opt(False, "The teacher may have another tokenizer: it scores the student's response text re-tokenised "
@@ -95,6 +99,7 @@ class OPDConfig(OnPolicyConfig):
         super().validate()
         check_choice("divergence", self.divergence, DIVERGENCES + SAMPLED_ESTIMATORS)
         check_choice("horizon", self.horizon, ("full", "truncated", "progressive"))
+        check_choice("teacher_cache_keep", self.teacher_cache_keep, ("resume", "all"))
         if self.beta_end != -1.0 and not self.divergence.startswith("veto"):
             raise ConfigError(f"beta_end schedules Veto's β, but divergence is {self.divergence}", "remove beta_end or use veto_fkl / veto_rkl")
         check_divergence_settings(self.divergence, {"beta": self.beta, "beta_end": self.beta_end}, self.alpha, self.chunk_size,
@@ -238,6 +243,7 @@ class OPD(Method):
         self.order = data_order(config, len(self.student_prompts))
         self.total_steps = total_steps_for(config, self.order.steps_per_epoch)
         self.teachers = TeacherSet(None)
+        self.remote: list[RemoteTeacher] = []
         self.vocab = 0
         self.load_eval_examples(config, tokenizer)
 
@@ -258,6 +264,14 @@ class OPD(Method):
                                        engine.world_size, needs_default="" in self.teacher_names, teacher_tokenizers=self.teacher_tokenizers)
         if not self.config.cross_tokenizer:  # another vocabulary is never compared column by column
             self.vocab = min([self.vocab] + [t.vocab for t in self.teachers.all() if isinstance(t, LocalTeacher) and t.vocab])
+        self.remote = [t for t in self.teachers.all() if isinstance(t, RemoteTeacher)]
+        if self.remote and self.config.teacher_cache_keep == "resume":
+            engine.checkpoint_hooks.append(self.compact_caches)
+
+    def compact_caches(self, step: int) -> None:
+        """After the checkpoint of `step` is on disk: a resume starts at `step`, so rows of earlier steps may go."""
+        for teacher in self.remote:
+            teacher.compact(step)
 
     # ------------------------------------------------------------ the step
 
@@ -307,12 +321,17 @@ class OPD(Method):
             student = collate([Example(self.student_prompts[indices[j]], responses[j]) for j in group], self.pad_id, align_responses=True)
             batches.append({**student, "row": torch.tensor(group)})
         beta = beta_at(step, self.total_steps, default_beta(config.divergence) if config.beta == -1.0 else config.beta, config.beta_end)
+        # Sample -> score every frozen model once -> a pure loss per micro-batch: the remote teachers get all the step's
+        # rows at once (one round trip of waiting, not one per micro-batch); local ones score per micro-batch (StepScores).
+        started = time.perf_counter()
+        scores = self.teachers.for_step(rows, [self.teacher_names[i] for i in indices], top_k=config.top_k,
+                                        temperature=config.distill_temperature, step=step)
+        teacher_seconds = time.perf_counter() - started
 
         def loss_sum(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
             student_logits = response_logits(model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"])[:, : self.vocab]
             group = batch["row"].tolist()
-            teacher = self.teachers.score([rows[j] for j in group], [self.teacher_names[indices[j]] for j in group],
-                                          top_k=config.top_k, temperature=config.distill_temperature)
+            teacher = scores.select(group)
             if alignments:
                 return self.span_losses(student_logits, teacher.to(student_logits.device), batch, [alignments[j] for j in group]).sum()
             return self.token_losses(student_logits, teacher.to(student_logits.device), batch, beta).sum()
@@ -323,7 +342,14 @@ class OPD(Method):
         spans = {f"align_{k}": v for k, v in self.alignment.items() if k in ("shared_boundaries", "mean_teacher_tokens", "unaligned")} if alignments else {}
         return {"loss": loss, **engine.optimizer_step(), "on_policy": float(on_policy), "horizon": float(horizon),
                 "beta": beta, "response_length": sum(lengths) / len(lengths), "truncated": truncated,
-                "rollout_seconds": rollout_seconds, **spans}
+                "rollout_seconds": rollout_seconds, **spans, **self.remote_metrics(teacher_seconds)}
+
+    def remote_metrics(self, teacher_seconds: float) -> dict[str, float]:
+        """With a remote teacher: the step's wait on it, and what its cache holds (rows in memory, bytes on disk)."""
+        if not self.remote:
+            return {}
+        return {"teacher_seconds": teacher_seconds, "teacher_cache_rows": float(sum(len(t.cached) for t in self.remote)),
+                "teacher_cache_bytes": float(sum(t.cache_bytes() for t in self.remote))}
 
     def align(self, name: str, response: list[int], finished: bool) -> Any:
         """The response against teacher `name`'s tokenization; a placeholder that trains on nothing when the teacher's

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable, Protocol
 
 import torch
 
@@ -15,8 +15,29 @@ from .api import RetryPolicy
 from .logprob import AdapterOffTeacher, LocalTeacher, LogProbTeacher, TeacherSet
 from .remote import RemoteTeacher
 
-if TYPE_CHECKING:  # methods.opd builds its teachers here; the config type is only named
-    from ..methods.opd import OPDConfig
+
+
+class TeacherConfig(Protocol):
+    """The settings a run's teachers are built from (methods.opd.OPDConfig has them): named here, so that teachers,
+    which serve any method, import no method."""
+
+    student: str
+    teacher: str
+    teacher_url: str
+    teacher_model: str
+    teachers: dict[str, str]
+    teacher_api_key_env: str
+    teacher_concurrency: int
+    teacher_max_attempts: int
+    teacher_timeout: float
+    teacher_cache: str
+    top_k: int
+    lora_r: int
+    micro_batch_size: int
+    seed: int
+    chat_template: str
+    trust_remote_code: bool
+    allow_pickle: bool
 
 
 def record_teacher(record: Record, teachers: dict[str, str]) -> str:
@@ -31,14 +52,14 @@ def record_teacher(record: Record, teachers: dict[str, str]) -> str:
     return name
 
 
-def cache_path(config: "OPDConfig", out_dir: Path, rank: int, world_size: int, name: str) -> Path:
+def cache_path(config: TeacherConfig, out_dir: Path, rank: int, world_size: int, name: str) -> Path:
     """Where a remote teacher's scored rows are kept: one file per teacher and per process (each scores its own rows)."""
     base = Path(config.teacher_cache) if config.teacher_cache else out_dir / "teacher_cache.jsonl"
     suffix = (f".{name}" if name else "") + (f".rank{rank}" if world_size > 1 else "")
     return base.with_name(base.stem + suffix + base.suffix) if suffix else base
 
 
-def build_teachers(config: "OPDConfig", tokenizer: Any, get_student: Callable[[], Any], student_vocab: int, dtype: torch.dtype,
+def build_teachers(config: TeacherConfig, tokenizer: Any, get_student: Callable[[], Any], student_vocab: int, dtype: torch.dtype,
                    device: torch.device, out_dir: Path, rank: int = 0, world_size: int = 1, needs_default: bool = True,
                    teacher_tokenizers: dict[str, Any] | None = None) -> TeacherSet:
     """The default teacher (when some record uses it) and every named one. `teacher_tokenizers` (cross-tokenizer runs:
@@ -69,7 +90,7 @@ def build_teachers(config: "OPDConfig", tokenizer: Any, get_student: Callable[[]
     return TeacherSet(default, named)
 
 
-def local_teacher(name: str, config: "OPDConfig", tokenizer: Any, student_vocab: int, dtype: torch.dtype, device: torch.device) -> LocalTeacher:
+def local_teacher(name: str, config: TeacherConfig, tokenizer: Any, student_vocab: int, dtype: torch.dtype, device: torch.device) -> LocalTeacher:
     """A frozen local model in `dtype` that shares the student's tokenizer (checked)."""
     teacher_tokenizer = load_tokenizer(name, chat_template=config.chat_template, trust_remote_code=config.trust_remote_code)
     model = load_model(name, dtype=dtype, trust_remote_code=config.trust_remote_code, allow_pickle=config.allow_pickle)
@@ -78,7 +99,7 @@ def local_teacher(name: str, config: "OPDConfig", tokenizer: Any, student_vocab:
                         micro_batch_size=config.micro_batch_size)
 
 
-def own_vocabulary_teacher(name: str, config: "OPDConfig", teacher_tokenizer: Any, dtype: torch.dtype, device: torch.device) -> LocalTeacher:
+def own_vocabulary_teacher(name: str, config: TeacherConfig, teacher_tokenizer: Any, dtype: torch.dtype, device: torch.device) -> LocalTeacher:
     """A frozen local model that keeps its own tokenizer (cross_tokenizer): its pad id, every column of its output layer."""
     model = load_model(name, dtype=dtype, trust_remote_code=config.trust_remote_code, allow_pickle=config.allow_pickle)
     return LocalTeacher(model.to(device).eval().requires_grad_(False), teacher_tokenizer.pad_token_id, None, name=name,

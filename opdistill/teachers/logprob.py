@@ -102,6 +102,10 @@ class LogProbTeacher(ABC):
     def score(self, rows: list[TeacherRow]) -> TeacherScores:
         """The teacher's distributions at every response position of `rows`, flattened row-major."""
 
+    def score_step(self, rows: list[TeacherRow], step: int) -> TeacherScores:
+        """`score` on behalf of training step `step` (a remote teacher's cache remembers it; see RemoteTeacher.compact)."""
+        return self.score(rows)
+
     def close(self) -> None:
         """Release what the teacher holds (connections, caches)."""
 
@@ -164,6 +168,60 @@ class AdapterOffTeacher(LocalTeacher):
             yield student
 
 
+class StepScores:
+    """The teachers' answers for one step's rows, asked for once before the loss loop; `select` gives a micro-batch's.
+
+    A remote teacher is asked for all the step's rows in one call, so their requests are in flight together (bounded
+    by its concurrency) and the step waits about one round trip, not one per micro-batch; its answer is top-k (k <= 20
+    or so), small whatever the batch. A local teacher is scored lazily, per `select`: its full-vocabulary logits
+    (tokens x vocab, e.g. 4096 x 151936 x 2 bytes = 1.2 GB for a step of 8 x 512 tokens) then exist for one
+    micro-batch at a time, as they did before, and nothing is gained by batching a forward pass on the same device.
+    """
+
+    def __init__(self, teachers: "TeacherSet", rows: list[TeacherRow], names: list[str], top_k: int = 0, temperature: float = 1.0,
+                 step: int = -1) -> None:
+        self.teachers, self.rows, self.names, self.top_k, self.temperature = teachers, rows, names, top_k, temperature
+        # name -> (its rows' scores, row index -> first token of that row in them)
+        self.eager: dict[str, tuple[TeacherScores, dict[int, int]]] = {}
+        for name, members in _groups(names, range(len(rows))).items():
+            teacher = teachers.pick(name)
+            if teacher.remote:
+                scores = self.restrict(teacher.score_step([rows[i] for i in members], step))
+                lengths = [len(rows[i].response) for i in members]
+                self.eager[name] = (scores, dict(zip(members, [0, *torch.tensor(lengths).cumsum(0).tolist()[:-1]])))
+
+    def restrict(self, scores: TeacherScores) -> TeacherScores:
+        # With top_k every teacher's answer is restricted to its top-k tokens (the form a remote teacher gives), so teachers
+        # of both kinds mix in one batch.
+        return scores.top_k(self.top_k, self.temperature) if self.top_k else scores
+
+    def select(self, group: list[int]) -> TeacherScores:
+        """The scores of rows `group` (indices into the step's rows), flattened in the group's order."""
+        parts, owners = [], []
+        for name, members in _groups([self.names[i] for i in group], group).items():
+            if name in self.eager:
+                scores, starts = self.eager[name]
+                parts.append(scores.select(torch.cat([torch.arange(starts[i], starts[i] + len(self.rows[i].response)) for i in members])))
+            else:
+                parts.append(self.restrict(self.teachers.pick(name).score([self.rows[i] for i in members])))
+            owners.extend(members)
+        if len(parts) == 1 and owners == group:
+            return parts[0]
+        # Token offsets of each row inside the concatenated group answers, then gather them back in the group's order.
+        lengths = [len(self.rows[i].response) for i in owners]
+        starts = dict(zip(owners, torch.tensor([0] + lengths[:-1]).cumsum(0).tolist()))
+        order = torch.cat([torch.arange(starts[i], starts[i] + len(self.rows[i].response)) for i in group])
+        return TeacherScores.cat(parts).select(order)
+
+
+def _groups(names: list[str], indices: Any) -> dict[str, list[int]]:
+    """indices grouped by their teacher's name (names[j] is the name of indices[j]), first appearance first."""
+    groups: dict[str, list[int]] = {}
+    for name, index in zip(names, indices):
+        groups.setdefault(name, []).append(index)
+    return groups
+
+
 class TeacherSet:
     """The run's teachers: a default one, and named ones that a record picks with its `teacher` field."""
 
@@ -182,24 +240,17 @@ class TeacherSet:
                                  "give every record a `teacher` field or set teacher: / teacher_url:")
         return self.default
 
+    def for_step(self, rows: list[TeacherRow], names: list[str], top_k: int = 0, temperature: float = 1.0, step: int = -1) -> StepScores:
+        """Ask every remote teacher once for all of a step's rows; local ones answer per micro-batch (StepScores)."""
+        return StepScores(self, rows, names, top_k, temperature, step)
+
     def score(self, rows: list[TeacherRow], names: list[str], top_k: int = 0, temperature: float = 1.0) -> TeacherScores:
         """Score each row with its teacher; the answer is in the rows' order. With top_k every teacher's answer is
         restricted to its top-k tokens (the form a remote teacher gives), so teachers of both kinds mix."""
-        groups: dict[str, list[int]] = {}
-        for index, name in enumerate(names):
-            groups.setdefault(name, []).append(index)
-        parts, owners = [], []
-        for name, members in groups.items():
-            scores = self.pick(name).score([rows[i] for i in members])
-            parts.append(scores.top_k(top_k, temperature) if top_k else scores)
-            owners.extend(members)
-        if len(parts) == 1:
-            return parts[0]
-        # Token offsets of each row inside the concatenated group answers, then gather them back in row order.
-        lengths = [len(rows[i].response) for i in owners]
-        starts = dict(zip(owners, torch.tensor([0] + lengths[:-1]).cumsum(0).tolist()))
-        order = torch.cat([torch.arange(starts[i], starts[i] + len(rows[i].response)) for i in range(len(rows))])
-        return TeacherScores.cat(parts).select(order)
+        return StepScores(self, rows, names, top_k, temperature).select(list(range(len(rows))))
+
+    def remote(self) -> list[LogProbTeacher]:
+        return [teacher for teacher in self.all() if teacher.remote]
 
     def close(self) -> None:
         for teacher in self.all():

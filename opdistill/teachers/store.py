@@ -30,11 +30,15 @@ def record_key(messages: list[dict[str, str]], teacher: str, sampling: dict[str,
 
 
 class JsonlLog:
-    """An append-only JSONL file where each line is committed (flush + fsync) before append() returns."""
+    """An append-only JSONL file where each line is committed (flush + fsync) before append() returns.
 
-    def __init__(self, path: str | Path) -> None:
+    `rows` holds the lines read at open, and (unless `keep_rows` is false) every line appended since: a caller that
+    keeps its own index of the rows (the remote teacher's cache) passes false, so they are not held twice."""
+
+    def __init__(self, path: str | Path, keep_rows: bool = True) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.keep_rows = keep_rows
         self.rows: list[dict[str, Any]] = self._read_and_repair()
         self._handle = open(self.path, "a", encoding="utf-8")
 
@@ -66,7 +70,26 @@ class JsonlLog:
         self._handle.write(json.dumps(row, ensure_ascii=False) + "\n")
         self._handle.flush()
         os.fsync(self._handle.fileno())
-        self.rows.append(row)
+        if self.keep_rows:
+            self.rows.append(row)
+
+    def rewrite(self, rows: list[dict[str, Any]]) -> None:
+        """Replace the whole file by `rows`, atomically: a new file is written and fsynced, renamed over the old one,
+        and the directory fsynced, so a crash at any point leaves either the old lines or the new ones, never a mix."""
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        with open(tmp, "w", encoding="utf-8") as handle:
+            handle.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+            handle.flush()
+            os.fsync(handle.fileno())
+        self._handle.close()
+        os.replace(tmp, self.path)
+        directory = os.open(self.path.parent, os.O_RDONLY)
+        try:
+            os.fsync(directory)  # the rename itself is durable
+        finally:
+            os.close(directory)
+        self._handle = open(self.path, "a", encoding="utf-8")
+        self.rows = list(rows) if self.keep_rows else []
 
     def close(self) -> None:
         self._handle.close()
