@@ -18,41 +18,73 @@ def row_result(set_result: dict[str, Any], label: str) -> dict[str, Any]:
     """One row's scores on one prompt set, flat, from the evaluation's metrics.json."""
     values = set_result["models"][label]
     vs = values.get("vs", {}).get("teacher", {})
-    judge = values.get("judge", {})
     pair = next((p for p in set_result.get("pairwise", []) if p["x"] == label and p["y"] == "teacher"), {})
+    suite = values.get("suite", {})
     return {"win_rate_vs_teacher": pair.get("win_rate"), "win_ci": [pair.get("ci_low"), pair.get("ci_high")],
-            "pairwise_n": pair.get("n"), "pairwise_unparsed": pair.get("unparsed"), "order_consistency": pair.get("order_consistency"),
-            "judge_ratio": judge.get("judge_ratio"), "judged": judge.get("judged"), "judge_unparsed": judge.get("unparsed"),
-            "teacher_logprob": values.get("teacher_logprob"), "f1_1": vs.get("f1_1"), "f1_2": vs.get("f1_2"),
-            "rouge_l": vs.get("rouge_l"), "embedding_cosine": vs.get("embedding_cosine"), "mean_tokens": values.get("mean_tokens"),
-            "eos_rate": values.get("eos_rate"), "repetition_4": values.get("repetition_4"), "distinct_2": values.get("distinct_2")}
+            "lc_win_rate": pair.get("lc_win_rate"), "lc_ci": [pair.get("lc_ci_low"), pair.get("lc_ci_high")],
+            "pairwise_n": pair.get("n"), "order_consistency": pair.get("order_consistency"),
+            "accuracy": suite.get("accuracy"), "accuracy_ci": [suite.get("ci_low"), suite.get("ci_high")], "items": suite.get("n"),
+            "instruction_strict": suite.get("instruction_strict", {}).get("accuracy"),
+            "prompt_loose": suite.get("prompt_loose", {}).get("accuracy"),
+            "teacher_logprob": values.get("teacher_logprob"), "f1_1": vs.get("f1_1"), "rouge_l": vs.get("rouge_l"),
+            "mean_tokens": values.get("mean_tokens"), "eos_rate": values.get("eos_rate"), "repetition_4": values.get("repetition_4")}
 
 
-TABLE_HEADER = ("| model | win rate vs teacher [95% CI] (n) | judge ratio (judged) | teacher log-prob / token | F1-1 / F1-2 | ROUGE-L "
-                "| embedding cos | mean tokens | EOS rate | repetition-4 | distinct-2 |\n|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|")
+def interval(value: Any, bounds: list[Any]) -> str:
+    return f"{number(value)} [{number(bounds[0])}, {number(bounds[1])}]" if isinstance(value, (int, float)) else "–"
 
 
-def table_line(label: str, r: dict[str, Any]) -> str:
-    if label == "teacher":
-        win, ratio, overlap = "(reference)", "(reference)", "–"
-    else:
-        low, high = r["win_ci"]
-        win = (f"{number(r['win_rate_vs_teacher'])} [{number(low)}, {number(high)}] ({r['pairwise_n']})"
-               if r["pairwise_n"] else f"– (0 judged, {r['pairwise_unparsed']} unparsed)")
-        ratio = f"{number(r['judge_ratio'])} ({r['judged']})"
-        overlap = f"{number(r['f1_1'])} / {number(r['f1_2'])}"
-    return (f"| {label} | {win} | {ratio} | {number(r['teacher_logprob'], 3)} | {overlap} | {number(r['rouge_l'])} "
-            f"| {number(r['embedding_cosine'])} | {number(r['mean_tokens'], 1)} | {number(r['eos_rate'])} | {number(r['repetition_4'])} "
-            f"| {number(r['distinct_2'])} |")
+SHARED_COLUMNS = "teacher log-prob / token | mean tokens | EOS rate | repetition-4 |"
+
+
+def shared_cells(r: dict[str, Any]) -> str:
+    return f"{number(r['teacher_logprob'], 3)} | {number(r['mean_tokens'], 1)} | {number(r['eos_rate'])} | {number(r['repetition_4'])} |"
+
+
+def suite_table(table: dict[str, Any]) -> list[str]:
+    """A program-checked suite: accuracy with its 95% Wilson interval per row (IFEval: prompt-level strict, with
+    prompt-level loose and instruction-level strict beside it), then McNemar's exact test of every trained row
+    against its base and against SeqKD."""
+    ifeval = table["suite"] == "ifeval"
+    extra = " prompt loose | instruction strict |" if ifeval else ""
+    lines = [f"| model | {'prompt strict' if ifeval else 'accuracy'} [95% CI] |{extra} {SHARED_COLUMNS}",
+             "|---|---|" + ("---:|---:|" if ifeval else "") + "---:|---:|---:|---:|"]
+    for label, r in table["rows"].items():
+        cells = f" {number(r['prompt_loose'])} | {number(r['instruction_strict'])} |" if ifeval else ""
+        lines.append(f"| {label} | {interval(r['accuracy'], r['accuracy_ci'])} |{cells} {shared_cells(r)}")
+    labels = list(table["rows"])
+    base, trained = labels[1], labels[2:]  # eval_rows' order: teacher, base, trained rows (SeqKD first)
+    wanted = {(x, base) for x in trained} | {(x, trained[0]) for x in trained[1:]}
+    tests = [p for p in table["paired"] if (p["x"], p["y"]) in wanted or (p["y"], p["x"]) in wanted]
+    if tests:
+        lines += ["", "| paired (McNemar, exact) | items | X only / Y only | difference X − Y | p |", "|---|---:|---:|---:|---:|"]
+        lines += [f"| {p['x']} vs {p['y']} | {p['n']} | {p['x_only']} / {p['y_only']} | {p['difference']:+.3f} | {p['p_value']:.3g} |"
+                  for p in tests]
+    return lines
+
+
+def judged_table(table: dict[str, Any]) -> list[str]:
+    """A judged set: the win rate against the teacher (both orders averaged) and its length-controlled form."""
+    lines = [f"| model | win rate vs teacher [95% CI] | length-controlled [95% CI] | order consistency | F1-1 | ROUGE-L | {SHARED_COLUMNS}",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for label, r in table["rows"].items():
+        judged = label != "teacher"
+        win = interval(r["win_rate_vs_teacher"], r["win_ci"]) if judged else "(reference)"
+        lc = interval(r["lc_win_rate"], r["lc_ci"]) if judged else "(reference)"
+        overlap = f"{number(r['f1_1'])} | {number(r['rouge_l'])}" if judged else "– | –"
+        lines.append(f"| {label} | {win} | {lc} | {number(r['order_consistency'])} | {overlap} | {shared_cells(r)}")
+    return lines
 
 
 def results_markdown(results: dict[str, Any]) -> str:
+    from opdistill.evaluate.calibration import calibration_line
+
     s = results["settings"]
     lines = [f"# Quality benchmark ({s['size']} size)", "",
-             f"Teacher {s['teacher']} (system prompt: {s['teacher_system']!r}); training limit {s['train_tokens']} tokens, "
-             f"evaluation greedy at {s['eval_tokens']} new tokens; judge: {s['teacher']} (local), pairwise against the teacher "
-             "in both orders (an order-dependent verdict is a tie) and its score ratio against the teacher's answer. "
-             "Overlap columns are against the teacher's answer.", ""]
+             f"Teacher {s['teacher']}. Black-box: system prompt {s['teacher_system']!r} (the teacher's alone), training limit "
+             f"{s['train_tokens']} tokens, evaluation greedy at {s['eval_tokens']}. White-box: GSM8K train questions, no system "
+             f"prompt, training limit {s['math_tokens']} tokens, evaluation greedy at {s['suite_tokens']}. Suites are program-"
+             "checked; the judge (the teacher, local, by its logits, both orders) only on Vicuna, beside its measured calibration.", ""]
     if host := results.get("machine"):
         lines += [f"Measured on {host['cpu']} ({host['cores']} cores, {host['torch_threads']} torch threads"
                   + (f", GPU {host['gpu']}" if host["gpu"] else "") + f"), native bf16: {'yes' if host['native_bf16'] else 'no'}, "
@@ -61,13 +93,16 @@ def results_markdown(results: dict[str, Any]) -> str:
         title = {"blackbox": f"Black-box, cross-family: student {s['blackbox_student']}",
                  "whitebox": f"White-box, same family: student {s['whitebox_student']} ({s['whitebox_tuning']})"}[family]
         lines += [f"## {title}", ""]
-        for set_name, rows in sets.items():
-            lines += [f"**{set_name}** ({results['prompts'][set_name]} prompts)", "", TABLE_HEADER]
-            lines += [table_line(label, r) for label, r in rows.items()] + [""]
-    lines += ["## Training (compute matching)", "", "| run | generator updates | prompts / update | sequences trained | seconds in steps |",
-              "|---|---:|---:|---:|---:|"]
-    lines += [f"| {name} | {t['generator_updates']} | {t['prompts_per_update']} | {t['generator_sequences']} | {t['step_seconds']:.0f} |"
-              for name, t in results["training"].items()]
+        if judge := results["judge"].get(family):
+            lines += [calibration_line(judge.get("calibration")), ""]
+        for set_name, table in sets.items():
+            lines += [f"**{set_name}** ({table['prompts']} items)", ""]
+            lines += (suite_table(table) if table["suite"] else judged_table(table)) + [""]
+    lines += ["## Training (compute matching)", "",
+              "| run | generator updates | prompts / update | sequences trained | seconds in steps | seconds / update |",
+              "|---|---:|---:|---:|---:|---:|"]
+    lines += [f"| {name} | {t['generator_updates']} | {t['prompts_per_update']} | {t['generator_sequences']} | {t['step_seconds']:.0f} "
+              f"| {t['seconds_per_update']:.1f} |" for name, t in results["training"].items()]
     lines += ["", "## Wall time per stage", "", "| stage | seconds |", "|---|---:|"]
     lines += [f"| {name} | {seconds:.0f} |" for name, seconds in results["stage_seconds"].items()]
     lines += [f"| total | {sum(results['stage_seconds'].values()):.0f} |", ""]
@@ -84,14 +119,20 @@ def clip(text: str, words: int = 60) -> str:
 
 def sample_answers(results: dict[str, Any], per_set: int = 2) -> list[str]:
     """The first `per_set` prompts of each set with every row's answer side by side (the full texts are in
-    eval/generations.jsonl); `finished` says whether the answer ended within the evaluation's token limit."""
-    path = Path(results["files"]["generations"])
-    if not path.is_file():
-        return []
-    answers = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    labels = list(dict.fromkeys(label for sets in results["tables"].values() for rows in sets.values() for label in rows))
+    eval-FAMILY/generations.jsonl); `finished` says whether the answer ended within the evaluation's token limit."""
     lines = ["## Sample answers", ""]
-    for set_name in results["prompts"]:
+    for family, sets in results["tables"].items():
+        path = Path(results["files"]["generations"][family])
+        if path.is_file():
+            lines += family_samples([json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()],
+                                    sets, per_set)
+    return lines
+
+
+def family_samples(answers: list[dict[str, Any]], sets: dict[str, Any], per_set: int) -> list[str]:
+    lines: list[str] = []
+    for set_name, table in sets.items():
+        labels = list(table["rows"])
         for index in range(per_set):
             here = {a["model"]: a for a in answers if a["set"] == set_name and a["index"] == index}
             if not here:

@@ -202,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     _config_arguments(k)
     k.set_defaults(func=_check)
 
-    from .demo import DemoOptions
+    from .demo import DEMO_METHODS, DemoOptions
 
     defaults = DemoOptions(out="runs/demo")
     d = sub.add_parser("demo", help="the built-in end-to-end job: French context distillation of SmolLM2-135M with GAD",
@@ -210,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "adversarial steps; or SeqKD alone), evaluate every model on held-out prompts, write report.html. "
                                    "Docs: docs/demo.md.")
     d.add_argument("--out", default=defaults.out, help=f"run directory (default {defaults.out})")
-    d.add_argument("--method", choices=["gad", "seqkd", "opd"], default=defaults.method, help=f"training method (default {defaults.method})")
+    d.add_argument("--method", choices=list(DEMO_METHODS), default=defaults.method, help=f"training method (default {defaults.method})")
     d.add_argument("--system", default=defaults.system, help=f"the teacher's privileged system prompt (default {defaults.system!r})")
     d.add_argument("--precision", choices=["auto", "bf16", "fp32"], default=defaults.precision,
                    help="collection, training and evaluation precision (default auto: bf16 where the CPU or GPU has native bf16)")

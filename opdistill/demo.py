@@ -15,7 +15,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from .config import build_config
 from .teachers.collect import CollectOptions, collect
@@ -76,33 +76,67 @@ def collect_teacher(opts: DemoOptions, out: Path) -> Path:
     return teacher_file
 
 
-def train_config(opts: DemoOptions, teacher_file: Path, out: Path) -> dict[str, Any]:
-    """The training run's config; every value can be checked in DIR/<method>/config.yaml afterwards."""
-    common = {"method": opts.method, "student": opts.model, "data": str(teacher_file), "out_dir": str(out / opts.method),
-              "batch_size": opts.batch_size, "lr": opts.lr, "seed": opts.seed, "max_response_tokens": opts.max_new_tokens,
-              "precision": opts.precision,
-              "unfinished": opts.unfinished}
-    if opts.method == "opd":
-        return {**common, "data": f"builtin:train[:{opts.train_prompts}]", "teacher_system": opts.system, "divergence": opts.divergence,
-                "beta": opts.beta, "max_steps": opts.opd_steps, "batch_size": opts.opd_batch_size, "micro_batch_size": opts.opd_batch_size, "lr": opts.opd_lr,
-                "rollout_batch_size": opts.opd_batch_size, "lr_schedule": "constant", "warmup_ratio": 0.0, "max_grad_norm": 1.0,
-                "checkpoint_every": opts.opd_steps, **({"horizon": "truncated", "horizon_tokens": opts.horizon_tokens} if opts.horizon_tokens else {})}
-    if opts.method == "seqkd":
-        return {**common, "max_steps": opts.seqkd_steps, "micro_batch_size": opts.batch_size, "warmup_ratio": 0.1,
-                "checkpoint_every": max(10, opts.seqkd_steps // 2), "max_grad_norm": 1.0}
+def common_config(opts: DemoOptions, teacher_file: Path, out: Path) -> dict[str, Any]:
+    return {"method": opts.method, "student": opts.model, "data": str(teacher_file), "out_dir": str(out / opts.method),
+            "batch_size": opts.batch_size, "lr": opts.lr, "seed": opts.seed, "max_response_tokens": opts.max_new_tokens,
+            "precision": opts.precision, "unfinished": opts.unfinished}
+
+
+def gad_config(opts: DemoOptions, common: dict[str, Any]) -> dict[str, Any]:
     return {**common, "warmup_steps": opts.warmup_steps, "d_only_steps": opts.d_only_steps, "max_steps": opts.gad_steps,
             "n_samples": opts.n_samples, "rollout_batch_size": opts.batch_size * opts.n_samples,
             "micro_batch_size": opts.batch_size * opts.n_samples, "d_lr": opts.d_lr, "discriminator_layers": opts.discriminator_layers,
             "max_grad_norm": 1.0, "d_max_grad_norm": 1.0, "checkpoint_every": opts.warmup_steps + opts.gad_steps}
 
 
+def seqkd_config(opts: DemoOptions, common: dict[str, Any]) -> dict[str, Any]:
+    return {**common, "max_steps": opts.seqkd_steps, "micro_batch_size": opts.batch_size, "warmup_ratio": 0.1,
+            "checkpoint_every": max(10, opts.seqkd_steps // 2), "max_grad_norm": 1.0}
+
+
+def opd_config(opts: DemoOptions, common: dict[str, Any]) -> dict[str, Any]:
+    return {**common, "data": f"builtin:train[:{opts.train_prompts}]", "teacher_system": opts.system, "divergence": opts.divergence,
+            "beta": opts.beta, "max_steps": opts.opd_steps, "batch_size": opts.opd_batch_size, "micro_batch_size": opts.opd_batch_size,
+            "lr": opts.opd_lr, "rollout_batch_size": opts.opd_batch_size, "lr_schedule": "constant", "warmup_ratio": 0.0,
+            "max_grad_norm": 1.0, "checkpoint_every": opts.opd_steps,
+            **({"horizon": "truncated", "horizon_tokens": opts.horizon_tokens} if opts.horizon_tokens else {})}
+
+
+@dataclass(frozen=True)
+class DemoMethod:
+    """What the demo needs to know about a training method: whether it learns from teacher text, its training config,
+    the line that announces it, and its evaluation rows (label -> the saved model's folder under the run)."""
+
+    needs_text: bool
+    config: Callable[[DemoOptions, dict[str, Any]], dict[str, Any]]
+    announce: Callable[[DemoOptions], str]
+    rows: dict[str, str]
+
+
+# One entry per method the demo runs; `opdistill demo --method` offers exactly these.
+DEMO_METHODS: dict[str, DemoMethod] = {
+    "gad": DemoMethod(True, gad_config, lambda o: (
+        f"GAD: {o.warmup_steps} warm-up steps (first {o.d_only_steps} discriminator only), then {o.gad_steps} adversarial steps; "
+        f"{o.batch_size} prompts x {o.n_samples} samples per step, lr {o.lr}, discriminator lr {o.d_lr}"),
+        # GAD's warm-up generator (SeqKD only) is a row of its own, beside the final student.
+        {"student after warm-up (SeqKD only)": "reference", "student after GAD": "student"}),
+    "seqkd": DemoMethod(True, seqkd_config, lambda o: f"SeqKD: {o.seqkd_steps} steps of {o.batch_size}, lr {o.lr}",
+                        {"student after SeqKD": "student"}),
+    # White-box OPD needs no teacher text: the teacher (the student's weights with the system prompt) scores its samples.
+    "opd": DemoMethod(False, opd_config, lambda o: (
+        f"OPD (white-box, teacher = the student's weights with the system prompt): {o.opd_steps} steps of {o.opd_batch_size} "
+        f"prompts, {o.divergence}, lr {o.opd_lr}"), {"student after OPD": "student"}),
+}
+
+
+def train_config(opts: DemoOptions, teacher_file: Path, out: Path) -> dict[str, Any]:
+    """The training run's config; every value can be checked in DIR/<method>/config.yaml afterwards."""
+    return DEMO_METHODS[opts.method].config(opts, common_config(opts, teacher_file, out))
+
+
 def trained_rows(opts: DemoOptions, run_dir: Path) -> dict[str, Path]:
-    """Evaluation rows for the trained students: GAD has its warm-up generator (SeqKD only) and its final student."""
-    if opts.method == "seqkd":
-        return {"student after SeqKD": run_dir / "student"}
-    if opts.method == "opd":
-        return {"student after OPD": run_dir / "student"}
-    return {"student after warm-up (SeqKD only)": run_dir / "reference", "student after GAD": run_dir / "student"}
+    """Evaluation rows for the trained students."""
+    return {label: run_dir / folder for label, folder in DEMO_METHODS[opts.method].rows.items()}
 
 
 def run_demo(opts: DemoOptions) -> dict:
@@ -111,23 +145,16 @@ def run_demo(opts: DemoOptions) -> dict:
     from .methods import train
     from .report import write_report
 
-    if opts.method not in ("gad", "seqkd", "opd"):
-        raise ValueError(f"demo method must be gad, seqkd or opd, got {opts.method!r}")
+    if opts.method not in DEMO_METHODS:
+        raise ValueError(f"demo method must be one of {', '.join(DEMO_METHODS)}, got {opts.method!r}")
+    method = DEMO_METHODS[opts.method]
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
-    # White-box OPD needs no teacher text: the teacher scores the student's own samples.
-    teacher_file = out / "teacher.jsonl" if opts.method == "opd" else collect_teacher(opts, out)
+    teacher_file = collect_teacher(opts, out) if method.needs_text else out / "teacher.jsonl"
 
     config = build_config(train_config(opts, teacher_file, out), where="demo")
-    if opts.method == "gad":
-        _say(f"2/3 GAD: {opts.warmup_steps} warm-up steps (first {opts.d_only_steps} discriminator only), then {opts.gad_steps} "
-             f"adversarial steps; {opts.batch_size} prompts x {opts.n_samples} samples per step, lr {opts.lr}, discriminator lr {opts.d_lr}")
-    elif opts.method == "opd":
-        _say(f"2/3 OPD (white-box, teacher = the student's weights with the system prompt): {opts.opd_steps} steps of "
-             f"{opts.opd_batch_size} prompts, {opts.divergence}, lr {opts.opd_lr}")
-    else:
-        _say(f"2/3 SeqKD: {opts.seqkd_steps} steps of {opts.batch_size}, lr {opts.lr}")
+    _say(f"2/3 {method.announce(opts)}")
     train(config)
     run_dir = out / opts.method
     student_dir = out / "student"

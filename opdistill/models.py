@@ -88,15 +88,36 @@ BUILTIN_MODELS: dict[str, BuiltinModel | SplitGGUF] = {
 }
 
 
+def cpu_flags() -> set[str] | None:
+    """The CPU's feature flags from /proc/cpuinfo (x86 `flags`, Arm `Features`), or None where there are none."""
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return None
+    flags = {flag for line in text.splitlines() if line.startswith(("flags", "Features")) for flag in line.split(":", 1)[1].split()}
+    return flags or None
+
+
+NATIVE_BF16_FLAGS = {"avx512_bf16", "amx_bf16", "bf16"}  # x86's and Arm's instructions that multiply bf16 in hardware
+
+
 def bf16_is_fast() -> bool:
-    """bf16 pays off on CUDA and on CPUs with native bf16 (AVX512-BF16/AMX); elsewhere (e.g. AVX2-only CPUs)
-    it is emulated and measured here 2x slower for generation than fp32, so `auto` precision picks fp32 there."""
+    """bf16 pays off on CUDA and on CPUs with native bf16 (AVX512-BF16/AMX); elsewhere it is emulated, and `auto`
+    precision picks fp32. oneDNN's own answer is not enough: it says yes on any AVX-512 CPU, where a 1024 x 1536 x 1536
+    bf16 matmul was measured 3x slower than fp32 (and a decode-sized one 7x) on an AVX-512 Xeon without AVX512-BF16;
+    on AVX2-only CPUs it was 2x slower for generation. So on Linux the CPU's flags decide."""
     if torch.cuda.is_available():
         return torch.cuda.is_bf16_supported()
     try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        onednn = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
         return False
+    return native_bf16(onednn, cpu_flags())
+
+
+def native_bf16(onednn_says: bool, flags: set[str] | None) -> bool:
+    """oneDNN's answer, checked against the CPU's flags where they are known."""
+    return onednn_says if flags is None else onednn_says and bool(flags & NATIVE_BF16_FLAGS)
 
 
 def resolve_precision(precision: str) -> str:

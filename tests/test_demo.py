@@ -8,15 +8,19 @@ import re
 import pytest
 
 from opdistill.config import build_config
-from opdistill.demo import BASE_ROW, TEACHER_ROW, DemoOptions, run_demo, train_config
+from opdistill.demo import BASE_ROW, DEMO_METHODS, TEACHER_ROW, DemoOptions, run_demo, train_config
+from opdistill.registry import METHODS
 from opdistill.report import RunData, render_report
 
 
-@pytest.mark.parametrize("method", ["gad", "seqkd"])
+@pytest.mark.parametrize("method", sorted(DEMO_METHODS))
 def test_the_demo_configs_are_valid(method, tmp_path):
+    """Every method of the demo's table is a registry method whose config the demo builds validly."""
+    assert method in METHODS
     opts = DemoOptions(out=str(tmp_path), method=method)
     config = build_config(train_config(opts, tmp_path / "teacher.jsonl", tmp_path), where="demo")
-    assert config.method == method and config.batch_size == opts.batch_size
+    assert config.method == method
+    assert config.batch_size == (opts.opd_batch_size if method == "opd" else opts.batch_size)
 
 
 def test_gad_demo_on_a_tiny_model_writes_metrics_generations_report_and_student(tiny_model, tmp_path, capsys):

@@ -207,3 +207,18 @@ def test_apply_lora_with_module_list(tiny_model: Path) -> None:
     assert trainable
     assert all("lora_" in n and ("q_proj" in n or "v_proj" in n) for n in trainable)
     assert any("v_proj" in n for n in trainable)
+
+
+def test_bf16_counts_as_fast_only_where_the_cpu_multiplies_it_natively() -> None:
+    """oneDNN says yes on any AVX-512 CPU; without AVX512-BF16 or AMX its bf16 matmul is emulated and slower than fp32
+    (measured 3x on an AVX-512 Xeon), so `auto` precision must pick fp32 there."""
+    from opdistill.models import cpu_flags, native_bf16
+
+    avx512_only = {"avx2", "avx512f", "avx512bw", "avx512vl", "avx512_vnni"}
+    assert not native_bf16(True, avx512_only)
+    assert native_bf16(True, avx512_only | {"avx512_bf16"})
+    assert native_bf16(True, {"avx2", "amx_bf16", "amx_tile"})
+    assert not native_bf16(False, {"avx512_bf16"})
+    assert native_bf16(True, None)  # no /proc/cpuinfo (macOS, Windows): oneDNN's answer stands
+    flags = cpu_flags()
+    assert flags is None or all(flag and " " not in flag for flag in flags)  # the real file parses into single flags

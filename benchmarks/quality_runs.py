@@ -1,0 +1,333 @@
+"""Quality benchmark stages: the sizes, the prompts, the teacher's texts, the training runs and the evaluations.
+
+Used by benchmarks/quality.py (run that; its docstring says what every stage does and why).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from quality_results import row_result  # benchmarks/, beside this script
+from quality_stages import Stages, read_json_lines, say, write_json_lines
+
+TEACHER = "qwen2.5-coder-1.5b-instruct"
+BLACKBOX_STUDENT = "smollm2-135m-instruct"
+WHITEBOX_STUDENT = "qwen2.5-coder-0.5b-instruct"
+# Privileged: only the teacher reads it. It keeps the teacher's everyday answers short (CPU cost) without overriding
+# an instruction about length, which IFEval's prompts carry and a plain "answer briefly" would make the teacher fail.
+DEFAULT_TEACHER_SYSTEM = "Follow every instruction in the request exactly. Unless it asks for a length, answer briefly."
+DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"  # ../shared/data beside the checkout
+SELF_INSTRUCT = "selfinstruct_user_oriented_text-davinci-003.jsonl"
+VICUNA_QUESTIONS, VICUNA_ANSWERS = "vicuna80_questions.jsonl", "vicuna80_answers_gpt-3.5.jsonl"
+GSM8K_TRAIN = "gsm8k_train.jsonl"
+FAMILIES = {  # family -> its training stages (row label -> stage); each family has its own teacher texts
+    "blackbox": {"smollm2-seqkd": "blackbox-seqkd", "smollm2-gad": "blackbox-gad", "smollm2-opd-xtok": "blackbox-opd-xtok"},
+    "whitebox": {"qwen0.5b-seqkd": "whitebox-seqkd", "qwen0.5b-opd": "whitebox-opd"},
+}
+BASE_ROWS = {"blackbox": ("smollm2-base", BLACKBOX_STUDENT), "whitebox": ("qwen0.5b-base", WHITEBOX_STUDENT)}
+COLLECT = {"blackbox": "collect", "whitebox": "collect-gsm8k"}
+
+
+@dataclass(frozen=True)
+class Size:
+    train_prompts: int  # black-box: prompts the teacher answers, Self-Instruct and built-in train interleaved
+    train_tokens: int  # black-box training limit: the teacher's max_tokens, max_response_tokens, rollouts
+    blackbox_batch: int  # prompts per optimizer step, every black-box run
+    seqkd_steps: int  # black-box SeqKD updates = GAD's generator updates = cross-tokenizer OPD's (compute matching)
+    gad_warmup: int  # GAD warm-up steps; the first gad_d_only train only the discriminator
+    gad_d_only: int
+    gad_samples: int  # N, student samples per prompt
+    gsm8k_questions: int  # white-box: GSM8K train questions the teacher solves
+    math_tokens: int  # white-box training limit (solutions, rollouts)
+    whitebox_batch: int  # prompts per optimizer step, white-box SeqKD and OPD
+    whitebox_steps: int  # white-box SeqKD and OPD updates
+    ifeval: int  # evaluation items: IFEval prompts, Vicuna questions, GSM8K test, MATH-500, HumanEval (0: all)
+    vicuna: int
+    gsm8k_test: int
+    math500: int
+    humaneval: int
+    suite_tokens: int  # white-box evaluation limit (a worked solution needs room; above math_tokens)
+    checkpoint_every: int
+
+    @property
+    def gad_adversarial(self) -> int:
+        return self.seqkd_steps - (self.gad_warmup - self.gad_d_only)
+
+    @property
+    def eval_tokens(self) -> int:
+        return 2 * self.train_tokens  # above the training limit: do the black-box students stop on their own?
+
+
+SIZES = {
+    "smoke": Size(train_prompts=16, train_tokens=48, blackbox_batch=2, seqkd_steps=3, gad_warmup=2, gad_d_only=1, gad_samples=2,
+                  gsm8k_questions=8, math_tokens=96, whitebox_batch=2, whitebox_steps=2, ifeval=3, vicuna=2, gsm8k_test=3,
+                  math500=2, humaneval=2, suite_tokens=96, checkpoint_every=1),
+    # <= 2 hours on a 2-core CPU with native bf16, estimated from the per-stage speeds in docs/quality.md ("Sizing").
+    "full": Size(train_prompts=128, train_tokens=128, blackbox_batch=4, seqkd_steps=88, gad_warmup=10, gad_d_only=2, gad_samples=4,
+                 gsm8k_questions=64, math_tokens=256, whitebox_batch=8, whitebox_steps=8, ifeval=64, vicuna=40, gsm8k_test=80,
+                 math500=40, humaneval=32, suite_tokens=384, checkpoint_every=8),
+    # A CPU without native bf16 (fp32, the 1.5B about 4x slower): the plumbing and the stopping, not a verdict.
+    "compact": Size(train_prompts=40, train_tokens=96, blackbox_batch=4, seqkd_steps=15, gad_warmup=4, gad_d_only=1, gad_samples=4,
+                    gsm8k_questions=24, math_tokens=192, whitebox_batch=4, whitebox_steps=6, ifeval=24, vicuna=12, gsm8k_test=24,
+                    math500=12, humaneval=12, suite_tokens=256, checkpoint_every=4),
+    # One command on a GPU: every black-box prompt there is, 2,000 GSM8K questions, the whole suites.
+    "gpu": Size(train_prompts=524, train_tokens=256, blackbox_batch=16, seqkd_steps=300, gad_warmup=40, gad_d_only=10, gad_samples=8,
+                gsm8k_questions=2000, math_tokens=384, whitebox_batch=32, whitebox_steps=60, ifeval=0, vicuna=0, gsm8k_test=0,
+                math500=0, humaneval=0, suite_tokens=512, checkpoint_every=25),
+}
+
+
+def rows_spec(count: int) -> str:
+    """A suite's or a file's [a:b] slice for the first `count` items (0: all of them)."""
+    return f"[:{count}]" if count else ""
+
+
+# ---------------------------------------------------------------- prompts and teacher text
+
+
+def train_prompts(count: int, data_dir: Path) -> list[dict[str, Any]]:
+    """Self-Instruct and built-in train prompts, alternating while both last, so every prefix mixes the two. They
+    ask for everyday tasks with constraints in the request (formats, lengths, audiences), which is what IFEval
+    checks; no IFEval prompt is ever trained on."""
+    from opdistill.data import load_records
+
+    sources = [("self-instruct", load_records(str(data_dir / SELF_INSTRUCT))), ("builtin-train", load_records("builtin:train"))]
+    rows: list[dict[str, Any]] = []
+    for depth in range(max(len(records) for _, records in sources)):
+        rows += [{"prompt": records[depth].messages[-1]["content"], "origin": f"{origin}:{depth}"}
+                 for origin, records in sources if depth < len(records)]
+    if len(rows) < count:
+        raise SystemExit(f"quality: {count} training prompts asked, only {len(rows)} exist (Self-Instruct and built-in train)")
+    return rows[:count]
+
+
+def gsm8k_prompts(count: int, data_dir: Path) -> list[dict[str, Any]]:
+    """The first `count` GSM8K train questions, asked exactly as the gsm8k suite asks its test questions (the same
+    stated answer format), so what the students learn is what the suite scores."""
+    from opdistill.evaluate.suites import load_gsm8k
+
+    items = load_gsm8k(data_dir / GSM8K_TRAIN)[:count]
+    return [{"prompt": item.prompt, "origin": f"gsm8k-train:{item.id}", "gold": item.reference} for item in items]
+
+
+def collect_texts(prompts: list[dict[str, Any]], directory: Path, system: str | None, max_tokens: int, precision: str) -> list[dict[str, Any]]:
+    """The teacher's answers to `prompts` (opdistill collect, a durable store that resumes), all of them."""
+    from opdistill.teachers.collect import CollectOptions, collect
+
+    path = directory / "prompts.jsonl"
+    write_json_lines(path, prompts)
+    store = directory / "teacher.jsonl"
+    summary = collect(CollectOptions(prompts=str(path), out=str(store), teacher_model=TEACHER, system=system,
+                                     temperature=0.7, top_p=0.95, max_tokens=max_tokens, batch_size=16, precision=precision, seed=0))
+    for line in summary.lines():
+        say("   " + line)
+    if summary.interrupted:
+        raise KeyboardInterrupt("collection interrupted; rerun the same command to resume it")
+    if summary.failed:
+        raise RuntimeError(f"{summary.failed} teacher answers failed; rerun the same command to retry them")
+    return read_json_lines(store)
+
+
+def keep_ended(rows: list[dict[str, Any]], students: list[str], limit: int, batch: int, directory: Path) -> list[dict[str, Any]]:
+    """The answers that ended and fit `limit` tokens with their EOS in every student's tokenizer (a cut text would
+    teach a student to stop mid-sentence, or never to stop); written to train.jsonl."""
+    from opdistill.data import response_ids
+    from opdistill.models import load_tokenizer
+
+    tokenizers = [load_tokenizer(name) for name in students]
+    kept = [row for row in rows if row["meta"].get("finish_reason") == "stop" and row["response"].strip()
+            and all(len(response_ids(t, row["response"], 10**9)) <= limit for t in tokenizers)]
+    write_json_lines(directory / "train.jsonl", kept)
+    say(f"   {len(kept)} of {len(rows)} teacher answers ended within {limit} tokens and are the training texts")
+    if len(kept) < batch:
+        raise RuntimeError(f"only {len(kept)} teacher answers ended within {limit} tokens, fewer than a batch; use a larger size")
+    return kept
+
+
+def text_info(rows: list[dict[str, Any]], kept: list[dict[str, Any]], seconds: float) -> dict[str, Any]:
+    return {"prompts": len(rows), "finished": sum(r["meta"].get("finish_reason") == "stop" for r in rows), "kept": len(kept),
+            "mean_teacher_tokens": sum(r["meta"]["usage"]["completion_tokens"] for r in rows) / len(rows), "seconds": round(seconds, 1)}
+
+
+def collect_blackbox(size: Size, args: argparse.Namespace) -> Callable[[Path], dict[str, Any]]:
+    def work(directory: Path) -> dict[str, Any]:
+        import time
+
+        started = time.monotonic()
+        rows = collect_texts(train_prompts(size.train_prompts, args.data_dir), directory, args.teacher_system, size.train_tokens,
+                             args.precision)
+        kept = keep_ended(rows, [BLACKBOX_STUDENT, WHITEBOX_STUDENT], size.train_tokens, size.blackbox_batch, directory)
+        return text_info(rows, kept, time.monotonic() - started)
+
+    return work
+
+
+def collect_gsm8k(size: Size, args: argparse.Namespace) -> Callable[[Path], dict[str, Any]]:
+    """The teacher's own solutions to GSM8K train questions, with no system prompt. Kept whether right or wrong: the
+    distillation setting has no gold answers, and OPD gets none either; their accuracy is reported."""
+    def work(directory: Path) -> dict[str, Any]:
+        import time
+
+        from opdistill.evaluate.answers import gsm8k_correct
+
+        started = time.monotonic()
+        prompts = gsm8k_prompts(size.gsm8k_questions, args.data_dir)
+        rows = collect_texts(prompts, directory, None, size.math_tokens, args.precision)
+        kept = keep_ended(rows, [WHITEBOX_STUDENT], size.math_tokens, size.whitebox_batch, directory)
+        gold = {p["prompt"]: p["gold"] for p in prompts}
+        correct = sum(gsm8k_correct(r["response"], gold[r["messages"][-1]["content"]])[0] for r in kept)
+        return {**text_info(rows, kept, time.monotonic() - started), "kept_correct": correct}
+
+    return work
+
+
+# ---------------------------------------------------------------- training
+
+
+def training_configs(size: Size, args: argparse.Namespace, out: Path) -> dict[str, dict[str, Any]]:
+    """Every training run's config (opdistill train keys); each run's config.yaml has the resolved values."""
+    common = {"seed": 0, "lr_schedule": "constant", "warmup_ratio": 0.0, "max_grad_norm": 1.0, "precision": args.precision,
+              "checkpoint_every": size.checkpoint_every, "keep_checkpoints": 1}
+    # SmolLM2 (135M) trains fully at the demo's learning rate; the 0.5B per --whitebox-tuning.
+    blackbox = {**common, "data": str(out / "collect" / "train.jsonl"), "student": BLACKBOX_STUDENT, "lr": 2e-5,
+                "batch_size": size.blackbox_batch, "max_response_tokens": size.train_tokens}
+    lora = args.whitebox_tuning == "lora"
+    whitebox = {**common, "data": str(out / "collect-gsm8k" / "train.jsonl"), "student": WHITEBOX_STUDENT,
+                "lr": 1e-4 if lora else 1e-5, "batch_size": size.whitebox_batch, "max_response_tokens": size.math_tokens,
+                "micro_batch_size": min(size.whitebox_batch, 4), **({"lora_r": 16, "lora_alpha": 32} if lora else {})}
+    samples = size.blackbox_batch * size.gad_samples
+    return {
+        "blackbox-seqkd": {**blackbox, "method": "seqkd", "max_steps": size.seqkd_steps, "micro_batch_size": size.blackbox_batch},
+        "blackbox-gad": {**blackbox, "method": "gad", "warmup_steps": size.gad_warmup, "d_only_steps": size.gad_d_only,
+                         "max_steps": size.gad_adversarial, "n_samples": size.gad_samples, "rollout_batch_size": samples,
+                         "micro_batch_size": samples, "d_lr": 2e-4, "discriminator_layers": 6, "d_max_grad_norm": 1.0},
+        # The teacher's probabilities instead of its text: the span-level reverse KL on the student's own samples.
+        "blackbox-opd-xtok": {**blackbox, "method": "opd", "max_steps": size.seqkd_steps, "teacher": TEACHER, "cross_tokenizer": True,
+                              "teacher_system": args.teacher_system, "divergence": "k3", "rollout_batch_size": size.blackbox_batch,
+                              "micro_batch_size": size.blackbox_batch},
+        "whitebox-seqkd": {**whitebox, "method": "seqkd", "max_steps": size.whitebox_steps},
+        "whitebox-opd": {**whitebox, "method": "opd", "max_steps": size.whitebox_steps, "teacher": TEACHER,
+                         "divergence": "rkl", "rollout_batch_size": size.whitebox_batch},
+    }
+
+
+def train_stage(values: dict[str, Any]) -> Callable[[Path], dict[str, Any]]:
+    def work(directory: Path) -> dict[str, Any]:
+        from opdistill.config import build_config
+        from opdistill.methods import train
+
+        run = {**values, "out_dir": str(directory)}
+        if values["method"] == "opd":
+            # OPD needs only the prompts. A collect store's `teacher` field records which model wrote the text, but OPD
+            # reads that field as the name of a configured teacher to route the record to, and stops; so OPD gets the
+            # same prompts, in the same order, without the store's other fields.
+            prompts = directory / "prompts.jsonl"
+            write_json_lines(prompts, [{"messages": row["messages"]} for row in read_json_lines(Path(values["data"]))])
+            run["data"] = str(prompts)
+        summary = train(build_config(run, where="benchmarks/quality.py"))
+        # The student is saved; the checkpoints (weights and optimizer state, GBs for the 0.5B) are only for resuming.
+        shutil.rmtree(directory / "checkpoints", ignore_errors=True)
+        return {"steps": summary["steps"], **training_counts(values, directory)}
+
+    return work
+
+
+def training_counts(values: dict[str, Any], directory: Path) -> dict[str, Any]:
+    """What a run spent, from its metrics.jsonl: generator updates, sequences trained on, seconds in steps."""
+    steps = [row for row in read_json_lines(directory / "metrics.jsonl") if "step_seconds" in row]
+    batch = values["batch_size"]
+    if values["method"] == "gad":
+        warmup_updates = sum("g_ce_loss" in row for row in steps)
+        adversarial = sum(row.get("stage") == 1.0 for row in steps)
+        updates, sequences = warmup_updates + adversarial, warmup_updates * batch + adversarial * batch * values["n_samples"]
+    else:
+        updates, sequences = len(steps), len(steps) * batch
+    seconds = sum(row["step_seconds"] for row in steps)
+    return {"generator_updates": updates, "prompts_per_update": batch, "generator_sequences": sequences,
+            "step_seconds": round(seconds, 1), "seconds_per_update": round(seconds / max(updates, 1), 2)}
+
+
+# ---------------------------------------------------------------- evaluation: one run per family
+
+
+def eval_rows(family: str, out: Path) -> dict[str, str]:
+    """Row label -> model: the teacher, the family's base student and its trained students."""
+    label, model = BASE_ROWS[family]
+    return {"teacher": TEACHER, label: model, **{row: str(out / stage / "student") for row, stage in FAMILIES[family].items()}}
+
+
+def eval_options(family: str, size: Size, args: argparse.Namespace, rows: dict[str, str], directory: Path) -> Any:
+    """Black-box: IFEval (program-checked) and Vicuna-80 (the GAD paper's out-of-distribution set) judged pairwise
+    against the teacher by the 1.5B's logits, its calibration measured. White-box: GSM8K test (in distribution),
+    MATH-500 and HumanEval (out of distribution), all program-checked; no judge."""
+    from opdistill.evaluate.options import EvalOptions
+
+    common = {"models": [f"{label}={model}" for label, model in rows.items()], "out": str(directory), "teacher": "teacher",
+              "temperature": 0.0, "batch_size": 16, "precision": args.precision, "seed": 0, "data_dir": str(args.data_dir)}
+    if family == "whitebox":
+        return EvalOptions(**common, prompts=[], max_new_tokens=size.suite_tokens,
+                           suites=[f"gsm8k{rows_spec(size.gsm8k_test)}", f"math500{rows_spec(size.math500)}",
+                                   f"humaneval{rows_spec(size.humaneval)}"])
+    vicuna = f"vicuna={args.data_dir / VICUNA_QUESTIONS}{rows_spec(size.vicuna)}"
+    return EvalOptions(**common, prompts=[vicuna], suites=[f"ifeval{rows_spec(size.ifeval)}"], max_new_tokens=size.eval_tokens,
+                       systems=[f"teacher={args.teacher_system}"] if args.teacher_system else [],
+                       judge_local=TEACHER, judge_logits=True,  # nothing fails to parse; position bias cancels over both orders
+                       pairwise=[f"{label}:teacher" for label in rows if label != "teacher"])
+
+
+def eval_stage(family: str, size: Size, args: argparse.Namespace, rows: dict[str, str]) -> Callable[[Path], dict[str, Any]]:
+    def work(directory: Path) -> dict[str, Any]:
+        from opdistill.evaluate.run import run_eval
+
+        metrics = run_eval(eval_options(family, size, args, rows, directory))
+        return {"rows": list(rows), "eval_seconds": metrics["seconds"]}
+
+    return work
+
+
+# ---------------------------------------------------------------- results
+
+
+def family_tables(metrics: dict[str, Any], labels: list[str]) -> dict[str, Any]:
+    """Per set: every row's flat scores, and for a suite its paired tests."""
+    tables: dict[str, Any] = {}
+    for set_name, result in metrics["sets"].items():
+        tables[set_name] = {"rows": {label: row_result(result, label) for label in labels}, "suite": result.get("suite"),
+                            "paired": result.get("paired", []), "prompts": result["prompts"]}
+    return tables
+
+
+def report_stage(size_name: str, size: Size, args: argparse.Namespace, stages: Stages, families: list[str]) -> dict[str, Any]:
+    """results.json's content, and report.html, from the evaluations and the training runs."""
+    from opdistill.report import write_report
+
+    out = args.out
+    tables, judges = {}, {}
+    for family in families:
+        metrics = read_metrics(out / f"eval-{family}")
+        tables[family] = family_tables(metrics, list(eval_rows(family, out)))
+        judges[family] = metrics.get("judge")
+    training_runs = [stage for family in families for stage in FAMILIES[family].values()]
+    report = write_report([*(out / f"eval-{family}" for family in families), *(out / stage for stage in training_runs)], out / "report.html")
+    return {
+        "settings": {"size": size_name, **asdict(size), "gad_adversarial": size.gad_adversarial, "eval_tokens": size.eval_tokens,
+                     "teacher": TEACHER, "teacher_system": args.teacher_system, "blackbox_student": BLACKBOX_STUDENT,
+                     "whitebox_student": WHITEBOX_STUDENT, "whitebox_tuning": args.whitebox_tuning, "precision": args.precision,
+                     "families": families},
+        "teacher_text": {family: stages.info(COLLECT[family]) for family in families},
+        "training": {stage: stages.info(stage) for stage in training_runs},
+        "judge": judges, "tables": tables,
+        "stage_seconds": stages.total_seconds(), "this_invocation_seconds": stages.seconds,
+        "files": {"generations": {family: str(out / f"eval-{family}" / "generations.jsonl") for family in families},
+                  "report": str(report)},
+    }
+
+
+def read_metrics(directory: Path) -> dict[str, Any]:
+    import json
+
+    return json.loads((directory / "metrics.json").read_text(encoding="utf-8"))

@@ -1,0 +1,50 @@
+"""benchmarks/quality.py cannot rot: every size's training configs pass opdistill's own validation (`--plan`), and the
+compute matching its docstring promises holds in every size."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))  # the benchmark's modules import each other as siblings
+
+from quality_runs import FAMILIES, SIZES, training_configs  # noqa: E402
+
+
+def plan_args(out: Path) -> object:
+    import argparse
+
+    return argparse.Namespace(precision="auto", whitebox_tuning="lora", teacher_system="brief", out=out, data_dir=ROOT.parent / "shared" / "data")
+
+
+@pytest.mark.parametrize("size_name", sorted(SIZES))
+def test_every_size_matches_generator_updates_across_the_black_box_rows(size_name: str, tmp_path: Path) -> None:
+    size = SIZES[size_name]
+    configs = training_configs(size, plan_args(tmp_path), tmp_path)
+    seqkd, gad, xtok = configs["blackbox-seqkd"], configs["blackbox-gad"], configs["blackbox-opd-xtok"]
+    gad_updates = (gad["warmup_steps"] - gad["d_only_steps"]) + gad["max_steps"]  # warm-up cross-entropy + adversarial
+    assert seqkd["max_steps"] == gad_updates == xtok["max_steps"]
+    assert seqkd["batch_size"] == gad["batch_size"] == xtok["batch_size"]
+    assert configs["whitebox-seqkd"]["max_steps"] == configs["whitebox-opd"]["max_steps"]
+    assert {stage for rows in FAMILIES.values() for stage in rows.values()} <= set(configs)
+    assert xtok["cross_tokenizer"] is True and configs["whitebox-opd"]["divergence"] == "rkl"
+
+
+def test_plan_validates_every_training_config_without_loading_a_model(tmp_path: Path) -> None:
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "quality.py"), "--out", str(tmp_path / "q"), "--size", "full",
+                           "--plan", "--gad-variant", "long:warmup_steps=16"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for stage in ["collect", "blackbox-seqkd", "blackbox-gad", "blackbox-opd-xtok", "blackbox-gad-long", "eval-blackbox",
+                  "collect-gsm8k", "whitebox-seqkd", "whitebox-opd", "eval-whitebox", "report"]:
+        assert f"stage {stage}" in done.stderr
+    assert not (tmp_path / "q").exists()  # a plan writes nothing
+
+
+def test_plan_refuses_a_variant_that_sets_the_matched_step_count(tmp_path: Path) -> None:
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "quality.py"), "--out", str(tmp_path), "--size", "smoke",
+                           "--plan", "--gad-variant", "x:max_steps=3"], capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0 and "max_steps follows from the warm-up" in done.stderr
