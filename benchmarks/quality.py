@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> None:
     collect_work = {"blackbox": collect_blackbox, "whitebox": collect_gsm8k}
     for family in families:
         # Only what collection reads is in its key: a change to the evaluation's size must not redo every stage after it.
-        limits = (size.train_prompts, size.train_tokens) if family == "blackbox" else (size.gsm8k_questions, size.math_tokens)
+        limits = [size.train_prompts, size.train_tokens] if family == "blackbox" else [size.gsm8k_questions, size.math_tokens]
         key = {"limits": limits, "teacher": TEACHER, "precision": args.precision,
                "system": args.teacher_system if family == "blackbox" else None}
         stages.run(COLLECT[family], key, [], collect_work[family](size, args))

@@ -276,6 +276,7 @@ def eval_options(family: str, size: Size, args: argparse.Namespace, rows: dict[s
     return EvalOptions(**common, prompts=[vicuna], suites=[f"ifeval{rows_spec(size.ifeval)}"], max_new_tokens=size.eval_tokens,
                        systems=[f"teacher={args.teacher_system}"] if args.teacher_system else [],
                        judge_local=TEACHER, judge_logits=True,  # nothing fails to parse; position bias cancels over both orders
+                       judge_retries=1, judge_max_tokens=16,  # the reference-ratio scores: their line comes first, the rest is prose
                        pairwise=[f"{label}:teacher" for label in rows if label != "teacher"])
 
 

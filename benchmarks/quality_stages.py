@@ -92,6 +92,7 @@ class Stages:
         return all((self.finished(d) or float("inf")) <= marker["finished"] for d in deps)
 
     def run(self, name: str, key: Any, deps: list[str], work: Callable[[Path], dict[str, Any]], *, wipe_on_change: bool = True) -> None:
+        key = json.loads(json.dumps(key))  # as done.json will hold it (a tuple comes back a list): compared like for like
         directory = self.out / name
         if self.is_done(name, key, deps):
             say(f"stage {name}: already complete, skipped")

@@ -352,6 +352,12 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--max-connections", type=int, default=32, help="connections served at once, one thread each (default 32; more get 503)")
     v.add_argument("--request-timeout", type=float, default=60.0, help="seconds a client has to send one whole request, and again to "
                                                                         "read the reply; slower connections are closed (default 60)")
+    v.add_argument("--max-batch-rows", type=int, default=16, help="rows (prompts) of concurrent requests scored or generated in one "
+                                                                   "forward pass (default 16; 1: every request alone)")
+    v.add_argument("--max-batch-tokens", type=int, default=8192, help="tokens in one pass: the rows' prompts when scoring, rows x (longest "
+                                                                      "prompt + max_tokens) when generating; a longer request runs alone (default 8192)")
+    v.add_argument("--batch-wait-ms", type=float, default=5.0, help="how long a request waits for others to share its pass; requests "
+                                                                    "that arrive while the model is busy never wait (default 5)")
     v.set_defaults(func=_serve)
     return parser
 

@@ -20,7 +20,7 @@ from torch import nn
 
 from .errors import CheckpointError, ModelError
 from .models import merged_copy, replace_dir_atomic, resolve_model
-from .rollout import positions_from_mask
+from .logprobs import positions_from_mask
 
 WEIGHTS = "discriminator.safetensors"
 

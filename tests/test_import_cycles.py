@@ -117,3 +117,12 @@ def test_rooms_know_only_their_own_business():
             if module == room or module.startswith(room + "."):
                 upward = sorted(t for t in targets if t == "opdistill.methods" or t.startswith("opdistill.methods."))
                 assert not upward, f"{module} imports {upward}"
+
+
+def test_the_log_prob_helpers_are_the_ground_floor():
+    """Training, teachers, evaluation, the server and the samplers share opdistill/logprobs.py; it imports nothing of
+    opdistill, so none of them has to reach into another room (rollout/) for them."""
+    graph = import_graph(include_typing=True)
+    assert "opdistill.logprobs" in graph
+    assert not [t for t in graph["opdistill.logprobs"] if t.startswith("opdistill")], graph["opdistill.logprobs"]
+    assert "opdistill.rollout.scoring" not in graph

@@ -22,7 +22,7 @@ from opdistill.methods.common import response_nll_sum, response_tokens
 from opdistill.methods.kd import mixed_token_losses
 from opdistill.models import load_model, load_tokenizer
 from opdistill.objectives.divergences import per_token
-from opdistill.rollout.scoring import response_logits, response_targets
+from opdistill.logprobs import response_logits, response_targets
 
 from conftest import SHARED, build_tiny_model
 

@@ -48,3 +48,22 @@ def test_plan_refuses_a_variant_that_sets_the_matched_step_count(tmp_path: Path)
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "quality.py"), "--out", str(tmp_path), "--size", "smoke",
                            "--plan", "--gad-variant", "x:max_steps=3"], capture_output=True, text=True, timeout=300)
     assert done.returncode != 0 and "max_steps follows from the warm-up" in done.stderr
+
+
+def test_a_finished_stage_is_skipped_when_rerun_with_the_same_settings(tmp_path: Path) -> None:
+    """The settings key goes through JSON in done.json: a tuple in it must still match on the rerun (it did not, and
+    a rerun redid the teacher's texts and everything after them)."""
+    from quality_stages import Stages
+
+    calls = []
+
+    def work(directory: Path) -> dict:
+        calls.append(directory)
+        return {"made": True}
+
+    key = {"limits": (16, 48), "system": None}
+    Stages(tmp_path).run("collect", key, [], work)
+    Stages(tmp_path).run("collect", key, [], work)
+    assert len(calls) == 1 and Stages(tmp_path).info("collect") == {"made": True}
+    Stages(tmp_path).run("collect", {**key, "limits": (16, 64)}, [], work)  # new settings: redone
+    assert len(calls) == 2

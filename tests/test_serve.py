@@ -465,6 +465,203 @@ def test_minus_infinity_log_probs_are_sent_as_minus_9999_and_the_scores_are_chun
         instance.server_close()
 
 
+# ---------------------------------------------------------------- batching concurrent requests into one forward pass
+
+
+@pytest.fixture(scope="module")
+def pair(tiny_model: Path) -> Iterator[tuple[Any, Any]]:
+    """Two servers of the tiny model in this process: `batched` gathers up to 8 rows and lets the first wait up to 3 s
+    for the others (so 8 requests sent at once surely share a pass, however slow this machine is), `alone` answers
+    every row by itself (--max-batch-rows 1: the server before batching)."""
+    import threading
+    from types import SimpleNamespace
+
+    from opdistill.serve import ServeOptions, make_server
+
+    made = [make_server(ServeOptions(model=str(tiny_model), port=0, precision="fp32", model_name="tiny", max_batch_rows=rows,
+                                     batch_wait_ms=wait)) for rows, wait in ((8, 3000.0), (1, 0.0))]
+    for instance in made:
+        threading.Thread(target=instance.serve_forever, daemon=True).start()
+    yield tuple(SimpleNamespace(url=f"http://127.0.0.1:{i.server_address[1]}/v1", instance=i) for i in made)  # type: ignore[misc]
+    for instance in made:
+        instance.shutdown()
+        instance.server_close()
+
+
+def at_once(server: Any, requests: list[tuple[str, dict[str, Any]]]) -> list[tuple[int, Any]]:
+    """(status, reply) of each request, all sent together from threads of their own."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    start = threading.Barrier(len(requests))
+
+    def one(request: tuple[str, dict[str, Any]]) -> tuple[int, Any]:
+        start.wait()
+        return call(server, *request, key=None)
+
+    with ThreadPoolExecutor(len(requests)) as pool:
+        return list(pool.map(one, requests))
+
+
+def stats(server: Any) -> dict[str, Any]:
+    status, body = call(server, "/stats", key=None)
+    assert status == 200, body
+    return body
+
+
+def assert_same_answer(batched: dict[str, Any], alone: dict[str, Any]) -> None:
+    """The same reply but for id and time: texts, ends and usage equal, prompt log-probs to 1e-5 with the same tokens."""
+    assert batched["usage"] == alone["usage"]
+    for got, expected in zip(batched["choices"], alone["choices"], strict=True):
+        assert {k: v for k, v in got.items() if k != "prompt_logprobs"} == {k: v for k, v in expected.items() if k != "prompt_logprobs"}
+        if expected.get("prompt_logprobs") is None:
+            assert got.get("prompt_logprobs") is None
+            continue
+        for entry, reference in zip(got["prompt_logprobs"], expected["prompt_logprobs"], strict=True):
+            if reference is None:
+                assert entry is None
+                continue
+            assert entry.keys() == reference.keys()  # the same top-k token ids, and the prompt token
+            for token, item in entry.items():
+                assert item["rank"] == reference[token]["rank"] and item["decoded_token"] == reference[token]["decoded_token"]
+                assert item["logprob"] == pytest.approx(reference[token]["logprob"], abs=1e-5, rel=0)
+
+
+def scoring_requests(count: int) -> list[tuple[str, dict[str, Any]]]:
+    """What a remote teacher sends (max_tokens 1, greedy), with other lengths, k and a seeded draw mixed in."""
+    requests = []
+    for i in range(count):
+        prompt = [1 + (7 * i + 13 * j) % 300 for j in range(3 + 5 * i)]  # 3 to 38 tokens: rows of one batch differ in length
+        body = {"prompt": prompt, "max_tokens": 1, "prompt_logprobs": i % 6, "temperature": 0.0 if i % 2 else 1.0, "seed": i}
+        requests.append(("completions", body))
+    return requests
+
+
+def test_concurrent_scoring_requests_share_one_pass_and_get_their_own_answers(pair: tuple[Any, Any]) -> None:
+    batched, alone = pair
+    requests = scoring_requests(8)
+    before = stats(batched)
+    replies = at_once(batched, requests)
+    after = stats(batched)
+    assert after["batches"] - before["batches"] == 1 and after["rows"] - before["rows"] == 8 and after["largest_batch"] == 8
+    for (status, reply), request in zip(replies, requests):
+        assert status == 200, reply
+        expected_status, expected = call(alone, *request, key=None)
+        assert expected_status == 200
+        assert_same_answer(reply, expected)
+    assert stats(alone)["largest_batch"] == 1
+
+
+def test_one_bad_request_in_a_batch_gets_its_400_and_the_others_their_answers(pair: tuple[Any, Any]) -> None:
+    batched, alone = pair
+    bad = ("completions", {"prompt": [1, 2, 100000], "max_tokens": 1, "prompt_logprobs": 3})  # outside the vocabulary
+    requests = scoring_requests(8)
+    before = stats(batched)
+    replies = at_once(batched, requests[:4] + [bad] + requests[4:])
+    status, reply = replies.pop(4)
+    assert status == 400 and reply["error"]["param"] == "prompt" and "100000" in reply["error"]["message"]
+    for (status, reply), request in zip(replies, requests):
+        assert status == 200, reply
+        assert_same_answer(reply, call(alone, *request, key=None)[1])
+    assert stats(batched)["batches"] - before["batches"] == 1  # the 8 good rows still shared their pass
+
+
+def test_concurrent_generation_is_batched_and_each_gets_its_answer_alone(pair: tuple[Any, Any]) -> None:
+    batched, alone = pair
+    # 8 sampled completions with seeds of their own (one decode loop) and 8 greedy chats (another): each row's draws
+    # come from its own seed's stream, so its text is the one it gets alone.
+    sampled = [("completions", {"prompt": [1 + (11 * i + j) % 300 for j in range(2 + 3 * i)], "max_tokens": 8, "temperature": 1.0,
+                                "seed": 100 + i}) for i in range(8)]
+    greedy = [("chat/completions", {"messages": [{"role": "user", "content": f"Name {i + 1} colours of the sea."}], "max_tokens": 6,
+                                    "temperature": 0}) for i in range(8)]
+    before = stats(batched)
+    replies = at_once(batched, sampled + greedy)
+    assert stats(batched)["batches"] - before["batches"] == 2
+    for (status, reply), request in zip(replies, sampled + greedy):
+        assert status == 200, reply
+        assert_same_answer(reply, call(alone, *request, key=None)[1])
+    texts = {reply["choices"][0]["text"] for _, reply in replies[:8]}
+    assert len(texts) > 1  # the seeds differ, so do the samples: no row was handed another's answer
+
+
+def test_a_client_that_disconnects_does_not_break_the_batch(pair: tuple[Any, Any]) -> None:
+    import socket
+    import threading
+
+    batched, alone = pair
+    port = batched.instance.server_address[1]
+    requests = scoring_requests(8)
+
+    def hang_up(body: dict[str, Any]) -> None:
+        data = json.dumps({"model": "tiny", **body}).encode()
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:  # sends the whole request, leaves at once
+            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         + f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
+
+    before = stats(batched)
+    quitters = [threading.Thread(target=hang_up, args=(body,)) for _, body in requests[:3]]
+    for thread in quitters:
+        thread.start()
+    replies = at_once(batched, requests[3:])
+    for thread in quitters:
+        thread.join()
+    for (status, reply), request in zip(replies, requests[3:]):
+        assert status == 200, reply
+        assert_same_answer(reply, call(alone, *request, key=None)[1])
+    after = stats(batched)
+    assert after["rows"] - before["rows"] == 8 and after["queued_rows"] == 0
+    assert call(batched, *requests[0], key=None)[0] == 200  # and the server goes on
+
+
+def test_a_batch_whose_pass_fails_is_answered_row_by_row() -> None:
+    """The batcher alone, with a runner that cannot run a batch holding a poisoned row (as a row that breaks the pass,
+    or out-of-memory at the batch's size): the other rows still get their answers, the poisoned one its own error."""
+    import threading
+
+    from opdistill.serve import Batcher
+    from opdistill.serve.batching import ScoreJob
+
+    class Runner:
+        def __init__(self) -> None:
+            self.calls: list[int] = []
+
+        def run(self, jobs: list[ScoreJob]) -> list[int]:
+            self.calls.append(len(jobs))
+            if any(-1 in job.ids for job in jobs):
+                raise RuntimeError("poisoned row")
+            return [sum(job.ids) for job in jobs]
+
+    runner, logged = Runner(), []
+    batcher = Batcher(runner, max_rows=4, max_tokens=1000, wait_seconds=5.0, log=logged.append)
+    results: dict[int, Any] = {}
+
+    def ask(number: int, ids: list[int]) -> None:
+        try:
+            results[number] = batcher.answers([ScoreJob(ids, 1)])[0]
+        except RuntimeError as err:
+            results[number] = str(err)
+
+    threads = [threading.Thread(target=ask, args=(n, ids)) for n, ids in enumerate(([1, 2], [3, -1], [5], [7, 8]))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    batcher.close()
+    assert results == {0: 3, 1: "poisoned row", 2: 5, 3: 15}
+    assert runner.calls == [4, 1, 1, 1, 1] and "running them one by one" in logged[0]
+    assert batcher.report()["split_batches"] == 1
+
+
+def test_batching_options_are_checked_and_stats_need_the_key(server: Server, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["serve", "unused", "--port", "0", "--max-batch-rows", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "--max-batch-rows" in err and "fix:" in err
+    assert call(server, "/stats", key=None)[0] == 401
+    assert call(server, "completions", {"prompt": [1, 2, 3], "max_tokens": 1, "prompt_logprobs": 2})[0] == 200
+    status, body = call(server, "/stats")
+    assert status == 200 and body["max_batch_rows"] == 16 and body["batches"] >= 1 and body["rows"] >= 1
+
+
 # Last: it stops the module's server.
 def test_sigterm_stops_cleanly_and_logs_hold_no_secrets(server: Server) -> None:
     assert call(server, "completions", {"prompt": MARKER, "max_tokens": 0})[0] == 200

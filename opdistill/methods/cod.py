@@ -33,7 +33,8 @@ from ..errors import ConfigError, DataError
 from ..models import load_model, load_tokenizer, save_pretrained_atomic, shared_vocabulary_size
 from ..objectives.codistill import anchored_logits, cognizance_gate
 from ..objectives.divergences import KINDS, default_beta, per_token
-from ..rollout import SamplingParams, logprobs_of, make_sampler, response_logits, response_targets, rollout_seeds
+from ..logprobs import logprobs_of, response_logits, response_targets
+from ..rollout import SamplingParams, make_sampler, rollout_seeds
 from ..seeds import mix_seed
 from ..teachers.logprob import LocalTeacher, TeacherRow
 from .common import Method, response_tokens

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..data import Example, chunks, collate, load_records, tokenize_records
-from ..rollout.scoring import response_logprobs
+from ..logprobs import response_logprobs
 
 if TYPE_CHECKING:
     from ..engine import Engine

@@ -28,8 +28,8 @@ from ..errors import ConfigError
 from ..models import apply_lora, load_model, save_pretrained_atomic
 from ..objectives.policy import drpo_per_token, group_advantages, kl_k3, ppo_clip_per_token
 from ..objectives.preference import bradley_terry, pairwise_accuracy
-from ..rollout import (SamplingParams, entropy_from_logits, logprobs_of, response_logits, response_logprobs, response_targets,
-                       rollout_seeds)
+from ..logprobs import entropy_from_logits, logprobs_of, response_logits, response_logprobs, response_targets
+from ..rollout import SamplingParams, rollout_seeds
 from .common import Method, response_nll_sum, response_tokens
 
 SATURATED_ACC = 0.99  # d_acc at or above this gives the generator no signal
@@ -293,7 +293,7 @@ class GAD(Method):
         config = self.config
         indices = self.batch_indices(engine, step)
         rollouts = self.sample(engine, indices)
-        # Responses aligned at one index: only response positions reach the LM head (rollout.scoring.response_logits).
+        # Responses aligned at one index: only response positions reach the LM head (logprobs.response_logits).
         batches = [collate(group, self.pad_id, align_responses=True) for group in chunks(rollouts.examples, config.micro_batch_size)]
         device = engine.accelerator.device
         with torch.no_grad():

@@ -30,7 +30,7 @@ from ..data import Example, Record, chunks, collate, data_order, load_records, t
 from ..engine import Engine
 from ..errors import ConfigError
 from ..objectives.divergences import default_beta, per_token
-from ..rollout.scoring import logprobs_of, response_logits, response_targets
+from ..logprobs import logprobs_of, response_logits, response_targets
 from ..teachers.factory import local_teacher
 from ..teachers.logprob import AdapterOffTeacher, LocalTeacher, TeacherRow
 from .common import Method, response_tokens

@@ -30,7 +30,8 @@ from ..errors import ConfigError, DataError, OpdistillError
 from ..objectives.divergences import KINDS, default_beta, per_token, per_token_top_k, reward_policy_gradient
 from ..objectives.policy import kl_k1, kl_k3
 from ..objectives.spans import span_ids, span_token_losses
-from ..rollout import SamplingParams, horizon_at, logprobs_of, response_logits, response_targets, rollout_seeds
+from ..logprobs import logprobs_of, response_logits, response_targets
+from ..rollout import SamplingParams, horizon_at, rollout_seeds
 from ..seeds import mix_seed
 from ..teachers.alignment import alignment_stats, cross_tokenize, same_vocabulary, unaligned
 from ..teachers.factory import build_teachers, record_teacher

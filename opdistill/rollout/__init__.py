@@ -1,6 +1,8 @@
-"""Rollouts: the sampler seam and its engines, per-sample seeds and horizons, log-prob scoring helpers.
+"""Rollouts: the sampler seam and its engines, per-sample seeds and horizons. The log-prob helpers live a floor
+below, in opdistill/logprobs.py (training, teachers, evaluation and the server share them); they are re-exported here
+for the sampler's users.
 
-Imports point one way: base (the interface) <- next_token, cache, packed, attention, scoring, schedules <- hf, vllm
+Imports point one way: ..logprobs <- base (the interface) <- next_token, cache, packed, attention, schedules <- hf, vllm
 <- engines.
 Nothing here imports methods, the engine or evaluation.
 """
@@ -11,7 +13,7 @@ from .engines import ENGINES, make_sampler
 from .hf import HFSampler, sample_batch
 from .next_token import draw, sample_next
 from .schedules import horizon_at, rollout_seeds, row_generator, row_uniforms
-from .scoring import (TopLogprobs, entropy_from_logits, last_positions, left_pad, logprobs_of, positions_from_mask, response_logits, response_logprobs,
+from ..logprobs import (TopLogprobs, entropy_from_logits, last_positions, left_pad, logprobs_of, positions_from_mask, response_logits, response_logprobs,
                       response_targets, token_logprobs, top_k_logprobs)
 
 __all__ = ["ENGINES", "HFSampler", "Sample", "Sampler", "SamplingParams", "TopLogprobs", "draw", "entropy_from_logits", "eos_token_ids", "horizon_at", "last_positions", "left_pad", "logprobs_of",

@@ -22,6 +22,7 @@ from typing import Any, Iterator
 
 import torch
 
+from ..logprobs import last_positions, left_pad, positions_from_mask
 from ..sampling import SamplingParams
 from .base import Sample, Sampler, Skip, eos_token_ids, pack_jobs
 from .attention import use_decode_attention
@@ -29,7 +30,6 @@ from .cache import preallocated_cache, select_rows, supports_preallocated_cache
 from .next_token import sample_next
 from .packed import pack_linears, packing_available
 from .schedules import row_uniforms
-from .scoring import last_positions, left_pad, positions_from_mask
 
 GPU_CHECK_EVERY = 8  # decode steps between reads of the "all finished?" flag on a GPU
 

@@ -22,7 +22,7 @@ import torch
 
 from ..data import Example, collate
 from ..errors import OpdistillError
-from ..rollout.scoring import logprobs_of, response_logits
+from ..logprobs import logprobs_of, response_logits
 
 
 @dataclass(frozen=True)

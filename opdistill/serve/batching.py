@@ -1,0 +1,201 @@
+"""Rows of concurrent requests gathered into batches, one batch in the model at a time.
+
+Request threads `submit` jobs (one per prompt) and wait on their futures; one worker thread takes the oldest job and
+every later one that can share its pass (the same `key`) up to `max_rows` rows and `max_tokens` padded tokens, waiting
+up to `wait_seconds` after the oldest job arrived for more to join (jobs that arrived while the model was busy never
+wait), runs them, and hands each job its own answer. A batch whose pass fails is run again one row at a time, so a row
+that breaks the pass (or out-of-memory at the batch's size) fails its own request only. Torch-free: the model's side is
+forward.ModelRunner, passed in as `runner`.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Protocol, Union
+
+from ..sampling import SamplingParams
+from .protocol import RequestError
+
+if TYPE_CHECKING:
+    import torch
+
+SCORE_CHUNK = 256  # prompt positions whose full-vocabulary logits exist at once when scoring a prompt
+
+
+@dataclass(frozen=True)
+class ScoreJob:
+    """One prompt to score: the top-k log-probs at each position (vLLM's prompt_logprobs) and, with `keep_last`, the
+    logits after its last token (for a one-token completion drawn from the same pass)."""
+
+    ids: list[int]
+    k: int
+    keep_last: bool = False
+    padded = False  # rows are packed (forward.py): a pass costs the sum of their lengths
+
+    def key(self) -> tuple[Any, ...]:
+        return ("score",)  # any two prompts can share a pass: k only changes what is read from each row's logits
+
+    def cost(self) -> int:
+        return len(self.ids)
+
+
+@dataclass(frozen=True)
+class GenerateJob:
+    """One prompt to continue. Rows share a pass only with rows of the same sampling parameters (one decode loop)."""
+
+    ids: list[int]
+    params: SamplingParams
+    seed: int | None
+    padded = True  # left-padded: every row of the pass costs the longest
+
+    def key(self) -> tuple[Any, ...]:
+        return ("generate", self.params.temperature, self.params.top_p, self.params.max_new_tokens)
+
+    def cost(self) -> int:
+        return len(self.ids) + self.params.max_new_tokens  # the KV cache the decode loop allocates for the row
+
+
+Job = Union[ScoreJob, GenerateJob]
+
+
+@dataclass
+class Scored:
+    """A scored prompt: per position 1.. (one list each) the top-k ids, their log-probs and ranks, the prompt token's
+    log-prob and rank; and the last position's logits when the job kept them."""
+
+    top_ids: list[list[int]]
+    top_logprobs: list[list[float]]
+    top_ranks: list[list[int]]
+    token_logprobs: list[float]
+    token_ranks: list[int]
+    last: torch.Tensor | None
+
+
+@dataclass
+class Generated:
+    tokens: list[int]  # up to and including EOS when the model stopped
+    finished: bool  # EOS within max_new_tokens
+
+
+class Runner(Protocol):
+    def run(self, jobs: list[Any]) -> list[Any]: ...
+
+
+@dataclass(eq=False)  # compared by identity: two equal jobs are still two requests
+class Pending:
+    job: Job
+    arrived: float
+    future: Future = field(default_factory=Future)
+
+
+@dataclass
+class BatchStats:
+    """What `GET /stats` reports: how many model calls answered how many rows."""
+
+    batches: int = 0  # model calls: a scoring pass, or a generation's prefill and decode loop (a failed one included)
+    rows: int = 0  # rows (prompts) answered
+    largest_batch: int = 0
+    split_batches: int = 0  # batches whose pass failed and were run again row by row
+
+
+class Batcher:
+    def __init__(self, runner: Runner, max_rows: int, max_tokens: int, wait_seconds: float, log: Callable[[str], None]) -> None:
+        self.runner, self.max_rows, self.max_tokens, self.wait_seconds, self.log = runner, max_rows, max_tokens, wait_seconds, log
+        self.pending: deque[Pending] = deque()
+        self.changed = threading.Condition()  # guards pending, closed and stats
+        self.closed = False
+        self.stats = BatchStats()
+        self.worker = threading.Thread(target=self._work, name="opdistill-serve-batcher", daemon=True)
+        self.worker.start()
+
+    def answers(self, jobs: list[Job]) -> list[Any]:
+        """Each job's answer, once the batches holding them have run; a job's failure is raised here, in its request."""
+        now = time.monotonic()
+        items = [Pending(job, now) for job in jobs]
+        with self.changed:
+            if self.closed:
+                raise RequestError(503, "the server is stopping", kind="ServiceUnavailableError")
+            self.pending.extend(items)
+            self.changed.notify()
+        return [item.future.result() for item in items]
+
+    def report(self) -> dict[str, Any]:
+        with self.changed:
+            return {**asdict(self.stats), "max_batch_rows": self.max_rows, "max_batch_tokens": self.max_tokens,
+                    "batch_wait_ms": self.wait_seconds * 1000, "queued_rows": len(self.pending)}
+
+    def close(self) -> None:
+        """Stop taking jobs; the ones still queued are answered 503 (the batch in the model finishes on its own)."""
+        with self.changed:
+            self.closed = True
+            left, self.pending = list(self.pending), deque()
+            self.changed.notify_all()
+        for item in left:
+            item.future.set_exception(RequestError(503, "the server is stopping", kind="ServiceUnavailableError"))
+
+    def _work(self) -> None:
+        while (batch := self._next_batch()) is not None:
+            self._run(batch)
+
+    def _next_batch(self) -> list[Pending] | None:
+        with self.changed:
+            while not self.closed:
+                if not self.pending:
+                    self.changed.wait()
+                    continue
+                batch, full = self._fitting()
+                wait = self.pending[0].arrived + self.wait_seconds - time.monotonic()
+                if full or wait <= 0:
+                    taken = set(map(id, batch))
+                    self.pending = deque(item for item in self.pending if id(item) not in taken)
+                    return batch
+                self.changed.wait(wait)  # woken early by each new job, to see whether the batch is full
+            return None
+
+    def _fitting(self) -> tuple[list[Pending], bool]:
+        """The oldest job and the later ones that may share its pass, in arrival order; and whether no more could join.
+        A job too long for what is left of the token budget is passed over (it leads a later batch), not the rest."""
+        first = self.pending[0].job
+        batch: list[Pending] = []
+        longest = total = 0
+
+        def tokens(rows: int, longest: int, total: int) -> int:
+            return rows * longest if first.padded else total
+
+        for item in self.pending:
+            if len(batch) == self.max_rows:
+                break
+            cost = item.job.cost()
+            if item.job.key() != first.key() or (batch and tokens(len(batch) + 1, max(longest, cost), total + cost) > self.max_tokens):
+                continue
+            batch.append(item)
+            longest, total = max(longest, cost), total + cost
+        # Full: no more rows, or not even a row as long as the shortest taken would fit.
+        shortest = min(item.job.cost() for item in batch)
+        full = len(batch) == self.max_rows or tokens(len(batch) + 1, longest, total + shortest) > self.max_tokens
+        return batch, full
+
+    def _run(self, batch: list[Pending]) -> None:
+        with self.changed:
+            self.stats.batches += 1
+        try:
+            answers = self.runner.run([item.job for item in batch])
+        except Exception as err:  # noqa: BLE001 - whatever broke the pass, each request gets its own answer or error
+            if len(batch) == 1:
+                batch[0].future.set_exception(err)
+                return
+            self.log(f"error in a batch of {len(batch)} rows ({type(err).__name__}: {str(err)[:200]}); running them one by one")
+            with self.changed:
+                self.stats.split_batches += 1
+            for item in batch:
+                self._run([item])
+            return
+        with self.changed:
+            self.stats.rows += len(batch)
+            self.stats.largest_batch = max(self.stats.largest_batch, len(batch))
+        for item, answer in zip(batch, answers):
+            item.future.set_result(answer)
