@@ -37,4 +37,5 @@ METHODS: dict[str, MethodEntry] = {
     "opd": MethodEntry("opdistill.methods.opd", "OPDConfig", "OPD", "white-box: token-level divergence to a teacher on student samples"),
     "cod": MethodEntry("opdistill.methods.cod", "CoDConfig", "CoD", "two peers tutor each other on-policy, each on its own domain"),
     "kd": MethodEntry("opdistill.methods.kd", "KDConfig", "KD", "off-policy KD on the data's text (chat or plain), LM and KD losses mixed"),
+    "spd": MethodEntry("opdistill.methods.spd", "SPDConfig", "SPD", "self-distillation on own samples with K/V projected into a capability subspace"),
 }

@@ -93,17 +93,22 @@ def assert_same_weights(a: Path, b: Path) -> None:
         assert torch.equal(wa[name], wb[name]), f"{name} differs after resume"
 
 
-def test_kill_9_then_resume_gives_bitwise_the_same_weights(uninterrupted, tiny_model, selfinstruct, tmp_path):
-    out = tmp_path / "killed"
-    cmd = cli_train(seqkd_overrides(tiny_model, selfinstruct, out, **RESUME))
+def kill_9_then_resume(cmd: list[str], out: Path, step: int) -> None:
+    """Start the training command `cmd` (run directory `out`), SIGKILL it once the checkpoint of `step` is complete,
+    then rerun it: the rerun must resume and finish."""
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_for(out / "checkpoints" / "step-000002" / "trainer_state.json", proc)
+    wait_for(out / "checkpoints" / f"step-{step:06d}" / "trainer_state.json", proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (out / "student").exists(), "the run must be killed before it finishes"
     resumed = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed from step" in resumed.stderr
+
+
+def test_kill_9_then_resume_gives_bitwise_the_same_weights(uninterrupted, tiny_model, selfinstruct, tmp_path):
+    out = tmp_path / "killed"
+    kill_9_then_resume(cli_train(seqkd_overrides(tiny_model, selfinstruct, out, **RESUME)), out, step=2)
     assert_same_weights(uninterrupted, out)
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines() if "loss" in line]
     assert steps == list(range(1, 13)), "every step is logged exactly once across the kill"
