@@ -20,7 +20,8 @@ against the teacher by the 1.5B's logits in both orders (raw and length-controll
 accuracy on a calibration set with known answers (docs/eval.md).
 
 **White-box, same family** (→ Qwen2.5-Coder-0.5B-Instruct). The teacher solves GSM8K train questions, asked as the gsm8k
-suite asks (one stated answer format), with no system prompt. Rows: `teacher`; `qwen0.5b-base`; `qwen0.5b-seqkd` (the
+suite asks (one stated answer format), reading a privileged "Solve it in a few short steps." (the same in OPD's
+teacher and the teacher row: one teacher). Rows: `teacher`; `qwen0.5b-base`; `qwen0.5b-seqkd` (the
 teacher's own solutions, right or wrong, as there are no gold answers in distillation); `qwen0.5b-opd` (on-policy
 reverse KL to the teacher's full distributions on the same questions, the same steps). `--whitebox-tuning lora`
 (default) or `full`: LoRA because full fine-tuning of the 0.5B needs about 10 GB for fp32 weights, gradients and AdamW
@@ -55,8 +56,9 @@ redo it and, through the timestamps, everything after it):
 Every attempt's wall time goes to --out/timings.jsonl; results.json sums them per stage.
 
 **Sizes** (quality_runs.SIZES). smoke: a handful of items and 2-3 steps per stage, the plumbing in minutes; its numbers
-mean nothing. full: sized for <= 2 hours on a 2-core CPU with native bf16 (AVX512-BF16/AMX) and the machine to itself,
-80 adversarial GAD updates. compact: a 2-core AVX2-only CPU, where `auto` precision is fp32 (bf16 is emulated) and the
+mean nothing. full: a 2-core CPU with native bf16 (AVX512-BF16/AMX) and the machine to itself,
+70 adversarial GAD updates: about 2 h 15 min for the black-box family and 1 h 15 min for the white-box one (estimated;
+`--only` runs one family per invocation, in the same --out). compact: a 2-core AVX2-only CPU, where `auto` precision is fp32 (bf16 is emulated) and the
 1.5B runs about 4x slower: few updates and items, for the plumbing and the stopping, not a verdict. gpu: one command
 on a GPU with every black-box prompt there is (524), 2,000 GSM8K questions, 260 adversarial updates and the whole
 suites. auto (the default): full on a GPU or a CPU with native bf16, compact otherwise. Every result records the
@@ -76,8 +78,8 @@ from pathlib import Path
 from typing import Any
 
 from quality_results import results_markdown  # benchmarks/, beside this script
-from quality_runs import (COLLECT, DATA_DIR, DEFAULT_TEACHER_SYSTEM, FAMILIES, SIZES, TEACHER, Size, collect_blackbox, collect_gsm8k,
-                          eval_rows, eval_stage, report_stage, train_stage, training_configs)
+from quality_runs import (COLLECT, DATA_DIR, DEFAULT_TEACHER_SYSTEM, FAMILIES, SIZES, TEACHER, WHITEBOX_TEACHER_SYSTEM, Size,
+                          collect_blackbox, collect_gsm8k, eval_rows, eval_stage, report_stage, train_stage, training_configs)
 from quality_stages import Stages, fast_machine, machine, say
 
 
@@ -96,8 +98,8 @@ def slow_machine_warning(size_name: str, host: dict[str, Any]) -> str | None:
     if size_name != "full" or fast_machine(host):
         return None
     return (f"this CPU ({host['cpu']}) runs precision {host['precision']} (native bf16: {host['native_bf16']}); the full "
-            "size is sized for <= 2 hours on a 2-core CPU with native bf16; on an AVX2-only CPU the 1.5B runs about 4x slower "
-            "and training about 2x: expect 5 to 7 hours (docs/quality.md, 'Machines'). --only blackbox and --only whitebox "
+            "size is sized for a 2-core CPU with native bf16 (about 3.5 hours for both families); without it the 1.5B runs about 4x slower "
+            "and training about 2x: expect 10 hours or more (docs/quality.md, 'Machines'). --only blackbox and --only whitebox "
             "split it over two runs in the same --out; every stage resumes.")
 
 
@@ -132,9 +134,12 @@ def add_gad_variants(specs: list[str], size: Size, configs: dict[str, dict[str, 
         overrides = parse_overrides([item for item in settings.split(",") if item])  # the same parsing as `opdistill train k=v`
         if "max_steps" in overrides:
             raise SystemExit(f"--gad-variant {spec!r}: max_steps follows from the warm-up (compute matching); set warmup_steps instead")
+        for fixed in ("batch_size", "rollout_batch_size", "micro_batch_size", "ppo_epochs"):
+            if fixed in overrides:  # each would change the prompts per generator update or the updates per step
+                raise SystemExit(f"--gad-variant {spec!r}: {fixed} is fixed by the size (compute matching with SeqKD)")
         config = {**configs["blackbox-gad"], **overrides}
         config["max_steps"] = size.seqkd_steps - (config["warmup_steps"] - config["d_only_steps"])
-        if config["max_steps"] < 1:
+        if config["max_steps"] < 1 or config["warmup_steps"] < config["d_only_steps"]:
             raise SystemExit(f"--gad-variant {spec!r}: its warm-up uses all {size.seqkd_steps} generator updates")
         config["rollout_batch_size"] = config["micro_batch_size"] = size.blackbox_batch * config["n_samples"]
         stage = f"blackbox-gad-{name}"
@@ -158,6 +163,7 @@ def check_plan(configs: dict[str, dict[str, Any]], families: list[str]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    args.out = args.out.resolve()  # the stages' settings hold paths under it: the same run whatever the working directory
     import torch
 
     if args.threads:
@@ -183,16 +189,16 @@ def main(argv: list[str] | None = None) -> None:
         # Only what collection reads is in its key: a change to the evaluation's size must not redo every stage after it.
         limits = [size.train_prompts, size.train_tokens] if family == "blackbox" else [size.gsm8k_questions, size.math_tokens]
         key = {"limits": limits, "teacher": TEACHER, "precision": args.precision,
-               "system": args.teacher_system if family == "blackbox" else None}
+               "system": args.teacher_system if family == "blackbox" else WHITEBOX_TEACHER_SYSTEM}
         stages.run(COLLECT[family], key, [], collect_work[family](size, args))
         for stage in FAMILIES[family].values():
             stages.run(stage, configs[stage], [COLLECT[family]], train_stage(configs[stage]))
         rows = eval_rows(family, args.out)
-        eval_key = {"rows": rows, "size": asdict(size), "system": args.teacher_system, "precision": args.precision}
+        eval_key = {"rows": rows, "size": asdict(size), "system": key["system"], "precision": args.precision}
         # Not wiped on a change: generations and judge replies are cached by model weights and exact request.
         stages.run(f"eval-{family}", eval_key, list(FAMILIES[family].values()), eval_stage(family, size, args, rows), wipe_on_change=False)
-    # Families finished in an earlier invocation are reported too.
-    done = [f for f in FAMILIES if (args.out / f"eval-{f}" / "metrics.json").is_file()]
+    # Families finished in an earlier invocation are reported too; an evaluation that did not finish is not.
+    done = [f for f in FAMILIES if stages.finished(f"eval-{f}")]
     write_results(size_name, size, args, stages, done, host)
 
 

@@ -55,12 +55,19 @@ def suite_table(table: dict[str, Any]) -> list[str]:
     labels = list(table["rows"])
     base, trained = labels[1], labels[2:]  # eval_rows' order: teacher, base, trained rows (SeqKD first)
     wanted = {(x, base) for x in trained} | {(x, trained[0]) for x in trained[1:]}
-    tests = [p for p in table["paired"] if (p["x"], p["y"]) in wanted or (p["y"], p["x"]) in wanted]
+    tests = [p if (p["x"], p["y"]) in wanted else swapped(p) for p in table["paired"]
+             if (p["x"], p["y"]) in wanted or (p["y"], p["x"]) in wanted]
     if tests:
         lines += ["", "| paired (McNemar, exact) | items | X only / Y only | difference X − Y | p |", "|---|---:|---:|---:|---:|"]
         lines += [f"| {p['x']} vs {p['y']} | {p['n']} | {p['x_only']} / {p['y_only']} | {p['difference']:+.3f} | {p['p_value']:.3g} |"
                   for p in tests]
     return lines
+
+
+def swapped(p: dict[str, Any]) -> dict[str, Any]:
+    """The same paired test read from the other side, so the trained row is X."""
+    return {**p, "x": p["y"], "y": p["x"], "x_only": p["y_only"], "y_only": p["x_only"],
+            "difference": -p["difference"] if p["difference"] is not None else None}
 
 
 def judged_table(table: dict[str, Any]) -> list[str]:
@@ -82,8 +89,9 @@ def results_markdown(results: dict[str, Any]) -> str:
     s = results["settings"]
     lines = [f"# Quality benchmark ({s['size']} size)", "",
              f"Teacher {s['teacher']}. Black-box: system prompt {s['teacher_system']!r} (the teacher's alone), training limit "
-             f"{s['train_tokens']} tokens, evaluation greedy at {s['eval_tokens']}. White-box: GSM8K train questions, no system "
-             f"prompt, training limit {s['math_tokens']} tokens, evaluation greedy at {s['suite_tokens']}. Suites are program-"
+             f"{s['train_tokens']} tokens, evaluation greedy at {s['eval_tokens']}. White-box: GSM8K train questions, system prompt "
+             f"{s['whitebox_teacher_system']!r} (the teacher's alone), training limit {s['math_tokens']} tokens, evaluation greedy at "
+             f"{s['suite_tokens']}. Suites are program-"
              "checked; the judge (the teacher, local, by its logits, both orders) only on Vicuna, beside its measured calibration.", ""]
     if host := results.get("machine"):
         lines += [f"Measured on {host['cpu']} ({host['cores']} cores, {host['torch_threads']} torch threads"
@@ -119,13 +127,12 @@ def clip(text: str, words: int = 60) -> str:
 
 def sample_answers(results: dict[str, Any], per_set: int = 2) -> list[str]:
     """The first `per_set` prompts of each set with every row's answer side by side (the full texts are in
-    eval-FAMILY/generations.jsonl); `finished` says whether the answer ended within the evaluation's token limit."""
+    eval-FAMILY/PART/generations.jsonl); `finished` says whether the answer ended within the evaluation's token limit."""
     lines = ["## Sample answers", ""]
     for family, sets in results["tables"].items():
-        path = Path(results["files"]["generations"][family])
-        if path.is_file():
-            lines += family_samples([json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()],
-                                    sets, per_set)
+        answers = [json.loads(line) for name in results["files"]["generations"][family] if Path(name).is_file()
+                   for line in Path(name).read_text(encoding="utf-8").splitlines() if line.strip()]
+        lines += family_samples(answers, sets, per_set)
     return lines
 
 

@@ -20,9 +20,14 @@ WHITEBOX_STUDENT = "qwen2.5-coder-0.5b-instruct"
 # Privileged: only the teacher reads it. It keeps the teacher's everyday answers short (CPU cost) without overriding
 # an instruction about length, which IFEval's prompts carry and a plain "answer briefly" would make the teacher fail.
 DEFAULT_TEACHER_SYSTEM = "Follow every instruction in the request exactly. Unless it asks for a length, answer briefly."
+# Privileged too, white-box: it shortens the teacher's solutions (still 105 to over 160 tokens in a smoke test: 2 of 8
+# ended within 160), each token costing 45 ms or more on a CPU.
+# The same text is OPD's teacher_system and the teacher row's system prompt in evaluation, so SeqKD's texts, OPD's
+# teacher and the row the students are compared with are one teacher.
+WHITEBOX_TEACHER_SYSTEM = "Solve it in a few short steps."
 DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"  # ../shared/data beside the checkout
 SELF_INSTRUCT = "selfinstruct_user_oriented_text-davinci-003.jsonl"
-VICUNA_QUESTIONS, VICUNA_ANSWERS = "vicuna80_questions.jsonl", "vicuna80_answers_gpt-3.5.jsonl"
+VICUNA_QUESTIONS = "vicuna80_questions.jsonl"
 GSM8K_TRAIN = "gsm8k_train.jsonl"
 FAMILIES = {  # family -> its training stages (row label -> stage); each family has its own teacher texts
     "blackbox": {"smollm2-seqkd": "blackbox-seqkd", "smollm2-gad": "blackbox-gad", "smollm2-opd-xtok": "blackbox-opd-xtok"},
@@ -51,6 +56,7 @@ class Size:
     math500: int
     humaneval: int
     suite_tokens: int  # white-box evaluation limit (a worked solution needs room; above math_tokens)
+    calibration: int  # the judge's calibration pairs per kind (7 kinds, both orders: 14 forward passes of the 1.5B each)
     checkpoint_every: int
 
     @property
@@ -64,20 +70,21 @@ class Size:
 
 SIZES = {
     "smoke": Size(train_prompts=16, train_tokens=48, blackbox_batch=2, seqkd_steps=3, gad_warmup=2, gad_d_only=1, gad_samples=2,
-                  gsm8k_questions=8, math_tokens=96, whitebox_batch=2, whitebox_steps=2, ifeval=3, vicuna=2, gsm8k_test=3,
-                  math500=2, humaneval=2, suite_tokens=96, checkpoint_every=1),
-    # <= 2 hours on a 2-core CPU with native bf16, estimated from the per-stage speeds in docs/quality.md ("Sizing").
-    "full": Size(train_prompts=128, train_tokens=128, blackbox_batch=4, seqkd_steps=88, gad_warmup=10, gad_d_only=2, gad_samples=4,
-                 gsm8k_questions=64, math_tokens=256, whitebox_batch=8, whitebox_steps=8, ifeval=64, vicuna=40, gsm8k_test=80,
-                 math500=40, humaneval=32, suite_tokens=384, checkpoint_every=8),
+                  gsm8k_questions=8, math_tokens=160, whitebox_batch=2, whitebox_steps=2, ifeval=3, vicuna=2, gsm8k_test=3,
+                  math500=2, humaneval=2, suite_tokens=160, calibration=1, checkpoint_every=1),
+    # A 2-core CPU with native bf16: about 2 h 15 min for the black-box family and 1 h 15 min for the white-box one,
+    # estimated from the speeds measured there (docs/quality.md, "The verdict's setup"); --only splits them.
+    "full": Size(train_prompts=128, train_tokens=128, blackbox_batch=4, seqkd_steps=78, gad_warmup=10, gad_d_only=2, gad_samples=4,
+                 gsm8k_questions=64, math_tokens=384, whitebox_batch=8, whitebox_steps=8, ifeval=48, vicuna=24, gsm8k_test=48,
+                 math500=16, humaneval=16, suite_tokens=512, calibration=4, checkpoint_every=8),
     # A CPU without native bf16 (fp32, the 1.5B about 4x slower): the plumbing and the stopping, not a verdict.
     "compact": Size(train_prompts=40, train_tokens=96, blackbox_batch=4, seqkd_steps=15, gad_warmup=4, gad_d_only=1, gad_samples=4,
-                    gsm8k_questions=24, math_tokens=192, whitebox_batch=4, whitebox_steps=6, ifeval=24, vicuna=12, gsm8k_test=24,
-                    math500=12, humaneval=12, suite_tokens=256, checkpoint_every=4),
+                    gsm8k_questions=24, math_tokens=320, whitebox_batch=4, whitebox_steps=6, ifeval=24, vicuna=12, gsm8k_test=24,
+                    math500=12, humaneval=12, suite_tokens=400, calibration=3, checkpoint_every=4),
     # One command on a GPU: every black-box prompt there is, 2,000 GSM8K questions, the whole suites.
     "gpu": Size(train_prompts=524, train_tokens=256, blackbox_batch=16, seqkd_steps=300, gad_warmup=40, gad_d_only=10, gad_samples=8,
-                gsm8k_questions=2000, math_tokens=384, whitebox_batch=32, whitebox_steps=60, ifeval=0, vicuna=0, gsm8k_test=0,
-                math500=0, humaneval=0, suite_tokens=512, checkpoint_every=25),
+                gsm8k_questions=2000, math_tokens=512, whitebox_batch=32, whitebox_steps=60, ifeval=0, vicuna=0, gsm8k_test=0,
+                math500=0, humaneval=0, suite_tokens=768, calibration=20, checkpoint_every=25),
 }
 
 
@@ -167,7 +174,7 @@ def collect_blackbox(size: Size, args: argparse.Namespace) -> Callable[[Path], d
 
 
 def collect_gsm8k(size: Size, args: argparse.Namespace) -> Callable[[Path], dict[str, Any]]:
-    """The teacher's own solutions to GSM8K train questions, with no system prompt. Kept whether right or wrong: the
+    """The teacher's own solutions to GSM8K train questions (WHITEBOX_TEACHER_SYSTEM). Kept whether right or wrong: the
     distillation setting has no gold answers, and OPD gets none either; their accuracy is reported."""
     def work(directory: Path) -> dict[str, Any]:
         import time
@@ -176,7 +183,7 @@ def collect_gsm8k(size: Size, args: argparse.Namespace) -> Callable[[Path], dict
 
         started = time.monotonic()
         prompts = gsm8k_prompts(size.gsm8k_questions, args.data_dir)
-        rows = collect_texts(prompts, directory, None, size.math_tokens, args.precision)
+        rows = collect_texts(prompts, directory, WHITEBOX_TEACHER_SYSTEM, size.math_tokens, args.precision)
         kept = keep_ended(rows, [WHITEBOX_STUDENT], size.math_tokens, size.whitebox_batch, directory)
         gold = {p["prompt"]: p["gold"] for p in prompts}
         correct = sum(gsm8k_correct(r["response"], gold[r["messages"][-1]["content"]])[0] for r in kept)
@@ -211,7 +218,7 @@ def training_configs(size: Size, args: argparse.Namespace, out: Path) -> dict[st
                               "micro_batch_size": size.blackbox_batch},
         "whitebox-seqkd": {**whitebox, "method": "seqkd", "max_steps": size.whitebox_steps},
         "whitebox-opd": {**whitebox, "method": "opd", "max_steps": size.whitebox_steps, "teacher": TEACHER,
-                         "divergence": "rkl", "rollout_batch_size": size.whitebox_batch},
+                         "teacher_system": WHITEBOX_TEACHER_SYSTEM, "divergence": "rkl", "rollout_batch_size": size.whitebox_batch},
     }
 
 
@@ -260,34 +267,51 @@ def eval_rows(family: str, out: Path) -> dict[str, str]:
     return {"teacher": TEACHER, label: model, **{row: str(out / stage / "student") for row, stage in FAMILIES[family].items()}}
 
 
-def eval_options(family: str, size: Size, args: argparse.Namespace, rows: dict[str, str], directory: Path) -> Any:
-    """Black-box: IFEval (program-checked) and Vicuna-80 (the GAD paper's out-of-distribution set) judged pairwise
-    against the teacher by the 1.5B's logits, its calibration measured. White-box: GSM8K test (in distribution),
-    MATH-500 and HumanEval (out of distribution), all program-checked; no judge."""
+def eval_options(family: str, size: Size, args: argparse.Namespace, rows: dict[str, str], directory: Path) -> list[Any]:
+    """One `opdistill eval` per part, each in its own folder under `directory`. Black-box: IFEval (program-checked, no
+    judge) and Vicuna-80 (the GAD paper's out-of-distribution set) judged pairwise against the teacher by the 1.5B's
+    logits, its calibration measured; two runs, so the judge sees only Vicuna. White-box: GSM8K test (in
+    distribution), MATH-500 and HumanEval (out of distribution), all program-checked."""
     from opdistill.evaluate.options import EvalOptions
 
-    common = {"models": [f"{label}={model}" for label, model in rows.items()], "out": str(directory), "teacher": "teacher",
-              "temperature": 0.0, "batch_size": 16, "precision": args.precision, "seed": 0, "data_dir": str(args.data_dir)}
+    system = args.teacher_system if family == "blackbox" else WHITEBOX_TEACHER_SYSTEM
+    common = {"models": [f"{label}={model}" for label, model in rows.items()], "teacher": "teacher", "temperature": 0.0,
+              "batch_size": 16, "precision": args.precision, "seed": 0, "data_dir": str(args.data_dir),
+              "systems": [f"teacher={system}"] if system else []}
     if family == "whitebox":
-        return EvalOptions(**common, prompts=[], max_new_tokens=size.suite_tokens,
-                           suites=[f"gsm8k{rows_spec(size.gsm8k_test)}", f"math500{rows_spec(size.math500)}",
-                                   f"humaneval{rows_spec(size.humaneval)}"])
+        suites = [f"gsm8k{rows_spec(size.gsm8k_test)}", f"math500{rows_spec(size.math500)}", f"humaneval{rows_spec(size.humaneval)}"]
+        return [EvalOptions(**common, out=str(directory / "suites"), prompts=[], suites=suites, max_new_tokens=size.suite_tokens)]
     vicuna = f"vicuna={args.data_dir / VICUNA_QUESTIONS}{rows_spec(size.vicuna)}"
-    return EvalOptions(**common, prompts=[vicuna], suites=[f"ifeval{rows_spec(size.ifeval)}"], max_new_tokens=size.eval_tokens,
-                       systems=[f"teacher={args.teacher_system}"] if args.teacher_system else [],
-                       judge_local=TEACHER, judge_logits=True,  # nothing fails to parse; position bias cancels over both orders
-                       judge_retries=1, judge_max_tokens=16,  # the reference-ratio scores: their line comes first, the rest is prose
-                       pairwise=[f"{label}:teacher" for label in rows if label != "teacher"])
+    return [EvalOptions(**common, out=str(directory / "ifeval"), prompts=[], suites=[f"ifeval{rows_spec(size.ifeval)}"],
+                        max_new_tokens=size.eval_tokens),
+            EvalOptions(**common, out=str(directory / "vicuna"), prompts=[vicuna], max_new_tokens=size.eval_tokens,
+                        judge_local=TEACHER, judge_logits=True,  # nothing fails to parse; position bias cancels over both orders
+                        judge_calibration=size.calibration,
+                        judge_retries=1, judge_max_tokens=16,  # reference-ratio scores: their line comes first, the rest is prose
+                        pairwise=[f"{label}:teacher" for label in rows if label != "teacher"])]
 
 
 def eval_stage(family: str, size: Size, args: argparse.Namespace, rows: dict[str, str]) -> Callable[[Path], dict[str, Any]]:
     def work(directory: Path) -> dict[str, Any]:
         from opdistill.evaluate.run import run_eval
 
-        metrics = run_eval(eval_options(family, size, args, rows, directory))
-        return {"rows": list(rows), "eval_seconds": metrics["seconds"]}
+        seconds = [run_eval(options)["seconds"] for options in eval_options(family, size, args, rows, directory)]
+        return {"rows": list(rows), "eval_seconds": sum(seconds)}
 
     return work
+
+
+def read_metrics(directory: Path) -> dict[str, Any]:
+    """A family's evaluation: the sets of its parts' metrics.json together, and the judge of the part that has one."""
+    import json
+
+    merged: dict[str, Any] = {"sets": {}, "judge": None, "generations": []}
+    for path in sorted(directory.glob("*/metrics.json")):
+        metrics = json.loads(path.read_text(encoding="utf-8"))
+        merged["sets"].update(metrics["sets"])
+        merged["judge"] = merged["judge"] or metrics.get("judge")
+        merged["generations"].append(str(path.parent / "generations.jsonl"))
+    return merged
 
 
 # ---------------------------------------------------------------- results
@@ -308,27 +332,23 @@ def report_stage(size_name: str, size: Size, args: argparse.Namespace, stages: S
 
     out = args.out
     tables, judges = {}, {}
+    generations = {}
     for family in families:
         metrics = read_metrics(out / f"eval-{family}")
         tables[family] = family_tables(metrics, list(eval_rows(family, out)))
-        judges[family] = metrics.get("judge")
+        judges[family], generations[family] = metrics["judge"], metrics["generations"]
     training_runs = [stage for family in families for stage in FAMILIES[family].values()]
-    report = write_report([*(out / f"eval-{family}" for family in families), *(out / stage for stage in training_runs)], out / "report.html")
+    parts = [Path(path).parent for family in families for path in generations[family]]
+    report = write_report([*parts, *(out / stage for stage in training_runs)], out / "report.html")
     return {
         "settings": {"size": size_name, **asdict(size), "gad_adversarial": size.gad_adversarial, "eval_tokens": size.eval_tokens,
-                     "teacher": TEACHER, "teacher_system": args.teacher_system, "blackbox_student": BLACKBOX_STUDENT,
+                     "teacher": TEACHER, "teacher_system": args.teacher_system, "whitebox_teacher_system": WHITEBOX_TEACHER_SYSTEM,
+                     "blackbox_student": BLACKBOX_STUDENT,
                      "whitebox_student": WHITEBOX_STUDENT, "whitebox_tuning": args.whitebox_tuning, "precision": args.precision,
                      "families": families},
         "teacher_text": {family: stages.info(COLLECT[family]) for family in families},
-        "training": {stage: stages.info(stage) for stage in training_runs},
+        "training": {stage: stages.info(stage) for stage in training_runs if stages.info(stage)},
         "judge": judges, "tables": tables,
         "stage_seconds": stages.total_seconds(), "this_invocation_seconds": stages.seconds,
-        "files": {"generations": {family: str(out / f"eval-{family}" / "generations.jsonl") for family in families},
-                  "report": str(report)},
+        "files": {"generations": generations, "report": str(report)},
     }
-
-
-def read_metrics(directory: Path) -> dict[str, Any]:
-    import json
-
-    return json.loads((directory / "metrics.json").read_text(encoding="utf-8"))
