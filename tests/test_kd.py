@@ -4,7 +4,6 @@ exact resume after kill -9, and --help-config."""
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -234,21 +233,13 @@ def cli_train(overrides: list[str]) -> list[str]:
 
 
 def test_kill_9_then_resume_gives_the_same_weights(tiny_model, tiny_teacher, corpus, tmp_path):
-    from test_engine import assert_same_weights, wait_for
+    from test_engine import assert_same_weights, kill_9_then_resume
 
     settings = dict(teacher=str(tiny_teacher), max_steps=8, checkpoint_every=2, keep_checkpoints=2, lr_schedule="cosine")
     straight = tmp_path / "straight"
     subprocess.run(cli_train(kd_overrides(tiny_model, corpus, straight, **settings)), check=True, capture_output=True, timeout=300)
     out = tmp_path / "killed"
-    cmd = cli_train(kd_overrides(tiny_model, corpus, out, **settings))
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_for(out / "checkpoints" / "step-000002" / "trainer_state.json", proc)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (out / "student").exists(), "the run must be killed before it finishes"
-    resumed = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert resumed.returncode == 0, resumed.stderr
-    assert "resumed from step" in resumed.stderr
+    kill_9_then_resume(cli_train(kd_overrides(tiny_model, corpus, out, **settings)), out, step=2)
     assert_same_weights(straight, out)
     assert [line["step"] for line in metric_lines(out)] == list(range(1, 9)), "every step is logged exactly once across the kill"
 
