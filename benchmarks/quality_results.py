@@ -67,7 +67,7 @@ def suite_table(table: dict[str, Any]) -> list[str]:
 def swapped(p: dict[str, Any]) -> dict[str, Any]:
     """The same paired test read from the other side, so the trained row is X."""
     return {**p, "x": p["y"], "y": p["x"], "x_only": p["y_only"], "y_only": p["x_only"],
-            "difference": -p["difference"] if p["difference"] is not None else None}
+            "difference": 0.0 - p["difference"] if p["difference"] is not None else None}  # 0.0 - 0.0 is 0.0, not -0.0
 
 
 def judged_table(table: dict[str, Any]) -> list[str]:
