@@ -129,13 +129,17 @@ class Batcher:
                     "batch_wait_ms": self.wait_seconds * 1000, "queued_rows": len(self.pending)}
 
     def close(self) -> None:
-        """Stop taking jobs; the ones still queued are answered 503 (the batch in the model finishes on its own)."""
+        """Stop taking jobs; the ones still queued are answered 503; the batch in the model finishes, then the worker ends."""
         with self.changed:
             self.closed = True
             left, self.pending = list(self.pending), deque()
             self.changed.notify_all()
         for item in left:
             item.future.set_exception(RequestError(503, "the server is stopping", kind="ServiceUnavailableError"))
+        # Wait for the worker to leave (after the batch in the model, if any): a thread still inside torch while the
+        # interpreter shuts down can abort the process (seen once as SIGABRT on SIGTERM).
+        if self.worker.is_alive() and threading.current_thread() is not self.worker:
+            self.worker.join(timeout=120)
 
     def _work(self) -> None:
         while (batch := self._next_batch()) is not None:
