@@ -6,7 +6,9 @@ Used by benchmarks/quality.py (run that; its docstring says what every stage doe
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -162,8 +164,6 @@ def text_info(rows: list[dict[str, Any]], kept: list[dict[str, Any]], seconds: f
 
 def collect_blackbox(size: Size, args: argparse.Namespace) -> Callable[[Path], dict[str, Any]]:
     def work(directory: Path) -> dict[str, Any]:
-        import time
-
         started = time.monotonic()
         rows = collect_texts(train_prompts(size.train_prompts, args.data_dir), directory, args.teacher_system, size.train_tokens,
                              args.precision)
@@ -177,8 +177,6 @@ def collect_gsm8k(size: Size, args: argparse.Namespace) -> Callable[[Path], dict
     """The teacher's own solutions to GSM8K train questions (WHITEBOX_TEACHER_SYSTEM). Kept whether right or wrong: the
     distillation setting has no gold answers, and OPD gets none either; their accuracy is reported."""
     def work(directory: Path) -> dict[str, Any]:
-        import time
-
         from opdistill.evaluate.answers import gsm8k_correct
 
         started = time.monotonic()
@@ -303,8 +301,6 @@ def eval_stage(family: str, size: Size, args: argparse.Namespace, rows: dict[str
 
 def read_metrics(directory: Path) -> dict[str, Any]:
     """A family's evaluation: the sets of its parts' metrics.json together, and the judge of the part that has one."""
-    import json
-
     merged: dict[str, Any] = {"sets": {}, "judge": None, "generations": []}
     for path in sorted(directory.glob("*/metrics.json")):
         metrics = json.loads(path.read_text(encoding="utf-8"))

@@ -62,7 +62,6 @@ def fast_machine(host: dict[str, Any]) -> bool:
     return bool(host["gpu"]) or (host["native_bf16"] and host["precision"] == "bf16")
 
 
-
 # ---------------------------------------------------------------- stages: skip what is done, time every attempt
 
 
