@@ -326,6 +326,12 @@ def fit_prompt(ids: list[int], max_tokens: int, policy: str) -> list[int] | None
     return ids[-max_tokens:] if policy == "truncate" else None
 
 
+def prompt_ids(tokenizer: Any, messages: list[dict[str, str]], max_tokens: int, overlong: str) -> list[int] | None:
+    """The one way a method turns a conversation into the prompt it samples or scores with: the tokenizer's chat
+    template (render_prompt), then the over-long policy (fit_prompt); None when the policy drops it."""
+    return fit_prompt(render_prompt(tokenizer, messages), max_tokens, overlong)
+
+
 def tokenize_records(
     tokenizer: Any, records: list[Record], max_prompt_tokens: int, max_response_tokens: int, overlong: str, unfinished: str = "keep"
 ) -> tuple[list[Example], TokenizeReport]:

@@ -144,11 +144,11 @@ def test_gradient_flows_only_from_the_learners_records_into_the_learner(tiny_mod
     seen = []
     original = CoD.learn
 
-    def spy(self, engine, direction):
-        learner, tutor = (self.unwrapped(p, engine) for p in (direction.learner, direction.tutor))
+    def spy(self, engine, learner_name, rollouts):
+        learner, tutor = (self.unwrapped(p, engine) for p in (learner_name, "b" if learner_name == "a" else "a"))
         before = {name: None if p.grad is None else p.grad.clone() for name, p in tutor.named_parameters()}
-        out = original(self, engine, direction)
-        seen.append((direction.learner, {self.owner[i] for i in direction.indices}))
+        out = original(self, engine, learner_name, rollouts)
+        seen.append((learner_name, {self.owner[i] for i in rollouts.indices}))
         # the tutor scored under no_grad: its gradients are exactly what they were before the learner's backward
         for name, p in tutor.named_parameters():
             assert (p.grad is None and before[name] is None) or torch.equal(p.grad, before[name]), name

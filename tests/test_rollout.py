@@ -89,3 +89,30 @@ def test_draw_follows_the_distribution_and_never_picks_zero_mass():
     # unnormalised rows give the same distribution
     picks = draw((probs * 7).expand(20000, -1).contiguous())
     torch.testing.assert_close(torch.bincount(picks, minlength=6).float() / len(picks), probs, atol=0.012, rtol=0)
+
+
+def test_rollouts_keep_each_response_with_its_prompt_and_data_row(tiny_model):
+    """The one rollout type: prompt-major with n per prompt, each response's data row and prompt recoverable, the same
+    samples whichever subset of rows is drawn with them (seeded by row), and micro-batches whose `row` indexes them."""
+    import pytest
+
+    from opdistill.rollout import Rollouts, data_rollouts, sample_rollouts
+
+    tokenizer, model = load_tokenizer(str(tiny_model)), load_model(str(tiny_model))
+    table = [render_prompt(tokenizer, [{"role": "user", "content": text}]) for text in ("Hi", "Name a fruit.", "Count to three, please.")]
+    params = SamplingParams(temperature=1.0, top_p=1.0, max_new_tokens=6)
+    sampler = HFSampler(model, tokenizer, batch_size=4)
+    both = sample_rollouts(sampler, table, [2, 0], params, seed=3, step=5, n=2)
+    assert both.rows == [2, 2, 0, 0] and len(both) == 4
+    assert [e.prompt_ids for e in both.examples] == [table[2], table[2], table[0], table[0]]
+    alone = sample_rollouts(sampler, table, [0], params, seed=3, step=5, n=2)
+    assert alone.responses == both.responses[2:]  # row 0's samples do not depend on what else the step drew
+    assert both.truncated == sum(not ended for ended in both.finished) / 4
+    assert both.finished_mask().tolist() == [float(ended) for ended in both.finished]
+    batches = both.micro_batches(3, tokenizer.pad_token_id)
+    assert [b["row"].tolist() for b in batches] == [[0, 1, 2], [3]]
+    assert int(sum(b["loss_mask"][:, 1:].sum() for b in batches)) == sum(both.lengths)
+    given = data_rollouts(table, [1], [[5, 6, 7]], [False])
+    assert given.prompts == [table[1]] and given.logprobs == [[]] and given.truncated == 1.0 and given.mean_length == 3.0
+    with pytest.raises(ValueError, match="n=2"):
+        Rollouts([0], [table[0]], [[1]], [True], [[]], n=2)

@@ -103,6 +103,7 @@ def test_the_answer_tokens_follow_the_last_marker_and_exclude_eos(tiny_model):
 
 def test_config_checks_name_the_field():
     assert parse_layers("all") is None and parse_layers("0-2, 5") == [0, 1, 2, 5]
+    assert parse_layers("middle,last", 24) == [12, 23] and parse_layers("middle,last", 2) == [1] and parse_layers("0,last", 30) == [0, 29]
     for bad, field in (("projection_strength=1.5", "projection_strength"), ("rank=0", "rank"), ("layers=3-1", "layers"),
                        ("layers=x", "layers"), ("kv=q", "kv"), ("rollout_engine=vllm", "rollout_engine"),
                        ("subspace_refresh_every=-1", "subspace_refresh_every")):
@@ -175,7 +176,8 @@ def test_a_few_steps_lower_the_loss_and_save_the_subspace(tiny_model, selfinstru
     from safetensors.torch import load_file
 
     saved = load_file(summary["spd_subspace"])
-    assert sorted(saved) == ["0.k", "0.v", "1.k", "1.v"] and saved["0.k"].shape[1] == 4
+    # the default layers, middle and last, are both layer 1 of a 2-layer model
+    assert sorted(saved) == ["1.k", "1.v"] and saved["1.k"].shape[1] == 4
     assert all(0 < line["subspace_energy"] <= 1 for line in metric_lines(out))
 
 

@@ -27,14 +27,14 @@ from typing import Any
 import torch
 
 from ..config import OnPolicyConfig, check_choice, check_divergence_settings, opt
-from ..data import Example, Record, StepOrder, chunks, collate, fit_prompt, load_records, render_prompt, teacher_messages, total_steps_for
+from ..data import Record, StepOrder, load_records, prompt_ids, render_prompt, teacher_messages, total_steps_for
 from ..engine import Engine, NonFiniteLoss, Trainable, lr_lambda
 from ..errors import ConfigError, DataError
 from ..models import load_model, load_tokenizer, save_pretrained_atomic, shared_vocabulary_size
 from ..objectives.codistill import anchored_logits, cognizance_gate
 from ..objectives.divergences import KINDS, default_beta, per_token
 from ..logprobs import logprobs_of, response_logits, response_targets
-from ..rollout import SamplingParams, make_sampler, rollout_seeds
+from ..rollout import Rollouts, SamplingParams, make_sampler, sample_rollouts
 from ..seeds import mix_seed
 from ..teachers.logprob import LocalTeacher, TeacherRow
 from .common import Method, response_tokens
@@ -113,17 +113,6 @@ class CoDConfig(OnPolicyConfig):
         check_local(report, "peer B", self.peer, self, tokenizer, Record(tutor_messages(first, self.peer_b_system), source=first.source))
 
 
-@dataclass
-class Direction:
-    """One learner–tutor pair of a step: the learner's samples on prompts of the tutor's domain."""
-
-    learner: str
-    tutor: str
-    indices: list[int]
-    responses: list[list[int]]
-    truncated: float
-
-
 class CoD(Method):
     progress_metrics = ("loss_a", "loss_b", "gate_a", "gate_b")
 
@@ -145,8 +134,8 @@ class CoD(Method):
         skipped = 0
         for record in records:
             owner = domains[record.meta["domain"]]
-            learner = fit_prompt(render_prompt(tokenizer, record.messages), config.max_prompt_tokens, config.overlong)
-            tutor = fit_prompt(render_prompt(tokenizer, tutor_messages(record, systems[owner])), config.max_prompt_tokens, config.overlong)
+            learner = prompt_ids(tokenizer, record.messages, config.max_prompt_tokens, config.overlong)
+            tutor = prompt_ids(tokenizer, tutor_messages(record, systems[owner]), config.max_prompt_tokens, config.overlong)
             if learner is None or tutor is None:
                 skipped += 1
                 continue
@@ -223,12 +212,12 @@ class CoD(Method):
 
     def step(self, engine: Engine, step: int) -> dict[str, float]:
         started = time.perf_counter()
-        directions = [self.sample(engine, step, learner) for learner in PEERS]  # both sample before either learns
+        rollouts = {learner: self.sample(engine, step, learner) for learner in PEERS}  # both sample before either learns
         rollout_seconds = time.perf_counter() - started
         metrics: dict[str, float] = {}
         try:
-            for direction in directions:
-                metrics.update(self.learn(engine, direction))
+            for learner in PEERS:
+                metrics.update(self.learn(engine, learner, rollouts[learner]))
         except NonFiniteLoss:
             for peer in PEERS:  # neither peer may carry this step's gradients into the next one
                 self.unwrapped(peer, engine).zero_grad(set_to_none=True)
@@ -242,33 +231,30 @@ class CoD(Method):
         return {"loss": (metrics["loss_a"] + metrics["loss_b"]) / 2, **metrics, "grad_norm_a": a["grad_norm"], "lr": a["lr"],
                 "grad_norm_b": grad_norm_b, "lr_b": lr_b, "rollout_seconds": rollout_seconds}
 
-    def sample(self, engine: Engine, step: int, learner: str) -> Direction:
+    def sample(self, engine: Engine, step: int, learner: str) -> Rollouts:
         """The learner's samples on this step's prompts of the other peer's domain (this process's share)."""
         pool = self.pool[learner]
         indices = [pool[i] for i in self.order[learner].indices(step, engine.rank, engine.world_size)]
         params = SamplingParams(self.config.temperature, self.config.top_p, self.config.max_response_tokens)
-        samples = self.sampler(learner, engine).sample([self.learner_prompts[i] for i in indices], params,
-                                                       seeds=rollout_seeds(self.config.seed, step, indices))
-        return Direction(learner, "b" if learner == "a" else "a", indices, [s.response_ids for s in samples],
-                         sum(not s.finished for s in samples) / len(samples))
+        return sample_rollouts(self.sampler(learner, engine), self.learner_prompts, indices, params, seed=self.config.seed, step=step)
 
-    def learn(self, engine: Engine, d: Direction) -> dict[str, float]:
-        """Backward of the learner's gated divergence to its tutor (no optimizer step); returns its metrics."""
+    def learn(self, engine: Engine, learner: str, rollouts: Rollouts) -> dict[str, float]:
+        """Backward of the learner's gated divergence to its tutor, the other peer, on the learner's rollouts (no
+        optimizer step); returns its metrics."""
         c = self.config
+        tutor_name = "b" if learner == "a" else "a"
         beta = default_beta(c.divergence) if c.beta == -1.0 else c.beta
-        tutor = LocalTeacher(self.unwrapped(d.tutor, engine), self.pad_id, self.vocab, name=f"peer {d.tutor}", micro_batch_size=c.micro_batch_size)
+        tutor = LocalTeacher(self.unwrapped(tutor_name, engine), self.pad_id, self.vocab, name=f"peer {tutor_name}", micro_batch_size=c.micro_batch_size)
         stats = {"gated": 0.0, "responses": 0.0, "disagreement": 0.0, "divergence": 0.0}
-        batches = []
-        for group in chunks(list(range(len(d.indices))), c.micro_batch_size):
-            batch = collate([Example(self.learner_prompts[d.indices[j]], d.responses[j]) for j in group], self.pad_id, align_responses=True)
-            batches.append({**batch, "row": torch.tensor(group)})
+        batches = rollouts.micro_batches(c.micro_batch_size, self.pad_id)
+        data_rows = rollouts.rows
 
         def loss_sum(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
             learner_logits = response_logits(model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"])[:, : self.vocab]
             rows = batch["row"].tolist()
-            responses = [d.responses[j] for j in rows]
-            problem = tutor.score([TeacherRow(self.tutor_prompts[d.indices[j]], r) for j, r in zip(rows, responses)]).logits
-            free = tutor.score([TeacherRow(self.free_prompts[d.tutor], r) for r in responses]).logits if c.anchor else problem
+            responses = [rollouts.responses[j] for j in rows]
+            problem = tutor.score([TeacherRow(self.tutor_prompts[data_rows[j]], r) for j, r in zip(rows, responses)]).logits
+            free = tutor.score([TeacherRow(self.free_prompts[tutor_name], r) for r in responses]).logits if c.anchor else problem
             target = anchored_logits(problem, free, c.anchor).to(learner_logits.device)
             lengths = batch["loss_mask"][:, 1:].sum(dim=1)
             tokens = response_targets(batch)
@@ -289,16 +275,15 @@ class CoD(Method):
             # Gated-off responses still count in the token mean: little feedback in a step means a small update.
             return (divergence * gate.repeat_interleave(lengths)).sum()
 
-        learner = self.model(d.learner, engine)
-        learner.train()
-        loss = engine.backward_token_mean(batches, loss_sum, response_tokens, model=learner)
+        model = self.model(learner, engine)
+        model.train()
+        loss = engine.backward_token_mean(batches, loss_sum, response_tokens, model=model)
         tokens = engine.global_sum(sum(response_tokens(b) for b in batches))
         responses = engine.global_sum(stats["responses"])
-        lengths = [len(r) for r in d.responses]
-        return {f"loss_{d.learner}": loss, f"divergence_{d.learner}": engine.global_sum(stats["divergence"]) / tokens,
-                f"gate_{d.learner}": engine.global_sum(stats["gated"]) / responses,
-                f"disagreement_{d.learner}": engine.global_sum(stats["disagreement"]) / responses,
-                f"response_length_{d.learner}": sum(lengths) / len(lengths), f"truncated_{d.learner}": d.truncated}
+        return {f"loss_{learner}": loss, f"divergence_{learner}": engine.global_sum(stats["divergence"]) / tokens,
+                f"gate_{learner}": engine.global_sum(stats["gated"]) / responses,
+                f"disagreement_{learner}": engine.global_sum(stats["disagreement"]) / responses,
+                f"response_length_{learner}": rollouts.mean_length, f"truncated_{learner}": rollouts.truncated}
 
 
 def mix_peer(seed: int, peer: str) -> int:

@@ -29,26 +29,11 @@ from ..models import apply_lora, load_model, save_pretrained_atomic
 from ..objectives.policy import drpo_per_token, group_advantages, kl_k3, ppo_clip_per_token
 from ..objectives.preference import bradley_terry, pairwise_accuracy
 from ..logprobs import entropy_from_logits, logprobs_of, response_logits, response_logprobs, response_targets
-from ..rollout import SamplingParams, rollout_seeds
+from ..rollout import Rollouts, SamplingParams, sample_rollouts
 from .common import Method, response_nll_sum, response_tokens
 
 SATURATED_ACC = 0.99  # d_acc at or above this gives the generator no signal
 SATURATED_STEPS = 10  # ... for this many adversarial steps in a row -> warn
-
-
-@dataclass
-class Rollouts:
-    """N student samples for each of B prompts, flattened prompt-major (index b * N + i)."""
-
-    examples: list[Example]
-    lengths: torch.Tensor  # (B * N,) response tokens
-    finished: torch.Tensor  # (B * N,) 1.0 where the sample ended with EOS (it keeps it), 0.0 where it was cut (no EOS)
-    logprobs: list[list[float]]  # per sample, the sampling (behaviour) policy's log-prob of each response token
-
-    @property
-    def truncated(self) -> float:
-        """The share that hit max_new_tokens without EOS."""
-        return 1.0 - self.finished.mean().item()
 
 
 @dataclass
@@ -202,13 +187,8 @@ class GAD(Method):
 
     def sample(self, engine: Engine, indices: list[int]) -> Rollouts:
         """N samples per prompt from the current student, prompt-major."""
-        prompts = [self.prompts[i] for i in indices]
-        ordered = engine.sampler.sample(prompts, self.sampling, n=self.config.n_samples,
-                                        seeds=rollout_seeds(self.config.seed, engine.step, indices))
-        examples = [Example(prompts[s.prompt_index], s.response_ids) for s in ordered]
-        lengths = torch.tensor([len(s.response_ids) for s in ordered], dtype=torch.float32)
-        finished = torch.tensor([float(s.finished) for s in ordered])
-        return Rollouts(examples, lengths, finished, [s.logprobs for s in ordered])
+        return sample_rollouts(engine.sampler, self.prompts, indices, self.sampling, seed=self.config.seed, step=engine.step,
+                               n=self.config.n_samples)
 
     def scores(self, engine: Engine, examples: list[Example], grad: bool) -> torch.Tensor:
         """Discriminator scores, in micro-batches."""
@@ -222,21 +202,20 @@ class GAD(Method):
                                                batch["attention_mask"].to(engine.accelerator.device)))
         return torch.cat(out)
 
-    def discriminator_update(self, engine: Engine, indices: list[int], rollouts: Rollouts,
-                             train: bool = True) -> tuple[dict[str, float], torch.Tensor]:
+    def discriminator_update(self, engine: Engine, rollouts: Rollouts, train: bool = True) -> tuple[dict[str, float], torch.Tensor]:
         """One BT step of D on (teacher response, N student samples) per prompt, micro-batched over prompts.
 
         Returns the diagnostics and the student scores (B, N) from before the update: the generator's rewards.
         With train=False (a frozen discriminator) it only scores.
         """
         assert self.disc is not None
-        n = self.config.n_samples
+        n, indices, samples = rollouts.n, rollouts.indices, rollouts.examples
         groups = chunks(list(range(len(indices))), max(1, self.config.micro_batch_size // (n + 1)))
         total_pairs = engine.global_sum(len(indices) * n)
         loss_total, teacher_all, student_all = 0.0, [], []
         for position, group in enumerate(groups):
             teacher_examples = [Example(self.prompts[indices[b]], self.teacher[indices[b]]) for b in group]
-            student_examples = [rollouts.examples[b * n + i] for b in group for i in range(n)]
+            student_examples = [samples[b * n + i] for b in group for i in range(n)]
             with engine.accumulating(self.disc.model, last=position == len(groups) - 1):
                 scores = self.scores(engine, teacher_examples + student_examples, grad=train)
                 teacher_scores, student_scores = scores[: len(group)], scores[len(group):].view(len(group), n)
@@ -268,9 +247,8 @@ class GAD(Method):
         """D learns on current student samples; after d_only_steps the generator also does SeqKD."""
         indices = self.batch_indices(engine, step)
         rollouts = self.sample(engine, indices)
-        d_metrics, _ = self.discriminator_update(engine, indices, rollouts)
-        metrics = {"stage": 0.0, **d_metrics,
-                   "response_length": rollouts.lengths.mean().item()}
+        d_metrics, _ = self.discriminator_update(engine, rollouts)
+        metrics = {"stage": 0.0, **d_metrics, "response_length": rollouts.mean_length}
         if step >= self.config.d_only_steps:
             engine.model.train()
             examples = [Example(self.prompts[i], self.teacher[i]) for i in indices]
@@ -293,8 +271,7 @@ class GAD(Method):
         config = self.config
         indices = self.batch_indices(engine, step)
         rollouts = self.sample(engine, indices)
-        # Responses aligned at one index: only response positions reach the LM head (logprobs.response_logits).
-        batches = [collate(group, self.pad_id, align_responses=True) for group in chunks(rollouts.examples, config.micro_batch_size)]
+        batches = rollouts.micro_batches(config.micro_batch_size, self.pad_id)
         device = engine.accelerator.device
         with torch.no_grad():
             ref = []
@@ -302,10 +279,10 @@ class GAD(Method):
                 moved = {k: v.to(device) for k, v in batch.items()}
                 with engine.accelerator.autocast():
                     ref.append(response_logprobs(self.reference, moved, config.temperature).cpu())
-        d_metrics, rewards = self.discriminator_update(engine, indices, rollouts, train=not config.freeze_discriminator)
+        d_metrics, rewards = self.discriminator_update(engine, rollouts, train=not config.freeze_discriminator)
         advantages = group_advantages(rewards).view(-1)
         if config.truncated_rollouts == "mask":
-            advantages = advantages * rollouts.finished  # a cut sample's reward judges an answer it never finished
+            advantages = advantages * rollouts.finished_mask()  # a cut sample's reward judges an answer it never finished
 
         engine.model.train()
         stats = {"clipped": 0.0, "kl": 0.0, "entropy": 0.0}
@@ -333,7 +310,7 @@ class GAD(Method):
         total_tokens = engine.global_sum(sum(response_tokens(b) for b in batches)) * config.ppo_epochs
         metrics = {"stage": 1.0, "g_loss": g_loss, **d_metrics, **step_metrics,
                    "reward_mean": rewards.mean().item(), "reward_std": rewards.std(dim=1).mean().item(),
-                   "response_length": rollouts.lengths.mean().item(), "truncated": rollouts.truncated,
+                   "response_length": rollouts.mean_length, "truncated": rollouts.truncated,
                    **{k: engine.global_sum(v) / total_tokens for k, v in stats.items()}}
         self.warn_if_unhealthy(metrics)
         return metrics

@@ -23,15 +23,14 @@ import torch
 
 from ..check import CheckReport, check_alignment, check_local, check_remote
 from ..config import OnPolicyConfig, check_choice, check_divergence_settings, opt, teacher_spec
-from ..data import (Example, Record, chunks, collate, data_order, ends_with_eos, fit_prompt, load_records, render_prompt, response_ids,
-                    teacher_messages, total_steps_for)
+from ..data import Record, data_order, ends_with_eos, load_records, prompt_ids, response_ids, teacher_messages, total_steps_for
 from ..engine import Engine
 from ..errors import ConfigError, DataError, OpdistillError
 from ..objectives.divergences import KINDS, default_beta, per_token, per_token_top_k, reward_policy_gradient
 from ..objectives.policy import kl_k1, kl_k3
 from ..objectives.spans import span_ids, span_token_losses
 from ..logprobs import logprobs_of, response_logits, response_targets
-from ..rollout import SamplingParams, horizon_at, rollout_seeds
+from ..rollout import Rollouts, SamplingParams, data_rollouts, horizon_at, sample_rollouts
 from ..seeds import mix_seed
 from ..teachers.alignment import alignment_stats, cross_tokenize, same_vocabulary, unaligned
 from ..teachers.factory import build_teachers, record_teacher
@@ -220,9 +219,8 @@ class OPD(Method):
         skipped = dropped = 0
         for record in records:
             name = record_teacher(record, config.teachers)
-            student = fit_prompt(render_prompt(tokenizer, record.messages), config.max_prompt_tokens, config.overlong)
-            teacher = fit_prompt(render_prompt(self.teacher_tokenizers.get(name, tokenizer),
-                                               teacher_messages(record, config.teacher_system, config.teacher_template)),
+            student = prompt_ids(tokenizer, record.messages, config.max_prompt_tokens, config.overlong)
+            teacher = prompt_ids(self.teacher_tokenizers.get(name, tokenizer), teacher_messages(record, config.teacher_system, config.teacher_template),
                                  config.max_prompt_tokens, config.overlong)
             if student is None or teacher is None:
                 skipped += 1
@@ -285,19 +283,21 @@ class OPD(Method):
         """GKD's λ as a seeded per-step coin: the same steps are on-policy on every process and after a resume."""
         return random.Random(mix_seed(self.config.seed, step)).random() < self.config.on_policy_ratio
 
-    def sample(self, engine: Engine, indices: list[int], horizon: int) -> tuple[list[list[int]], list[bool]]:
-        """One response per prompt from the current student, and whether each ended with EOS (not cut by the horizon)."""
-        params = SamplingParams(self.config.temperature, self.config.top_p, horizon)
-        samples = engine.sampler.sample([self.student_prompts[i] for i in indices], params,
-                                        seeds=rollout_seeds(self.config.seed, engine.step, indices))
-        return [s.response_ids for s in samples], [s.finished for s in samples]
+    def rollouts(self, engine: Engine, indices: list[int], horizon: int, on_policy: bool) -> Rollouts:
+        """One response per prompt: the current student's sample (on-policy), or the data's response cut at the horizon."""
+        if on_policy:
+            params = SamplingParams(self.config.temperature, self.config.top_p, horizon)
+            return sample_rollouts(engine.sampler, self.student_prompts, indices, params, seed=self.config.seed, step=engine.step)
+        responses = [self.responses[i][:horizon] for i in indices]
+        return data_rollouts(self.student_prompts, indices, responses, [ends_with_eos(r, self.tokenizer) for r in responses])
 
-    def teacher_rows(self, indices: list[int], responses: list[list[int]], finished: list[bool]) -> tuple[list[TeacherRow], list[Any]]:
+    def teacher_rows(self, rollouts: Rollouts) -> tuple[list[TeacherRow], list[Any]]:
         """What each teacher scores: the student's own tokens, or (cross_tokenizer) the same text in the teacher's tokens,
         with the spans that align the two (teachers/alignment.py); an end span only for a response that finished."""
+        indices, responses = rollouts.rows, rollouts.responses
         if not self.config.cross_tokenizer:
             return [TeacherRow(self.teacher_prompts[i], r) for i, r in zip(indices, responses)], []
-        alignments = [self.align(self.teacher_names[i], r, done) for i, r, done in zip(indices, responses, finished)]
+        alignments = [self.align(self.teacher_names[i], r, done) for i, r, done in zip(indices, responses, rollouts.finished)]
         self.alignment = {**alignment_stats([a for a in alignments if a.aligned]),
                           "unaligned": sum(not a.aligned for a in alignments) / len(alignments)}
         return [TeacherRow(self.teacher_prompts[i], a.teacher_ids) for i, a in zip(indices, alignments)], alignments
@@ -308,24 +308,15 @@ class OPD(Method):
         horizon = self.horizon(step)
         on_policy = self.on_policy(step)
         started = time.perf_counter()
-        if on_policy:
-            responses, finished = self.sample(engine, indices, horizon)
-        else:
-            responses = [self.responses[i][:horizon] for i in indices]
-            finished = [ends_with_eos(r, self.tokenizer) for r in responses]
-        truncated = sum(not done for done in finished) / len(finished) if on_policy else 0.0
+        rollouts = self.rollouts(engine, indices, horizon, on_policy)
         rollout_seconds = time.perf_counter() - started
-        batches = []
-        rows, alignments = self.teacher_rows(indices, responses, finished)
-        for group in chunks(list(range(len(indices))), config.micro_batch_size):
-            # Responses aligned at one index, so only response positions get logits (see response_logits).
-            student = collate([Example(self.student_prompts[indices[j]], responses[j]) for j in group], self.pad_id, align_responses=True)
-            batches.append({**student, "row": torch.tensor(group)})
+        rows, alignments = self.teacher_rows(rollouts)
+        batches = rollouts.micro_batches(config.micro_batch_size, self.pad_id)
         beta = beta_at(step, self.total_steps, default_beta(config.divergence) if config.beta == -1.0 else config.beta, config.beta_end)
         # Sample -> score every frozen model once -> a pure loss per micro-batch: the remote teachers get all the step's
         # rows at once (one round trip of waiting, not one per micro-batch); local ones score per micro-batch (StepScores).
         started = time.perf_counter()
-        scores = self.teachers.for_step(rows, [self.teacher_names[i] for i in indices], top_k=config.top_k,
+        scores = self.teachers.for_step(rows, [self.teacher_names[i] for i in rollouts.rows], top_k=config.top_k,
                                         temperature=config.distill_temperature, step=step)
         teacher_seconds = time.perf_counter() - started
 
@@ -339,10 +330,9 @@ class OPD(Method):
 
         engine.model.train()
         loss = engine.backward_token_mean(batches, loss_sum, response_tokens)
-        lengths = [len(r) for r in responses]
         spans = {f"align_{k}": v for k, v in self.alignment.items() if k in ("shared_boundaries", "mean_teacher_tokens", "unaligned")} if alignments else {}
         return {"loss": loss, **engine.optimizer_step(), "on_policy": float(on_policy), "horizon": float(horizon),
-                "beta": beta, "response_length": sum(lengths) / len(lengths), "truncated": truncated,
+                "beta": beta, "response_length": rollouts.mean_length, "truncated": rollouts.truncated if on_policy else 0.0,
                 "rollout_seconds": rollout_seconds, **spans, **self.remote_metrics(teacher_seconds)}
 
     def remote_metrics(self, teacher_seconds: float) -> dict[str, float]:

@@ -34,11 +34,11 @@ from safetensors.torch import load_file, save_file
 
 from ..checkpoints import checkpoint_dirs
 from ..config import OnPolicyConfig, check_choice, opt
-from ..data import Example, chunks, collate, data_order, fit_prompt, load_records, render_prompt, total_steps_for
+from ..data import Example, chunks, collate, data_order, load_records, prompt_ids, total_steps_for
 from ..engine import Engine
 from ..errors import CheckpointError, ConfigError, DataError
 from ..objectives.subspace import gradient_gram, top_subspace
-from ..rollout import SamplingParams, eos_token_ids, rollout_seeds
+from ..rollout import SamplingParams, eos_token_ids, sample_rollouts
 from ..rollout.projection import captured_kv, kv_modules, projected_kv, sampling_model
 from ..seeds import mix_seed
 from .common import Method, response_nll_sum, response_tokens
@@ -46,6 +46,7 @@ from .common import Method, response_nll_sum, response_tokens
 SUBSPACE_SALT = 0x5BD  # the extraction samples' seeds differ from every training step's
 SUBSPACE_DIR = "spd_subspace"
 LAYERS = re.compile(r"^\d+(-\d+)?$")
+NAMED_LAYERS = ("middle", "last")  # layer ⌊L/2⌋ and layer L−1 of a model of L layers
 
 
 @dataclass
@@ -61,7 +62,8 @@ class SPDConfig(OnPolicyConfig):
     projection_strength: float = opt(1.0, "β in h ← h + β (P h − h), in [0, 1]: 1 replaces each key/value by its projection "
                                           "onto the subspace (the paper's 'projects into'), 0 leaves it unchanged.")
     rank: int = opt(32, "Dimensions r of the subspace per layer and per K/V projection (at most kv_heads × head_dim).")
-    layers: str = opt("all", "Layers whose K/V are projected: all, or indices and ranges, e.g. 0-11 or 4,8,12-15.")
+    layers: str = opt("middle,last", "Layers whose K/V are projected: all, or indices, ranges and the names middle (layer ⌊L/2⌋) "
+                                     "and last (layer L−1), e.g. middle,last (the paper's, as described), 0-11 or 4,8,12-15.")
     kv: str = opt("kv", "Which projections: kv (keys and values, the paper's), k (keys only) or v (values only).")
     subspace_prompts: int = opt(64, "Training prompts (a fixed, seeded choice) the student answers to extract the subspace.")
     subspace_refresh_every: int = opt(0, "Re-extract the subspace from the current weights every N steps (0: once, before the "
@@ -101,14 +103,20 @@ class SPDConfig(OnPolicyConfig):
         return False
 
 
-def parse_layers(spec: str) -> list[int] | None:
-    """`all` -> None; `0-3,8` -> [0, 1, 2, 3, 8]."""
+def parse_layers(spec: str, count: int | None = None) -> list[int] | None:
+    """`all` -> None; `0-3,8` -> [0, 1, 2, 3, 8]; `middle,last` -> [count // 2, count - 1] for a model of `count` layers
+    (without `count`, as when a config is validated before any model is loaded, the names are only checked)."""
     if spec.strip() == "all":
         return None
     chosen: set[int] = set()
     for part in (p.strip() for p in spec.split(",")):
+        if part in NAMED_LAYERS:
+            if count is not None:
+                chosen.add(count // 2 if part == "middle" else count - 1)
+            continue
         if not LAYERS.match(part):
-            raise ConfigError(f"config field `layers`: {part!r} is not a layer index or range", "write all, or e.g. 0-11 or 4,8,12-15")
+            raise ConfigError(f"config field `layers`: {part!r} is not a layer index, range or name",
+                              "write all, middle,last, or e.g. 0-11 or 4,8,12-15")
         first, _, last = part.partition("-")
         if int(last or first) < int(first):
             raise ConfigError(f"config field `layers`: range {part!r} runs backwards", f"write {last}-{first}")
@@ -157,7 +165,7 @@ class SPD(Method):
         self.config = config
         self.tokenizer = tokenizer
         records = load_records(config.data)
-        fitted = [fit_prompt(render_prompt(tokenizer, r.messages), config.max_prompt_tokens, config.overlong) for r in records]
+        fitted = [prompt_ids(tokenizer, r.messages, config.max_prompt_tokens, config.overlong) for r in records]
         self.prompts = [p for p in fitted if p is not None]
         print(f"train: data {config.data}: {len(records)} prompts, {len(records) - len(self.prompts)} skipped as over-long")
         self.order = data_order(config, len(self.prompts))
@@ -178,7 +186,7 @@ class SPD(Method):
         self.eos = eos_token_ids(self.tokenizer, student.generation_config)
         available = kv_modules(student)
         layers = sorted({int(name.split(".")[0]) for name in available})
-        chosen = parse_layers(self.config.layers) or layers
+        chosen = parse_layers(self.config.layers, layers[-1] + 1) or layers
         missing = sorted(set(chosen) - set(layers))
         if missing:
             raise ConfigError(f"config field `layers` names layers the student lacks: {missing} (it has 0-{layers[-1]})",
@@ -234,17 +242,13 @@ class SPD(Method):
         indices = self.order.indices(step, engine.rank, engine.world_size)
         started = time.perf_counter()
         with self.projection(engine):  # the hooks exist only while sampling; the training forward below never sees them
-            samples = engine.sampler.sample([self.prompts[i] for i in indices], self.sampling(),
-                                            seeds=rollout_seeds(config.seed, step, indices))
+            rollouts = sample_rollouts(engine.sampler, self.prompts, indices, self.sampling(), seed=config.seed, step=step)
         rollout_seconds = time.perf_counter() - started
-        pairs = [Example(self.prompts[i], s.response_ids) for i, s in zip(indices, samples)]
-        batches = [collate(group, self.pad_id, align_responses=True) for group in chunks(pairs, config.micro_batch_size)]
+        batches = rollouts.micro_batches(config.micro_batch_size, self.pad_id)
         engine.model.train()
         loss = engine.backward_token_mean(batches, response_nll_sum, response_tokens)
-        lengths = [len(s.response_ids) for s in samples]
-        return {"loss": loss, **engine.optimizer_step(), "response_length": sum(lengths) / len(lengths),
-                "truncated": sum(not s.finished for s in samples) / len(samples), "rollout_seconds": rollout_seconds,
-                **({"subspace_energy": self.energy} if config.projects() else {})}
+        return {"loss": loss, **engine.optimizer_step(), "response_length": rollouts.mean_length, "truncated": rollouts.truncated,
+                "rollout_seconds": rollout_seconds, **({"subspace_energy": self.energy} if config.projects() else {})}
 
     def sampling(self) -> SamplingParams:
         return SamplingParams(self.config.temperature, self.config.top_p, self.config.max_response_tokens)
@@ -260,17 +264,16 @@ class SPD(Method):
         """Sample answers (unprojected) to the subspace prompts, take the gradients of their answer tokens' NLL with
         respect to every chosen K/V projection output, keep each one's top-`rank` directions; save them for a resume."""
         config = self.config
-        seeds = rollout_seeds(mix_seed(config.seed, SUBSPACE_SALT), step, self.subspace_indices)
-        samples = engine.sampler.sample([self.prompts[i] for i in self.subspace_indices], self.sampling(), seeds=seeds)
+        answers = sample_rollouts(engine.sampler, self.prompts, self.subspace_indices, self.sampling(),
+                                  seed=mix_seed(config.seed, SUBSPACE_SALT), step=step)
         examples = []
-        for index, sample in zip(self.subspace_indices, samples):
-            span = answer_span(self.tokenizer, sample.response_ids, self.eos, config.answer_markers, config.answer_max_tokens,
-                               config.answer_tail_tokens)
+        for prompt, response in zip(answers.prompts, answers.responses):
+            span = answer_span(self.tokenizer, response, self.eos, config.answer_markers, config.answer_max_tokens, config.answer_tail_tokens)
             if span is not None:  # the answer is the "response" (its NLL the loss); everything before it is context
                 start, end = span
-                examples.append(Example(self.prompts[index] + sample.response_ids[:start], sample.response_ids[start:end]))
+                examples.append(Example(prompt + response[:start], response[start:end]))
         if not examples:
-            raise DataError(f"step {step}: none of the student's {len(samples)} answers to the subspace prompts contains an answer marker "
+            raise DataError(f"step {step}: none of the student's {len(answers)} answers to the subspace prompts contains an answer marker "
                             f"({', '.join(map(repr, config.answer_markers))}): no correctness-defining tokens to take gradients on",
                             "ask for the marker in the prompts (GSM8K: end with '#### <number>'), change answer_markers, or set "
                             "answer_tail_tokens > 0")
@@ -283,7 +286,7 @@ class SPD(Method):
         self.bases, self.bases_step, self.energy = bases, step, sum(energies) / len(energies)
         if engine.is_main:
             save_subspace(subspace_path(engine.out_dir, step), bases, self.metadata(step))
-        print(f"train: step {step}: SPD subspace from {len(examples)}/{len(samples)} answers; rank {config.rank} holds "
+        print(f"train: step {step}: SPD subspace from {len(examples)}/{len(answers)} answers; rank {config.rank} holds "
               f"{self.energy:.1%} of the answer-gradient energy")
 
     def gradient_grams(self, engine: Engine, examples: list[Example]) -> dict[str, torch.Tensor]:

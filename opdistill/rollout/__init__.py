@@ -2,13 +2,14 @@
 below, in opdistill/logprobs.py (training, teachers, evaluation and the server share them); they are re-exported here
 for the sampler's users.
 
-Imports point one way: ..logprobs <- base (the interface) <- next_token, cache, packed, attention, schedules <- hf, vllm
-<- engines.
+Imports point one way: ..logprobs, ..data <- base (the interface) <- next_token, cache, packed, attention, schedules <-
+batch (the rollout type every method trains on), hf, vllm <- engines.
 Nothing here imports methods, the engine or evaluation.
 """
 
 from ..sampling import SamplingParams
 from .base import Sample, Sampler, eos_token_ids, pack_jobs
+from .batch import Rollouts, data_rollouts, sample_rollouts
 from .engines import ENGINES, make_sampler
 from .hf import HFSampler, sample_batch
 from .next_token import draw, sample_next
@@ -16,6 +17,6 @@ from .schedules import horizon_at, rollout_seeds, row_generator, row_uniforms
 from ..logprobs import (TopLogprobs, entropy_from_logits, last_positions, left_pad, logprobs_of, positions_from_mask, response_logits, response_logprobs,
                       response_targets, token_logprobs, top_k_logprobs)
 
-__all__ = ["ENGINES", "HFSampler", "Sample", "Sampler", "SamplingParams", "TopLogprobs", "draw", "entropy_from_logits", "eos_token_ids", "horizon_at", "last_positions", "left_pad", "logprobs_of",
-           "make_sampler", "pack_jobs", "positions_from_mask", "response_logits", "response_logprobs", "response_targets", "rollout_seeds", "row_generator", "row_uniforms", "sample_batch",
+__all__ = ["ENGINES", "HFSampler", "Rollouts", "Sample", "Sampler", "SamplingParams", "TopLogprobs", "draw", "entropy_from_logits", "eos_token_ids", "horizon_at", "last_positions", "left_pad", "logprobs_of",
+           "data_rollouts", "make_sampler", "pack_jobs", "positions_from_mask", "response_logits", "response_logprobs", "response_targets", "rollout_seeds", "row_generator", "row_uniforms", "sample_batch", "sample_rollouts",
            "sample_next", "token_logprobs", "top_k_logprobs"]
