@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 from typing import Any, Iterator
 
 import torch
@@ -101,6 +102,19 @@ class HFSampler(Sampler):
             model.train(was_training)
 
 
+def cache_keyword(model: Any) -> str:
+    """The forward's name for the KV cache: `cache` from transformers 5.24 (`past_key_values` still works there, with a
+    warning, and goes in 5.40), `past_key_values` before. A PEFT wrapper passes it on to the model it wraps."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
+def returned_cache(out: Any) -> Any:
+    """The KV cache a forward returned, under either name (see cache_keyword)."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
+
+
 @torch.inference_mode()
 def sample_batch(model: Any, prompts: list[list[int]], copies: list[int], params: SamplingParams, pad_id: int, eos: set[int],
                  uniforms: torch.Tensor | None = None, *, check_every: int = 1, preallocate: bool = True,
@@ -115,11 +129,12 @@ def sample_batch(model: Any, prompts: list[list[int]], copies: list[int], params
     ids, prompt_mask = ids.to(device), prompt_mask.to(device)
     prompt_length = ids.shape[1]
     cache = preallocated_cache(model, prompt_length + steps) if preallocate else None
+    cache_key = cache_keyword(model)
 
     # Prefill: each prompt once, then its cache row repeated for its samples.
     out = model(input_ids=ids, attention_mask=prompt_mask, position_ids=positions_from_mask(prompt_mask),
-                past_key_values=cache, use_cache=True, logits_to_keep=last_positions(1, prompt_length, device))
-    cache = out.past_key_values
+                use_cache=True, logits_to_keep=last_positions(1, prompt_length, device), **{cache_key: cache})
+    cache = returned_cache(out)
     rows = torch.repeat_interleave(torch.arange(len(prompts), device=device), torch.tensor(copies, device=device))
     select_rows(cache, rows)
     logits = out.logits[rows, -1]
@@ -156,7 +171,7 @@ def sample_batch(model: Any, prompts: list[list[int]], copies: list[int], params
                 select_rows(cache, keep)
                 active, token, running, position, attention = active[keep], token[keep], running[keep], position[keep], attention[keep]
         out = model(input_ids=token.unsqueeze(1), attention_mask=attention[:, : prompt_length + step + 1],
-                    position_ids=position.unsqueeze(1), past_key_values=cache, use_cache=True)
+                    position_ids=position.unsqueeze(1), use_cache=True, **{cache_key: cache})
         logits = out.logits[:, -1]
         position = position + 1
     token_rows, logprob_rows, length_list = tokens.tolist(), logprobs.tolist(), lengths.tolist()
