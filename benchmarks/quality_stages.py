@@ -98,13 +98,15 @@ class Stages:
             return
         marker = self.marker(name)
         previous = json.loads(marker.read_text()) if marker.is_file() else None
-        if wipe_on_change and previous and (previous.get("key") != key or "finished" in previous):
+        inputs = {d: self.finished(d) for d in deps}  # which run of each input this attempt reads
+        if wipe_on_change and previous and (previous.get("key") != key or "finished" in previous or previous.get("inputs") != inputs):
             # Its outputs (a teacher store, a training run) came from other settings or from inputs that have been
-            # redone since: resuming them would mix the two. An interrupted attempt with the same settings resumes.
+            # redone since: resuming them would mix the two. An interrupted attempt with the same settings and the
+            # same inputs resumes.
             say(f"stage {name}: its settings or inputs changed since its last run, starting it over")
             shutil.rmtree(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        marker.write_text(json.dumps({"key": key}, indent=2))
+        marker.write_text(json.dumps({"key": key, "inputs": inputs}, indent=2))
         say(f"stage {name}: running")
         started = time.monotonic()
         completed = False
@@ -117,7 +119,7 @@ class Stages:
             with open(self.out / "timings.jsonl", "a", encoding="utf-8") as log:
                 log.write(json.dumps({"stage": name, "seconds": seconds, "completed": completed, "time": time.time()}) + "\n")
             gc.collect()  # the stage's models go before the next stage loads its own
-        marker.write_text(json.dumps({"key": key, "info": info, "seconds": seconds, "finished": time.time()}, indent=2))
+        marker.write_text(json.dumps({"key": key, "inputs": inputs, "info": info, "seconds": seconds, "finished": time.time()}, indent=2))
         say(f"stage {name}: done in {seconds:.0f} s")
 
     def info(self, name: str) -> dict[str, Any]:

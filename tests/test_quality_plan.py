@@ -67,3 +67,35 @@ def test_a_finished_stage_is_skipped_when_rerun_with_the_same_settings(tmp_path:
     assert len(calls) == 1 and Stages(tmp_path).info("collect") == {"made": True}
     Stages(tmp_path).run("collect", {**key, "limits": (16, 64)}, [], work)  # new settings: redone
     assert len(calls) == 2
+
+
+def test_an_interrupted_stage_starts_over_when_its_input_was_redone_meanwhile(tmp_path: Path) -> None:
+    """A training stage cut off mid-run resumes its own partial output, unless the stage it reads (the teacher's texts)
+    was redone in between: then its partial run came from the old texts and is wiped (it used to resume them)."""
+    import pytest
+    from quality_stages import Stages
+
+    def collect(directory: Path) -> dict:
+        (directory / "texts.txt").write_text(str(len(list(tmp_path.glob("*/done.json")))))
+        return {}
+
+    def interrupted(directory: Path) -> dict:
+        (directory / "partial").write_text("trained on the first texts")
+        raise KeyboardInterrupt
+
+    seen = []
+
+    def train(directory: Path) -> dict:
+        seen.append((directory / "partial").exists())
+        return {}
+
+    Stages(tmp_path).run("collect", {"n": 1}, [], collect)
+    with pytest.raises(KeyboardInterrupt):
+        Stages(tmp_path).run("train", {"steps": 2}, ["collect"], interrupted)
+    Stages(tmp_path).run("train", {"steps": 2}, ["collect"], train)  # same inputs: resumes its partial output
+    assert seen == [True]
+    with pytest.raises(KeyboardInterrupt):
+        Stages(tmp_path).run("train", {"steps": 3}, ["collect"], interrupted)
+    Stages(tmp_path).run("collect", {"n": 2}, [], collect)  # the input is redone while train is unfinished
+    Stages(tmp_path).run("train", {"steps": 3}, ["collect"], train)
+    assert seen == [True, False]
