@@ -53,8 +53,8 @@ NAMED_LAYERS = ("middle", "last")  # layer ⌊L/2⌋ and layer L−1 of a model 
 class SPDConfig(OnPolicyConfig):
     """Self-Policy Distillation (arXiv 2605.22675): project the student's keys/values into a capability subspace from its
     own answer-token gradients while it samples, then fine-tune it on those raw samples with next-token cross-entropy.
-    The paper's abstract fixes the three stages; rank, strength, layers and the marker tokens are this implementation's
-    choices (docs/spd.md)."""
+    docs/spd.md says which choices follow the paper (the full projection on the middle and last layers) and which are
+    this implementation's (the rank, the marker tokens, extraction from the student's own answers)."""
 
     method: str = opt("spd", "Training method.")
     lr: float = opt(1e-5, "Student learning rate.")
