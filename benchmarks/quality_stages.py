@@ -20,7 +20,10 @@ def say(message: str) -> None:
 
 
 def read_json_lines(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    """The objects of a .jsonl file (opdistill's reader: a bad line is an error naming the file and line)."""
+    from opdistill.fileio import read_jsonl
+
+    return [row for _, row in read_jsonl(path)]
 
 
 def write_json_lines(path: Path, rows: list[dict[str, Any]]) -> None:
