@@ -327,8 +327,9 @@ def fit_prompt(ids: list[int], max_tokens: int, policy: str) -> list[int] | None
 
 
 def prompt_ids(tokenizer: Any, messages: list[dict[str, str]], max_tokens: int, overlong: str) -> list[int] | None:
-    """The one way a method turns a conversation into the prompt it samples or scores with: the tokenizer's chat
-    template (render_prompt), then the over-long policy (fit_prompt); None when the policy drops it."""
+    """How an on-policy method turns a conversation into the prompt it samples or scores with: the tokenizer's chat
+    template (render_prompt), then the over-long policy (fit_prompt); None when the policy drops it. tokenize_records
+    (records with responses) applies the same two in turn, keeping the unfitted length for its report."""
     return fit_prompt(render_prompt(tokenizer, messages), max_tokens, overlong)
 
 

@@ -110,7 +110,7 @@ def test_rollouts_keep_each_response_with_its_prompt_and_data_row(tiny_model):
     assert both.truncated == sum(not ended for ended in both.finished) / 4
     assert both.finished_mask().tolist() == [float(ended) for ended in both.finished]
     batches = both.micro_batches(3, tokenizer.pad_token_id)
-    assert [b["row"].tolist() for b in batches] == [[0, 1, 2], [3]]
+    assert [b["rollout"].tolist() for b in batches] == [[0, 1, 2], [3]]
     assert int(sum(b["loss_mask"][:, 1:].sum() for b in batches)) == sum(both.lengths)
     given = data_rollouts(table, [1], [[5, 6, 7]], [False])
     assert given.prompts == [table[1]] and given.logprobs == [[]] and given.truncated == 1.0 and given.mean_length == 3.0

@@ -103,7 +103,8 @@ def test_the_answer_tokens_follow_the_last_marker_and_exclude_eos(tiny_model):
 
 def test_config_checks_name_the_field():
     assert parse_layers("all") is None and parse_layers("0-2, 5") == [0, 1, 2, 5]
-    assert parse_layers("middle,last", 24) == [12, 23] and parse_layers("middle,last", 2) == [1] and parse_layers("0,last", 30) == [0, 29]
+    assert parse_layers("middle,last", list(range(24))) == [12, 23] and parse_layers("middle,last", [0, 1]) == [1]
+    assert parse_layers("0,last", list(range(30))) == [0, 29] and parse_layers("middle", [0, 3, 5, 7]) == [5]  # of the K/V layers
     for bad, field in (("projection_strength=1.5", "projection_strength"), ("rank=0", "rank"), ("layers=3-1", "layers"),
                        ("layers=x", "layers"), ("kv=q", "kv"), ("rollout_engine=vllm", "rollout_engine"),
                        ("subspace_refresh_every=-1", "subspace_refresh_every")):
@@ -214,3 +215,23 @@ def test_kill_9_then_resume_with_a_refreshed_subspace_gives_the_same_weights(tin
     assert metric_lines(out) == [{**a, "step_seconds": b["step_seconds"], "rollout_seconds": b["rollout_seconds"]}
                                  for a, b in zip(metric_lines(straight), metric_lines(out))], "the same metrics, each step once"
     assert [line["step"] for line in metric_lines(out)] == list(range(1, 9))
+
+
+def test_a_resume_refuses_a_subspace_of_other_layers(tiny_model, selfinstruct, tmp_path):
+    """A run started with `layers: all` (the default of an earlier release) and resumed with `middle,last` would project
+    other layers than the saved subspace covers: refused, naming the settings that resume it."""
+    from types import SimpleNamespace
+
+    from opdistill.errors import CheckpointError
+    from opdistill.methods.spd import save_subspace, subspace_path
+
+    config = load_config(None, spd_overrides(tiny_model, selfinstruct, tmp_path, layers="middle,last", subspace_refresh_every=0), method="spd")
+    method = SPD(config, load_tokenizer(str(tiny_model)))
+    method.names = ["1.k", "1.v"]  # what setup resolves middle,last to on the 2-layer model
+    bases = {name: torch.eye(8)[:, :4] for name in ("0.k", "0.v", "1.k", "1.v")}
+    save_subspace(subspace_path(tmp_path, 0), bases, {**method.metadata(0), "layers": "all"})
+    with pytest.raises(CheckpointError, match="(?s)layers .all. at rank 4.*resume with layers=all rank=4"):
+        method.on_resume(SimpleNamespace(step=2, out_dir=tmp_path))
+    save_subspace(subspace_path(tmp_path, 0), {name: bases[name] for name in method.names}, method.metadata(0))
+    method.on_resume(SimpleNamespace(step=2, out_dir=tmp_path))  # the same layers and rank: loaded
+    assert sorted(method.bases) == ["1.k", "1.v"]

@@ -251,7 +251,7 @@ class CoD(Method):
 
         def loss_sum(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
             learner_logits = response_logits(model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"])[:, : self.vocab]
-            rows = batch["row"].tolist()
+            rows = batch["rollout"].tolist()
             responses = [rollouts.responses[j] for j in rows]
             problem = tutor.score([TeacherRow(self.tutor_prompts[data_rows[j]], r) for j, r in zip(rows, responses)]).logits
             free = tutor.score([TeacherRow(self.free_prompts[tutor_name], r) for r in responses]).logits if c.anchor else problem

@@ -282,7 +282,7 @@ class GAD(Method):
         d_metrics, rewards = self.discriminator_update(engine, rollouts, train=not config.freeze_discriminator)
         advantages = group_advantages(rewards).view(-1)
         if config.truncated_rollouts == "mask":
-            advantages = advantages * rollouts.finished_mask()  # a cut sample's reward judges an answer it never finished
+            advantages = advantages * rollouts.finished_mask().to(advantages.device)  # a cut sample's reward judges an answer it never finished
 
         engine.model.train()
         stats = {"clipped": 0.0, "kl": 0.0, "entropy": 0.0}

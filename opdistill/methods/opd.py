@@ -322,7 +322,7 @@ class OPD(Method):
 
         def loss_sum(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
             student_logits = response_logits(model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"])[:, : self.vocab]
-            group = batch["row"].tolist()
+            group = batch["rollout"].tolist()
             teacher = scores.select(group)
             if alignments:
                 return self.span_losses(student_logits, teacher.to(student_logits.device), batch, [alignments[j] for j in group]).sum()

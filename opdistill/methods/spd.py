@@ -46,7 +46,7 @@ from .common import Method, response_nll_sum, response_tokens
 SUBSPACE_SALT = 0x5BD  # the extraction samples' seeds differ from every training step's
 SUBSPACE_DIR = "spd_subspace"
 LAYERS = re.compile(r"^\d+(-\d+)?$")
-NAMED_LAYERS = ("middle", "last")  # layer ⌊L/2⌋ and layer L−1 of a model of L layers
+NAMED_LAYERS = ("middle", "last")  # the middle and the last of the layers that have K/V projections
 
 
 @dataclass
@@ -103,16 +103,17 @@ class SPDConfig(OnPolicyConfig):
         return False
 
 
-def parse_layers(spec: str, count: int | None = None) -> list[int] | None:
-    """`all` -> None; `0-3,8` -> [0, 1, 2, 3, 8]; `middle,last` -> [count // 2, count - 1] for a model of `count` layers
-    (without `count`, as when a config is validated before any model is loaded, the names are only checked)."""
+def parse_layers(spec: str, available: list[int] | None = None) -> list[int] | None:
+    """`all` -> None; `0-3,8` -> [0, 1, 2, 3, 8]; `middle,last` -> the middle and the last of the `available` layers (those
+    with K/V projections). Without `available`, as when a config is validated before any model is loaded, the names are
+    only checked."""
     if spec.strip() == "all":
         return None
     chosen: set[int] = set()
     for part in (p.strip() for p in spec.split(",")):
         if part in NAMED_LAYERS:
-            if count is not None:
-                chosen.add(count // 2 if part == "middle" else count - 1)
+            if available:
+                chosen.add(available[len(available) // 2] if part == "middle" else available[-1])
             continue
         if not LAYERS.match(part):
             raise ConfigError(f"config field `layers`: {part!r} is not a layer index, range or name",
@@ -186,7 +187,7 @@ class SPD(Method):
         self.eos = eos_token_ids(self.tokenizer, student.generation_config)
         available = kv_modules(student)
         layers = sorted({int(name.split(".")[0]) for name in available})
-        chosen = parse_layers(self.config.layers, layers[-1] + 1) or layers
+        chosen = parse_layers(self.config.layers, layers) or layers
         missing = sorted(set(chosen) - set(layers))
         if missing:
             raise ConfigError(f"config field `layers` names layers the student lacks: {missing} (it has 0-{layers[-1]})",
@@ -208,9 +209,16 @@ class SPD(Method):
         if not path.is_file():
             raise CheckpointError(f"resuming at step {engine.step} needs the SPD subspace of step {extracted}, {path}, which is missing",
                                   "restore that file, or start over with resume=false")
-        self.bases, self.bases_step = load_file(str(path)), extracted
+        bases = load_file(str(path))
         with safe_open(str(path), "pt") as handle:
-            self.energy = float(handle.metadata()["energy"])  # the logged subspace_energy continues as if never stopped
+            metadata = handle.metadata()
+        if sorted(bases) != sorted(self.names) or metadata.get("rank") != str(self.config.rank):
+            # e.g. a run started when `layers` defaulted to all, resumed by a release whose default is middle,last
+            raise CheckpointError(f"{path} holds the subspace of layers {metadata.get('layers')!r} at rank {metadata.get('rank')}, "
+                                  f"but this run projects layers {self.config.layers!r} at rank {self.config.rank}",
+                                  f"resume with layers={metadata.get('layers')} rank={metadata.get('rank')}, or start over with resume=false")
+        self.bases, self.bases_step = bases, extracted
+        self.energy = float(metadata["energy"])  # the logged subspace_energy continues as if never stopped
 
     def prune_subspaces(self, out_dir: Path) -> None:
         """After a checkpoint: subspaces older than the one the oldest kept checkpoint resumes with can go."""
@@ -267,11 +275,12 @@ class SPD(Method):
         answers = sample_rollouts(engine.sampler, self.prompts, self.subspace_indices, self.sampling(),
                                   seed=mix_seed(config.seed, SUBSPACE_SALT), step=step)
         examples = []
-        for prompt, response in zip(answers.prompts, answers.responses):
-            span = answer_span(self.tokenizer, response, self.eos, config.answer_markers, config.answer_max_tokens, config.answer_tail_tokens)
+        for answer in answers.examples:
+            span = answer_span(self.tokenizer, answer.response_ids, self.eos, config.answer_markers, config.answer_max_tokens,
+                               config.answer_tail_tokens)
             if span is not None:  # the answer is the "response" (its NLL the loss); everything before it is context
                 start, end = span
-                examples.append(Example(prompt + response[:start], response[start:end]))
+                examples.append(Example(answer.prompt_ids + answer.response_ids[:start], answer.response_ids[start:end]))
         if not examples:
             raise DataError(f"step {step}: none of the student's {len(answers)} answers to the subspace prompts contains an answer marker "
                             f"({', '.join(map(repr, config.answer_markers))}): no correctness-defining tokens to take gradients on",

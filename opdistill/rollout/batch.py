@@ -66,10 +66,10 @@ class Rollouts:
 
     def micro_batches(self, size: int, pad_id: int) -> list[dict[str, torch.Tensor]]:
         """The responses collated `size` at a time with their prompts, responses aligned at one index (only response
-        positions then reach the LM head: logprobs.response_logits); `row` holds each sequence's response index, so a
-        loss can look up what was scored for it."""
+        positions then reach the LM head: logprobs.response_logits); `rollout` holds each sequence's index among the
+        responses (not its data row: `rows`), so a loss can look up what was scored for it."""
         examples = self.examples
-        return [{**collate([examples[j] for j in group], pad_id, align_responses=True), "row": torch.tensor(group)}
+        return [{**collate([examples[j] for j in group], pad_id, align_responses=True), "rollout": torch.tensor(group)}
                 for group in chunks(list(range(len(examples))), size)]
 
 

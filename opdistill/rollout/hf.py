@@ -104,9 +104,22 @@ class HFSampler(Sampler):
 
 def cache_keyword(model: Any) -> str:
     """The forward's name for the KV cache: `cache` from transformers 5.24 (`past_key_values` still works there, with a
-    warning, and goes in 5.40), `past_key_values` before. A PEFT wrapper passes it on to the model it wraps."""
+    warning, and goes in 5.40), `past_key_values` before. A PEFT wrapper passes it on to the model it wraps, a compiled
+    model to its original; a forward that names neither (`*args, **kwargs`) gets the installed version's name."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+    base = getattr(base, "_orig_mod", base)
+    parameters = inspect.signature(base.forward).parameters
+    for name in ("cache", "past_key_values"):
+        if name in parameters:
+            return name
+    return "cache" if transformers_at_least("5.24") else "past_key_values"
+
+
+def transformers_at_least(version: str) -> bool:
+    import transformers
+    from packaging.version import Version
+
+    return Version(transformers.__version__) >= Version(version)
 
 
 def returned_cache(out: Any) -> Any:
