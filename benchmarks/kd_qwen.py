@@ -34,7 +34,7 @@ SHARED = ROOT.parent / "shared" / "data"
 # steps x batch texts trained on (each cut to `tokens` trained tokens); `held_out` texts per NLL set; `eval_items` GSM8K
 # test problems answered greedily with `eval_tokens` new tokens.
 SIZES = {
-    "cpu": dict(steps=6, batch=8, micro=4, tokens=128, lr="1e-4", held_out=24, eval_items=30, eval_tokens=256, precision="fp32"),
+    "cpu": dict(steps=5, batch=8, micro=4, tokens=128, lr="1e-4", held_out=24, eval_items=30, eval_tokens=256, precision="fp32"),
     "gpu": dict(steps=200, batch=16, micro=8, tokens=256, lr="1e-4", held_out=500, eval_items=1319, eval_tokens=384, precision="bf16"),
 }
 

@@ -215,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--precision", choices=["auto", "bf16", "fp32"], default=defaults.precision,
                    help="collection, training and evaluation precision (default auto: bf16 where the CPU or GPU has native bf16)")
     numbers = [("train_prompts", int, "built-in train prompts to collect"), ("heldout_prompts", int, "built-in held-out prompts to evaluate"),
-               ("max_new_tokens", int, "response length for collection and training; evaluation runs at twice this"),
+               ("max_new_tokens", int, "response length for collection and training; evaluation runs at three times this"),
                ("unfinished", str, "teacher answers that did not end within --max-new-tokens: drop, or keep them without EOS"),
                ("batch_size", int, "prompts per training step"), ("lr", float, "student learning rate"),
                ("warmup_steps", int, "GAD warm-up steps (SeqKD + discriminator)"), ("d_only_steps", int, "warm-up steps where only the discriminator trains"),

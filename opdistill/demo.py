@@ -23,6 +23,7 @@ from .teachers.collect import CollectOptions, collect
 DEFAULT_SYSTEM = "Always respond in French."
 MODEL = "smollm2-135m-instruct"
 TEACHER_ROW = "teacher (with system prompt)"
+EVAL_LENGTH_FACTOR = 3  # evaluation's new tokens per training token: does a student stop, and without looping, when it may go on?
 BASE_ROW = "student before (base)"
 
 
@@ -34,7 +35,7 @@ class DemoOptions:
     model: str = MODEL
     train_prompts: int = 96
     heldout_prompts: int = 40
-    max_new_tokens: int = 32  # collection and training; evaluation runs at twice this
+    max_new_tokens: int = 32  # collection and training; evaluation runs at EVAL_LENGTH_FACTOR times this
     # Teacher answers that did not end within max_new_tokens: keep them, without an EOS, or drop them. At 32 tokens the
     # French-prompted SmolLM2 finishes 4 of 96 answers, so dropping would leave 4 texts: the demo keeps them, and its
     # students rarely stop (docs/demo.md has the EOS rates); --max-new-tokens 128 --unfinished drop trains on endings.
@@ -161,9 +162,11 @@ def run_demo(opts: DemoOptions) -> dict:
     shutil.rmtree(student_dir, ignore_errors=True)
     shutil.copytree(run_dir / "student", student_dir)
 
-    # Twice the training limit: a student that learned to stop ends within it; one that did not shows as a low EOS rate.
-    eval_tokens = 2 * opts.max_new_tokens
-    _say(f"3/3 evaluating on {opts.heldout_prompts} held-out prompts (greedy, {eval_tokens} new tokens, twice the training limit)")
+    # Three times the training limit: a student that learned to stop ends within it; one that did not shows as a low EOS
+    # rate, and one that loops as a high 4-gram repetition.
+    eval_tokens = EVAL_LENGTH_FACTOR * opts.max_new_tokens
+    _say(f"3/3 evaluating on {opts.heldout_prompts} held-out prompts (greedy, {eval_tokens} new tokens, "
+         f"{EVAL_LENGTH_FACTOR}x the training limit)")
     rows = {TEACHER_ROW: opts.model, BASE_ROW: opts.model, **{name: str(path) for name, path in trained_rows(opts, run_dir).items()}}
     evaluation = run_eval(EvalOptions(
         models=[f"{name}={path}" for name, path in rows.items()], systems=[f"{TEACHER_ROW}={opts.system}"],
