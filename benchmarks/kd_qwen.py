@@ -2,7 +2,7 @@
 Qwen2.5-Coder-0.5B-Instruct as the teacher of the larger Qwen2.5-Coder-1.5B-Instruct (LoRA), kd_weight (the paper's α)
 swept at equal tokens on GSM8K train texts (plain text records, no chat template).
 
-    .venv/bin/python benchmarks/kd_qwen.py --size cpu --out runs/kd-qwen      # ./setup.sh --models first; about 1 hour on 2 cores
+    .venv/bin/python benchmarks/kd_qwen.py --size cpu --out runs/kd-qwen      # ./setup.sh --models first; about 40 minutes on 2 cores
     .venv/bin/python benchmarks/kd_qwen.py --size gpu --out runs/kd-qwen-gpu  # one GPU
 
 Every student starts from the same weights and sees the same texts in the same order; only α differs. Measured:
@@ -34,16 +34,20 @@ SHARED = ROOT.parent / "shared" / "data"
 # steps x batch texts trained on (each cut to `tokens` trained tokens); `held_out` texts per NLL set; `eval_items` GSM8K
 # test problems answered greedily with `eval_tokens` new tokens.
 SIZES = {
-    "cpu": dict(steps=5, batch=8, micro=4, tokens=128, lr="1e-4", held_out=24, eval_items=30, eval_tokens=256, precision="fp32"),
+    "cpu": dict(steps=3, batch=8, micro=4, tokens=128, lr="1e-4", held_out=16, eval_items=20, eval_tokens=256, precision="fp32"),
     "gpu": dict(steps=200, batch=16, micro=8, tokens=256, lr="1e-4", held_out=500, eval_items=1319, eval_tokens=384, precision="bf16"),
 }
 
 
 def train_run(out: Path, data: Path, student: str, teacher: str, weight: float, size: dict, seed: int) -> Path:
+    """Train one student (skipped when its run finished before; an interrupted one resumes from its last checkpoint)."""
+    if (out / "summary.json").is_file() and (out / "student" / "config.json").is_file():
+        print(f"kd_qwen: {out} finished before, reused")
+        return out / "student"
     values = {"method": "kd", "student": student, "teacher": teacher, "kd_weight": weight, "divergence": "fkl",
               "data": f"{data / 'gsm8k_train.jsonl'}[:{size['steps'] * size['batch']}]", "out_dir": str(out), "lora_r": 16,
               "max_steps": size["steps"], "batch_size": size["batch"], "micro_batch_size": size["micro"], "lr": size["lr"],
-              "max_response_tokens": size["tokens"], "precision": size["precision"], "checkpoint_every": 0, "warmup_ratio": 0,
+              "max_response_tokens": size["tokens"], "precision": size["precision"], "checkpoint_every": 1, "keep_checkpoints": 1, "warmup_ratio": 0,
               "seed": seed}
     subprocess.run([sys.executable, "-m", "opdistill", "train", *[f"{k}={v}" for k, v in values.items()]], check=True, cwd=ROOT)
     return out / "student"

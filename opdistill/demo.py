@@ -1,6 +1,6 @@
 """`opdistill demo`: the built-in end-to-end job on one small machine.
 
-Teacher: SmolLM2-135M-Instruct with a privileged system prompt (default "Always respond in French.").
+Teacher: SmolLM2-135M-Instruct with a privileged system prompt (default "Always respond in French, in one short sentence.").
 Student: the same model without it. Context distillation, black-box: the student only ever sees the
 teacher's text. Steps: collect teacher texts on the built-in train prompts -> train (GAD: warm-up, then
 adversarial steps; or SeqKD alone) -> evaluate the teacher, the base student and every trained student on
@@ -20,7 +20,7 @@ from typing import Any, Callable
 from .config import build_config
 from .teachers.collect import CollectOptions, collect
 
-DEFAULT_SYSTEM = "Always respond in French."
+DEFAULT_SYSTEM = "Always respond in French, in one short sentence."  # brief: many of its answers end, so students learn to stop
 MODEL = "smollm2-135m-instruct"
 TEACHER_ROW = "teacher (with system prompt)"
 EVAL_LENGTH_FACTOR = 3  # evaluation's new tokens per training token: does a student stop, and without looping, when it may go on?
@@ -35,11 +35,11 @@ class DemoOptions:
     model: str = MODEL
     train_prompts: int = 96
     heldout_prompts: int = 40
-    max_new_tokens: int = 32  # collection and training; evaluation runs at EVAL_LENGTH_FACTOR times this
-    # Teacher answers that did not end within max_new_tokens: keep them, without an EOS, or drop them. At 32 tokens the
-    # French-prompted SmolLM2 finishes 4 of 96 answers, so dropping would leave 4 texts: the demo keeps them, and its
-    # students rarely stop (docs/demo.md has the EOS rates); --max-new-tokens 128 --unfinished drop trains on endings.
-    unfinished: str = "keep"
+    max_new_tokens: int = 48  # collection and training; evaluation runs at EVAL_LENGTH_FACTOR times this
+    # Teacher answers that did not end within max_new_tokens: drop them (the default) or keep them without an EOS. Students
+    # trained on cut texts never learn to stop and loop when allowed to go on (docs/demo.md); the brief system prompt
+    # ends about a quarter of the teacher's answers within 48 tokens, and those are what the students learn from.
+    unfinished: str = "drop"
     batch_size: int = 4
     lr: float = 2e-5
     # GAD

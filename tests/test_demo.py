@@ -25,7 +25,7 @@ def test_the_demo_configs_are_valid(method, tmp_path):
 
 def test_gad_demo_on_a_tiny_model_writes_metrics_generations_report_and_student(tiny_model, tmp_path, capsys):
     opts = DemoOptions(out=str(tmp_path / "demo"), model=str(tiny_model), train_prompts=8, heldout_prompts=4, max_new_tokens=8,
-                       batch_size=2, warmup_steps=3, d_only_steps=1, gad_steps=2, n_samples=2, discriminator_layers=1)
+                       unfinished="keep", batch_size=2, warmup_steps=3, d_only_steps=1, gad_steps=2, n_samples=2, discriminator_layers=1)
     metrics = run_demo(opts)
     out = tmp_path / "demo"
     rows = [TEACHER_ROW, BASE_ROW, "student after warm-up (SeqKD only)", "student after GAD"]
