@@ -27,6 +27,7 @@ import torch
 from opdistill.data import chunks, collate, load_records, tokenize_records
 from opdistill.logprobs import response_logprobs
 from opdistill.models import load_model, load_tokenizer
+from spd_gsm8k import evaluate as gsm8k_accuracy  # the same `opdistill eval --suite gsm8k` call and its result
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
@@ -81,15 +82,6 @@ def paired_bootstrap(x: list[tuple[float, int]], y: list[tuple[float, int]], res
         differences.append(per_token([x[i] for i in picks]) - per_token([y[i] for i in picks]))
     differences.sort()
     return per_token(x) - per_token(y), differences[int(0.025 * resamples)], differences[int(0.975 * resamples) - 1]
-
-
-def gsm8k_accuracy(out: Path, models: dict[str, str], size: dict, shared: Path) -> dict:
-    command = [sys.executable, "-m", "opdistill", "eval", *[f"--model={label}={path}" for label, path in models.items()],
-               f"--suite=gsm8k[0:{size['eval_items']}]", f"--data-dir={shared}", f"--max-new-tokens={size['eval_tokens']}",
-               "--temperature=0", "--no-embeddings", "--no-progress", f"--precision={size['precision']}", f"--out={out}"]
-    subprocess.run(command, check=True, cwd=ROOT)
-    metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
-    return next(s for s in metrics["sets"].values() if s.get("suite") == "gsm8k")
 
 
 def main() -> None:
