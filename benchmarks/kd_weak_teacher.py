@@ -23,10 +23,9 @@ from pathlib import Path
 import torch
 
 from opdistill.config import load_config
-from opdistill.data import chunks, collate, load_records, tokenize_records
+from kd_qwen import per_token, text_nlls  # the per-text NLL both KD benchmarks report
 from opdistill.methods import train
-from opdistill.methods.common import response_nll_sum, response_tokens
-from opdistill.models import load_model, load_tokenizer
+from opdistill.models import load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 CHATML = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endfor %}"
@@ -59,17 +58,9 @@ def build_model(out: Path, texts: list[str], hidden: int, layers: int, seed: int
     return out
 
 
-@torch.no_grad()
 def held_out_nll(model_dir: Path, data: str, max_tokens: int) -> float:
     """Mean NLL per trained token of `data` (plain texts: every token after the first) under a saved model."""
-    tokenizer, model = load_tokenizer(str(model_dir)), load_model(str(model_dir)).eval()
-    examples, _ = tokenize_records(tokenizer, load_records(data, plain_text=True), 512, max_tokens, "truncate")
-    total = count = 0.0
-    for group in chunks(examples, 16):
-        batch = collate(group, tokenizer.pad_token_id)
-        total += float(response_nll_sum(model, batch))
-        count += response_tokens(batch)
-    return total / count
+    return per_token(text_nlls(str(model_dir), data, max_tokens))
 
 
 def main() -> None:
