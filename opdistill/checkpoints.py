@@ -1,7 +1,9 @@
 """Training checkpoints: atomic writes, the latest complete one, exact resume.
 
 A checkpoint is `out_dir/checkpoints/step-NNNNNN/`: accelerate's state (model, optimizer, schedule, RNG) plus
-`trainer_state.json`, written last. It is written to a temp directory, fsynced and renamed into place, so a
+`trainer_state.json`, written last. Of a model it holds what training changes: frozen parameters (a LoRA model's
+base weights) are rebuilt from the model's source at resume, so they are not written (for a 1.5B LoRA student that
+is 6 GB of disk per checkpoint, and the same again in memory while safetensors serialises it). It is written to a temp directory, fsynced and renamed into place, so a
 crash leaves either the old checkpoints or the new one; one without the state file is incomplete and ignored.
 The data position is the step number alone (data.StepOrder), so nothing else needs saving.
 """
@@ -16,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from safetensors import SafetensorError
+
+from safetensors import safe_open
 
 from .errors import CheckpointError
 from .fileio import fsync_tree
@@ -37,6 +41,41 @@ def checkpoint_dirs(out_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
 
 
+def frozen_parameter_names(model: Any) -> set[str]:
+    """State-dict keys of the parameters training never changes (tied weights under every name they have)."""
+    return {name for name, param in model.named_parameters(remove_duplicate=False) if not param.requires_grad}
+
+
+def drop_frozen(models: list[Any], weights: list[dict[str, Any]], output_dir: str) -> None:
+    """accelerate's save-state hook: leave each model's frozen parameters out of its saved state."""
+    for model, state in zip(models, weights):
+        for name in frozen_parameter_names(model):
+            state.pop(name, None)
+
+
+def model_state_file(directory: Path, index: int) -> Path:
+    """Where accelerate writes the state of its index-th prepared model."""
+    return directory / ("model.safetensors" if index == 0 else f"model_{index}.safetensors")
+
+
+def check_model_states(models: list[Any], directory: Path) -> None:
+    """Each saved model state must hold every trained parameter of its model and nothing the model lacks; frozen
+    parameters may be absent (they keep the values the model was built with). Loading is then non-strict safely."""
+    for index, model in enumerate(models):
+        path = model_state_file(directory, index)
+        if not path.is_file():
+            raise CheckpointError(f"{path} is missing", "the checkpoint is incomplete; delete it to resume from the one before, or resume=false")
+        with safe_open(str(path), framework="pt") as saved:
+            keys = set(saved.keys())
+        expected = set(model.state_dict().keys())
+        missing = sorted(expected - frozen_parameter_names(model) - keys)
+        unknown = sorted(keys - expected)
+        if missing or unknown:
+            detail = f"missing {missing[:3]}" if missing else f"holds parameters the model lacks: {unknown[:3]}"
+            raise CheckpointError(f"cannot resume from {directory}: {path.name} {detail}",
+                                  "the checkpoint was written for another model or LoRA setting; use another out_dir or resume=false")
+
+
 def save_checkpoint(accelerator: Any, out_dir: Path, step: int, total_steps: int, method: str, keep: int) -> Path:
     """Write the checkpoint of `step` atomically and keep the newest `keep` (all processes call it)."""
     root = out_dir / "checkpoints"
@@ -47,7 +86,11 @@ def save_checkpoint(accelerator: Any, out_dir: Path, step: int, total_steps: int
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
     try:
-        accelerator.save_state(str(tmp), safe_serialization=True)
+        hook = accelerator.register_save_state_pre_hook(drop_frozen)
+        try:
+            accelerator.save_state(str(tmp), safe_serialization=True)
+        finally:
+            hook.remove()
         if main:
             (tmp / STATE_FILE).write_text(json.dumps({"step": step, "total_steps": total_steps, "method": method, "time": time.time()}))
             fsync_tree(tmp)
@@ -79,9 +122,12 @@ def load_latest_checkpoint(accelerator: Any, out_dir: Path, method: str) -> int 
     state = json.loads((latest / STATE_FILE).read_text())
     if state.get("method") != method:
         raise CheckpointError(f"{latest} was written by method {state.get('method')!r}, not {method!r}", "use another out_dir, or resume=false")
+    hook = accelerator.register_load_state_pre_hook(lambda models, directory: check_model_states(models, Path(directory)))
     try:
-        accelerator.load_state(str(latest))
+        accelerator.load_state(str(latest), strict=False)  # frozen parameters are not in the file: check_model_states
     except (RuntimeError, KeyError, ValueError, OSError, SafetensorError) as err:
         raise CheckpointError(f"cannot resume from {latest}: {str(err).splitlines()[0]}",
                               "the checkpoint does not match this model/config; use another out_dir or resume=false") from None
+    finally:
+        hook.remove()
     return int(state["step"])

@@ -4,13 +4,16 @@ saving reloads onto the base, and the discriminator is saved merged."""
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
 from opdistill.config import load_config
 from opdistill.discriminator import WEIGHTS, load_discriminator
+from opdistill.errors import CheckpointError
 from opdistill.methods import train
 from opdistill.models import load_model
 
@@ -90,3 +93,20 @@ def test_bf16_sampling_copy_of_a_lora_student_follows_the_adapters(tiny_model, t
         assert mine[name].dtype == torch.bfloat16
         torch.testing.assert_close(mine[name], parameter.detach().to(torch.bfloat16), rtol=0, atol=0)
     assert any(float(p.abs().max()) > 0 for n, p in trained.items() if "lora_B" in n), "the adapters trained"
+
+
+def test_a_lora_checkpoint_holds_only_the_trained_weights_and_resumes_exactly(tiny_model, selfinstruct, tmp_path):
+    from test_engine import assert_same_weights, cli_train, kill_9_then_resume, seqkd_overrides
+
+    settings = dict(max_steps=6, batch_size=4, micro_batch_size=2, checkpoint_every=2, keep_checkpoints=2, lora_r=4, lr="1e-2")
+    straight = tmp_path / "straight"
+    subprocess.run(cli_train(seqkd_overrides(tiny_model, selfinstruct, straight, **settings)), check=True, capture_output=True, timeout=300)
+    # The base weights are frozen, so the checkpoint leaves them out: only adapter weights are written.
+    saved = load_file(str(straight / "checkpoints" / "step-000006" / "model.safetensors"))
+    assert saved and all("lora_" in name for name in saved)
+    out = tmp_path / "killed"
+    kill_9_then_resume(cli_train(seqkd_overrides(tiny_model, selfinstruct, out, **settings)), out, step=2)
+    assert_same_weights(straight, out)
+    # A full-weight run cannot resume from adapters alone: the error names what is missing.
+    with pytest.raises(CheckpointError, match="model.safetensors missing"):
+        train(load_config(None, seqkd_overrides(tiny_model, selfinstruct, straight, **{**settings, "lora_r": 0, "max_steps": 8})))
