@@ -67,9 +67,12 @@ def check_model_states(models: list[Any], directory: Path) -> None:
             raise CheckpointError(f"{path} is missing", "the checkpoint is incomplete; delete it to resume from the one before, or resume=false")
         with safe_open(str(path), framework="pt") as saved:
             keys = set(saved.keys())
-        expected = set(model.state_dict().keys())
-        missing = sorted(expected - frozen_parameter_names(model) - keys)
-        unknown = sorted(keys - expected)
+        state, frozen = model.state_dict(), frozen_parameter_names(model)
+        aliases: dict[tuple[int, tuple[int, ...]], set[str]] = {}  # tied weights are written once, under one of their names
+        for name, tensor in state.items():
+            aliases.setdefault((tensor.data_ptr(), tuple(tensor.shape)), set()).add(name)
+        missing = sorted(name for names in aliases.values() if not names & keys for name in names - frozen)
+        unknown = sorted(keys - set(state))
         if missing or unknown:
             detail = f"missing {missing[:3]}" if missing else f"holds parameters the model lacks: {unknown[:3]}"
             raise CheckpointError(f"cannot resume from {directory}: {path.name} {detail}",

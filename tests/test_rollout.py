@@ -116,3 +116,16 @@ def test_rollouts_keep_each_response_with_its_prompt_and_data_row(tiny_model):
     assert given.prompts == [table[1]] and given.logprobs == [[]] and given.truncated == 1.0 and given.mean_length == 3.0
     with pytest.raises(ValueError, match="n=2"):
         Rollouts([0], [table[0]], [[1]], [True], [[]], n=2)
+
+
+def test_micro_batches_of_finished_only_give_cut_responses_no_loss_token():
+    from opdistill.rollout import Rollouts
+
+    rollouts = Rollouts([0, 1, 2], [[1, 2], [3], [4, 5, 6]], [[7, 8, 9], [10, 11], [12]], [True, False, True], [[], [], []])
+    everything = rollouts.micro_batches(2, pad_id=0)
+    finished = rollouts.micro_batches(2, pad_id=0, finished_only=True)
+    assert [b["rollout"].tolist() for b in finished] == [[0, 1], [2]]  # the cut response stays in its micro-batch
+    per_response = [row.sum().item() for b in finished for row in b["loss_mask"][:, 1:]]
+    assert per_response == [3, 0, 1]
+    for a, b in zip(everything, finished):
+        assert torch.equal(a["input_ids"], b["input_ids"])

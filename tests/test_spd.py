@@ -27,7 +27,8 @@ from test_engine import assert_same_weights, cli_train, kill_9_then_resume
 def spd_overrides(student: Path, data: Path, out: Path, rows: int = 32, **extra) -> list[str]:
     values = {"method": "spd", "student": str(student), "data": f"{data}[:{rows}]", "out_dir": str(out), "lr": "1e-3", "precision": "fp32",
               "max_response_tokens": 16, "batch_size": 4, "micro_batch_size": 2, "rank": 4, "subspace_prompts": 6,
-              "answer_tail_tokens": 4, "warmup_ratio": 0, "seed": 5, **extra}  # the tiny model writes no marker: its last tokens
+              "answer_tail_tokens": 4, "warmup_ratio": 0, "seed": 5, "truncated_rollouts": "keep",
+              **extra}  # the tiny model writes no marker (its last tokens define correctness) and seldom an EOS (keep its cut samples)
     return [f"{k}={v}" for k, v in values.items()]
 
 
@@ -235,3 +236,20 @@ def test_a_resume_refuses_a_subspace_of_other_layers(tiny_model, selfinstruct, t
     save_subspace(subspace_path(tmp_path, 0), {name: bases[name] for name in method.names}, method.metadata(0))
     method.on_resume(SimpleNamespace(step=2, out_dir=tmp_path))  # the same layers and rank: loaded
     assert sorted(method.bases) == ["1.k", "1.v"]
+
+
+def test_masked_cut_samples_train_nothing_and_the_run_goes_on(tiny_model, selfinstruct, tmp_path, capsys):
+    out = tmp_path / "masked"
+    train(load_config(None, spd_overrides(tiny_model, selfinstruct, out, project="false", truncated_rollouts="mask", max_steps=2,
+                                          max_response_tokens=3, lr="1e-2")))
+    lines = metric_lines(out)
+    assert [line["truncated"] for line in lines] == [1.0, 1.0]  # the tiny model stops within 3 tokens in none of its samples
+    assert [line["loss"] for line in lines] == [0.0, 0.0]
+    assert "every sample was cut at max_response_tokens=3; no update" in capsys.readouterr().out
+    trained, start = load_model(str(out / "student")).state_dict(), load_model(str(tiny_model)).state_dict()
+    assert all(torch.equal(trained[name], start[name]) for name in start)
+    # The same run keeping its cut samples does move the weights.
+    train(load_config(None, spd_overrides(tiny_model, selfinstruct, tmp_path / "kept", project="false", max_steps=2,
+                                          max_response_tokens=3, lr="1e-2")))
+    kept = load_model(str(tmp_path / "kept" / "student")).state_dict()
+    assert any(not torch.equal(kept[name], start[name]) for name in start)

@@ -72,10 +72,14 @@ class SPDConfig(OnPolicyConfig):
                                                               "occurrence are the correctness-defining tokens (GSM8K: `#### 18`).")
     answer_max_tokens: int = opt(16, "At most this many tokens after the marker (the end of the response excluded: EOS).")
     answer_tail_tokens: int = opt(0, "A response without a marker contributes its last N tokens instead (0: it contributes nothing).")
+    truncated_rollouts: str = opt("mask", "Samples cut at max_response_tokens (no EOS): mask (no loss on them; a step whose samples "
+                                           "were all cut makes no update) or keep (train on them as they are, which teaches the "
+                                           "student not to stop: docs/spd.md measured an EOS rate of 0.00 after it).")
 
     def validate(self) -> None:
         super().validate()
         check_choice("kv", self.kv, ("kv", "k", "v"))
+        check_choice("truncated_rollouts", self.truncated_rollouts, ("mask", "keep"))
         parse_layers(self.layers)
         if not 0.0 <= self.projection_strength <= 1.0:
             raise ConfigError(f"config field `projection_strength` must be in [0, 1], got {self.projection_strength}",
@@ -252,9 +256,15 @@ class SPD(Method):
         with self.projection(engine):  # the hooks exist only while sampling; the training forward below never sees them
             rollouts = sample_rollouts(engine.sampler, self.prompts, indices, self.sampling(), seed=config.seed, step=step)
         rollout_seconds = time.perf_counter() - started
-        batches = rollouts.micro_batches(config.micro_batch_size, self.pad_id)
+        batches = rollouts.micro_batches(config.micro_batch_size, self.pad_id, finished_only=config.truncated_rollouts == "mask")
         engine.model.train()
-        loss = engine.backward_token_mean(batches, response_nll_sum, response_tokens)
+        if engine.global_sum(sum(response_tokens(batch) for batch in batches)):
+            loss = engine.backward_token_mean(batches, response_nll_sum, response_tokens)
+        else:  # every sample was cut and masked: nothing to learn from; the schedule still advances, no weight moves
+            loss = 0.0
+            if engine.is_main:
+                print(f"train: step {step + 1}: every sample was cut at max_response_tokens={config.max_response_tokens}; "
+                      "no update (raise max_response_tokens, or truncated_rollouts: keep)")
         return {"loss": loss, **engine.optimizer_step(), "response_length": rollouts.mean_length, "truncated": rollouts.truncated,
                 "rollout_seconds": rollout_seconds, **({"subspace_energy": self.energy} if config.projects() else {})}
 

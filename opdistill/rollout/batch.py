@@ -64,13 +64,20 @@ class Rollouts:
         """1.0 where a response ended, 0.0 where it was cut, as a float tensor (one entry per response)."""
         return torch.tensor([float(done) for done in self.finished])
 
-    def micro_batches(self, size: int, pad_id: int) -> list[dict[str, torch.Tensor]]:
+    def micro_batches(self, size: int, pad_id: int, finished_only: bool = False) -> list[dict[str, torch.Tensor]]:
         """The responses collated `size` at a time with their prompts, responses aligned at one index (only response
         positions then reach the LM head: logprobs.response_logits); `rollout` holds each sequence's index among the
-        responses (not its data row: `rows`), so a loss can look up what was scored for it."""
-        examples = self.examples
-        return [{**collate([examples[j] for j in group], pad_id, align_responses=True), "rollout": torch.tensor(group)}
-                for group in chunks(list(range(len(examples))), size)]
+        responses (not its data row: `rows`), so a loss can look up what was scored for it. `finished_only` zeroes the
+        loss mask of the responses that were cut: they stay in the batch (every process keeps its micro-batch count)
+        but add no loss token."""
+        examples, finished = self.examples, self.finished_mask()
+        batches = []
+        for group in chunks(list(range(len(examples))), size):
+            batch = {**collate([examples[j] for j in group], pad_id, align_responses=True), "rollout": torch.tensor(group)}
+            if finished_only:
+                batch["loss_mask"] = batch["loss_mask"] * finished[group].to(batch["loss_mask"].dtype)[:, None]
+            batches.append(batch)
+        return batches
 
 
 def sample_rollouts(sampler: Sampler, prompts: list[list[int]], indices: list[int], params: SamplingParams, *, seed: int, step: int,
