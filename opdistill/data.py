@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Iterable
 if TYPE_CHECKING:
     import torch
 
-from .errors import DataError
+from .errors import DataError, NothingToTrainOn
 from .seeds import mix_seed
 
 ROLES = ("system", "user", "assistant")
@@ -368,7 +368,7 @@ def tokenize_records(
         report.truncated += len(fitted) < len(prompt)
         examples.append(Example(fitted, response))
     if not examples:
-        raise DataError(f"no record is left to train on ({report.summary()})",
+        raise NothingToTrainOn(f"no record is left to train on ({report.summary()})",
                         "raise max_prompt_tokens or max_response_tokens, use overlong: truncate or unfinished: keep, "
                         "or collect with a larger max_tokens")
     return examples, report

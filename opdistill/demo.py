@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .config import build_config
+from .errors import NothingToTrainOn
 from .teachers.collect import CollectOptions, collect
 
 DEFAULT_SYSTEM = "Always respond in French, in one short sentence."  # brief: many of its answers end, so students learn to stop
@@ -156,7 +157,11 @@ def run_demo(opts: DemoOptions) -> dict:
 
     config = build_config(train_config(opts, teacher_file, out), where="demo")
     _say(f"2/3 {method.announce(opts)}")
-    train(config)
+    try:
+        train(config)
+    except NothingToTrainOn as err:  # its fix names config keys; the demo's user sets flags
+        raise NothingToTrainOn(err.message, f"raise --max-new-tokens (now {opts.max_new_tokens}), keep cut answers with --unfinished "
+                                            "keep, or ask for shorter answers in --system") from None
     run_dir = out / opts.method
     student_dir = out / "student"
     shutil.rmtree(student_dir, ignore_errors=True)

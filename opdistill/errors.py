@@ -29,6 +29,11 @@ class DataError(OpdistillError):
     default_fix = "correct or remove the record named above, then rerun"
 
 
+class NothingToTrainOn(DataError):
+    """Every record was skipped (over-long prompts, unfinished responses): a caller with its own knobs (the demo's
+    flags) can say which of them to change."""
+
+
 class ModelError(OpdistillError):
     """A model or tokenizer cannot be loaded or used."""
 

@@ -73,3 +73,15 @@ def test_opd_demo_on_a_tiny_model_needs_no_teacher_text(tiny_model, tmp_path):
     history = [json.loads(line) for line in (tmp_path / "opd" / "opd" / "metrics.jsonl").read_text().splitlines()]
     assert [h["horizon"] for h in history if "horizon" in h] == [4, 4]
     assert (tmp_path / "opd" / "report.html").is_file()
+
+
+def test_a_demo_whose_teacher_answers_were_all_cut_says_which_flags_to_change(tiny_model, tmp_path):
+    from opdistill.errors import NothingToTrainOn
+
+    # 2 tokens: the tiny model ends none of its answers, and the demo drops unfinished ones by default.
+    opts = DemoOptions(out=str(tmp_path / "cut"), model=str(tiny_model), train_prompts=4, heldout_prompts=2, max_new_tokens=2,
+                       batch_size=2, warmup_steps=2, d_only_steps=1, gad_steps=1, n_samples=2, discriminator_layers=1)
+    with pytest.raises(NothingToTrainOn, match="no record is left to train on") as raised:
+        run_demo(opts)
+    assert "--max-new-tokens (now 2)" in raised.value.fix and "--unfinished keep" in raised.value.fix
+    assert "max_response_tokens" not in raised.value.fix  # a config key the demo's user never sets

@@ -25,7 +25,7 @@ from ..check import CheckReport, check_alignment, check_local, check_remote
 from ..config import OnPolicyConfig, check_choice, check_divergence_settings, opt, teacher_spec
 from ..data import Record, data_order, ends_with_eos, load_records, prompt_ids, response_ids, teacher_messages, total_steps_for
 from ..engine import Engine
-from ..errors import ConfigError, DataError, OpdistillError
+from ..errors import ConfigError, NothingToTrainOn, OpdistillError
 from ..objectives.divergences import KINDS, default_beta, per_token, per_token_top_k, reward_policy_gradient
 from ..objectives.policy import kl_k1, kl_k3
 from ..objectives.spans import span_ids, span_token_losses
@@ -237,7 +237,7 @@ class OPD(Method):
             self.responses.append(response)
         print(f"train: data {config.data}: {len(records)} records, {skipped} skipped as over-long, {dropped} dropped as unfinished")
         if not self.student_prompts:
-            raise DataError(f"{config.data}: no record is left to train on ({skipped} over-long, {dropped} unfinished)",
+            raise NothingToTrainOn(f"{config.data}: no record is left to train on ({skipped} over-long, {dropped} unfinished)",
                             "raise max_prompt_tokens or max_response_tokens, or use overlong: truncate / unfinished: keep")
         self.order = data_order(config, len(self.student_prompts))
         self.total_steps = total_steps_for(config, self.order.steps_per_epoch)
