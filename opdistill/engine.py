@@ -266,11 +266,12 @@ class Engine:
         student = self.accelerator.unwrap_model(self.model)
         lora = hasattr(student, "merge_and_unload")
         saved = {}
-        if not lora or self.config.lora_save in ("merged", "both"):
-            saved["student"] = str(save_pretrained_atomic(student, self.tokenizer, self.out_dir / "student"))
-        if lora and self.config.lora_save in ("adapter", "both"):
+        if lora and self.config.lora_save in ("adapter", "both"):  # first: the merge below removes the adapters
             where = "student" if self.config.lora_save == "adapter" else "student-adapter"
             saved[where] = str(save_pretrained_atomic(student, self.tokenizer, self.out_dir / where, merge=False))
+        if not lora or self.config.lora_save in ("merged", "both"):
+            # Training is over, so the adapters merge into the student itself rather than into a copy of it.
+            saved["student"] = str(save_pretrained_atomic(student, self.tokenizer, self.out_dir / "student", in_place=True))
         saved.update(method.save_outputs(self))
         return saved
 
@@ -326,7 +327,8 @@ class Engine:
             self.save_checkpoint()
 
     def fit(self, method: Method) -> dict[str, Any]:
-        """Run (or resume) to total_steps; returns the summary written to out_dir/summary.json."""
+        """Run (or resume) to total_steps; returns the summary written to out_dir/summary.json. A LoRA student leaves
+        merged (its adapters folded into its weights, to be saved without a copy); out_dir's last checkpoint keeps them."""
         self.out_dir.mkdir(parents=True, exist_ok=True)
         if self.is_main:
             (self.out_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(self.config), sort_keys=False))

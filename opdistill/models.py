@@ -328,11 +328,18 @@ def replace_dir_atomic(out_dir: str | Path, write: Callable[[Path], None]) -> Pa
     return out
 
 
-def save_pretrained_atomic(model: Any, tokenizer: Any, out_dir: str | Path, merge: bool = True) -> Path:
+def save_pretrained_atomic(model: Any, tokenizer: Any, out_dir: str | Path, merge: bool = True, in_place: bool = False) -> Path:
     """Save a Hugging Face checkpoint via replace_dir_atomic. A LoRA model is saved merged into a plain
     checkpoint (merge=True, in a copy: GAD saves its reference mid-run) or as its adapter only (merge=False:
-    adapter_config.json + adapter_model.safetensors, which load_model merges into the base on load)."""
-    saved = merged_copy(model) if merge else model
+    adapter_config.json + adapter_model.safetensors, which load_model merges into the base on load).
+    in_place=True merges into the model itself, which then has no adapters: for the end of training, where a copy
+    of the base would cost its size again (6 GB for a 1.5B model in fp32)."""
+    if not merge:
+        saved = model
+    elif in_place and hasattr(model, "merge_and_unload"):
+        saved = model.merge_and_unload()
+    else:
+        saved = merged_copy(model)
 
     def write(tmp: Path) -> None:
         saved.save_pretrained(tmp, safe_serialization=True)

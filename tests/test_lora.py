@@ -67,7 +67,8 @@ def test_seqkd_and_opd_save_adapter_only_when_asked(tiny_model, tmp_path):
 
 def test_bf16_sampling_copy_of_a_lora_student_follows_the_adapters(tiny_model, tmp_path):
     """Under bf16 the sampler samples from a bf16 copy of the PEFT model; after training steps it must hold the
-    trained adapters (sync copies only what trains: the LoRA weights), and the frozen base stays as loaded."""
+    trained adapters (sync copies only what trains: the LoRA weights), and the frozen base stays as loaded. At the end
+    the student itself is merged (no copy of its base is made to save it), so the saved adapter is the reference."""
     from conftest import build_tiny_model
     from opdistill.engine import Engine
     from opdistill.methods import load_student
@@ -78,7 +79,7 @@ def test_bf16_sampling_copy_of_a_lora_student_follows_the_adapters(tiny_model, t
     config = load_config(None, [f"{k}={v}" for k, v in {
         "method": "opd", "student": str(tiny_model), "teacher": str(teacher), "data": f"{SELFINSTRUCT}[:16]", "out_dir": str(tmp_path / "opd"), "lr": "1e-2",
         "precision": "bf16", "max_response_tokens": 8, "seed": 1, "batch_size": 4, "micro_batch_size": 4, "checkpoint_every": 0,
-        "lora_r": 4, "max_steps": 2}.items()])
+        "lora_r": 4, "max_steps": 2, "lora_save": "both"}.items()])
     tokenizer = load_tokenizer(config.student)
     method = OPD(config, tokenizer)
     engine = Engine(config, load_student(config), tokenizer, method.total_steps)
@@ -86,12 +87,14 @@ def test_bf16_sampling_copy_of_a_lora_student_follows_the_adapters(tiny_model, t
     student = engine.accelerator.unwrap_model(engine.model)
     copy = engine.sampler.policy
     assert engine.sampler.owns_copy and copy is not student
-    trained = {n: p for n, p in student.named_parameters() if p.requires_grad}
+    assert not any("lora_" in n for n, _ in student.named_parameters()), "the student was merged in place to be saved"
+    trained = load_file(str(tmp_path / "opd" / "student-adapter" / "adapter_model.safetensors"))  # fp32, as trained
     assert trained and all("lora_" in n for n in trained)
-    mine = dict(copy.named_parameters())
+    mine = {n.replace(".default", ""): p for n, p in copy.named_parameters() if "lora_" in n}
+    assert mine.keys() == trained.keys()
     for name, parameter in trained.items():
         assert mine[name].dtype == torch.bfloat16
-        torch.testing.assert_close(mine[name], parameter.detach().to(torch.bfloat16), rtol=0, atol=0)
+        torch.testing.assert_close(mine[name], parameter.to(torch.bfloat16), rtol=0, atol=0)
     assert any(float(p.abs().max()) > 0 for n, p in trained.items() if "lora_B" in n), "the adapters trained"
 
 

@@ -188,7 +188,7 @@ class CoD(Method):
 
     def save_outputs(self, engine: Engine) -> dict[str, str]:
         """Peer B in out_dir/peer (peer A is the engine's out_dir/student)."""
-        return {"peer": str(save_pretrained_atomic(self.unwrapped("b", engine), self.tokenizer, engine.out_dir / "peer"))}
+        return {"peer": str(save_pretrained_atomic(self.unwrapped("b", engine), self.tokenizer, engine.out_dir / "peer", in_place=True))}
 
     def model(self, peer: str, engine: Engine) -> Any:
         assert self.peer is not None
