@@ -29,9 +29,10 @@ SHARED = ROOT.parent / "shared" / "data"
 
 # steps x batch = prompts trained on; eval_items GSM8K test problems, greedy, eval_tokens new tokens each.
 SIZES = {
-    # smoke: 48 tokens rarely reach "####", so an answer without it gives its last 8 tokens (answer_tail_tokens).
+    # smoke: 48 tokens rarely reach "####", so an answer without it gives its last 8 tokens (answer_tail_tokens), and
+    # few samples end, so both runs train on cut ones (truncated_rollouts: keep) rather than skip their steps.
     "smoke": dict(steps=2, batch=4, micro=2, response_tokens=48, subspace_prompts=4, eval_items=8, eval_tokens=48, precision="auto",
-                  spd={"answer_tail_tokens": 8}),
+                  spd={"answer_tail_tokens": 8}, both={"truncated_rollouts": "keep"}),
     "cpu": dict(steps=12, batch=8, micro=4, response_tokens=192, subspace_prompts=16, eval_items=100, eval_tokens=256, precision="auto"),
     "gpu": dict(steps=100, batch=32, micro=8, response_tokens=320, subspace_prompts=64, eval_items=1319, eval_tokens=384,
                 precision="bf16"),
@@ -101,9 +102,10 @@ def main() -> None:
     out, size = Path(args.out), SIZES[args.size]
     started = time.perf_counter()
     data = make_prompts(out / "data", shared)
-    spd_extra = {**size.get("spd", {}), **dict(part.split("=", 1) for part in args.spd.split(",") if part)}
+    both = size.get("both", {})  # keys for the SPD run and its baseline alike
+    spd_extra = {**both, **size.get("spd", {}), **dict(part.split("=", 1) for part in args.spd.split(",") if part)}
     students = {"spd": train_run(out / "spd", data, args.student, size, args.seed, spd_extra),
-                "self_distill": train_run(out / "self_distill", data, args.student, size, args.seed, {"project": "false"})}
+                "self_distill": train_run(out / "self_distill", data, args.student, size, args.seed, {**both, "project": "false"})}
     trained = time.perf_counter() - started
     result = evaluate(out / "eval", {"base": args.student, **{k: str(v) for k, v in students.items()}}, size, shared)
     seconds = time.perf_counter() - started

@@ -10,6 +10,7 @@ The data position is the step number alone (data.StepOrder), so nothing else nee
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -17,9 +18,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from safetensors import SafetensorError
-
-from safetensors import safe_open
+from accelerate.utils import DistributedType
+from safetensors import SafetensorError, safe_open
 
 from .errors import CheckpointError
 from .fileio import fsync_tree
@@ -46,6 +46,19 @@ def frozen_parameter_names(model: Any) -> set[str]:
     return {name for name, param in model.named_parameters(remove_duplicate=False) if not param.requires_grad}
 
 
+def frozen_fingerprint(model: Any, stride: int = 4099) -> str:
+    """A digest of the frozen parameters' names, shapes and every stride-th value (exact bytes, fp32): a checkpoint
+    leaves them out, so a resume must rebuild the very same ones from the model's source. Cheap (a 1.5B model reads
+    ~0.4M values) and independent of the device the model is on."""
+    digest = hashlib.sha256()
+    frozen = frozen_parameter_names(model)
+    for name, tensor in sorted(model.state_dict().items()):
+        if name in frozen:
+            digest.update(f"{name}{tuple(tensor.shape)}".encode())
+            digest.update(tensor.detach().reshape(-1)[::stride].float().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 def drop_frozen(models: list[Any], weights: list[dict[str, Any]], output_dir: str) -> None:
     """accelerate's save-state hook: leave each model's frozen parameters out of its saved state."""
     for model, state in zip(models, weights):
@@ -58,9 +71,10 @@ def model_state_file(directory: Path, index: int) -> Path:
     return directory / ("model.safetensors" if index == 0 else f"model_{index}.safetensors")
 
 
-def check_model_states(models: list[Any], directory: Path) -> None:
+def check_model_states(models: list[Any], directory: Path, fingerprints: list[str] | None) -> None:
     """Each saved model state must hold every trained parameter of its model and nothing the model lacks; frozen
-    parameters may be absent (they keep the values the model was built with). Loading is then non-strict safely."""
+    parameters may be absent, and then they must be the ones the checkpoint was trained with (`fingerprints`, from its
+    state file; None for a checkpoint written before they were kept). Loading is then non-strict safely."""
     for index, model in enumerate(models):
         path = model_state_file(directory, index)
         if not path.is_file():
@@ -77,6 +91,10 @@ def check_model_states(models: list[Any], directory: Path) -> None:
             detail = f"missing {missing[:3]}" if missing else f"holds parameters the model lacks: {unknown[:3]}"
             raise CheckpointError(f"cannot resume from {directory}: {path.name} {detail}",
                                   "the checkpoint was written for another model or LoRA setting; use another out_dir or resume=false")
+        if fingerprints is not None and index < len(fingerprints) and frozen_fingerprint(model) != fingerprints[index]:
+            raise CheckpointError(f"cannot resume from {directory}: the frozen weights (e.g. a LoRA model's base) differ from those it "
+                                  "was trained on, and the checkpoint holds only what trained",
+                                  "resume with the same `student` (the same files or revision), or start over with resume=false")
 
 
 def save_checkpoint(accelerator: Any, out_dir: Path, step: int, total_steps: int, method: str, keep: int) -> Path:
@@ -89,13 +107,20 @@ def save_checkpoint(accelerator: Any, out_dir: Path, step: int, total_steps: int
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
     try:
-        hook = accelerator.register_save_state_pre_hook(drop_frozen)
+        fingerprints: list[str] = []
+
+        def save_without_frozen(models: list[Any], weights: list[dict[str, Any]], output_dir: str) -> None:
+            fingerprints.extend(frozen_fingerprint(model) for model in models)
+            drop_frozen(models, weights, output_dir)
+
+        hook = accelerator.register_save_state_pre_hook(save_without_frozen)
         try:
             accelerator.save_state(str(tmp), safe_serialization=True)
         finally:
             hook.remove()
         if main:
-            (tmp / STATE_FILE).write_text(json.dumps({"step": step, "total_steps": total_steps, "method": method, "time": time.time()}))
+            (tmp / STATE_FILE).write_text(json.dumps({"step": step, "total_steps": total_steps, "method": method, "time": time.time(),
+                                                      "frozen": fingerprints}))
             fsync_tree(tmp)
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
@@ -125,9 +150,11 @@ def load_latest_checkpoint(accelerator: Any, out_dir: Path, method: str) -> int 
     state = json.loads((latest / STATE_FILE).read_text())
     if state.get("method") != method:
         raise CheckpointError(f"{latest} was written by method {state.get('method')!r}, not {method!r}", "use another out_dir, or resume=false")
-    hook = accelerator.register_load_state_pre_hook(lambda models, directory: check_model_states(models, Path(directory)))
+    hook = accelerator.register_load_state_pre_hook(lambda models, directory: check_model_states(models, Path(directory), state.get("frozen")))
+    # Frozen parameters are not in the file (check_model_states); DeepSpeed loads its own way and takes no `strict`.
+    strict = {} if accelerator.distributed_type == DistributedType.DEEPSPEED else {"strict": False}
     try:
-        accelerator.load_state(str(latest), strict=False)  # frozen parameters are not in the file: check_model_states
+        accelerator.load_state(str(latest), **strict)
     except (RuntimeError, KeyError, ValueError, OSError, SafetensorError) as err:
         raise CheckpointError(f"cannot resume from {latest}: {str(err).splitlines()[0]}",
                               "the checkpoint does not match this model/config; use another out_dir or resume=false") from None

@@ -60,10 +60,12 @@ def response_logits(model: Any, input_ids: torch.Tensor, attention_mask: torch.T
     For a batch collated with align_responses=True (every response starts at the same index) only the
     positions from there on get logits: the LM head and the (B, L, V) logits tensor shrink to the responses.
     """
-    starts = loss_mask.float().argmax(dim=1)
-    start = int(starts.min())
-    if start == 0 or not bool((starts == start).all()):  # not aligned (or a row without a response)
-        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]
+    # A row with no loss token (an empty response, or one whose loss is masked) does not decide the alignment.
+    has_response = loss_mask[:, 1:].any(dim=1)
+    starts = loss_mask.float().argmax(dim=1)[has_response]
+    start = int(starts.min()) if len(starts) else 0
+    if start == 0 or not bool((starts == start).all()):  # not aligned: every position gets logits
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions_from_mask(attention_mask)).logits[:, :-1]
         return logits[loss_mask[:, 1:].bool()]
     keep = input_ids.shape[1] - start + 1  # positions start-1 .. L-1 predict tokens start .. L
     logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions_from_mask(attention_mask),

@@ -99,6 +99,7 @@ def test_bf16_sampling_copy_of_a_lora_student_follows_the_adapters(tiny_model, t
 
 
 def test_a_lora_checkpoint_holds_only_the_trained_weights_and_resumes_exactly(tiny_model, selfinstruct, tmp_path):
+    from conftest import build_tiny_model
     from test_engine import assert_same_weights, cli_train, kill_9_then_resume, seqkd_overrides
 
     settings = dict(max_steps=6, batch_size=4, micro_batch_size=2, checkpoint_every=2, keep_checkpoints=2, lora_r=4, lr="1e-2")
@@ -110,6 +111,10 @@ def test_a_lora_checkpoint_holds_only_the_trained_weights_and_resumes_exactly(ti
     out = tmp_path / "killed"
     kill_9_then_resume(cli_train(seqkd_overrides(tiny_model, selfinstruct, out, **settings)), out, step=2)
     assert_same_weights(straight, out)
+    # Other base weights under the same adapters are refused: the checkpoint no longer carries the base.
+    other_base = build_tiny_model(tmp_path / "other-base", seed=9)
+    with pytest.raises(CheckpointError, match="frozen weights"):
+        train(load_config(None, seqkd_overrides(other_base, selfinstruct, straight, **{**settings, "max_steps": 8})))
     # A full-weight run cannot resume from adapters alone: the error names what is missing.
     with pytest.raises(CheckpointError, match="model.safetensors missing"):
         train(load_config(None, seqkd_overrides(tiny_model, selfinstruct, straight, **{**settings, "lora_r": 0, "max_steps": 8})))

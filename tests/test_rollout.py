@@ -129,3 +129,28 @@ def test_micro_batches_of_finished_only_give_cut_responses_no_loss_token():
     assert per_response == [3, 0, 1]
     for a, b in zip(everything, finished):
         assert torch.equal(a["input_ids"], b["input_ids"])
+
+
+def test_a_masked_cut_response_changes_nothing_for_its_neighbours_and_keeps_the_aligned_path(tiny_model):
+    """A micro-batch with one finished and one masked (cut) response gives the finished one the same loss and gradients
+    as a micro-batch of it alone, and still computes logits for the response positions only."""
+    from opdistill.methods.common import response_nll_sum
+    from opdistill.rollout import Rollouts
+
+    model = load_model(str(tiny_model))
+    rollouts = Rollouts([0, 1], [[5, 6, 7], [8, 9, 10, 11, 12]], [[20, 21, 22], [30, 31, 32, 33]], [True, False], [[], []])
+    mixed = rollouts.micro_batches(2, pad_id=0, finished_only=True)[0]
+    alone = Rollouts([0], [[5, 6, 7]], [[20, 21, 22]], [True], [[]]).micro_batches(1, pad_id=0)[0]
+    seen: list[int] = []
+    hook = model.lm_head.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0].shape[1]))
+    losses, grads = [], []
+    for batch in (mixed, alone):
+        model.zero_grad()
+        loss = response_nll_sum(model, batch)
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append(model.model.embed_tokens.weight.grad.clone())
+    hook.remove()
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)
+    assert seen[0] < mixed["input_ids"].shape[1], "only the response positions reach the LM head"

@@ -244,7 +244,7 @@ def test_masked_cut_samples_train_nothing_and_the_run_goes_on(tiny_model, selfin
                                           max_response_tokens=3, lr="1e-2")))
     lines = metric_lines(out)
     assert [line["truncated"] for line in lines] == [1.0, 1.0]  # the tiny model stops within 3 tokens in none of its samples
-    assert [line["loss"] for line in lines] == [0.0, 0.0]
+    assert [line["loss"] for line in lines] == [0.0, 0.0] and [line["skipped"] for line in lines] == [1.0, 1.0]
     assert "every sample was cut at max_response_tokens=3; no update" in capsys.readouterr().out
     trained, start = load_model(str(out / "student")).state_dict(), load_model(str(tiny_model)).state_dict()
     assert all(torch.equal(trained[name], start[name]) for name in start)

@@ -258,15 +258,17 @@ class SPD(Method):
         rollout_seconds = time.perf_counter() - started
         batches = rollouts.micro_batches(config.micro_batch_size, self.pad_id, finished_only=config.truncated_rollouts == "mask")
         engine.model.train()
-        if engine.global_sum(sum(response_tokens(batch) for batch in batches)):
+        skipped = not engine.global_sum(sum(response_tokens(batch) for batch in batches))
+        if not skipped:
             loss = engine.backward_token_mean(batches, response_nll_sum, response_tokens)
         else:  # every sample was cut and masked: nothing to learn from; the schedule still advances, no weight moves
-            loss = 0.0
+            loss = 0.0  # logged beside skipped = 1
             if engine.is_main:
                 print(f"train: step {step + 1}: every sample was cut at max_response_tokens={config.max_response_tokens}; "
                       "no update (raise max_response_tokens, or truncated_rollouts: keep)")
         return {"loss": loss, **engine.optimizer_step(), "response_length": rollouts.mean_length, "truncated": rollouts.truncated,
-                "rollout_seconds": rollout_seconds, **({"subspace_energy": self.energy} if config.projects() else {})}
+                "skipped": float(skipped), "rollout_seconds": rollout_seconds,
+                **({"subspace_energy": self.energy} if config.projects() else {})}
 
     def sampling(self) -> SamplingParams:
         return SamplingParams(self.config.temperature, self.config.top_p, self.config.max_response_tokens)
