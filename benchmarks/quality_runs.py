@@ -322,6 +322,16 @@ def family_tables(metrics: dict[str, Any], labels: list[str]) -> dict[str, Any]:
     return tables
 
 
+def recorded_settings(stages: Stages, families: list[str], args: argparse.Namespace) -> dict[str, Any]:
+    """The flags a reported family ran with, read from what its stages recorded: a family evaluated by an earlier
+    invocation (--only) keeps its own, whatever this invocation was given. Flags of a family not run fall back to args."""
+    collected = {family: stages.key(COLLECT[family]) or {} for family in families}
+    whitebox_training = stages.key("whitebox-opd") if "whitebox" in families else None
+    return {"teacher_system": collected.get("blackbox", {}).get("system", args.teacher_system),
+            "whitebox_tuning": ("lora" if "lora_r" in whitebox_training else "full") if whitebox_training else args.whitebox_tuning,
+            "precision": {family: collected[family].get("precision", args.precision) for family in families}}
+
+
 def report_stage(size_name: str, size: Size, args: argparse.Namespace, stages: Stages, families: list[str]) -> dict[str, Any]:
     """results.json's content, and report.html, from the evaluations and the training runs."""
     from opdistill.report import write_report
@@ -338,10 +348,8 @@ def report_stage(size_name: str, size: Size, args: argparse.Namespace, stages: S
     report = write_report([*parts, *(out / stage for stage in training_runs)], out / "report.html")
     return {
         "settings": {"size": size_name, **asdict(size), "gad_adversarial": size.gad_adversarial, "eval_tokens": size.eval_tokens,
-                     "teacher": TEACHER, "teacher_system": args.teacher_system, "whitebox_teacher_system": WHITEBOX_TEACHER_SYSTEM,
-                     "blackbox_student": BLACKBOX_STUDENT,
-                     "whitebox_student": WHITEBOX_STUDENT, "whitebox_tuning": args.whitebox_tuning, "precision": args.precision,
-                     "families": families},
+                     "teacher": TEACHER, "whitebox_teacher_system": WHITEBOX_TEACHER_SYSTEM, "blackbox_student": BLACKBOX_STUDENT,
+                     "whitebox_student": WHITEBOX_STUDENT, **recorded_settings(stages, families, args), "families": families},
         "teacher_text": {family: stages.info(COLLECT[family]) for family in families},
         "training": {stage: stages.info(stage) for stage in training_runs if stages.info(stage)},
         "judge": judges, "tables": tables,

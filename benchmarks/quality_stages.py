@@ -125,6 +125,11 @@ class Stages:
         marker.write_text(json.dumps({"key": key, "inputs": inputs, "info": info, "seconds": seconds, "finished": time.time()}, indent=2))
         say(f"stage {name}: done in {seconds:.0f} s")
 
+    def key(self, name: str) -> Any:
+        """The settings the stage last ran (or is running) with; None when it never ran."""
+        path = self.marker(name)
+        return json.loads(path.read_text()).get("key") if path.is_file() else None
+
     def info(self, name: str) -> dict[str, Any]:
         path = self.marker(name)
         return json.loads(path.read_text()).get("info", {}) if path.is_file() else {}

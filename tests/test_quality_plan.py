@@ -99,3 +99,25 @@ def test_an_interrupted_stage_starts_over_when_its_input_was_redone_meanwhile(tm
     Stages(tmp_path).run("collect", {"n": 2}, [], collect)  # the input is redone while train is unfinished
     Stages(tmp_path).run("train", {"steps": 3}, ["collect"], train)
     assert seen == [True, False]
+
+
+def test_results_describe_a_family_of_an_earlier_invocation_by_what_its_stages_recorded(tmp_path: Path) -> None:
+    """Run --only blackbox with one teacher system, then --only whitebox with full tuning and another system: the
+    results' settings must still give the black-box family's own system prompt and precision."""
+    import argparse
+
+    from quality_runs import recorded_settings
+    from quality_stages import Stages
+
+    stages = Stages(tmp_path)
+    stages.run("collect", {"limits": [16, 48], "system": "Be brief.", "precision": "fp32"}, [], lambda directory: {})
+    configs = training_configs(SIZES["smoke"], plan_args(tmp_path), tmp_path)
+    stages.run("collect-gsm8k", {"limits": [8, 160], "system": "Solve it.", "precision": "bf16"}, [], lambda directory: {})
+    stages.run("whitebox-opd", configs["whitebox-opd"], ["collect-gsm8k"], lambda directory: {})
+    later = argparse.Namespace(teacher_system="Another prompt.", whitebox_tuning="full", precision="auto")
+    settings = recorded_settings(stages, ["blackbox", "whitebox"], later)
+    assert settings["teacher_system"] == "Be brief."
+    assert settings["whitebox_tuning"] == "lora"  # plan_args trained it with LoRA, whatever this invocation says
+    assert settings["precision"] == {"blackbox": "fp32", "whitebox": "bf16"}
+    # A family that never ran in this directory takes this invocation's flags.
+    assert recorded_settings(Stages(tmp_path / "empty"), ["blackbox"], later)["teacher_system"] == "Another prompt."
