@@ -3,8 +3,9 @@
 A checkpoint is `out_dir/checkpoints/step-NNNNNN/`: accelerate's state (model, optimizer, schedule, RNG) plus
 `trainer_state.json`, written last. Of a model it holds what training changes: frozen parameters (a LoRA model's
 base weights) are rebuilt from the model's source at resume, so they are not written (for a 1.5B LoRA student that
-is 6 GB of disk per checkpoint, and the same again in memory while safetensors serialises it). It is written to a temp directory, fsynced and renamed into place, so a
-crash leaves either the old checkpoints or the new one; one without the state file is incomplete and ignored.
+is 6 GB of disk per checkpoint, and the same again in memory while safetensors serialises it). It is written to a
+temp directory, fsynced and renamed into place, so a crash leaves either the old checkpoints or the new one; one
+without the state file is incomplete and ignored.
 The data position is the step number alone (data.StepOrder), so nothing else needs saving.
 """
 
@@ -51,19 +52,11 @@ def frozen_fingerprint(model: Any, stride: int = 4099) -> str:
     leaves them out, so a resume must rebuild the very same ones from the model's source. Cheap (a 1.5B model reads
     ~0.4M values) and independent of the device the model is on."""
     digest = hashlib.sha256()
-    frozen = frozen_parameter_names(model)
-    for name, tensor in sorted(model.state_dict().items()):
-        if name in frozen:
-            digest.update(f"{name}{tuple(tensor.shape)}".encode())
-            digest.update(tensor.detach().reshape(-1)[::stride].float().cpu().numpy().tobytes())
+    for name, param in sorted(model.named_parameters(remove_duplicate=False), key=lambda item: item[0]):
+        if not param.requires_grad:
+            digest.update(f"{name}{tuple(param.shape)}".encode())
+            digest.update(param.detach().reshape(-1)[::stride].float().cpu().numpy().tobytes())
     return digest.hexdigest()[:16]
-
-
-def drop_frozen(models: list[Any], weights: list[dict[str, Any]], output_dir: str) -> None:
-    """accelerate's save-state hook: leave each model's frozen parameters out of its saved state."""
-    for model, state in zip(models, weights):
-        for name in frozen_parameter_names(model):
-            state.pop(name, None)
 
 
 def model_state_file(directory: Path, index: int) -> Path:
@@ -110,8 +103,11 @@ def save_checkpoint(accelerator: Any, out_dir: Path, step: int, total_steps: int
         fingerprints: list[str] = []
 
         def save_without_frozen(models: list[Any], weights: list[dict[str, Any]], output_dir: str) -> None:
-            fingerprints.extend(frozen_fingerprint(model) for model in models)
-            drop_frozen(models, weights, output_dir)
+            """accelerate's save-state hook: each model's state loses its frozen parameters, and their digest is kept."""
+            for model, state in zip(models, weights):
+                fingerprints.append(frozen_fingerprint(model))
+                for name in frozen_parameter_names(model):
+                    state.pop(name, None)
 
         hook = accelerator.register_save_state_pre_hook(save_without_frozen)
         try:
