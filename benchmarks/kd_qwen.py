@@ -27,7 +27,7 @@ import torch
 from opdistill.data import chunks, collate, load_records, tokenize_records
 from opdistill.logprobs import response_logprobs
 from opdistill.models import load_model, load_tokenizer
-from spd_gsm8k import evaluate as gsm8k_accuracy  # the same `opdistill eval --suite gsm8k` call and its result
+from spd_gsm8k import evaluate as gsm8k_accuracy, train  # the same `opdistill eval --suite gsm8k` and `train` calls
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
@@ -41,18 +41,13 @@ SIZES = {
 
 
 def train_run(out: Path, data: Path, student: str, teacher: str, weight: float, size: dict, seed: int) -> Path:
-    """Train one student (skipped when its run finished before; an interrupted one resumes from its checkpoint, which
-    holds the LoRA adapters and their optimizer state: about 200 MB for the 1.5B)."""
-    if (out / "summary.json").is_file() and (out / "student" / "config.json").is_file():
-        print(f"kd_qwen: {out} finished before, reused")
-        return out / "student"
-    values = {"method": "kd", "student": student, "teacher": teacher, "kd_weight": weight, "divergence": "fkl",
-              "data": f"{data / 'gsm8k_train.jsonl'}[:{size['steps'] * size['batch']}]", "out_dir": str(out), "lora_r": 16,
-              "max_steps": size["steps"], "batch_size": size["batch"], "micro_batch_size": size["micro"], "lr": size["lr"],
-              "max_response_tokens": size["tokens"], "precision": size["precision"], "checkpoint_every": 1, "keep_checkpoints": 1, "warmup_ratio": 0,
-              "seed": seed}
-    subprocess.run([sys.executable, "-m", "opdistill", "train", *[f"{k}={v}" for k, v in values.items()]], check=True, cwd=ROOT)
-    return out / "student"
+    """Train one KD student. Its checkpoint holds the LoRA adapters and their optimizer state (about 200 MB for the
+    1.5B), written every step, so an interrupted run loses at most one step."""
+    return train({"method": "kd", "student": student, "teacher": teacher, "kd_weight": weight, "divergence": "fkl",
+                  "data": f"{data / 'gsm8k_train.jsonl'}[:{size['steps'] * size['batch']}]", "out_dir": str(out), "lora_r": 16,
+                  "max_steps": size["steps"], "batch_size": size["batch"], "micro_batch_size": size["micro"], "lr": size["lr"],
+                  "max_response_tokens": size["tokens"], "precision": size["precision"], "checkpoint_every": 1, "keep_checkpoints": 1,
+                  "warmup_ratio": 0, "seed": seed})
 
 
 @torch.no_grad()

@@ -52,17 +52,23 @@ def make_prompts(out: Path, shared: Path = SHARED) -> Path:
     return path
 
 
-def train_run(out: Path, data: Path, student: str, size: dict, seed: int, extra: dict) -> Path:
-    """Train one student (skipped when its run finished before; an interrupted one resumes from its last checkpoint)."""
+def train(values: dict) -> Path:
+    """`opdistill train` with these config values, skipped when the run in `out_dir` finished before (an interrupted
+    one resumes from its last checkpoint); returns the student's directory."""
+    out = Path(values["out_dir"])
     if (out / "summary.json").is_file() and (out / "student" / "config.json").is_file():
-        print(f"spd_gsm8k: {out} finished before, reused")
+        print(f"{Path(sys.argv[0]).stem}: {out} finished before, reused")
         return out / "student"
-    values = {"method": "spd", "student": student, "data": f"{data}[:{size['steps'] * size['batch']}]", "out_dir": str(out),
-              "max_steps": size["steps"], "batch_size": size["batch"], "micro_batch_size": size["micro"], "rollout_batch_size": size["batch"],
-              "max_response_tokens": size["response_tokens"], "subspace_prompts": size["subspace_prompts"], "seed": seed,
-              "precision": size["precision"], "checkpoint_every": 2, "keep_checkpoints": 1, "warmup_ratio": 0, **extra}
     subprocess.run([sys.executable, "-m", "opdistill", "train", *[f"{k}={v}" for k, v in values.items()]], check=True, cwd=ROOT)
     return out / "student"
+
+
+def train_run(out: Path, data: Path, student: str, size: dict, seed: int, extra: dict) -> Path:
+    """Train one SPD student."""
+    return train({"method": "spd", "student": student, "data": f"{data}[:{size['steps'] * size['batch']}]", "out_dir": str(out),
+                  "max_steps": size["steps"], "batch_size": size["batch"], "micro_batch_size": size["micro"], "rollout_batch_size": size["batch"],
+                  "max_response_tokens": size["response_tokens"], "subspace_prompts": size["subspace_prompts"], "seed": seed,
+                  "precision": size["precision"], "checkpoint_every": 2, "keep_checkpoints": 1, "warmup_ratio": 0, **extra})
 
 
 def evaluate(out: Path, models: dict[str, str], size: dict, shared: Path) -> dict:
