@@ -11,11 +11,13 @@ cached in bf16.
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import importlib.util
 import os
 import shutil
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -101,23 +103,51 @@ def cpu_flags() -> set[str] | None:
 NATIVE_BF16_FLAGS = {"avx512_bf16", "amx_bf16", "bf16"}  # x86's and Arm's instructions that multiply bf16 in hardware
 
 
+@functools.cache
 def bf16_is_fast() -> bool:
-    """bf16 pays off on CUDA and on CPUs with native bf16 (AVX512-BF16/AMX); elsewhere it is emulated, and `auto`
-    precision picks fp32. oneDNN's own answer is not enough: it says yes on any AVX-512 CPU, where a 1024 x 1536 x 1536
-    bf16 matmul was measured 3x slower than fp32 (and a decode-sized one 7x) on an AVX-512 Xeon without AVX512-BF16;
-    on AVX2-only CPUs it was 2x slower for generation. So on Linux the CPU's flags decide."""
+    """bf16 pays off on CUDA and on CPUs whose bf16 matmul beats fp32; elsewhere `auto` precision picks fp32.
+    Neither oneDNN's answer nor the CPU's flags are enough. oneDNN says yes on any AVX-512 CPU, where bf16 is
+    emulated: a 1024 x 1536 x 1536 bf16 matmul was measured 3x slower than fp32 there (a decode-sized one 7x), and
+    generation 2x slower on AVX2-only CPUs. And a 2-core Xeon VM that lists avx512_bf16 (AMX hidden) ran a
+    1024 x 1536 x 8960 bf16 matmul 1.4x slower than fp32 through oneDNN's avx512_core_bf16 kernel, where an AMD EPYC
+    with the same flag ran bf16 2.3-2.7x faster. So where the flags allow bf16, a short probe (well under a second,
+    once per process) times both."""
     if torch.cuda.is_available():
         return torch.cuda.is_bf16_supported()
     try:
         onednn = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
         return False
-    return native_bf16(onednn, cpu_flags())
+    if not native_bf16(onednn, cpu_flags()):
+        return False
+    return bf16_pays_off(matmul_seconds(torch.float32), matmul_seconds(torch.bfloat16))
 
 
 def native_bf16(onednn_says: bool, flags: set[str] | None) -> bool:
     """oneDNN's answer, checked against the CPU's flags where they are known."""
     return onednn_says if flags is None else onednn_says and bool(flags & NATIVE_BF16_FLAGS)
+
+
+def bf16_pays_off(fp32_seconds: float, bf16_seconds: float) -> bool:
+    """bf16 is worth its lost precision only where it is clearly faster, by a quarter or more: native bf16 measured
+    2.3x and more, and a near tie is noise or a kernel that does not use the hardware."""
+    return bf16_seconds <= 0.75 * fp32_seconds
+
+
+def matmul_seconds(dtype: torch.dtype, size: tuple[int, int, int] = (512, 1024, 4096), repeats: int = 3) -> float:
+    """The fastest of `repeats` timed (m x k) @ (k x n) matmuls in `dtype`, after one untimed warm-up that loads the
+    kernel. The minimum, because other work on the machine only ever adds time."""
+    m, k, n = size
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randn(m, k, generator=generator).to(dtype)
+    b = torch.randn(k, n, generator=generator).to(dtype)
+    a @ b
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - start)
+    return min(times)
 
 
 def resolve_precision(precision: str) -> str:

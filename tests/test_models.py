@@ -222,3 +222,22 @@ def test_bf16_counts_as_fast_only_where_the_cpu_multiplies_it_natively() -> None
     assert native_bf16(True, None)  # no /proc/cpuinfo (macOS, Windows): oneDNN's answer stands
     flags = cpu_flags()
     assert flags is None or all(flag and " " not in flag for flag in flags)  # the real file parses into single flags
+
+
+def test_bf16_counts_as_fast_only_where_it_measures_clearly_faster_than_fp32() -> None:
+    """A CPU can list avx512_bf16 and still run bf16 slower than fp32 (a Xeon VM with AMX hidden: 1.4x slower), so
+    where the flags allow bf16 a probe times both and bf16 must win by a quarter."""
+    import torch
+
+    from opdistill.models import bf16_is_fast, bf16_pays_off, matmul_seconds
+
+    assert bf16_pays_off(fp32_seconds=1.0, bf16_seconds=0.4)  # native bf16, as on an AMD EPYC
+    assert bf16_pays_off(fp32_seconds=1.0, bf16_seconds=0.75)
+    assert not bf16_pays_off(fp32_seconds=1.0, bf16_seconds=0.9)  # a near tie keeps fp32's precision
+    assert not bf16_pays_off(fp32_seconds=1.0, bf16_seconds=1.4)
+    seconds = matmul_seconds(torch.float32, size=(8, 16, 32), repeats=2)
+    assert 0.0 < seconds < 1.0
+    bf16_is_fast()
+    hits = bf16_is_fast.cache_info().hits
+    bf16_is_fast()  # measured once per process: every stage of a run gets the same answer, and no second probe
+    assert bf16_is_fast.cache_info().hits == hits + 1
