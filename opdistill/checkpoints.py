@@ -42,9 +42,9 @@ def checkpoint_dirs(out_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
 
 
-def frozen_parameter_names(model: Any) -> set[str]:
-    """State-dict keys of the parameters training never changes (tied weights under every name they have)."""
-    return {name for name, param in model.named_parameters(remove_duplicate=False) if not param.requires_grad}
+def frozen_parameters(model: Any) -> dict[str, Any]:
+    """The parameters training never changes, by state-dict key (tied weights under every name they have)."""
+    return {name: param for name, param in model.named_parameters(remove_duplicate=False) if not param.requires_grad}
 
 
 def frozen_fingerprint(model: Any, stride: int = 4099) -> str:
@@ -52,10 +52,9 @@ def frozen_fingerprint(model: Any, stride: int = 4099) -> str:
     leaves them out, so a resume must rebuild the very same ones from the model's source. Cheap (a 1.5B model reads
     ~0.4M values) and independent of the device the model is on."""
     digest = hashlib.sha256()
-    for name, param in sorted(model.named_parameters(remove_duplicate=False), key=lambda item: item[0]):
-        if not param.requires_grad:
-            digest.update(f"{name}{tuple(param.shape)}".encode())
-            digest.update(param.detach().reshape(-1)[::stride].float().cpu().numpy().tobytes())
+    for name, param in sorted(frozen_parameters(model).items(), key=lambda item: item[0]):
+        digest.update(f"{name}{tuple(param.shape)}".encode())
+        digest.update(param.detach().reshape(-1)[::stride].float().cpu().numpy().tobytes())
     return digest.hexdigest()[:16]
 
 
@@ -74,7 +73,7 @@ def check_model_states(models: list[Any], directory: Path, fingerprints: list[st
             raise CheckpointError(f"{path} is missing", "the checkpoint is incomplete; delete it to resume from the one before, or resume=false")
         with safe_open(str(path), framework="pt") as saved:
             keys = set(saved.keys())
-        state, frozen = model.state_dict(), frozen_parameter_names(model)
+        state, frozen = model.state_dict(), frozen_parameters(model).keys()
         aliases: dict[tuple[int, tuple[int, ...]], set[str]] = {}  # tied weights are written once, under one of their names
         for name, tensor in state.items():
             aliases.setdefault((tensor.data_ptr(), tuple(tensor.shape)), set()).add(name)
@@ -106,7 +105,7 @@ def save_checkpoint(accelerator: Any, out_dir: Path, step: int, total_steps: int
             """accelerate's save-state hook: each model's state loses its frozen parameters, and their digest is kept."""
             for model, state in zip(models, weights):
                 fingerprints.append(frozen_fingerprint(model))
-                for name in frozen_parameter_names(model):
+                for name in frozen_parameters(model):
                     state.pop(name, None)
 
         hook = accelerator.register_save_state_pre_hook(save_without_frozen)
