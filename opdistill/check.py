@@ -177,18 +177,19 @@ def check_alignment(report: CheckReport, label: str, name: str, config: RunConfi
     mapping, and the two chat templates' renderings of the first record. A pair whose decodings disagree on the text
     itself cannot be aligned: one error with its fix."""
     from .models import load_tokenizer
-    from .teachers.alignment import alignment_stats, cross_tokenize, same_vocabulary
+    from .teachers.alignment import alignment_stats, cross_tokenize, end_of_turn_id, same_vocabulary
 
-    try:
-        teacher = load_tokenizer(name, chat_template=config.chat_template, trust_remote_code=config.trust_remote_code)
+    try:  # the teacher keeps its own chat template: `chat_template:` overrides the student's
+        teacher = load_tokenizer(name, trust_remote_code=config.trust_remote_code)
     except OpdistillError as err:
         report.fail(label, err.message, err.fix)
         return
     kind = "responses" if any(r.response for r in records) else "prompts"
     texts = [r.response if kind == "responses" else r.messages[-1]["content"] for r in records if (r.response or kind == "prompts")][:64]
     try:
-        alignments = [cross_tokenize(student, teacher, student(t.strip(), add_special_tokens=False)["input_ids"] + [student.eos_token_id], True)
-                      for t in texts]
+        end_id = end_of_turn_id(teacher)
+        alignments = [cross_tokenize(student, teacher, student(t.strip(), add_special_tokens=False)["input_ids"] + [student.eos_token_id], True,
+                                     teacher_end_id=end_id) for t in texts]
     except OpdistillError as err:
         report.fail(f"{label} alignment", err.message, err.fix)
         return
@@ -198,14 +199,14 @@ def check_alignment(report: CheckReport, label: str, name: str, config: RunConfi
     report.ok(f"{label} alignment", f"{len(texts)} {kind} of the data: {stats['shared_boundaries']:.1%} of the student's token boundaries "
               f"are shared, {stats['one_to_one_chars']:.1%} of characters in one-to-one spans; a span holds "
               f"{stats['mean_student_tokens']:.2f} student and {stats['mean_teacher_tokens']:.2f} teacher tokens on average")
-    report.ok(f"{label} end token", f"student {student.eos_token!r} (id {student.eos_token_id}) maps to teacher {teacher.eos_token!r} "
-              f"(id {teacher.eos_token_id}); a response cut by the horizon gets no end span")
+    report.ok(f"{label} end token", f"student {student.eos_token!r} (id {student.eos_token_id}) maps to the teacher's end of turn "
+              f"{teacher.convert_ids_to_tokens(end_id)!r} (id {end_id}, from its chat template); a response cut by the horizon gets no end span")
     messages = records[0].messages
     try:
         theirs = teacher.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     except Exception as err:  # noqa: BLE001 - a tokenizer without a usable template raises any of several types
         report.fail(f"{label} chat template", f"{name} cannot render {records[0].source} with its chat template: {err}",
-                    "set chat_template (it then applies to both), or pick a teacher with a chat template")
+                    "pick a teacher whose tokenizer has a chat template (`chat_template:` applies to the student only)")
         return
     ours = student.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     same = "the same text" if ours == theirs else f"student ends {ours[-40:]!r}, teacher ends {theirs[-40:]!r}"

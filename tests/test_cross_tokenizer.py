@@ -73,7 +73,7 @@ def test_different_vocabularies_really_differ(tiny_model, other_teacher):
     assert len(a) != len(b) and a("a naïve café", add_special_tokens=False)["input_ids"] != b("a naïve café", add_special_tokens=False)["input_ids"]
 
 
-@pytest.mark.parametrize("estimator", ["k1", "k3", "reward"])
+@pytest.mark.parametrize("estimator", ["reward", "reward_to_go"])
 def test_with_the_same_tokenizer_cross_tokenizer_trains_exactly_todays_student(tiny_model, tmp_path, estimator):
     teacher = build_tiny_model(tmp_path / "teacher", seed=9)  # the student's tokenizer, other weights
     records = data(tmp_path / "d.jsonl")
@@ -87,10 +87,10 @@ def test_with_the_same_tokenizer_cross_tokenizer_trains_exactly_todays_student(t
 
 def test_a_teacher_of_another_tokenizer_trains_locally_and_served_to_the_same_student(tiny_model, other_teacher, served, tmp_path):
     records = data(tmp_path / "d.jsonl")
-    common = ("divergence=k3", "cross_tokenizer=true")
+    common = ("divergence=reward_to_go", "cross_tokenizer=true")
     train(load_config(None, overrides(tiny_model, records, tmp_path / "local", f"teacher={other_teacher}", *common)))
     with pytest.raises(OpdistillError, match="different vocabulary"):  # without cross_tokenizer the pair is refused as before
-        train(load_config(None, overrides(tiny_model, records, tmp_path / "refused", f"teacher={other_teacher}", "divergence=k3")))
+        train(load_config(None, overrides(tiny_model, records, tmp_path / "refused", f"teacher={other_teacher}", "divergence=reward_to_go")))
     train(load_config(None, overrides(tiny_model, records, tmp_path / "remote", f"teacher_url={served}", "teacher_model=other",
                                       f"teacher_api_key_env={KEY_ENV}", f"teacher_tokenizer={other_teacher}", *common)))
     local, remote = weights(tmp_path / "local" / "student"), weights(tmp_path / "remote" / "student")
@@ -104,7 +104,7 @@ def test_a_teacher_of_another_tokenizer_trains_locally_and_served_to_the_same_st
 
 def test_check_prints_the_alignment_table(tiny_model, other_teacher, tmp_path):
     config = load_config(None, overrides(tiny_model, data(tmp_path / "d.jsonl"), tmp_path / "c", f"teacher={other_teacher}",
-                                         "divergence=k1", "cross_tokenizer=true"))
+                                         "divergence=reward", "cross_tokenizer=true"))
     report = preflight(config, load_tokenizer(str(tiny_model)))
     text = "\n".join(report.lines())
     assert not report.problems, text
@@ -114,7 +114,7 @@ def test_check_prints_the_alignment_table(tiny_model, other_teacher, tmp_path):
 
 
 def test_a_full_vocabulary_divergence_is_refused_with_cross_tokenizer(tiny_model, other_teacher, tmp_path):
-    with pytest.raises(OpdistillError, match="use divergence: k1, k3 or reward"):
+    with pytest.raises(OpdistillError, match="use divergence: reward or reward_to_go"):
         load_config(None, overrides(tiny_model, data(tmp_path / "d.jsonl"), tmp_path / "c", f"teacher={other_teacher}",
                                     "divergence=rkl", "cross_tokenizer=true"))
 
@@ -136,7 +136,7 @@ def test_a_pair_that_cannot_be_aligned_gets_one_error_with_its_fix(tiny_model, t
 
     LlamaConfig(vocab_size=3, hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2).save_pretrained(tmp_path / "lossy")
     config = load_config(None, overrides(tiny_model, data(tmp_path / "d.jsonl"), tmp_path / "c", f"teacher={tiny_model}",
-                                         "divergence=k1", "cross_tokenizer=true"))
+                                         "divergence=reward", "cross_tokenizer=true"))
     from opdistill.check import CheckReport, check_alignment
     from opdistill.data import load_records
 
@@ -144,3 +144,19 @@ def test_a_pair_that_cannot_be_aligned_gets_one_error_with_its_fix(tiny_model, t
     check_alignment(report, "teacher", str(tmp_path / "lossy"), config, load_tokenizer(str(tiny_model)), load_records(str(tmp_path / "d.jsonl")))
     assert len(report.problems) == 1 and "cannot be aligned" in report.problems[0].message
     assert "gad" in report.problems[0].fix
+
+
+def test_a_local_and_a_served_teacher_together_train_with_a_sampled_estimator(tiny_model, other_teacher, served, tmp_path):
+    """Records that name a local teacher and records that name a served one in the same steps: every teacher's answer
+    is reduced to its token log-probs before they meet (the local one's full logits and the served one's top-k used to
+    be concatenated, and failed)."""
+    records = tmp_path / "mixed.jsonl"
+    records.write_text("".join(json.dumps({"prompt": f"Tell me fact {i} about the sea.", "teacher": "near" if i % 2 else "far"}) + "\n"
+                               for i in range(8)), encoding="utf-8")
+    out = tmp_path / "mixed"
+    train(load_config(None, overrides(tiny_model, records, out, "divergence=reward_to_go", "cross_tokenizer=true",
+                                      f"teachers={{near: {other_teacher}, far: '{served}#other'}}", f"teacher_tokenizers={{far: {other_teacher}}}",
+                                      f"teacher_api_key_env={KEY_ENV}")))
+    steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"kl"' in line]
+    assert len(steps) == 2 and all(row["kl"] == row["kl"] and row["teacher_cache_rows"] > 0 for row in steps)
+    assert any(not torch.equal(p, q) for p, q in zip(weights(out / "student").values(), weights(tiny_model).values()))

@@ -16,6 +16,7 @@ from opdistill.methods.opd import beta_at, response_logits
 from opdistill.models import load_model, load_tokenizer, shared_vocabulary_size
 from opdistill.objectives.divergences import per_token
 from opdistill.rollout import horizon_at
+from opdistill.teachers.logprob import LocalTeacher
 
 from conftest import build_tiny_model
 
@@ -50,6 +51,19 @@ def tiny_teacher(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("teacher") / "model", seed=7)
 
 
+@pytest.fixture(scope="module")
+def sharp_teacher(tiny_teacher, tmp_path_factory) -> Path:
+    """tiny_teacher with its final norm scaled up: peaked next-token distributions, several nats of reverse KL from the
+    near-uniform random student, so a sampled estimator's progress shows above its sampling noise."""
+    model = load_model(str(tiny_teacher))
+    with torch.no_grad():
+        model.model.norm.weight.mul_(25.0)
+    out = tmp_path_factory.mktemp("sharp") / "model"
+    model.save_pretrained(out, safe_serialization=True)
+    load_tokenizer(str(tiny_teacher)).save_pretrained(out)
+    return out
+
+
 @pytest.mark.parametrize("kind", ["rkl", "fkl", "jsd"])
 def test_opd_steps_lower_the_divergence_to_the_teacher(tiny_model, tiny_teacher, selfinstruct, tmp_path, kind):
     out = tmp_path / kind
@@ -73,6 +87,27 @@ def test_self_distillation_with_a_privileged_system_prompt_runs_and_moves_the_st
 
 
 def test_lora_self_distillation_uses_the_base_weights_as_teacher(tiny_model, selfinstruct, tmp_path):
+    """With LoRA and no `teacher:`, the run's default teacher is the student with its adapters off: once the adapters
+    have moved, it scores like a fresh copy of the base model and unlike the current student."""
+    from opdistill.models import apply_lora
+    from opdistill.teachers.factory import build_teachers
+    from opdistill.teachers.logprob import TeacherRow
+
+    config = load_config(None, opd_overrides(tiny_model, selfinstruct, tmp_path, teacher_system="Be brief.", lora_r=4))
+    tokenizer = load_tokenizer(str(tiny_model))
+    student = apply_lora(load_model(str(tiny_model)), r=4, alpha=8, dropout=0.0, target_modules="all-linear")
+    with torch.no_grad():
+        for name, parameter in student.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0.0, 0.5)  # the adapters have trained
+    teachers = build_teachers(config, tokenizer, lambda: student, 384, torch.float32, torch.device("cpu"), tmp_path)
+    rows = [TeacherRow(render_prompt(tokenizer, [{"role": "user", "content": "Say hello"}]),
+                       tokenizer("hello there friend", add_special_tokens=False)["input_ids"])]
+    scored = teachers.token_logprobs(rows, [""])[0]
+    base = LocalTeacher(load_model(str(tiny_model)).eval(), tokenizer.pad_token_id).token_logprobs(rows)
+    current = LocalTeacher(student, tokenizer.pad_token_id).token_logprobs(rows)
+    torch.testing.assert_close(scored, base, rtol=0, atol=1e-5)
+    assert (scored - current).abs().max() > 1e-2
     out = tmp_path / "lora"
     train(load_config(None, opd_overrides(tiny_model, selfinstruct, out, teacher_system="Be brief.", lora_r=4, lr="1e-2")))
     assert metric_lines(out)[0]["loss"] > 0
@@ -90,11 +125,65 @@ def test_mixing_and_schedules_are_logged(tiny_model, selfinstruct, tmp_path):
     assert lines[0]["beta"] == 0.0 and lines[-1]["beta"] == pytest.approx(0.7)
 
 
-@pytest.mark.parametrize("estimator", ["k1", "k3", "reward"])
-def test_sampled_token_estimators_run(tiny_model, tiny_teacher, selfinstruct, tmp_path, estimator):
-    out = tmp_path / estimator
-    summary = train(load_config(None, opd_overrides(tiny_model, selfinstruct, out, teacher=str(tiny_teacher), divergence=estimator, max_steps=2)))
-    assert summary["steps"] == 2
+def _one_step_student(tiny_model, teacher, selfinstruct, out, **extra):
+    train(load_config(None, opd_overrides(tiny_model, selfinstruct, out, teacher=str(teacher), max_steps=1, **extra)))
+    return [p.detach().clone() for p in load_model(str(out / "student")).parameters()]
+
+
+@pytest.mark.parametrize("estimator", ["reward", "reward_to_go"])
+def test_sampled_token_estimators_follow_the_teacher_and_log_the_reverse_kl(tiny_model, sharp_teacher, tiny_teacher, selfinstruct,
+                                                                            tmp_path, estimator):
+    """One seeded step from the same student: the update depends on the teacher (k1 as a loss gave every teacher the
+    same update), and the two estimators update differently. The logged `kl` is the samples' reverse KL per token,
+    several nats against the sharp teacher. (That each estimator's expected gradient is its objective's is
+    tests/test_estimators.py's exact check; sampled updates on this tiny model are too noisy to show a trend in a few
+    steps.)"""
+    first = _one_step_student(tiny_model, sharp_teacher, selfinstruct, tmp_path / "a", divergence=estimator)
+    second = _one_step_student(tiny_model, tiny_teacher, selfinstruct, tmp_path / "b", divergence=estimator)
+    assert any(not torch.equal(p, q) for p, q in zip(first, second))
+    other = _one_step_student(tiny_model, sharp_teacher, selfinstruct, tmp_path / "c",
+                              divergence="reward" if estimator == "reward_to_go" else "reward_to_go")
+    assert any(not torch.equal(p, q) for p, q in zip(first, other))
+    assert metric_lines(tmp_path / "a")[0]["kl"] > 3.0
+
+
+def test_reward_to_go_with_a_leave_one_out_baseline_changes_the_update(tiny_model, sharp_teacher, selfinstruct, tmp_path):
+    plain = _one_step_student(tiny_model, sharp_teacher, selfinstruct, tmp_path / "plain", divergence="reward_to_go", samples_per_prompt=2)
+    loo = _one_step_student(tiny_model, sharp_teacher, selfinstruct, tmp_path / "loo", divergence="reward_to_go", samples_per_prompt=2,
+                            baseline="loo")
+    assert any(not torch.equal(p, q) for p, q in zip(plain, loo))
+    assert all(torch.isfinite(p).all() for p in loo)
+    with pytest.raises(ConfigError, match="baseline: loo"):
+        load_config(None, opd_overrides(tiny_model, selfinstruct, tmp_path, divergence="reward_to_go", baseline="loo"))
+
+
+@pytest.mark.parametrize("retired", ["k1", "k3"])
+def test_k1_and_k3_as_losses_are_refused_with_what_to_use(tiny_model, selfinstruct, tmp_path, retired):
+    with pytest.raises(ConfigError, match=f"divergence: {retired} is retired") as error:
+        load_config(None, opd_overrides(tiny_model, selfinstruct, tmp_path, divergence=retired))
+    assert "reward_to_go" in error.value.fix
+
+
+@pytest.mark.parametrize("settings", [{"temperature": 0.5}, {"top_p": 0.5}, {"temperature": 0.5, "top_p": 0.5},
+                                      {"distill_temperature": 2.0}])
+@pytest.mark.parametrize("estimator", ["reward", "reward_to_go"])
+def test_a_sampled_estimator_must_sample_the_policy_it_differentiates(tiny_model, selfinstruct, tmp_path, settings, estimator):
+    """T != distill_temperature or top-p < 1 samples another policy than the one differentiated: refused with the fix
+    (Veto's recommended T 0.5 / top-p 0.5 included), while a full-vocabulary divergence may sample at them."""
+    with pytest.raises(ConfigError, match="another policy") as error:
+        load_config(None, opd_overrides(tiny_model, selfinstruct, tmp_path, divergence=estimator, **settings))
+    assert "top_p: 1" in error.value.fix
+    matched = load_config(None, opd_overrides(tiny_model, selfinstruct, tmp_path, divergence=estimator, temperature=2.0, distill_temperature=2.0))
+    assert matched.temperature == matched.distill_temperature == 2.0
+    assert load_config(None, opd_overrides(tiny_model, selfinstruct, tmp_path, divergence="veto_fkl", temperature=0.5, top_p=0.5)).top_p == 0.5
+
+
+def test_divergence_auto_is_rkl_or_the_cross_tokenizer_default(tiny_model, selfinstruct, tmp_path):
+    from opdistill.methods.opd import CROSS_TOKENIZER_DEFAULT
+
+    assert load_config(None, opd_overrides(tiny_model, selfinstruct, tmp_path)).divergence == "rkl"
+    cross = load_config(None, opd_overrides(tiny_model, selfinstruct, tmp_path, cross_tokenizer="true"))
+    assert cross.divergence == CROSS_TOKENIZER_DEFAULT == "reward_to_go"
 
 
 def test_horizon_schedules():
@@ -108,8 +197,13 @@ def test_horizon_schedules():
 
 
 def test_beta_schedule():
-    assert beta_at(0, 11, 0.8, 0.0) == 0.8 and beta_at(10, 11, 0.8, 0.0) == 0.0 and beta_at(5, 11, 0.8, 0.0) == pytest.approx(0.4)
-    assert beta_at(7, 11, 0.3, -1.0) == 0.3
+    """Veto's β anneals linearly to 0 by default, as its reference code does (0.3 -> 0 unless set); jsd's is constant."""
+    assert beta_at(0, 11, "veto_fkl", 0.8, 0.0) == 0.8 and beta_at(10, 11, "veto_fkl", 0.8, 0.0) == 0.0
+    assert beta_at(5, 11, "veto_fkl", 0.8, 0.0) == pytest.approx(0.4)
+    assert beta_at(0, 11, "veto_rkl", -1.0, -1.0) == 0.3 and beta_at(10, 11, "veto_rkl", -1.0, -1.0) == 0.0
+    assert beta_at(5, 11, "veto_rkl", 0.8, -1.0) == pytest.approx(0.4), "a set β anneals without beta_end"
+    assert beta_at(7, 11, "veto_rkl", 0.3, 0.3) == 0.3, "beta_end = beta keeps it constant"
+    assert beta_at(7, 11, "jsd", -1.0, -1.0) == 0.5 and beta_at(7, 11, "jsd", 0.2, -1.0) == 0.2
 
 
 def test_teacher_views():
@@ -137,7 +231,7 @@ def test_opd_config_rejects_contradictions():
     with pytest.raises(ConfigError, match="beta_end schedules Veto"):
         load_config(None, ["method=opd", "data=x.jsonl", "divergence=rkl", "beta_end=0.5"])
     with pytest.raises(ConfigError, match="top_k restricts"):
-        load_config(None, ["method=opd", "data=x.jsonl", "divergence=k3", "top_k=8"])
+        load_config(None, ["method=opd", "data=x.jsonl", "divergence=reward", "top_k=8"])
     with pytest.raises(ConfigError, match="truncated needs"):
         load_config(None, ["method=opd", "data=x.jsonl", "horizon=truncated"])
 

@@ -1,14 +1,17 @@
 """A remote white-box teacher against a real `opdistill serve` on 127.0.0.1: same answers as the local teacher,
-the same student, a durable cache across kill -9 and repeated runs, retried faults, a refused key.
+the same student, a durable cache across kill -9 and repeated runs (bounded in bytes, resumable from any kept
+checkpoint), retried faults, a refused key, vLLM's -9999.0 read as -inf, and no Python 3.11-only asyncio.
 
 Between client and server sits a small forwarding proxy (real HTTP both ways) that records every request body
 and can fail a share of them with HTTP 500, as a flaky provider would."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -32,7 +35,8 @@ from opdistill.models import load_model, load_tokenizer
 from opdistill.serve import ServeOptions, make_server
 from opdistill.teachers.logprob import LocalTeacher, TeacherRow
 from opdistill.teachers.api import RetryPolicy
-from opdistill.teachers.remote import CachedRow, RemoteTeacher, row_key
+from opdistill.teachers import remote as remote_module
+from opdistill.teachers.remote import RemoteTeacher, row_key
 
 REPO = Path(__file__).resolve().parents[1]
 KEY_ENV = "OPD_REMOTE_TEACHER_TEST_KEY"
@@ -276,8 +280,9 @@ def test_kill_9_mid_run_and_resume_never_request_a_cached_row_twice(tiny_model, 
     assert finished.returncode == 0, finished.stderr[-2000:]
     # The resumed run asks exactly for the rows of steps 2..5 the cache lacked: never one it held.
     assert len(proxy.prompts()) - before == (6 - resume_step) * 4 - len(held_rows) + PROBE
-    # Compacted at every checkpoint: after the last one (step 6) no row is kept, as no resume could ask for one.
-    assert cache_lines(cache) == []
+    # Compacted at every checkpoint: after the last one (step 6) only the rows of step 5 stay, which a resume from the
+    # older kept checkpoint (5) would ask for.
+    assert sorted(row["step"] for row in cache_lines(cache)) == [5] * 4
 
 
 def test_all_rows_of_a_step_are_in_flight_at_once_through_one_client(tiny_model, served, tmp_path):
@@ -309,20 +314,66 @@ def test_one_client_serves_every_call_over_kept_alive_connections(teacher, proxy
     assert len(proxy.connections) <= 2  # a client per call would have opened a connection per call at least (5)
 
 
+def worst_line_bytes(tokens: int, k: int) -> int:
+    """The widest cache line a row of `tokens` response tokens at `k` can take: 3-digit ids (the tiny vocabulary), the
+    longest float repr, a 2-digit step."""
+    worst = -1.2345678901234567e-05
+    return len(json.dumps({"key": "0" * 64, "step": 23, "top_ids": [[383] * k] * tokens, "top_logprobs": [[worst] * k] * tokens,
+                           "token_logprobs": [worst] * tokens})) + 1
+
+
+def cache_metrics(out: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"teacher_cache_rows"' in line]
+
+
 def test_the_cache_stays_bounded_over_a_long_run(tiny_model, proxy, tmp_path):
-    """24 steps of 4 rows, a checkpoint every 2 steps: the cache holds at most the rows of 2 steps, in memory and on disk,
-    where keeping every row would hold 96."""
+    """24 steps of 4 rows, a checkpoint every 2 steps: the cache holds at most the rows of the 2 kept checkpoints' steps
+    (4 steps), in memory and on disk, where keeping every row would hold 96."""
     out = tmp_path / "run"
     train(load_config(None, overrides(tiny_model, records(tmp_path / "data.jsonl", 32), out, *remote(proxy.url), "max_steps=24",
-                                      "checkpoint_every=2", "max_response_tokens=8")))
-    steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"teacher_cache_rows"' in line]
+                                      "checkpoint_every=2", "keep_checkpoints=2", "max_response_tokens=8")))
+    steps = cache_metrics(out)
     assert len(steps) == 24 and len(proxy.prompts()) == 24 * 4 + PROBE
-    # The widest line a row of 8 tokens at k = 5 can take: the longest id (3 digits) and the longest float32 repr.
-    worst = CachedRow(torch.full((8, 5), 383, dtype=torch.int32), torch.full((8, 5), -1.2345678e-05), torch.full((8,), -1.2345678e-05), 23)
-    bound_rows, bound_bytes = 2 * 4, 2 * 4 * (len(json.dumps(worst.to_json("0" * 64))) + 1)
+    bound_rows, bound_bytes = 4 * 4, 4 * 4 * worst_line_bytes(8, 5)
     assert max(s["teacher_cache_rows"] for s in steps) == bound_rows  # reached (so measured), never passed
     assert all(s["teacher_cache_bytes"] <= bound_bytes for s in steps), (max(s["teacher_cache_bytes"] for s in steps), bound_bytes)
-    assert cache_lines(out / "teacher_cache.jsonl") == []  # compacted at the final checkpoint
+    # After the final checkpoint (24) the older kept one (22) may still be resumed from: its 2 steps of rows stay.
+    assert sorted({row["step"] for row in cache_lines(out / "teacher_cache.jsonl")}) == [22, 23]
+
+
+def test_the_cache_stays_flat_over_a_long_run_without_checkpoints(tiny_model, proxy, tmp_path):
+    """checkpoint_every 0: no checkpoint compacts the cache until the end, so only its byte bound holds it (set here to
+    about 2 steps of rows): disk never passes it, memory (an index of the rows on disk) stays as flat, and no row is
+    asked twice."""
+    bound = 2 * 4 * worst_line_bytes(8, 5)
+    out = tmp_path / "run"
+    train(load_config(None, overrides(tiny_model, records(tmp_path / "data.jsonl", 32), out, *remote(proxy.url), "max_steps=24",
+                                      "checkpoint_every=0", "max_response_tokens=8", f"teacher_cache_max_bytes={bound}")))
+    steps = cache_metrics(out)
+    assert len(steps) == 24 and len(proxy.prompts()) == 24 * 4 + PROBE == len(set(proxy.prompts()))
+    sizes, rows = [s["teacher_cache_bytes"] for s in steps], [s["teacher_cache_rows"] for s in steps]
+    assert max(sizes) <= bound and max(sizes) > bound / 2  # never past the bound, and reached (so measured)
+    assert max(rows) < 24 * 4 / 4  # it held a fraction of the run's 96 rows
+    assert max(rows[12:]) <= bound // 100  # a line is over 100 bytes (its key alone is 64): rows <= bound / 100, flat
+    assert cache_lines(out / "teacher_cache.jsonl") == []  # the final checkpoint (24) is the only one: no row can be asked again
+
+
+def test_a_resume_from_the_older_kept_checkpoint_finds_its_rows(tiny_model, proxy, tmp_path):
+    """Checkpoints at steps 2 and 4 are kept; with the newest deleted, the rerun resumes from step 2 and reads steps 2
+    and 3 from the cache: it sends the server nothing but the pre-flight probe, and trains the same student."""
+    out = tmp_path / "run"
+    config = overrides(tiny_model, records(tmp_path / "data.jsonl", 16), out, *remote(proxy.url), "max_steps=4", "checkpoint_every=2",
+                       "keep_checkpoints=2")
+    train(load_config(None, config))
+    first = weights(out / "student")
+    assert [p.name for p in sorted((out / "checkpoints").glob("step-*"))] == ["step-000002", "step-000004"]
+    assert sorted({row["step"] for row in cache_lines(out / "teacher_cache.jsonl")}) == [2, 3]
+    shutil.rmtree(out / "checkpoints" / "step-000004")
+    asked = len(proxy.prompts())
+    train(load_config(None, config))
+    assert len(proxy.prompts()) - asked == PROBE  # every row of steps 2 and 3 came from the cache
+    again = weights(out / "student")
+    assert all(torch.equal(again[name], first[name]) for name in first)
 
 
 # ---------------------------------------------------------------- answers a retry cannot fix (issue 27 §4)
@@ -414,3 +465,104 @@ def test_a_body_that_may_come_back_right_is_retried_and_then_cached(tmp_path: Pa
         server.server_close()
     assert server.asked[tuple(GOOD.prompt + GOOD.response)] == 2
     assert scores.top_ids.tolist() == [[5, 9], [6, 9]] and scores.token_logprobs.tolist() == [-1.0, -1.0]
+
+
+def test_the_cache_file_stays_within_its_byte_bound_and_an_evicted_row_is_asked_again(tmp_path: Path) -> None:
+    server = running(Scripted(body_for))
+    rows = [TeacherRow([1, 10 + i], [5, 6]) for i in range(12)]  # equal-width lines: the same ids, a 1- or 2-digit step
+    try:
+        probe = RemoteTeacher(server.url, "m", k=2, vocab=100, cache_path=tmp_path / "probe.jsonl")
+        probe.score([TeacherRow([1, 2], [5, 6])], step=10)
+        line, bound = probe.cache_bytes(), 4 * probe.cache_bytes()  # room for 4 rows; past it, the newest 2 are kept
+        probe.close()
+        cache = tmp_path / "cache.jsonl"
+        teacher = RemoteTeacher(server.url, "m", k=2, vocab=100, cache_path=cache, cache_max_bytes=bound)
+        answers = []
+        for step, row in enumerate(rows):
+            answers.append(teacher.score([row], step=step))
+            assert teacher.cache_bytes() == cache.stat().st_size <= bound and len(teacher.cached) <= 4
+        assert teacher.cache_bytes() > line  # the bound was reached, not everything dropped
+        kept = set(teacher.cached)
+        teacher.close()
+        reopened = RemoteTeacher(server.url, "m", k=2, vocab=100, cache_path=cache, cache_max_bytes=bound)
+        assert set(reopened.cached) == kept and row_key(reopened.name, 2, rows[-1]) in kept
+        again = reopened.score([rows[0], rows[-1]], step=12)  # rows[0] was let go: asked again; rows[-1] is read back
+        reopened.close()
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert server.asked[tuple(rows[0].prompt + rows[0].response)] == 2 and server.asked[tuple(rows[-1].prompt + rows[-1].response)] == 1
+    assert torch.equal(again.token_logprobs, torch.cat([answers[0].token_logprobs, answers[-1].token_logprobs]))
+
+
+def test_minus_9999_is_read_as_minus_infinity_and_the_cache_keeps_it(tmp_path: Path) -> None:
+    """vLLM sends a ruled-out token's -inf as -9999.0 (JSON has no infinity): read as -inf, in the token log-probs and
+    the top-k alike, written to the cache as -Infinity and read back from it as -inf. -9998.5 is a real log-prob."""
+    def answer(prompt: list[int]) -> str:
+        body = json.loads(body_for(prompt))
+        entries = body["choices"][0]["prompt_logprobs"]
+        entries[2]["9"]["logprob"] = -9998.5
+        entries[3][str(prompt[3])]["logprob"] = -9999.0
+        entries[3]["9"]["logprob"] = -1e30
+        return json.dumps(body)
+
+    server = running(Scripted(answer))
+    cache = tmp_path / "cache.jsonl"
+    try:
+        first = RemoteTeacher(server.url, "m", k=2, vocab=100, cache_path=cache)
+        fresh = first.score([GOOD])
+        first.close()
+        cached = RemoteTeacher(server.url, "m", k=2, vocab=100, cache_path=cache)
+        read_back = cached.score([GOOD])
+        cached.close()
+    finally:
+        server.shutdown()
+        server.server_close()
+    inf = float("-inf")
+    for scores in (fresh, read_back):
+        assert scores.token_logprobs.tolist() == [-1.0, inf]
+        assert scores.top_logprobs.tolist() == [[-1.0, -9998.5], [inf, inf]] and scores.top_ids.tolist() == [[5, 9], [6, 9]]
+    assert server.asked[tuple(GOOD.prompt + GOOD.response)] == 1  # the second teacher read the row from the cache
+    assert "-Infinity" in cache.read_text() and "9999" not in cache.read_text().replace("-9998.5", "")
+
+
+def test_scoring_needs_no_python_3_11_task_group_and_a_failure_cancels_the_rows_in_flight(tmp_path: Path, monkeypatch) -> None:
+    """pyproject promises Python 3.10, which has neither asyncio.TaskGroup nor exception groups: with them taken away
+    a batch still scores, and a row that fails stops the batch at once (the slow row beside it is cancelled, not
+    awaited, left running or cached) with the same error as before."""
+    slow, release = TeacherRow([1, 4], [5, 6]), threading.Event()
+
+    def answer(prompt: list[int]) -> str:
+        if prompt == slow.prompt + slow.response:
+            release.wait(60)
+        return body_for(prompt, (lambda e, t: e.clear()) if prompt == BAD.prompt + BAD.response else None)
+
+    server = running(Scripted(answer))
+    teacher = RemoteTeacher(server.url, "m", k=2, vocab=100, cache_path=tmp_path / "cache.jsonl", concurrency=2,
+                            policy=RetryPolicy(max_attempts=1))
+    try:
+        with monkeypatch.context() as python310:
+            python310.delattr(asyncio, "TaskGroup")
+            # Gone for the client's module only (httpx's anyio uses the built-in ones on 3.11): an `except` naming one
+            # would raise TypeError, as the name would be undefined on 3.10.
+            for name in ("BaseExceptionGroup", "ExceptionGroup"):
+                python310.setattr(remote_module, name, None, raising=False)
+            scores = teacher.score([GOOD])
+            started = time.monotonic()
+            try:
+                teacher.score([slow, BAD])
+                caught = None
+            except OpdistillError as err:
+                caught = err
+            waited = time.monotonic() - started
+            assert teacher._session.loop is not None
+            left = asyncio.all_tasks(teacher._session.loop)
+    finally:
+        release.set()
+        teacher.close()
+        server.shutdown()
+        server.server_close()
+    assert scores.top_ids.tolist() == [[5, 9], [6, 9]]
+    assert caught is not None and "row 1 of the batch, response token 1 (prompt_logprobs[3]) lacks the response token 8" in caught.message
+    assert waited < 30 and not left  # the slow row (held 60 s) was cancelled at the failure, and nothing is left running
+    assert row_key(teacher.name, 2, slow) not in teacher.cached and row_key(teacher.name, 2, GOOD) in teacher.cached

@@ -2,7 +2,8 @@
 
 Invariants checked against independent references: a span boundary is a place where both sides' prefix decodings
 agree (decoded here prefix by prefix, O(n²)); span sums match a Python loop; with one tokenizer on both sides every
-span is one token and the span estimators equal today's per-token ones exactly (float64, torch.equal)."""
+span is one token and the span estimators equal the per-token ones exactly (float64, torch.equal). What each estimator's
+expected gradient is, is checked by exact expectation in tests/test_estimators.py."""
 
 from __future__ import annotations
 
@@ -14,9 +15,8 @@ import torch
 from opdistill.data import builtin_prompts_path
 from opdistill.errors import OpdistillError
 from opdistill.models import load_tokenizer
-from opdistill.objectives.divergences import reward_policy_gradient
-from opdistill.objectives.policy import kl_k1, kl_k3
-from opdistill.objectives.spans import ESTIMATORS, span_ids, span_log_ratio, span_sums, span_token_losses, spread
+from opdistill.objectives.spans import (ESTIMATORS, rewards_to_go, sampled_kl_losses, span_index, span_rewards, span_sums,
+                                        token_spans)
 from opdistill.teachers.alignment import (align_spans, alignment_stats, boundary_ends, cross_tokenize, decode_text,
                                           token_char_spans)
 
@@ -28,7 +28,6 @@ TEXTS = [
     "  leading spaces, \t\ttabs,\n\n\nnewlines   and    runs      of spaces  \n",
     "def f(x):\n    return x ** 2  # code\n",
 ]
-PER_TOKEN = {"k1": kl_k1, "k3": kl_k3, "reward": reward_policy_gradient}
 
 
 def _corpus() -> list[str]:
@@ -117,35 +116,46 @@ def test_span_sums_match_a_loop_and_are_differentiable():
     assert sums[12].item() == 0.0
     sums.sum().backward()
     assert torch.equal(values.grad, torch.ones_like(values))
-    shares = spread(torch.arange(13, dtype=torch.float64), ids, 13)
-    counts = torch.bincount(ids, minlength=13)
-    assert torch.allclose(span_sums(shares, ids, 13)[counts > 0], torch.arange(13, dtype=torch.float64)[counts > 0])
     with pytest.raises(ValueError):
         span_sums(values, ids[:3], 13)
 
 
-def test_span_ids_number_spans_across_rows():
-    student, teacher, n = span_ids([[(0, 2, 0, 1), (2, 3, 1, 4)], [(0, 1, 0, 2)]])
-    assert n == 3 and student.tolist() == [0, 0, 1, 2] and teacher.tolist() == [0, 1, 1, 1, 2, 2]
+def test_span_index_numbers_spans_across_rows():
+    index = span_index([[(0, 2, 0, 1), (2, 3, 1, 4)], [(0, 1, 0, 2)]])
+    assert index.n_spans == 3 and index.spans_per_row == (2, 1)
+    assert index.student_ids.tolist() == [0, 0, 1, 2] and index.teacher_ids.tolist() == [0, 1, 1, 1, 2, 2]
     with pytest.raises(ValueError, match="consecutive"):
-        span_ids([[(0, 2, 0, 1), (3, 4, 1, 2)]])
+        span_index([[(0, 2, 0, 1), (3, 4, 1, 2)]])
 
 
 def test_multi_token_spans_follow_the_chain_rule():
-    """Two student tokens against three teacher tokens: the span's value is the per-token formula at the span sums,
-    split evenly over the student's tokens; the gradient reaches each of the span's tokens."""
-    ls = torch.tensor([-0.5, -1.25, -0.1], dtype=torch.float64, requires_grad=True)
-    lt = torch.tensor([-0.2, -0.3, -0.4, -0.05], dtype=torch.float64)
-    s_ids, t_ids, n = span_ids([[(0, 2, 0, 3), (2, 3, 3, 4)]])
-    r = span_log_ratio(ls, lt, s_ids, t_ids, n)
-    assert torch.allclose(r, torch.tensor([-1.75 + 0.9, -0.1 + 0.05], dtype=torch.float64), atol=1e-15)
-    for kind in ESTIMATORS:
-        losses = span_token_losses(kind, ls, lt, s_ids, t_ids, n)
-        value = PER_TOKEN[kind](ls[:2].sum(), lt[:3].sum())
-        assert torch.allclose(losses[:2], (value / 2).expand(2), atol=1e-15)
-    losses = span_token_losses("reward", ls, lt, s_ids, t_ids, n)
+    """Two student tokens against three teacher tokens, then one against one: a span's reward is the difference of the
+    span sums; every student token of a span gets its span's advantage (reward) or reward-to-go, rows kept apart."""
+    ls = torch.tensor([-0.5, -1.25, -0.1, -2.0], dtype=torch.float64, requires_grad=True)
+    lt = torch.tensor([-0.2, -0.3, -0.4, -0.05, -1.0], dtype=torch.float64)
+    index = span_index([[(0, 2, 0, 3), (2, 3, 3, 4)], [(0, 1, 0, 1)]])
+    r = span_rewards(ls, lt, index)
+    assert torch.allclose(r, torch.tensor([-0.9 + 1.75, -0.05 + 0.1, -1.0 + 2.0], dtype=torch.float64), atol=1e-15)
+    assert torch.allclose(rewards_to_go(r, index.spans_per_row), torch.stack([r[0] + r[1], r[1], r[2]]), atol=1e-15)
+    (grad,) = torch.autograd.grad(sampled_kl_losses("reward", ls, lt, index).sum(), ls)
+    assert torch.allclose(grad, -torch.stack([r[0], r[0], r[1], r[2]]), atol=1e-15), "∂/∂ℓ_t = −(its span's reward)"
+    (grad,) = torch.autograd.grad(sampled_kl_losses("reward_to_go", ls, lt, index).sum(), ls)
+    assert torch.allclose(grad, -torch.stack([r[0] + r[1], r[0] + r[1], r[1], r[2]]), atol=1e-15), "no reward crosses rows"
+    baseline = torch.tensor([0.25, -0.5], dtype=torch.float64)
+    (grad,) = torch.autograd.grad(sampled_kl_losses("reward_to_go", ls, lt, index, baseline).sum(), ls)
+    assert torch.allclose(grad, -torch.stack([r[0] + r[1] - 0.25, r[0] + r[1] - 0.25, r[1] - 0.25, r[2] + 0.5]), atol=1e-15)
+
+
+def test_a_teacher_that_rules_a_token_out_gives_a_floored_reward():
+    """vLLM's −inf (read as −inf by the client): the reward is floored, finite, and still the most negative."""
+    from opdistill.objectives.spans import TEACHER_LOGPROB_FLOOR
+
+    ls = torch.tensor([-1.0, -2.0], dtype=torch.float64, requires_grad=True)
+    lt = torch.tensor([float("-inf"), -9999.0], dtype=torch.float64)
+    losses = sampled_kl_losses("reward_to_go", ls, lt, token_spans([2]))
     (grad,) = torch.autograd.grad(losses.sum(), ls)
-    assert torch.allclose(grad, torch.stack([r[0], r[0], r[1]]).detach(), atol=1e-15), "∂/∂ℓ_t = −advantage = r_s"
+    assert torch.isfinite(losses).all() and torch.isfinite(grad).all()
+    assert grad.tolist() == [-(TEACHER_LOGPROB_FLOOR + 1.0 + TEACHER_LOGPROB_FLOOR + 2.0), -(TEACHER_LOGPROB_FLOOR + 2.0)]
 
 
 # ------------------------------------------------------------------ the same tokenizer on both sides
@@ -163,15 +173,16 @@ def test_identical_tokenizers_give_one_token_spans_and_the_per_token_estimators(
     stats = alignment_stats(alignments)
     assert stats["shared_boundaries"] == stats["one_to_one_chars"] == stats["mean_student_tokens"] == stats["mean_teacher_tokens"] == 1.0
     assert stats["end_spans"] == 3
-    s_ids, t_ids, n = span_ids([a.spans for a in alignments])
+    index = span_index([a.spans for a in alignments])
     tokens = sum(len(a.student_ids) for a in alignments)
-    assert n == tokens
+    assert index.n_spans == tokens
+    per_token = token_spans([len(a.student_ids) for a in alignments])
     torch.manual_seed(1)
-    for kind, per_token in PER_TOKEN.items():
+    for kind in ESTIMATORS:
         ls = (-torch.rand(tokens, dtype=torch.float64) * 6).requires_grad_()
-        lt = -torch.rand(tokens, dtype=torch.float64) * 20  # far enough apart for k3's clamps to act on some tokens
-        span_loss = span_token_losses(kind, ls, lt, s_ids, t_ids, n)
-        token_loss = per_token(ls, lt)
+        lt = -torch.rand(tokens, dtype=torch.float64) * 20
+        span_loss = sampled_kl_losses(kind, ls, lt, index)
+        token_loss = sampled_kl_losses(kind, ls, lt, per_token)
         assert torch.equal(span_loss, token_loss), kind
         assert torch.equal(torch.autograd.grad(span_loss.sum(), ls)[0], torch.autograd.grad(token_loss.sum(), ls)[0]), kind
 

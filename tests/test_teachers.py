@@ -157,4 +157,4 @@ def test_remote_teacher_config_needs_top_k_a_model_and_temperature_one():
         load_config(None, base + ["teacher_model=m", "top_k=5", "teacher=x"])
     with pytest.raises(ConfigError, match="names no model"):
         load_config(None, ["method=opd", "data=x.jsonl", "teachers={a: 'http://h/v1'}"])
-    assert load_config(None, base + ["teacher_model=m", "divergence=k1"]).has_remote_teacher()
+    assert load_config(None, base + ["teacher_model=m", "divergence=reward"]).has_remote_teacher()

@@ -26,21 +26,25 @@ from ..config import OnPolicyConfig, check_choice, check_divergence_settings, op
 from ..data import Record, data_order, ends_with_eos, load_records, prompt_ids, response_ids, teacher_messages, total_steps_for
 from ..engine import Engine
 from ..errors import ConfigError, NothingToTrainOn, OpdistillError
-from ..objectives.divergences import KINDS, default_beta, per_token, per_token_top_k, reward_policy_gradient
-from ..objectives.policy import kl_k1, kl_k3
-from ..objectives.spans import span_ids, span_token_losses
+from ..objectives.divergences import KINDS, default_beta, per_token, per_token_top_k
+from ..objectives.policy import leave_one_out_baseline
+from ..objectives.spans import ESTIMATORS, RETIRED, RETIRED_FIX, SpanIndex, sampled_kl_losses, sequence_returns, span_index
 from ..logprobs import logprobs_of, response_logits, response_targets
 from ..rollout import Rollouts, SamplingParams, data_rollouts, horizon_at, sample_rollouts
 from ..seeds import mix_seed
-from ..teachers.alignment import alignment_stats, cross_tokenize, same_vocabulary, unaligned
+from ..teachers.alignment import Alignment, alignment_stats, cross_tokenize, end_of_turn_id, same_vocabulary, unaligned
 from ..teachers.factory import build_teachers, record_teacher
-from ..teachers.logprob import LocalTeacher, TeacherRow, TeacherScores, TeacherSet
+from ..teachers.logprob import LocalTeacher, StepScores, TeacherRow, TeacherSet
 from ..teachers.remote import RemoteTeacher
 from .common import Method, response_tokens
 
 
 DIVERGENCES = KINDS  # the full-vocabulary divergences (objectives/divergences.py)
-SAMPLED_ESTIMATORS = ("k1", "k3", "reward")
+SAMPLED_ESTIMATORS = ESTIMATORS  # score-function estimators on the sampled tokens (objectives/spans.py)
+# `divergence: auto`: rkl with one tokenizer; with cross_tokenizer (only sampled estimators apply) reward_to_go, the
+# unbiased gradient of the sequence-level reverse KL. Chosen from benchmarks/sampled_estimators.py (docs/opd.md).
+CROSS_TOKENIZER_DEFAULT = "reward_to_go"
+VETO_BETA = (0.3, 0.0)  # Veto's reference schedule (ddp_veto.py): β from 0.3 at the first step linearly to 0 at the last
 
 
 @dataclass
@@ -67,21 +71,32 @@ class OPDConfig(OnPolicyConfig):
     teacher_cache_keep: str = opt("resume", "Remote teacher: which scored rows the cache keeps. resume: at each checkpoint, only those a "
                                             "resume from it may ask for (disk and memory stay bounded); all: every row (a repeated run "
                                             "with the same teacher_cache pays nothing; ~540 bytes per response token at top_k 20).")
+    teacher_cache_max_bytes: int = opt(1 << 30, "Remote teacher: bound of the cache file in bytes; past it the least recently used rows "
+                                                "go (asked again if needed). ~540 bytes per response token at top_k 20; memory holds "
+                                                "~350 bytes of index per row.")
     teachers: dict[str, str] = opt({}, "Named teachers for records with a `teacher` field: name -> a model (local) or "
                                        "URL#model (remote), e.g. {code: qwen2.5-coder-1.5b-instruct, chat: http://host:8000/v1#llama}.")
     cross_tokenizer: bool = opt(False, "The teacher may have another tokenizer: it scores the student's response text re-tokenised "
                                        "with its own tokenizer after its own chat template, the two tokenizations are aligned into spans "
-                                       "that end at a shared character boundary, and k1 / k3 / reward act on span log-probs (docs/opd.md).")
+                                       "that end at a shared character boundary, and reward / reward_to_go act on span log-probs (docs/opd.md).")
     teacher_tokenizer: str = opt("", "cross_tokenizer with teacher_url: a local copy of the served teacher's tokenizer (default: "
                                      "teacher_model loaded by name).")
     teacher_tokenizers: dict[str, str] = opt({}, "cross_tokenizer: the tokenizer of each named remote teacher (name -> path); a "
                                                  "named local teacher uses its own.")
     teacher_system: str = opt("", "Privileged system prompt that only the teacher sees (context distillation).")
     teacher_template: str = opt("", "Rewrite of the last user turn for the teacher; {prompt} is the original text.")
-    divergence: str = opt("rkl", "Token-level objective: fkl, rkl, jsd, skl, srkl, veto_fkl, veto_rkl (full vocabulary), "
-                                 "or a sampled-token estimator: k1, k3, reward (per-token reward log pT - log pS as advantage).")
-    beta: float = opt(-1.0, "jsd: the mixture weight β in (0, 1) (default 0.5); veto_*: β at the first step (default 0). -1: the default.")
-    beta_end: float = opt(-1.0, "veto_*: β at the last step, linear from `beta` (-1: constant β).")
+    divergence: str = opt("auto", "Token-level objective. Full vocabulary: fkl, rkl, jsd, skl, srkl, veto_fkl, veto_rkl. Sampled-token "
+                                  "score-function estimators (only each sampled token's teacher log-prob; the student's own samples at "
+                                  "temperature = distill_temperature, top_p 1): reward = per-token reverse KL, each prefix held fixed "
+                                  "(advantage r_t = log pT - log pS); reward_to_go = sequence-level reverse KL (advantage Σ_{u>=t} r_u). "
+                                  "auto: rkl, or reward_to_go with cross_tokenizer.")
+    samples_per_prompt: int = opt(1, "Student samples per prompt each step (>= 2 for baseline: loo).")
+    baseline: str = opt("none", "reward_to_go: none, or loo (subtract the mean return of the prompt's other samples: unbiased, lower "
+                                "variance; needs samples_per_prompt >= 2).")
+    beta: float = opt(-1.0, "jsd: the mixture weight β in (0, 1) (default 0.5); veto_*: β at the first step (default 0.3, Veto's "
+                            "reference). -1: the default.")
+    beta_end: float = opt(-1.0, "veto_*: β at the last step, linear from `beta` (-1: 0, annealed as in Veto's reference; set it to "
+                                "`beta` for a constant β).")
     alpha: float = opt(0.1, "skl / srkl: the skew α in (0, 1).")
     top_k: int = opt(0, "Restrict the divergence to the teacher's top-k tokens per position (0: the full vocabulary).")
     top_k_tail: bool = opt(True, "With top_k: the remaining mass of each side is one tail bucket (false: renormalise over the k).")
@@ -97,7 +112,13 @@ class OPDConfig(OnPolicyConfig):
 
     def validate(self) -> None:
         super().validate()
+        if self.divergence in RETIRED:
+            raise ConfigError(f"divergence: {self.divergence} is retired: {RETIRED[self.divergence]}", RETIRED_FIX)
+        if self.divergence == "auto":
+            self.divergence = CROSS_TOKENIZER_DEFAULT if self.cross_tokenizer else "rkl"
         check_choice("divergence", self.divergence, DIVERGENCES + SAMPLED_ESTIMATORS)
+        check_choice("baseline", self.baseline, ("none", "loo"))
+        self.validate_sampling()
         check_choice("horizon", self.horizon, ("full", "truncated", "progressive"))
         check_choice("teacher_cache_keep", self.teacher_cache_keep, ("resume", "all"))
         if self.beta_end != -1.0 and not self.divergence.startswith("veto"):
@@ -118,7 +139,7 @@ class OPDConfig(OnPolicyConfig):
         self.validate_teachers()
         if self.cross_tokenizer and self.divergence not in SAMPLED_ESTIMATORS:
             raise ConfigError(f"cross_tokenizer compares span log-probs of two vocabularies, but divergence {self.divergence} needs one "
-                              "vocabulary on both sides", "use divergence: k1, k3 or reward")
+                              "vocabulary on both sides", f"use divergence: {' or '.join(SAMPLED_ESTIMATORS)} (or auto)")
         if self.teacher_tokenizers and not self.cross_tokenizer:
             raise ConfigError("teacher_tokenizers is set but cross_tokenizer is off", "set cross_tokenizer: true, or remove teacher_tokenizers")
         if self.horizon == "truncated" and self.horizon_ratio <= 0 and self.horizon_tokens <= 0:
@@ -129,6 +150,24 @@ class OPDConfig(OnPolicyConfig):
             raise ConfigError("progressive horizon needs horizon_start >= 1, horizon_increment >= 0, horizon_every >= 1")
         self.require_whole_micro_batches()
 
+    def validate_sampling(self) -> None:
+        """A score-function estimator is the gradient of the policy it samples from: the samples must come from the very
+        policy that is differentiated (SPEC §3), and the baseline from other samples of the same prompt."""
+        if self.samples_per_prompt < 1:
+            raise ConfigError(f"samples_per_prompt must be >= 1, got {self.samples_per_prompt}")
+        if self.baseline == "loo" and (self.divergence != "reward_to_go" or self.samples_per_prompt < 2):
+            raise ConfigError(f"baseline: loo subtracts the mean return of a prompt's other samples from reward_to_go's advantages, "
+                              f"but divergence is {self.divergence} with samples_per_prompt {self.samples_per_prompt}",
+                              "use divergence: reward_to_go with samples_per_prompt >= 2, or baseline: none")
+        if self.divergence not in SAMPLED_ESTIMATORS:
+            return
+        if self.top_p < 1.0 or self.temperature != self.distill_temperature:
+            raise ConfigError(f"divergence {self.divergence} differentiates the student at distill_temperature {self.distill_temperature} "
+                              f"but would sample at temperature {self.temperature}, top_p {self.top_p}: another policy, so its "
+                              "gradient is biased (Veto's T 0.5 / top-p 0.5 is for its full-vocabulary divergences)",
+                              f"set temperature: {self.distill_temperature} and top_p: 1, or use a full-vocabulary divergence "
+                              "(fkl, rkl, veto_*, ...) to sample at other settings")
+
     def validate_teachers(self) -> None:
         if self.teacher and self.teacher_url:
             raise ConfigError("both teacher and teacher_url are set", "keep one: teacher for a local model, teacher_url for a server")
@@ -138,12 +177,14 @@ class OPDConfig(OnPolicyConfig):
             raise ConfigError("teacher_model is set without teacher_url", "set teacher_url, or use teacher: for a local model")
         for name, spec in self.teachers.items():
             teacher_spec(spec, f"teachers.{name}")
+        if self.teacher_cache_max_bytes < 1:
+            raise ConfigError(f"teacher_cache_max_bytes must be > 0, got {self.teacher_cache_max_bytes}")
         if min(self.teacher_concurrency, self.teacher_max_attempts) < 1 or self.teacher_timeout <= 0:
             raise ConfigError("teacher_concurrency and teacher_max_attempts must be >= 1 and teacher_timeout > 0")
         if self.has_remote_teacher():
             if self.divergence not in SAMPLED_ESTIMATORS and not self.top_k:
                 raise ConfigError(f"a remote teacher returns top-k log-probs, but divergence {self.divergence} needs the full vocabulary",
-                                  "set top_k (<= the server's cap, often 20), or use k1 / k3 / reward")
+                                  f"set top_k (<= the server's cap, often 20), or use {' / '.join(SAMPLED_ESTIMATORS)}")
             if self.distill_temperature != 1.0:
                 raise ConfigError(f"a remote teacher's log-probs are at temperature 1; distill_temperature is {self.distill_temperature}",
                                   "set distill_temperature: 1, or use local teachers")
@@ -176,8 +217,7 @@ class OPDConfig(OnPolicyConfig):
                 if url:  # the server must tokenise like the local copy of its tokenizer the client renders with
                     from ..models import load_tokenizer
 
-                    teacher_tokenizer = load_tokenizer(self.teacher_tokenizer_path(name), chat_template=self.chat_template,
-                                                       trust_remote_code=self.trust_remote_code)
+                    teacher_tokenizer = load_tokenizer(self.teacher_tokenizer_path(name), trust_remote_code=self.trust_remote_code)
                     check_remote(report, label, url, model, self, teacher_tokenizer, probe)
             elif url:
                 check_remote(report, label, url, model, self, tokenizer, probe)
@@ -195,11 +235,14 @@ class OPDConfig(OnPolicyConfig):
         return self.teacher or self.student
 
 
-def beta_at(step: int, total_steps: int, start: float, end: float) -> float:
-    """Veto's β, linear from start (first step) to end (last step); constant when end < 0."""
-    if end < 0 or total_steps <= 1:
-        return start
-    return start + (end - start) * step / (total_steps - 1)
+def beta_at(step: int, total_steps: int, divergence: str, start: float, end: float) -> float:
+    """The step's β: jsd's mixture weight (constant), or Veto's, linear from `start` at the first step to `end` at the
+    last; -1 is each one's default (jsd 0.5; Veto 0.3 -> 0 as its reference code anneals it)."""
+    if not divergence.startswith("veto"):
+        return default_beta(divergence) if start == -1.0 else start
+    start = VETO_BETA[0] if start == -1.0 else start
+    end = VETO_BETA[1] if end == -1.0 else end
+    return start if total_steps <= 1 else start + (end - start) * step / (total_steps - 1)
 
 
 class OPD(Method):
@@ -215,7 +258,8 @@ class OPD(Method):
         # cross_tokenizer: each teacher reads its own chat template and scores text in its own tokens.
         self.teacher_tokenizers = {name: self.load_teacher_tokenizer(name) for name in ("", *config.teachers)} if config.cross_tokenizer else {}
         self.shared_vocab = {name: same_vocabulary(tokenizer, other) for name, other in self.teacher_tokenizers.items()}
-        self.alignment: dict[str, float] = {}
+        # A finished response's end is scored against each teacher's own end of turn, which its template decides.
+        self.teacher_end_ids = {name: end_of_turn_id(other) for name, other in self.teacher_tokenizers.items()}
         skipped = dropped = 0
         for record in records:
             name = record_teacher(record, config.teachers)
@@ -249,8 +293,8 @@ class OPD(Method):
     def load_teacher_tokenizer(self, name: str) -> Any:
         from ..models import load_tokenizer
 
-        c = self.config
-        return load_tokenizer(c.teacher_tokenizer_path(name), chat_template=c.chat_template, trust_remote_code=c.trust_remote_code)
+        # The teacher renders its prompts with its own chat template: the student's `chat_template:` override is the student's.
+        return load_tokenizer(self.config.teacher_tokenizer_path(name), trust_remote_code=self.config.trust_remote_code)
 
     # ------------------------------------------------------------ set-up
 
@@ -284,56 +328,113 @@ class OPD(Method):
         return random.Random(mix_seed(self.config.seed, step)).random() < self.config.on_policy_ratio
 
     def rollouts(self, engine: Engine, indices: list[int], horizon: int, on_policy: bool) -> Rollouts:
-        """One response per prompt: the current student's sample (on-policy), or the data's response cut at the horizon."""
+        """`samples_per_prompt` responses per prompt: the current student's samples (on-policy), or the data's response
+        cut at the horizon."""
         if on_policy:
             params = SamplingParams(self.config.temperature, self.config.top_p, horizon)
-            return sample_rollouts(engine.sampler, self.student_prompts, indices, params, seed=self.config.seed, step=engine.step)
+            return sample_rollouts(engine.sampler, self.student_prompts, indices, params, seed=self.config.seed, step=engine.step,
+                                   n=self.config.samples_per_prompt)
         responses = [self.responses[i][:horizon] for i in indices]
         return data_rollouts(self.student_prompts, indices, responses, [ends_with_eos(r, self.tokenizer) for r in responses])
 
-    def teacher_rows(self, rollouts: Rollouts) -> tuple[list[TeacherRow], list[Any]]:
+    def teacher_rows(self, rollouts: Rollouts) -> tuple[list[TeacherRow], list[Alignment], dict[str, float]]:
         """What each teacher scores: the student's own tokens, or (cross_tokenizer) the same text in the teacher's tokens,
-        with the spans that align the two (teachers/alignment.py); an end span only for a response that finished."""
-        indices, responses = rollouts.rows, rollouts.responses
+        with the spans that align the two (teachers/alignment.py; an end span only for a response that finished) and
+        their statistics for the log."""
+        rows = rollouts.rows
         if not self.config.cross_tokenizer:
-            return [TeacherRow(self.teacher_prompts[i], r) for i, r in zip(indices, responses)], []
-        alignments = [self.align(self.teacher_names[i], r, done) for i, r, done in zip(indices, responses, rollouts.finished)]
-        self.alignment = {**alignment_stats([a for a in alignments if a.aligned]),
-                          "unaligned": sum(not a.aligned for a in alignments) / len(alignments)}
-        return [TeacherRow(self.teacher_prompts[i], a.teacher_ids) for i, a in zip(indices, alignments)], alignments
+            return [TeacherRow(self.teacher_prompts[i], r) for i, r in zip(rows, rollouts.responses)], [], {}
+        alignments = [self.align(self.teacher_names[i], r, done) for i, r, done in zip(rows, rollouts.responses, rollouts.finished)]
+        stats = alignment_stats([a for a in alignments if a.aligned])
+        metrics = {"align_shared_boundaries": stats["shared_boundaries"], "align_mean_teacher_tokens": stats["mean_teacher_tokens"],
+                   "align_unaligned": sum(not a.aligned for a in alignments) / len(alignments)}
+        return [TeacherRow(self.teacher_prompts[i], a.teacher_ids) for i, a in zip(rows, alignments)], alignments, metrics
 
     def step(self, engine: Engine, step: int) -> dict[str, float]:
         config = self.config
         indices = self.order.indices(step, engine.rank, engine.world_size)
-        horizon = self.horizon(step)
-        on_policy = self.on_policy(step)
+        horizon, on_policy = self.horizon(step), self.on_policy(step)
+        beta = beta_at(step, self.total_steps, config.divergence, config.beta, config.beta_end)
+        # 1. Sample.
         started = time.perf_counter()
         rollouts = self.rollouts(engine, indices, horizon, on_policy)
         rollout_seconds = time.perf_counter() - started
-        rows, alignments = self.teacher_rows(rollouts)
-        batches = rollouts.micro_batches(config.micro_batch_size, self.pad_id)
-        beta = beta_at(step, self.total_steps, default_beta(config.divergence) if config.beta == -1.0 else config.beta, config.beta_end)
-        # Sample -> score every frozen model once -> a pure loss per micro-batch: the remote teachers get all the step's
-        # rows at once (one round trip of waiting, not one per micro-batch); local ones score per micro-batch (StepScores).
+        # 2. Score every frozen model once for the step. Sampled-token estimators: each teacher's log-prob of every
+        # row's tokens, all teachers at once, written into the micro-batches with the spans and baselines. Full-vocabulary
+        # divergences: remote teachers answer their top-k for the whole step now; a local teacher's full logits
+        # (tokens x vocab) are computed per micro-batch inside the loss, the one exception, to bound their memory.
         started = time.perf_counter()
-        scores = self.teachers.for_step(rows, [self.teacher_names[i] for i in rollouts.rows], top_k=config.top_k,
-                                        temperature=config.distill_temperature, step=step)
+        rows, alignments, align_metrics = self.teacher_rows(rollouts)
+        names = [self.teacher_names[i] for i in rollouts.rows]
+        if config.divergence in SAMPLED_ESTIMATORS:
+            batches, kl = self.sampled_batches(rollouts, rows, names, alignments, step)
+            loss_sum = self.sampled_loss_sum
+        else:
+            batches, kl = rollouts.micro_batches(config.micro_batch_size, self.pad_id), {}
+            loss_sum = self.divergence_loss_sum(self.teachers.for_step(rows, names, top_k=config.top_k,
+                                                                       temperature=config.distill_temperature, step=step), beta)
         teacher_seconds = time.perf_counter() - started
+        # 3. A pure loss per micro-batch, token mean over the global batch.
+        engine.model.train()
+        loss = engine.backward_token_mean(batches, loss_sum, response_tokens)
+        return {"loss": loss, **engine.optimizer_step(), "on_policy": float(on_policy), "horizon": float(horizon),
+                "beta": beta, "response_length": rollouts.mean_length, "truncated": rollouts.truncated if on_policy else 0.0,
+                "rollout_seconds": rollout_seconds, **kl, **align_metrics, **self.remote_metrics(teacher_seconds)}
+
+    def sampled_batches(self, rollouts: Rollouts, rows: list[TeacherRow], names: list[str], alignments: list[Alignment],
+                        step: int) -> tuple[list[dict[str, torch.Tensor]], dict[str, float]]:
+        """The micro-batches of a sampled-token step, each carrying what its loss reads: the teachers' log-probs of its
+        rows' tokens, the spans that align them with the student's, which rows are aligned, and each row's baseline.
+        Also the step's `kl`: the reverse KL per response token, log pS − log pT of the samples (aligned ones), the
+        quantity reward_to_go descends (the loss itself, −A·log pS, is no KL)."""
+        config = self.config
+        teacher_lp = self.teachers.token_logprobs(rows, names, temperature=config.distill_temperature, step=step)
+        spans = [a.spans for a in alignments] or [[(t, t + 1, t, t + 1) for t in range(len(r))] for r in rollouts.responses]
+        aligned = [a.aligned for a in alignments] or [True] * len(rows)
+        # The returns log pT(y) − log pS(y) from the sampler's log-probs (at distill_temperature: validate_sampling): no
+        # extra forward pass for the baseline and the logged KL.
+        student_lp = torch.tensor([lp for row in rollouts.logprobs for lp in row], dtype=torch.float32)
+        returns = sequence_returns(student_lp, torch.cat(teacher_lp), span_index(spans))
+        valid = torch.tensor(aligned, dtype=returns.dtype)
+        tokens = torch.tensor(rollouts.lengths, dtype=returns.dtype)
+        kl = {"kl": float(-(returns * valid).sum() / (tokens * valid).sum().clamp(min=1))}
+        baseline = leave_one_out_baseline(returns.view(-1, rollouts.n), valid.view(-1, rollouts.n)).reshape(-1) \
+            if config.baseline == "loo" else None
+        batches = rollouts.micro_batches(config.micro_batch_size, self.pad_id)
+        for batch in batches:
+            group = batch["rollout"].tolist()
+            index = span_index([spans[j] for j in group])
+            batch.update(teacher_logprobs=torch.cat([teacher_lp[j] for j in group]), student_span=index.student_ids,
+                         teacher_span=index.teacher_ids, spans_per_row=torch.tensor(index.spans_per_row),
+                         aligned=torch.tensor([aligned[j] for j in group]))
+            if baseline is not None:
+                batch["baseline"] = baseline[group]
+        return batches, kl
+
+    def sampled_loss_sum(self, model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """reward / reward_to_go on the spans (one token each with one tokenizer): −sg(A_t)·log pS(y_t), summed."""
+        temperature = self.config.distill_temperature
+        student_lp = logprobs_of(response_logits(model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"]),
+                                 response_targets(batch), temperature)
+        index = SpanIndex(batch["student_span"], batch["teacher_span"], tuple(batch["spans_per_row"].tolist()))
+        losses = sampled_kl_losses(self.config.divergence, student_lp, batch["teacher_logprobs"], index, batch.get("baseline"))
+        keep = batch["aligned"].repeat_interleave(batch["loss_mask"].sum(dim=1).long())
+        return torch.where(keep, losses, torch.zeros_like(losses)).sum()  # an unaligned sample's tokens count, with no loss
+
+    def divergence_loss_sum(self, scores: StepScores, beta: float) -> Any:
+        """The loss of a full-vocabulary divergence (or its top-k restriction) for one micro-batch, summed over its tokens."""
+        config = self.config
+        options = dict(beta=beta, alpha=config.alpha, temperature=config.distill_temperature, chunk_size=config.chunk_size or None)
 
         def loss_sum(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
             student_logits = response_logits(model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"])[:, : self.vocab]
-            group = batch["rollout"].tolist()
-            teacher = scores.select(group)
-            if alignments:
-                return self.span_losses(student_logits, teacher.to(student_logits.device), batch, [alignments[j] for j in group]).sum()
-            return self.token_losses(student_logits, teacher.to(student_logits.device), batch, beta).sum()
+            teacher = scores.select(batch["rollout"].tolist()).to(student_logits.device)
+            if config.top_k:  # the teachers' answers are already restricted to their top-k (StepScores.restrict)
+                return per_token_top_k(student_logits, teacher.top_ids, teacher.top_logprobs, config.divergence,
+                                       tail=config.top_k_tail, **options).sum()
+            return per_token(student_logits, teacher.logits[:, : self.vocab], config.divergence, **options).sum()
 
-        engine.model.train()
-        loss = engine.backward_token_mean(batches, loss_sum, response_tokens)
-        spans = {f"align_{k}": v for k, v in self.alignment.items() if k in ("shared_boundaries", "mean_teacher_tokens", "unaligned")} if alignments else {}
-        return {"loss": loss, **engine.optimizer_step(), "on_policy": float(on_policy), "horizon": float(horizon),
-                "beta": beta, "response_length": rollouts.mean_length, "truncated": rollouts.truncated if on_policy else 0.0,
-                "rollout_seconds": rollout_seconds, **spans, **self.remote_metrics(teacher_seconds)}
+        return loss_sum
 
     def remote_metrics(self, teacher_seconds: float) -> dict[str, float]:
         """With a remote teacher: the step's wait on it, and what its cache holds (rows in memory, bytes on disk)."""
@@ -342,44 +443,12 @@ class OPD(Method):
         return {"teacher_seconds": teacher_seconds, "teacher_cache_rows": float(sum(len(t.cached) for t in self.remote)),
                 "teacher_cache_bytes": float(sum(t.cache_bytes() for t in self.remote))}
 
-    def align(self, name: str, response: list[int], finished: bool) -> Any:
+    def align(self, name: str, response: list[int], finished: bool) -> Alignment:
         """The response against teacher `name`'s tokenization; a placeholder that trains on nothing when the teacher's
         tokenizer cannot give its text back (a rare sample, e.g. with a control character the teacher drops)."""
         teacher_tokenizer = self.teacher_tokenizers[name]
         try:
-            return cross_tokenize(self.tokenizer, teacher_tokenizer, response, finished, shared_vocab=self.shared_vocab[name])
+            return cross_tokenize(self.tokenizer, teacher_tokenizer, response, finished, teacher_end_id=self.teacher_end_ids[name],
+                                  shared_vocab=self.shared_vocab[name])
         except OpdistillError:
             return unaligned(response, teacher_tokenizer, finished)
-
-    def span_losses(self, student_logits: torch.Tensor, teacher: TeacherScores, batch: dict[str, torch.Tensor],
-                    alignments: list[Any]) -> torch.Tensor:
-        """cross_tokenizer: k1 / k3 / reward on the span log ratios (objectives/spans.py), one loss per student token."""
-        temperature = self.config.distill_temperature
-        student_lp = logprobs_of(student_logits, response_targets(batch), temperature)
-        teacher_targets = torch.tensor([t for a in alignments for t in a.teacher_ids], device=student_logits.device)
-        teacher_lp = teacher.sampled(teacher_targets, temperature)
-        student_ids, teacher_ids, n_spans = span_ids([a.spans for a in alignments])
-        losses = span_token_losses(self.config.divergence, student_lp, teacher_lp, student_ids, teacher_ids, n_spans)
-        if all(a.aligned for a in alignments):
-            return losses
-        keep = torch.tensor([a.aligned for a in alignments for _ in a.student_ids], device=losses.device)
-        return torch.where(keep, losses, torch.zeros_like(losses))  # an unaligned sample's tokens count, with no loss
-
-    def token_losses(self, student_logits: torch.Tensor, teacher: TeacherScores, batch: dict[str, torch.Tensor],
-                     beta: float) -> torch.Tensor:
-        """One loss per response token: a full-vocabulary divergence (or its top-k restriction), or a sampled-token estimator."""
-        config = self.config
-        if config.divergence not in SAMPLED_ESTIMATORS:
-            options = dict(beta=beta, alpha=config.alpha, temperature=config.distill_temperature, chunk_size=config.chunk_size or None)
-            if config.top_k:  # the teachers' answers are already restricted to their top-k (TeacherSet.score)
-                return per_token_top_k(student_logits, teacher.top_ids, teacher.top_logprobs, config.divergence, tail=config.top_k_tail,
-                                       **options)
-            return per_token(student_logits, teacher.logits[:, : self.vocab], config.divergence, **options)
-        tokens = response_targets(batch)
-        student_lp = logprobs_of(student_logits, tokens, config.distill_temperature)
-        teacher_lp = teacher.sampled(tokens, config.distill_temperature)
-        if config.divergence == "k1":
-            return kl_k1(student_lp, teacher_lp)
-        if config.divergence == "k3":
-            return kl_k3(student_lp, teacher_lp)
-        return reward_policy_gradient(student_lp, teacher_lp)

@@ -228,14 +228,3 @@ def per_token_top_k(student_logits: torch.Tensor, top_ids: torch.Tensor, top_log
     leading, vocab, k = student_logits.shape[:-1], student_logits.shape[-1], top_ids.shape[-1]
     rows = (top_ids.reshape(-1, k), top_logprobs.detach().reshape(-1, k))
     return _in_chunks(_top_k_rows, student_logits.reshape(-1, vocab), rows, (kind, beta, alpha, temperature, tail), chunk_size).reshape(leading)
-
-
-def sampled_token_reward(student_logprobs: torch.Tensor, teacher_logprobs: torch.Tensor) -> torch.Tensor:
-    """Per-token reward r_t = log π_T(y_t) − log π_θ(y_t) on the sampled tokens (a single-sample estimate of
-    −reverse KL), used as a policy-gradient advantage (on-policy distillation with no discount)."""
-    return (teacher_logprobs - student_logprobs).detach()
-
-
-def reward_policy_gradient(student_logprobs: torch.Tensor, teacher_logprobs: torch.Tensor) -> torch.Tensor:
-    """Per-token loss −sg(r_t) · log π_θ(y_t): its gradient is the REINFORCE estimate of ∇ reverse KL."""
-    return -sampled_token_reward(student_logprobs, teacher_logprobs) * student_logprobs

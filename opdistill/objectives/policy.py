@@ -23,6 +23,21 @@ def group_advantages(rewards: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return centred / (rewards.std(dim=1, keepdim=True) + eps)
 
 
+def leave_one_out_baseline(returns: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """b_i = the mean return of the other samples of sample i's prompt, returns (B, N) -> (B, N).
+
+    It does not depend on sample i itself, so subtracting it from i's advantage keeps a score-function estimate
+    unbiased (RLOO: Kool et al., 2019; Ahmadian et al., arXiv 2402.14740) while removing the prompt's common level.
+    Needs N >= 2. `valid` (B, N), 1/0: only valid samples count as others (a sample whose return is meaningless, e.g.
+    one the teacher could not score); a sample with no valid sibling gets 0."""
+    if returns.dim() != 2 or returns.shape[1] < 2:
+        raise ValueError(f"a leave-one-out baseline needs (B, N >= 2) returns, got {tuple(returns.shape)}")
+    valid = torch.ones_like(returns) if valid is None else valid.to(returns.dtype)
+    kept = returns * valid
+    others = valid.sum(dim=1, keepdim=True) - valid
+    return (kept.sum(dim=1, keepdim=True) - kept) / others.clamp(min=1)
+
+
 def ppo_clip_per_token(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
                        clip: float = 0.2) -> tuple[torch.Tensor, torch.Tensor]:
     """PPO-clip loss per token: −min(ρ A, clip(ρ, 1−ε, 1+ε) A), ρ = exp(ℓ_θ − ℓ_old).
@@ -66,7 +81,8 @@ def drpo_per_token(logprobs: torch.Tensor, behaviour_logprobs: torch.Tensor, adv
 
 
 def kl_k1(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
-    """k1 = ℓ_θ − ℓ_ref: unbiased for KL(π_θ ‖ π_ref) on samples from π_θ, but can be negative."""
+    """k1 = ℓ_θ − ℓ_ref: an unbiased *value* of KL(π_θ ‖ π_ref) on samples from π_θ (can be negative). Not a loss: with
+    the sample held fixed its gradient is ∇ℓ_θ, zero in expectation (objectives/spans.py has the distillation losses)."""
     return logprobs - ref_logprobs
 
 
@@ -79,7 +95,11 @@ K3_SATURATES_BELOW = -10.999983298020256
 
 
 def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
-    """k3 = exp(r) − r − 1 with r = ℓ_ref − ℓ_θ: unbiased and ≥ 0 (Schulman's estimator), clamped for safety.
+    """k3 = exp(r) − r − 1 with r = ℓ_ref − ℓ_θ: an unbiased value of KL(π_θ ‖ π_ref), ≥ 0 (Schulman's estimator), clamped.
+
+    As a penalty beside a policy loss (GAD's KL to its reference, like verl's "low_var_kl") its gradient is
+    E[(1 − π_ref/π_θ)∇ℓ_θ] = ∇KL(π_ref ‖ π_θ), the forward KL's: fine for a small regulariser, wrong as a distillation
+    objective (objectives/spans.py).
 
     A token the student finds very unlikely but the reference does not (ℓ_θ = −90, ℓ_ref = −1) gives
     exp(89): inf in fp32, and an inf loss and gradient. Like verl (kl_penalty "low_var_kl") the log-ratio is

@@ -1,51 +1,70 @@
-"""Span-level sampled-token estimators for cross-tokenizer on-policy distillation (pure tensor functions).
+"""Sampled-token estimators of the reverse KL to a teacher, as score-function losses (pure tensor functions).
 
-Student and teacher tokenise the same response text differently; `teachers/alignment.py` cuts it into spans
-at the character positions both tokenizations share. By the chain rule a side's log-probability of a span
-(given the text before it) is the sum of its token log-probs over the span, so
+On the student's own samples y ~ π_θ the teacher's log-prob of each sampled unit gives a reward
+r = log π_T − log π_θ, and the loss is −Σ_t sg(A_t) · log π_θ(y_t) (SPEC.md, "Sampled-token estimators"):
 
-    r_s = log p_θ(span s) − log p_T(span s) = Σ_{t ∈ s, student} ℓ_θ(t) − Σ_{u ∈ s, teacher} ℓ_T(u)
+- `reward` (A_t = r of t's unit, no reward-to-go): the gradient of Σ_t KL(π_θ(·|y<t) ‖ π_T(·|y<t)) with each prefix
+  held fixed, the per-token ("myopic") reverse KL; Thinking Machines' / tinker-cookbook's default (kl_discount 0).
+- `reward_to_go` (A_t = Σ of the rewards of t's unit and every later one): the unbiased gradient of the sequence-level
+  reverse KL(π_θ(y|x) ‖ π_T(y|x)). A per-prompt baseline may be subtracted: any number that does not depend on the
+  sample itself keeps it unbiased (`objectives.policy.leave_one_out_baseline`).
 
-is the span's log ratio, and Σ_s r_s the sequence's. On the student's own samples the reverse-KL estimators
-of `divergence: k1 | k3 | reward` (docs/opd.md) apply to spans exactly as to tokens: the span's value is
-today's per-token function (`objectives.policy.kl_k1`, `kl_k3`, `objectives.divergences.reward_policy_gradient`)
-evaluated at the span sums (ℓ_θ, ℓ_T) -> (Σ ℓ_θ, Σ ℓ_T), so each formula has one home:
+A unit is a span: the student's and the teacher's tokens of one piece of text (`teachers/alignment.py` cuts a response
+at the character positions both tokenizations share). By the chain rule each side's log-prob of a span given the text
+before it is the sum of its tokens' log-probs, so r_s = Σ_{u ∈ s, teacher} ℓ_T(u) − Σ_{t ∈ s, student} ℓ_θ(t), and
+every student token of span s carries its span's advantage. With one tokenizer every span is one token on each side
+(`token_spans`), so the same code is the per-token estimator. Tests: tests/test_estimators.py enumerates every sequence
+of a tiny vocabulary in float64 and compares E_y[∇loss] with the analytic gradient of each objective.
 
-- k1:     v_s = r_s;
-- k3:     v_s = exp(−r_s) + r_s − 1, with kl_k3's clamps (log ratio to ±20, value to [−10, 10]) applied to the
-          span's log ratio: a span saturates where a single token with that log ratio would;
-- reward: v_s = −sg(−r_s) · Σ_{t ∈ s} ℓ_θ(t), the span's reward −r_s as a policy-gradient advantage for the
-          span's tokens (no discount, like the per-token form).
-
-How tokens get their span's value: each of the span's n_s student tokens carries v_s / n_s. The span's tokens
-then sum to v_s, the loss summed over a response is Σ_s v_s, and the gradient is that of Σ_s v_s (every token of
-a span receives the gradient through the span sum, whatever the split of the value). The engine's token mean then
-divides by the student's token count, as today. With one token per span (the same tokenizer on both sides),
-every span sum is its one token's log-prob and n_s = 1, so the result equals the per-token estimator exactly.
+`k1` (ℓ_θ − ℓ_T) and `k3` as losses are retired: with the sample held fixed, k1's gradient is ∇ℓ_θ(y), zero in
+expectation and blind to the teacher; k3's is the forward KL's, and its value clamp zeroes it where the models disagree
+most. Both remain right as KL *values* (objectives.policy.kl_k1 / kl_k3: metrics, GAD's KL penalty).
 """
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 
-from .divergences import reward_policy_gradient
-from .policy import kl_k1, kl_k3
-
 Span = tuple[int, int, int, int]  # student tokens [start, end), teacher tokens [start, end)
 
-ESTIMATORS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
-    "k1": kl_k1,
-    "k3": kl_k3,
-    "reward": reward_policy_gradient,
+ESTIMATORS = ("reward", "reward_to_go")
+RETIRED = {
+    "k1": "k1 (log pS − log pT) as a loss has the gradient ∇log pS(y) with the sample held fixed: zero in expectation and "
+          "the same for any teacher, so it distils nothing",
+    "k3": "k3 as a loss has the gradient of the forward KL(pT ‖ pS), not the reverse KL, and its clamp zeroes it where the "
+          "two models disagree most",
 }
+RETIRED_FIX = ("use divergence: reward_to_go (the sequence-level reverse KL) or reward (the per-token reverse KL, each "
+               "prefix held fixed); k1/k3 remain as KL values only")
+
+# vLLM answers −inf log-probs as −9999 (the remote client reads both as −inf). A reward of −inf (or −1e4) would swamp
+# every other token, so the teacher's log-prob is floored here: e^−30 ≈ 1e-13 is below what any unmasked token of a
+# real softmax gets, so the floor changes nothing else and a token the teacher rules out still gets a large penalty.
+TEACHER_LOGPROB_FLOOR = -30.0
 
 
-def span_ids(spans_per_row: Sequence[Sequence[Span]]) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """The span index of every student token and of every teacher token, rows flattened row-major (as response
-    tokens are everywhere else) and spans numbered across rows. Returns (student_ids, teacher_ids, n_spans).
-    Each row's spans must be consecutive from token 0 on both sides."""
+@dataclass(frozen=True)
+class SpanIndex:
+    """Which span every student token and every teacher token belongs to, rows flattened row-major (as response tokens
+    are everywhere else) and spans numbered across rows; `spans_per_row` says where each row's spans end."""
+
+    student_ids: torch.Tensor  # (Ts,) span of each student token
+    teacher_ids: torch.Tensor  # (Tt,) span of each teacher token
+    spans_per_row: tuple[int, ...]
+
+    @property
+    def n_spans(self) -> int:
+        return sum(self.spans_per_row)
+
+    def to(self, device: torch.device) -> "SpanIndex":
+        return SpanIndex(self.student_ids.to(device), self.teacher_ids.to(device), self.spans_per_row)
+
+
+def span_index(spans_per_row: Sequence[Sequence[Span]]) -> SpanIndex:
+    """The SpanIndex of aligned rows. Each row's spans must be consecutive from token 0 on both sides."""
     student_lengths: list[int] = []
     teacher_lengths: list[int] = []
     for row, spans in enumerate(spans_per_row):
@@ -56,10 +75,15 @@ def span_ids(spans_per_row: Sequence[Sequence[Span]]) -> tuple[torch.Tensor, tor
             student_lengths.append(s_end - s_start)
             teacher_lengths.append(t_end - t_start)
             s_at, t_at = s_end, t_end
-    n_spans = len(student_lengths)
-    index = torch.arange(n_spans)
-    return (torch.repeat_interleave(index, torch.tensor(student_lengths, dtype=torch.long)),
-            torch.repeat_interleave(index, torch.tensor(teacher_lengths, dtype=torch.long)), n_spans)
+    index = torch.arange(len(student_lengths))
+    return SpanIndex(torch.repeat_interleave(index, torch.tensor(student_lengths, dtype=torch.long)),
+                     torch.repeat_interleave(index, torch.tensor(teacher_lengths, dtype=torch.long)),
+                     tuple(len(spans) for spans in spans_per_row))
+
+
+def token_spans(row_lengths: Sequence[int]) -> SpanIndex:
+    """One tokenizer on both sides: every token its own span (the estimators are then the per-token ones)."""
+    return span_index([[(t, t + 1, t, t + 1) for t in range(n)] for n in row_lengths])
 
 
 def span_sums(values: torch.Tensor, ids: torch.Tensor, n_spans: int) -> torch.Tensor:
@@ -69,27 +93,52 @@ def span_sums(values: torch.Tensor, ids: torch.Tensor, n_spans: int) -> torch.Te
     return values.new_zeros(n_spans).index_add(0, ids.to(values.device), values)
 
 
-def spread(span_values: torch.Tensor, ids: torch.Tensor, n_spans: int) -> torch.Tensor:
-    """Each token's share of its span's value: v_s / n_s for the n_s tokens of span s, (T,)."""
-    ids = ids.to(span_values.device)
-    counts = torch.bincount(ids, minlength=n_spans).clamp(min=1).to(span_values.dtype)
-    return (span_values / counts).index_select(0, ids)
+def span_rewards(student_logprobs: torch.Tensor, teacher_logprobs: torch.Tensor, index: SpanIndex) -> torch.Tensor:
+    """r_s = log π_T(span) − log π_θ(span), (n_spans,), detached: the reward of each span (k1's negative). The teacher's
+    log-probs are floored at TEACHER_LOGPROB_FLOOR (a −inf answer included)."""
+    teacher = teacher_logprobs.detach().clamp(min=TEACHER_LOGPROB_FLOOR)
+    student = student_logprobs.detach().to(teacher.dtype)
+    return span_sums(teacher, index.teacher_ids, index.n_spans) - span_sums(student, index.student_ids, index.n_spans)
 
 
-def span_log_ratio(student_logprobs: torch.Tensor, teacher_logprobs: torch.Tensor, student_ids: torch.Tensor,
-                   teacher_ids: torch.Tensor, n_spans: int) -> torch.Tensor:
-    """r_s = log p_θ(span) − log p_T(span) per span, (n_spans,): what k1 estimates, −(the span's reward)."""
-    return span_sums(student_logprobs, student_ids, n_spans) - span_sums(teacher_logprobs, teacher_ids, n_spans)
+def rewards_to_go(rewards: torch.Tensor, spans_per_row: Sequence[int]) -> torch.Tensor:
+    """G_s = Σ_{s' ≥ s in the same row} r_s', (n_spans,): a reverse cumulative sum inside each row."""
+    parts = torch.split(rewards, list(spans_per_row))
+    return torch.cat([part.flip(0).cumsum(0).flip(0) for part in parts]) if parts else rewards
 
 
-def span_token_losses(kind: str, student_logprobs: torch.Tensor, teacher_logprobs: torch.Tensor, student_ids: torch.Tensor,
-                      teacher_ids: torch.Tensor, n_spans: int) -> torch.Tensor:
-    """The span estimator `kind` (k1, k3, reward) as one loss per student token, (Ts,), summing to v_s over each span.
-
-    student_logprobs (Ts,): log p_θ of the student's sampled tokens; teacher_logprobs (Tt,): log p_T of the
-    teacher's tokens of the same text; *_ids: each token's span (`span_ids`)."""
+def token_advantages(kind: str, rewards: torch.Tensor, index: SpanIndex, baseline: torch.Tensor | None = None) -> torch.Tensor:
+    """A_t for every student token, (Ts,): its span's reward (`reward`) or reward-to-go (`reward_to_go`), minus its row's
+    `baseline` (rows,) when given."""
     if kind not in ESTIMATORS:
-        raise ValueError(f"kind must be one of {tuple(ESTIMATORS)}, got {kind!r}")
-    student = span_sums(student_logprobs, student_ids, n_spans)
-    teacher = span_sums(teacher_logprobs, teacher_ids, n_spans)
-    return spread(ESTIMATORS[kind](student, teacher), student_ids, n_spans)
+        raise ValueError(f"kind must be one of {ESTIMATORS}, got {kind!r}")
+    per_span = rewards if kind == "reward" else rewards_to_go(rewards, index.spans_per_row)
+    if baseline is not None:
+        if baseline.shape != (len(index.spans_per_row),):
+            raise ValueError(f"baseline must hold one value per row ({len(index.spans_per_row)}), got {tuple(baseline.shape)}")
+        rows = torch.repeat_interleave(torch.arange(len(index.spans_per_row), device=rewards.device),
+                                       torch.tensor(index.spans_per_row, device=rewards.device))
+        per_span = per_span - baseline.to(per_span)[rows]
+    return per_span.index_select(0, index.student_ids.to(per_span.device))
+
+
+def score_function_loss(student_logprobs: torch.Tensor, advantages: torch.Tensor) -> torch.Tensor:
+    """−sg(A_t) · log π_θ(y_t) per token: a policy-gradient (REINFORCE) loss whose gradient is E[A ∇log π_θ]."""
+    return -advantages.detach().to(student_logprobs.dtype) * student_logprobs
+
+
+def sampled_kl_losses(kind: str, student_logprobs: torch.Tensor, teacher_logprobs: torch.Tensor, index: SpanIndex,
+                      baseline: torch.Tensor | None = None) -> torch.Tensor:
+    """The estimator `kind` as one loss per student token, (Ts,), for rows of student samples.
+
+    student_logprobs (Ts,): log π_θ of the sampled tokens, with gradient; teacher_logprobs (Tt,): log π_T of the
+    teacher's tokens of the same text (data); index: the spans that align them; baseline (rows,): optional."""
+    rewards = span_rewards(student_logprobs, teacher_logprobs, index)
+    return score_function_loss(student_logprobs, token_advantages(kind, rewards, index, baseline))
+
+
+def sequence_returns(student_logprobs: torch.Tensor, teacher_logprobs: torch.Tensor, index: SpanIndex) -> torch.Tensor:
+    """Σ_s r_s of each row, (rows,): log π_T(y) − log π_θ(y), the negative of the sequence-level k1 estimate."""
+    rewards = span_rewards(student_logprobs, teacher_logprobs, index)
+    return torch.stack([part.sum() for part in torch.split(rewards, list(index.spans_per_row))]) if index.spans_per_row \
+        else rewards.new_zeros(0)

@@ -14,7 +14,7 @@ a multi-byte character (an emoji, a CJK character); such a token is given the ch
 contains its bytes, so it overlaps the next token by one character, and the position after it is not a
 possible cut (see `token_char_spans`, `boundary_ends`).
 
-Public: `token_char_spans`, `boundary_ends`, `align_spans`, `cross_tokenize` (-> `Alignment`),
+Public: `token_char_spans`, `boundary_ends`, `align_spans`, `reencode`, `end_of_turn_id`, `cross_tokenize` (-> `Alignment`),
 `alignment_stats`, `same_vocabulary`. The span-level estimators are in `objectives/spans.py`.
 """
 
@@ -185,6 +185,60 @@ def align_spans(student_ends: Sequence[int], teacher_ends: Sequence[int]) -> lis
     return spans
 
 
+def special_ids(tokenizer: Any) -> dict[int, str]:
+    """The tokenizer's control tokens, id -> content: its named special tokens and every added token marked special."""
+    named = {int(i): tokenizer.convert_ids_to_tokens(int(i)) for i in tokenizer.all_special_ids}
+    return {**named, **{int(i): t.content for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items() if t.special}}
+
+
+def reencode(student_tok: Any, teacher_tok: Any, body: Sequence[int]) -> list[int]:
+    """The teacher's token ids for the student's response tokens `body` (no end token).
+
+    Text is encoded as text with special tokens split: a student that *writes* the characters "<|im_start|>" wrote
+    characters, and the teacher must score them as such, not as its control token (which would also let a sample
+    steer the teacher's chat structure). Only a control token the student actually sampled becomes the teacher's
+    control token of the same content, where it has one; else its text is encoded like any other."""
+    student_special, teacher_special = special_ids(student_tok), {content: i for i, content in special_ids(teacher_tok).items()}
+    ids: list[int] = []
+    run: list[int] = []
+
+    def flush() -> None:
+        if run:
+            ids.extend(teacher_tok(decode_text(student_tok, run), add_special_tokens=False, split_special_tokens=True)["input_ids"])
+            run.clear()
+
+    for token in body:
+        content = student_special.get(token)
+        if content is not None and content in teacher_special:
+            flush()
+            ids.append(teacher_special[content])
+        else:
+            run.append(token)
+    flush()
+    return ids
+
+
+def end_of_turn_id(tokenizer: Any) -> int:
+    """The token the tokenizer's chat template writes right after an assistant turn's text (<|im_end|>, <|eot_id|>,
+    <end_of_turn>, ...): what a model of that template predicts where a response ends. It differs from
+    `eos_token_id` in some tokenizers (a base model's <|endoftext|> kept beside an instruct template); that EOS is
+    the fallback for a template that writes no control token after the turn."""
+    marker = "\u2063opdistill-end\u2063"  # invisible separators: text no template writes by itself
+    try:
+        rendered = tokenizer.apply_chat_template([{"role": "user", "content": "x"}, {"role": "assistant", "content": marker}],
+                                                 tokenize=False)
+    except Exception:  # noqa: BLE001 - a template that cannot render a turn raises any of several types
+        rendered = ""
+    after = rendered.partition(marker)[2] if isinstance(rendered, str) else ""
+    controls = special_ids(tokenizer)
+    for token in tokenizer(after, add_special_tokens=False)["input_ids"] if after else []:
+        if token in controls:
+            return int(token)
+        if decode_text(tokenizer, [token]).strip():
+            break  # visible text before any control token: the template ends turns with text, not a token
+    return tokenizer.eos_token_id
+
+
 def same_vocabulary(a: Any, b: Any) -> bool:
     """Two tokenizers with one token -> id table (then equal ids mean equal bytes, token by token)."""
     return a is b or a.get_vocab() == b.get_vocab()
@@ -235,10 +289,11 @@ def cross_tokenize(student_tok: Any, teacher_tok: Any, student_response_ids: Seq
                    teacher_end_id: int | None = None, shared_vocab: bool | None = None) -> Alignment:
     """Align a student response with the teacher's tokenization of the same text.
 
-    The text is the student's decoding of its response without its end token; the teacher re-tokenises it
-    (`add_special_tokens=False`) and must decode it back to the same text, else OpdistillError. When `finished`,
-    the response's last token (the student's EOS) is its own final span against `teacher_end_id` (default the
-    teacher's eos_token_id: its end of turn); a response cut by the horizon has no end token and no end span.
+    The text is the student's decoding of its response without its end token; the teacher re-tokenises it (`reencode`:
+    text as text, only sampled control tokens mapped) and must decode it back to the same text, else OpdistillError.
+    When `finished`, the response's last token (the student's EOS) is its own final span against `teacher_end_id`
+    (callers pass `end_of_turn_id(teacher_tok)`; default its eos_token_id); a response cut by the horizon has no end
+    token and no end span.
 
     When both tokenizers share one vocabulary (`shared_vocab`, computed when None; pass it to skip the comparison
     per call), the teacher scores the student's own ids, every token its own span: re-tokenising would not give back
@@ -258,7 +313,7 @@ def cross_tokenize(student_tok: Any, teacher_tok: Any, student_response_ids: Seq
                          [span[1] for span in token_char_spans(student_tok, ids)], len(ids) - finished, finished)
     body = ids[:-1] if finished else ids
     text = decode_text(student_tok, body)
-    teacher_body = list(teacher_tok(text, add_special_tokens=False)["input_ids"])
+    teacher_body = reencode(student_tok, teacher_tok, body)
     _check_same_text(text, decode_text(teacher_tok, teacher_body))
     student_ends = boundary_ends(token_char_spans(student_tok, body))
     spans = align_spans(student_ends, boundary_ends(token_char_spans(teacher_tok, teacher_body)))

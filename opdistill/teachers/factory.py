@@ -31,6 +31,7 @@ class TeacherConfig(Protocol):
     teacher_max_attempts: int
     teacher_timeout: float
     teacher_cache: str
+    teacher_cache_max_bytes: int
     top_k: int
     lora_r: int
     micro_batch_size: int
@@ -73,7 +74,8 @@ def build_teachers(config: TeacherConfig, tokenizer: Any, get_student: Callable[
             vocab = 2**31 - 1 if name in cross else student_vocab
             return RemoteTeacher(url, model, k=max(config.top_k, 1), vocab=vocab, api_key_env=config.teacher_api_key_env,
                                  policy=policy, concurrency=config.teacher_concurrency, seed=config.seed,
-                                 cache_path=cache_path(config, out_dir, rank, world_size, name))
+                                 cache_path=cache_path(config, out_dir, rank, world_size, name), run_dir=out_dir,
+                                 cache_max_bytes=config.teacher_cache_max_bytes)
         if name in cross:
             return own_vocabulary_teacher(model, config, cross[name], dtype, device)
         return local_teacher(model, config, tokenizer, student_vocab, dtype, device)

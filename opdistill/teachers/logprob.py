@@ -14,6 +14,7 @@ student's own base weights with its LoRA adapters switched off) and `teachers.re
 from __future__ import annotations
 
 import contextlib
+from concurrent.futures import ThreadPoolExecutor
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, fields, replace
 from typing import Any, Callable, Iterator
@@ -106,6 +107,10 @@ class LogProbTeacher(ABC):
         """`score` on behalf of training step `step` (a remote teacher's cache remembers it; see RemoteTeacher.compact)."""
         return self.score(rows)
 
+    def token_logprobs(self, rows: list[TeacherRow], temperature: float = 1.0, step: int = -1) -> torch.Tensor:
+        """log p_T of each row's own response tokens, flattened row-major, (tokens,): all a sampled-token estimator reads."""
+        return self.score_step(rows, step).sampled(_response_tokens(rows), temperature)
+
     def close(self) -> None:
         """Release what the teacher holds (connections, caches)."""
 
@@ -151,6 +156,20 @@ class LocalTeacher(LogProbTeacher):
                 batch = {k: v.to(device) for k, v in batch.items()}
                 parts.append(response_logits(model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"])[:, : self.vocab])
         return TeacherScores(logits=torch.cat(parts))
+
+
+    @torch.no_grad()
+    def token_logprobs(self, rows: list[TeacherRow], temperature: float = 1.0, step: int = -1) -> torch.Tensor:
+        # Reduced micro-batch by micro-batch: the (tokens, vocab) logits exist for one micro-batch at a time, never for
+        # the whole step.
+        parts = [self.score(rows[start:start + self.micro_batch_size]).sampled(_response_tokens(rows[start:start + self.micro_batch_size]),
+                                                                               temperature).float()
+                 for start in range(0, len(rows), self.micro_batch_size)]
+        return torch.cat(parts) if parts else torch.zeros(0)
+
+
+def _response_tokens(rows: list[TeacherRow]) -> torch.Tensor:
+    return torch.tensor([token for row in rows for token in row.response], dtype=torch.long)
 
 
 class AdapterOffTeacher(LocalTeacher):
@@ -243,6 +262,26 @@ class TeacherSet:
     def for_step(self, rows: list[TeacherRow], names: list[str], top_k: int = 0, temperature: float = 1.0, step: int = -1) -> StepScores:
         """Ask every remote teacher once for all of a step's rows; local ones answer per micro-batch (StepScores)."""
         return StepScores(self, rows, names, top_k, temperature, step)
+
+    def token_logprobs(self, rows: list[TeacherRow], names: list[str], temperature: float = 1.0, step: int = -1) -> list[torch.Tensor]:
+        """Each row's log p_T of its response tokens, (len(response),) per row, every teacher asked once for all of its
+        rows. The remote teachers' requests are all in flight together (one thread each, each bounded by its own
+        concurrency), so the step waits about one round trip whatever the number of teachers; local ones score meanwhile."""
+        groups = _groups(names, range(len(rows)))
+        remote = {name: members for name, members in groups.items() if self.pick(name).remote}
+        answers: dict[str, torch.Tensor] = {}
+        with ThreadPoolExecutor(max_workers=max(1, len(remote))) as pool:
+            pending = {name: pool.submit(self.pick(name).token_logprobs, [rows[i] for i in members], temperature, step)
+                       for name, members in remote.items()}
+            for name, members in groups.items():
+                if name not in remote:
+                    answers[name] = self.pick(name).token_logprobs([rows[i] for i in members], temperature, step)
+            answers.update({name: future.result() for name, future in pending.items()})
+        out: list[torch.Tensor] = [torch.zeros(0)] * len(rows)
+        for name, members in groups.items():
+            for i, part in zip(members, torch.split(answers[name].float().cpu(), [len(rows[i].response) for i in members])):
+                out[i] = part
+        return out
 
     def score(self, rows: list[TeacherRow], names: list[str], top_k: int = 0, temperature: float = 1.0) -> TeacherScores:
         """Score each row with its teacher; the answer is in the rows' order. With top_k every teacher's answer is
