@@ -326,7 +326,9 @@ def divergence_check(device: Any, vocab: int, rows: int = 32) -> Result:
     for kind, chunk in [(kind, None) for kind in KINDS] + [("rkl", 8), ("jsd", 8)]:
         outputs = []
         for where in (torch.device("cpu"), device):
-            s = student.to(where).requires_grad_(True)
+            # A fresh leaf each time: on the CPU `.to` returns `student` itself, whose gradient would then build up
+            # over the kinds (and be the very tensor the CPU side is compared with in a dry run).
+            s = student.to(where, copy=True).requires_grad_(True)
             value = per_token(s, teacher.to(where), kind, chunk_size=chunk)
             value.sum().backward()
             outputs.append((value.detach().cpu(), s.grad.cpu()))

@@ -12,7 +12,7 @@ import torch
 
 from opdistill.cli import main
 from opdistill.config import load_config
-from opdistill.data import Example, collate, render_prompt
+from opdistill.data import render_prompt
 from opdistill.errors import DataError, OpdistillError
 from opdistill.evaluate.judge import (
     JudgeCache, parse_scores, parse_verdict, prompt_outcome, score_messages, score_ratio, win_rate,
@@ -120,19 +120,22 @@ def test_teacher_logprob_equals_a_direct_forward_pass(tiny_model):
     model, tokenizer = load_model(str(tiny_model)), load_tokenizer(str(tiny_model))
     conversations = [[{"role": "user", "content": "Name a color."}], [{"role": "user", "content": "Say hi."}]]
     texts, finished = ["blue is a color", "hi there"], [True, False]
-    got = mean_logprob(response_logprobs(model, tokenizer, conversations, texts, finished, batch_size=1))
-    total, count = 0.0, 0
+    direct: list[tuple[float, int]] = []  # per response: (sum of its log-probs, its tokens), one unpadded pass each
     for messages, text, done in zip(conversations, texts, finished):
         prompt = render_prompt(tokenizer, messages)
         response = tokenizer(text, add_special_tokens=False)["input_ids"] + ([tokenizer.eos_token_id] if done else [])
         ids = torch.tensor([prompt + response])
         logp = torch.log_softmax(model(ids).logits[0, :-1].double(), -1).gather(-1, ids[0, 1:, None]).squeeze(-1)
-        total += float(logp[len(prompt) - 1:].sum().detach())
-        count += len(response)
+        direct.append((float(logp[len(prompt) - 1:].sum().detach()), len(response)))
+    # batch_size 2 puts both conversations (of different lengths) in one padded batch: padding must change nothing.
+    for batch_size in (1, 2):
+        sums = response_logprobs(model, tokenizer, conversations, texts, finished, batch_size=batch_size)
+        assert [count for _, count in sums] == [count for _, count in direct], batch_size
+        assert [total for total, _ in sums] == pytest.approx([total for total, _ in direct], abs=1e-4), batch_size
+    count = sum(n for _, n in direct)
+    got = mean_logprob(sums)
     assert got["teacher_scored_tokens"] == count
-    assert got["teacher_logprob"] == pytest.approx(total / count, abs=1e-4)
-    batch = collate([Example([1], [2])], 0)  # keeps the import honest: collate is what response_logprobs batches with
-    assert batch["loss_mask"].tolist() == [[0, 1]]
+    assert got["teacher_logprob"] == pytest.approx(sum(total for total, _ in direct) / count, abs=1e-4)
 
 
 def test_embedding_similarity_ranks_a_paraphrase_above_an_unrelated_sentence():

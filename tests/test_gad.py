@@ -245,16 +245,37 @@ def test_clamped_k3_has_zero_gradient_past_its_saturation_and_the_exact_one_befo
     torch.testing.assert_close(kl_k3(ref - ratios, ref)[~inside], torch.full_like(ratios[~inside], 10.0))  # a constant penalty
 
 
-def test_the_progress_bar_of_an_adversarial_step_shows_reward_kl_and_clip_share_not_g_loss(tiny_model, selfinstruct, tmp_path):
+def test_the_progress_bar_of_an_adversarial_step_shows_reward_kl_and_clip_share_not_g_loss(tiny_model, selfinstruct, tmp_path,
+                                                                                         monkeypatch, capsys):
     """What the engine puts beside the bar is each of `progress_metrics` that a step returned (engine.py). g_loss is not
     among them: at ratio 1 the advantages sum to 0 per group, so its value says little about the step (methods/gad.py)."""
-    from opdistill.methods.gad import GAD
+    from tqdm import tqdm
 
+    from opdistill import engine
+
+    postfixes: list[str] = []  # the bar's own postfix text after each step, as tqdm formats and prints it
+
+    class RecordingBar(tqdm):  # the engine's real bar; only what it was told to show is also kept here
+        def set_postfix(self, *args, **kwargs) -> None:  # type: ignore[override]
+            super().set_postfix(*args, **kwargs)
+            postfixes.append(self.postfix)
+
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)  # tqdm reads it: a bar switched off from outside shows nothing
+    monkeypatch.setattr(engine, "tqdm", RecordingBar)
     out = tmp_path / "bar"
+    capsys.readouterr()
     train(load_config(None, gad_overrides(tiny_model, selfinstruct, out, warmup_steps=1, d_only_steps=1, max_steps=2, checkpoint_every=0)))
-    adversarial = [line for line in metric_lines(out) if line["stage"] == 1]
-    assert len(adversarial) == 2
-    for line in adversarial:
-        shown = {k for k in GAD.progress_metrics if k in line}
-        assert {"reward_mean", "kl", "clipped", "d_acc"} <= shown and "g_loss" not in shown, shown
-    assert adversarial[0]["reward_mean"] != adversarial[1]["reward_mean"]  # a reading that changes with the run
+    printed = capsys.readouterr().err
+    lines = metric_lines(out)
+    assert [line["stage"] for line in lines] == [0, 1, 1] and len(postfixes) == len(lines)  # warm-up, then 2 adversarial
+    shown = [dict(item.split("=", 1) for item in postfix.split(", ")) for postfix in postfixes]
+    for bar, line in zip(shown[1:], lines[1:]):  # the adversarial steps
+        assert list(bar) == ["d_loss", "d_acc", "reward_mean", "kl", "clipped"], bar  # progress_metrics' order
+        assert bar == {k: f"{line[k]:.4f}" for k in bar}, (bar, line)  # the step's own numbers, not stale ones
+    assert "g_loss" in lines[1] and "g_loss" not in shown[1]  # returned by the step, yet not beside the bar
+    assert list(shown[0]) == ["d_loss", "d_acc"]  # the discriminator-only warm-up has no reward to show
+    assert shown[1]["reward_mean"] != shown[2]["reward_mean"]  # a reading that changes with the run
+    # What reached the terminal: the closed bar's final line ends with the last step's postfix (other bars,
+    # e.g. saving the model, print after it; which intermediate lines tqdm drew depends on its refresh interval).
+    drawn = [segment.strip() for segment in printed.split("\r") if segment.startswith("train gad")]
+    assert drawn and drawn[-1].endswith(f", {postfixes[-1]}]") and not any("g_loss" in line for line in drawn), printed[-1000:]

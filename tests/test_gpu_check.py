@@ -7,6 +7,14 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+import torch
+
+from opdistill.objectives import divergences
+from opdistill.objectives.divergences import KINDS
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_check.py"
@@ -14,6 +22,8 @@ SCRIPT = ROOT / "benchmarks" / "gpu_check.py"
 SECTIONS = ["build_models", "cuda_checks", "opd/smollm2-135m", "trl/smollm2-135m", "gad/smollm2-135m", "fsdp/seqkd", "fsdp/opd",
             "opd/qwen2.5-0.5b", "trl/qwen2.5-0.5b", "gad/qwen2.5-0.5b"]
 TIMED = [name for name in SECTIONS if name.split("/")[0] in ("opd", "trl", "gad")]
+# What divergence_check compares: every kind, plus the chunked paths of two of them.
+DIVERGENCE_NAMES = [*KINDS, "rkl_chunked", "jsd_chunked"]
 
 
 def run_script(tmp_path: Path, *args: str, timeout: int = 600) -> tuple[subprocess.CompletedProcess, dict]:
@@ -44,6 +54,11 @@ def test_dry_run_runs_every_section_ok(tmp_path):
     checks = sections["cuda_checks"]
     assert set(checks["checks"]) == {"bf16_forward_backward", "hf_sampler", "divergences_vs_cpu"}
     assert all(check["status"] == "ok" for check in checks["checks"].values())
+    # A dry run compares the CPU with itself, so every kind must agree exactly; that the comparison catches a
+    # device that differs is test_divergence_check_fails_where_the_device_differs_from_the_cpu's job.
+    compared = checks["checks"]["divergences_vs_cpu"]
+    assert compared["device"] == "cpu"
+    assert compared["max_abs_difference"] == {name: 0.0 for name in DIVERGENCE_NAMES}
     assert checks["cuda_tests"]["status"] in ("none", "ok")  # none today: the JSON says so
     for name in ("fsdp/seqkd", "fsdp/opd"):
         assert sections[name]["steps"] >= 1 and sections[name]["student_saved"], sections[name]
@@ -70,17 +85,78 @@ def test_cuda_tests_are_found_by_marker_or_skip():
     assert gpu_check.find_cuda_tests(ROOT / "tests") == [], "none today; the check says so in its JSON"
 
 
-def test_isolation_falls_back_to_spawn_when_forked_children_cannot_reach_cuda(tmp_path, monkeypatch):
-    import torch
-
+def sections_module(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     import gpu_check_sections
 
-    # Told to expect CUDA on a machine without it, the probe child fails, which is what a fork server that had
-    # initialised CUDA would cause on a GPU machine: the check must then give each section a fresh interpreter.
-    chosen = gpu_check_sections.choose_isolation("auto", True, tmp_path / "probe.log")
-    if torch.cuda.is_available():
-        assert chosen.startswith("forkserver"), chosen
-    else:
-        assert chosen.startswith("spawn (a child of the fork server could not use CUDA"), chosen
-        assert gpu_check_sections._context.get_start_method() == "spawn"
+    return gpu_check_sections
+
+
+def test_divergence_check_fails_where_the_device_differs_from_the_cpu(monkeypatch):
+    """The comparison itself, on a CPU machine too: the second per_token call of each pair is the device's, and
+    it is made to differ (only in the values, then only in the gradients) or to agree within the tolerance."""
+    gpu_check_sections = sections_module(monkeypatch)
+    real = divergences.per_token
+
+    def run(shift: float, in_gradient: bool) -> dict[str, Any]:
+        calls: list[str] = []
+
+        def per_token(student: torch.Tensor, teacher: torch.Tensor, kind: str, **kwargs: Any) -> torch.Tensor:
+            value = real(student, teacher, kind, **kwargs)
+            calls.append(kind)
+            if len(calls) % 2 == 1:  # the CPU's own reference
+                return value
+            # student - student.detach() is 0 but has gradient 1: the values stay, the gradients move by `shift`
+            return value + shift * (student - student.detach()).sum(-1) if in_gradient else value + shift
+
+        monkeypatch.setattr(divergences, "per_token", per_token)  # divergence_check imports it when it runs
+        try:
+            return gpu_check_sections.divergence_check(torch.device("cpu"), vocab=16, rows=4)
+        finally:
+            assert len(calls) == 2 * len(DIVERGENCE_NAMES)  # each kind once on the CPU, once on the "device"
+
+    for in_gradient in (False, True):
+        with pytest.raises(AssertionError, match="cpu differs from the CPU for") as failed:
+            run(1e-3, in_gradient)
+        assert str(DIVERGENCE_NAMES) in str(failed.value), failed.value  # every kind is named
+    # Inside the tolerance (atol 1e-5): ok, and the difference reported is the one injected. 2^-20 is added exactly
+    # to float32 values under 8 in magnitude, as this check's seeded values are, so no rounding blurs it.
+    close = run(2.0 ** -20, False)
+    assert close["device"] == "cpu" and list(close["max_abs_difference"]) == DIVERGENCE_NAMES
+    assert all(value == pytest.approx(2.0 ** -20, rel=1e-6) for value in close["max_abs_difference"].values()), close
+
+
+def test_isolation_falls_back_to_spawn_when_forked_children_cannot_reach_cuda(tmp_path, monkeypatch):
+    import multiprocessing.forkserver
+
+    gpu_check_sections = sections_module(monkeypatch)
+    server = multiprocessing.forkserver._forkserver  # the process's one fork server
+
+    # Told to expect CUDA while the fork server's children cannot reach it (what a server that had initialised
+    # CUDA would cause), the check must give each section a fresh interpreter. CUDA is hidden from the server so
+    # that this holds on a GPU machine as on a CPU one; a running server would not see the variable, so none runs
+    # before, and none with CUDA hidden is left behind (_stop is the method CPython's own tests use).
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    server._stop()
+    try:
+        chosen = gpu_check_sections.choose_isolation("auto", True, tmp_path / "probe.log")
+    finally:
+        server._stop()
+    reason = "spawn (a child of the fork server could not use CUDA: "
+    assert chosen.startswith(reason) and len(chosen) > len(reason) + 1, chosen  # the probe's error is quoted
+    assert gpu_check_sections._context.get_start_method() == "spawn"
+    assert (tmp_path / "probe.result.json").is_file()  # the probe really ran in a child
+
+    # The other branches, with the probe's result injected: no probe without CUDA, the fork server when it works.
+    probes: list[dict[str, Any]] = []
+
+    def probe(target: Any, params: dict, timeout_s: float, log: Path) -> dict[str, Any]:
+        probes.append(params)
+        return {"status": "ok"}
+
+    monkeypatch.setattr(gpu_check_sections, "run_isolated", probe)
+    assert gpu_check_sections.choose_isolation("auto", False, tmp_path / "probe.log") == "forkserver" and probes == []
+    assert gpu_check_sections.choose_isolation("auto", True, tmp_path / "probe.log") == "forkserver (a forked child reached CUDA)"
+    assert gpu_check_sections._context.get_start_method() == "forkserver" and len(probes) == 1
+    assert gpu_check_sections.choose_isolation("spawn", True, tmp_path / "probe.log") == "spawn" and len(probes) == 1
+    assert gpu_check_sections._context.get_start_method() == "spawn"

@@ -16,14 +16,14 @@ from opdistill.evaluate.calibration import (
     KINDS, REFUSAL, build_calibration_set, calibration_accuracy, first_half, item_score, looped, wrong_final_answer,
 )
 from opdistill.evaluate.judge import (
-    JudgeCache, LocalJudge, Verdict, judge_pair_probabilities, pair_messages, pair_requests, pairwise_summary,
+    JudgeCache, LocalJudge, Verdict, judge_pair_probabilities, pair_messages, pair_requests, pairwise_summary, probability_key,
 )
 from opdistill.evaluate.judge_stats import (
     fit_logistic, length_controlled_win_rate, length_feature, probability_outcomes, probability_summary, verdict_probability,
     verdict_prompt_ids, verdict_token_ids,
 )
 
-from conftest import SHARED
+from conftest import SHARED, build_tiny_model
 
 sys.path.insert(0, str(Path(__file__).parent))
 from openai_stub_server import length_score  # noqa: E402
@@ -273,10 +273,23 @@ def test_calibration_accuracy_of_a_local_logit_judge(tiny_model, tmp_path):
     result = calibration_accuracy(judge, items, cache, progress=False)
     passes = judge.forward_passes
     assert result["method"] == "logit" and result["n"] == len(items) and result["unparsed"] == result["failed"] == 0
-    assert 0.0 <= result["accuracy"] <= 1.0 and set(result["per_kind"]) == {item.kind for item in items}
-    assert 0.0 < result["mean_preference"] < 1.0
+    assert set(result["per_kind"]) == {item.kind for item in items}
     assert calibration_accuracy(judge, items, cache, progress=False) == result and judge.forward_passes == passes
     cache.close()
+
+    # The reference, from the judge's own uncached P(A) of both orders: an item scores 1 when the order-averaged
+    # preference for the good answer is above 1/2, 1/2 at an exact tie, else 0 (the module docstring's rules).
+    n = len(items)
+    p_first = judge.pair_probabilities(pair_requests([i.question for i in items], [i.good for i in items], [i.bad for i in items]))
+    preference = [(good_first + 1.0 - bad_first) / 2 for good_first, bad_first in zip(p_first[:n], p_first[n:])]
+    scores = [1.0 if p > 0.5 else 0.5 if p == 0.5 else 0.0 for p in preference]
+    consistent = [(good_first > 0.5) == (bad_first < 0.5) for good_first, bad_first in zip(p_first[:n], p_first[n:])]
+    assert result["accuracy"] == pytest.approx(sum(scores) / n, abs=1e-12)
+    assert result["mean_preference"] == pytest.approx(sum(preference) / n, abs=1e-12)
+    assert result["order_consistency"] == pytest.approx(sum(consistent) / n, abs=1e-12)
+    for kind, summary in result["per_kind"].items():
+        mine = [i for i, item in enumerate(items) if item.kind == kind]
+        assert summary["accuracy"] == pytest.approx(sum(scores[i] for i in mine) / len(mine), abs=1e-12), kind
     with pytest.raises(ValueError):
         calibration_accuracy(judge, items, cache, method="coin")
 
@@ -286,20 +299,41 @@ def test_eval_with_a_logit_judge_reports_lc_win_rate_and_calibration(tiny_model,
     win rate beside the raw one, and the judge's calibration accuracy in metrics.json and in the printed lines."""
     from opdistill.evaluate.run import EvalOptions, metrics_lines, run_eval
 
-    options = dict(models=[f"t={tiny_model}", f"s={tiny_model}"], systems=["t=Be brief."], prompts=["builtin:heldout[:4]"],
-                   out=str(tmp_path), max_new_tokens=6, temperature=1.0, judge_local=str(tiny_model), judge_logits=True,
+    # s is another random model: the same model on both sides samples the same answers (the same seeded streams),
+    # and identical answers make every outcome exactly 1/2 whatever the judge computes.
+    other = build_tiny_model(tmp_path / "other", seed=1)
+    out = tmp_path / "eval"
+    options = dict(models=[f"t={tiny_model}", f"s={other}"], systems=["t=Be brief."], prompts=["builtin:heldout[:4]"],
+                   out=str(out), max_new_tokens=6, temperature=1.0, judge_local=str(tiny_model), judge_logits=True,
                    judge_calibration=1, data_dir=str(DATA), pairwise=["s:t"], embeddings=False, progress=False)
     metrics = run_eval(EvalOptions(**options))
     pair = metrics["sets"]["heldout"]["pairwise"][0]
-    assert pair["method"] == "logit" and pair["n"] == 4 and pair["unparsed"] == 0 and 0.0 <= pair["win_rate"] <= 1.0
-    assert "lc_win_rate" in pair
+    assert pair["method"] == "logit" and pair["n"] == 4 and pair["unparsed"] == 0
+
+    # The reference, from what the run left on disk: the answers (generations.jsonl) and the judge's P(A) of both
+    # orders (judge.jsonl). Per prompt s's order-averaged preference; the win rate is their mean, and the
+    # length-controlled one is those outcomes fitted against the answers' lengths in characters.
+    rows = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
+    by_label = {label: {row["index"]: row for row in rows if row["model"] == label} for label in ("s", "t")}
+    order = sorted(by_label["s"])
+    questions = [by_label["s"][i]["prompt"] for i in order]
+    answers_s, answers_t = [by_label["s"][i]["response"] for i in order], [by_label["t"][i]["response"] for i in order]
+    assert answers_s != answers_t
+    stored = {row["key"]: row["p_first"] for row in map(json.loads, (out / "judge.jsonl").read_text().splitlines())
+              if row.get("kind") == "pair_logit"}
+    p_first = [stored[probability_key(metrics["judge"]["name"], m)] for m in pair_requests(questions, answers_s, answers_t)]
+    outcomes = [(s_first + 1.0 - t_first) / 2 for s_first, t_first in zip(p_first[:4], p_first[4:])]
+    expected = length_controlled_win_rate(outcomes, [len(a) for a in answers_s], [len(a) for a in answers_t])
+    assert pair["win_rate"] == pytest.approx(sum(outcomes) / 4, abs=1e-12)
+    for key in ("lc_win_rate", "lc_ci_low", "lc_ci_high", "length_coef"):
+        assert pair[key] == pytest.approx(expected[key], abs=1e-12), key
     calibration = metrics["judge"]["calibration"]
     assert calibration["method"] == "logit" and calibration["n"] == 7 and calibration["flag"] is True  # a random model
     assert set(calibration["per_kind"]) == {"gsm8k_wrong_answer", "humaneval_other_solution", "humaneval_stub", "truncated",
                                             "looped", "off_topic", "refusal"}
     lines = metrics_lines(metrics)
     assert any(line.startswith("judge calibration (logit)") and "UNDER 80%" in line for line in lines)
-    stored = (tmp_path / "judge.jsonl").read_text()
+    judged = (out / "judge.jsonl").read_text()
     again = run_eval(EvalOptions(**options))  # every verdict and calibration probability comes from judge.jsonl
-    assert (tmp_path / "judge.jsonl").read_text() == stored
+    assert (out / "judge.jsonl").read_text() == judged
     assert again["judge"]["calibration"]["accuracy"] == calibration["accuracy"]

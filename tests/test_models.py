@@ -224,20 +224,51 @@ def test_bf16_counts_as_fast_only_where_the_cpu_multiplies_it_natively() -> None
     assert flags is None or all(flag and " " not in flag for flag in flags)  # the real file parses into single flags
 
 
-def test_bf16_counts_as_fast_only_where_it_measures_clearly_faster_than_fp32() -> None:
+def test_bf16_counts_as_fast_only_where_it_measures_clearly_faster_than_fp32(monkeypatch: pytest.MonkeyPatch) -> None:
     """A CPU can list avx512_bf16 and still run bf16 slower than fp32 (a Xeon VM with AMX hidden: 1.4x slower), so
     where the flags allow bf16 a probe times both and bf16 must win by a quarter."""
-    import torch
-
-    from opdistill.models import bf16_is_fast, bf16_pays_off, matmul_seconds
+    from opdistill import models
+    from opdistill.models import bf16_is_fast, bf16_pays_off, compute_dtype, matmul_seconds, resolve_precision
 
     assert bf16_pays_off(fp32_seconds=1.0, bf16_seconds=0.4)  # native bf16, as on an AMD EPYC
     assert bf16_pays_off(fp32_seconds=1.0, bf16_seconds=0.75)
     assert not bf16_pays_off(fp32_seconds=1.0, bf16_seconds=0.9)  # a near tie keeps fp32's precision
     assert not bf16_pays_off(fp32_seconds=1.0, bf16_seconds=1.4)
-    seconds = matmul_seconds(torch.float32, size=(8, 16, 32), repeats=2)
-    assert 0.0 < seconds < 1.0
-    bf16_is_fast()
-    hits = bf16_is_fast.cache_info().hits
-    bf16_is_fast()  # measured once per process: every stage of a run gets the same answer, and no second probe
-    assert bf16_is_fast.cache_info().hits == hits + 1
+
+    # matmul_seconds reports the fastest timed repeat, the warm-up untimed: a fake clock gives repeats of 3, 1, 2 s.
+    with monkeypatch.context() as patch:
+        clock = iter([0.0, 3.0, 10.0, 11.0, 20.0, 22.0])  # exactly two readings per timed repeat, none for the warm-up
+        patch.setattr(models.time, "perf_counter", lambda: next(clock))
+        assert matmul_seconds(torch.float32, size=(2, 3, 4), repeats=3) == 1.0
+
+    # bf16_is_fast's decision follows the probe's numbers (injected here, so no wall clock is involved), on the CPU
+    # path even on a GPU machine, and the probe runs once per process: every stage of a run gets the same answer.
+    timings: dict[torch.dtype, float] = {}
+    flags: set[str] = set()
+    probed: list[torch.dtype] = []
+
+    def probe(dtype: torch.dtype, *args: object, **kwargs: object) -> float:
+        probed.append(dtype)
+        return timings[dtype]
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    # oneDNN says yes, as on any AVX-512 CPU (raising=False: a torch build without the op has nothing to replace)
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True, raising=False)
+    monkeypatch.setattr(models, "cpu_flags", lambda: flags)
+    monkeypatch.setattr(models, "matmul_seconds", probe)
+    try:
+        for fp32, bf16, flag, fast in [(1.0, 0.5, "avx512_bf16", True), (1.0, 0.9, "avx512_bf16", False), (1.0, 0.5, "avx512f", False)]:
+            bf16_is_fast.cache_clear()
+            timings.update({torch.float32: fp32, torch.bfloat16: bf16})
+            flags.clear()
+            flags.add(flag)
+            probed.clear()
+            assert bf16_is_fast() is fast, (fp32, bf16, flag)
+            # without a native bf16 flag there is nothing to measure; with one, both dtypes are timed once
+            assert probed == ([torch.float32, torch.bfloat16] if flag == "avx512_bf16" else []), (fp32, bf16, flag)
+            timings.update({torch.float32: 1.0, torch.bfloat16: 0.1 if not fast else 5.0})  # a later probe would flip it
+            assert bf16_is_fast() is fast and resolve_precision("auto") == ("bf16" if fast else "fp32")
+            assert compute_dtype("auto") == (torch.bfloat16 if fast else torch.float32)
+            assert len(probed) == (2 if flag == "avx512_bf16" else 0), "measured once per process, not once per call"
+    finally:
+        bf16_is_fast.cache_clear()  # the injected answer must not outlive this test: the next caller measures for real

@@ -3,6 +3,9 @@ decode loop (finished rows checked every k steps), per-sample streams, and the e
 
 from __future__ import annotations
 
+import sys
+import types
+
 import pytest
 import torch
 
@@ -103,12 +106,23 @@ def test_a_sample_does_not_depend_on_its_batch(tiny_model):
     assert [s.response_ids for s in together] == [s.response_ids for group in alone for s in group]
 
 
-def test_vllm_engine_fails_with_a_clear_error_without_vllm_or_cuda(tiny_model):
+def test_vllm_engine_fails_with_a_clear_error_without_vllm_or_cuda(tiny_model, monkeypatch):
+    # Each missing piece is removed here rather than assumed missing, so the test means the same on a CPU machine
+    # and on a GPU machine with vLLM installed (where the real engine would otherwise start). precision fp32: `auto`
+    # would cache bf16_is_fast's answer under the patched CUDA check for the rest of the session.
     tokenizer, model = load_tokenizer(str(tiny_model)), load_model(str(tiny_model))
-    with pytest.raises(OpdistillError, match="rollout_engine: vllm needs"):
-        make_sampler("vllm", model, tokenizer, model_path=str(tiny_model))
-    with pytest.raises(OpdistillError, match="unknown rollout_engine"):
-        make_sampler("sglang", model, tokenizer)
+    monkeypatch.setitem(sys.modules, "vllm", None)  # `import vllm` raises ImportError, as where it is not installed
+    with pytest.raises(OpdistillError) as no_package:
+        make_sampler("vllm", model, tokenizer, precision="fp32", model_path=str(tiny_model))
+    assert no_package.value.message.startswith("rollout_engine: vllm needs the vllm package (")  # the ImportError's reason follows
+    assert no_package.value.fix == "pip install vllm (a CUDA machine)"
+    monkeypatch.setitem(sys.modules, "vllm", types.ModuleType("vllm"))  # vllm imports, but no GPU is visible
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(OpdistillError) as no_gpu:
+        make_sampler("vllm", model, tokenizer, precision="fp32", model_path=str(tiny_model))
+    assert (no_gpu.value.message, no_gpu.value.fix) == ("rollout_engine: vllm needs a CUDA GPU", "use rollout_engine: hf on this machine")
+    with pytest.raises(OpdistillError, match="unknown rollout_engine 'sglang'"):
+        make_sampler("sglang", model, tokenizer, precision="fp32")
 
 
 def test_decode_attention_matches_sdpa_with_left_padding_and_grouped_heads(tiny_model):

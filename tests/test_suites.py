@@ -41,9 +41,11 @@ def test_gsm8k_extraction_is_tolerant_of_formats(response, expected):
 
 def test_gsm8k_stated_answer_wins_over_a_later_number():
     solution = "Some work.\n#### 18"
-    assert gsm8k_correct("The answer is 18. (I checked 3 times.)", solution)[0]
-    assert not gsm8k_correct("#### 17", solution)[0]
-    assert not gsm8k_correct("no number here", solution) == (True, None)
+    # (correct, the extracted answer): the stated 18 is taken, not the later 3; a wrong stated number is still
+    # reported; a response without a number extracts nothing and is wrong.
+    assert gsm8k_correct("The answer is 18. (I checked 3 times.)", solution) == (True, "18")
+    assert gsm8k_correct("#### 17", solution) == (False, "17")
+    assert gsm8k_correct("no number here", solution) == (False, None)
 
 
 def test_every_gsm8k_reference_solution_scores_correct_and_a_changed_number_does_not():

@@ -192,7 +192,26 @@ def test_bad_input_gives_one_clear_error(case: Case, model: Path, tmp_path: Path
         assert needle in err, (needle, err)
 
 
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "robustness.md"
+# The rows of docs/robustness.md's table that count this file's cases (one per `# ----` group of CASES).
+DOC_ROWS = ("Malformed prompt files", "Bad configs", "Bad models", "Bad checkpoints")
+
+
 def test_there_are_at_least_30_cases():
+    # At least 30 different cases, and exactly as many as docs/robustness.md claims: a copied case (same name,
+    # so pytest would tell it apart only by a suffix), a case that checks no text, or a count in the docs that
+    # no longer matches the list fails here.
+    names = [case.name for case in CASES]
+    assert len(set(names)) == len(names), sorted(name for name in names if names.count(name) > 1)
+    assert [case.name for case in CASES if not case.needles] == []
+    counted: dict[str, int] = {}
+    for line in DOCS.read_text(encoding="utf-8").splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        for row in DOC_ROWS:
+            if cells[0].startswith(f"{row}:"):
+                counted[row] = int(cells[1])
+    assert set(counted) == set(DOC_ROWS), f"{DOCS} lacks the rows {set(DOC_ROWS) - set(counted)}"
+    assert sum(counted.values()) == len(CASES), (counted, len(CASES))
     assert len(CASES) >= 30
 
 
