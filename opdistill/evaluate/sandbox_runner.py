@@ -5,7 +5,8 @@ session of its own, it must import nothing outside the standard library. Process
 
     runner (root, outside the new namespaces; enforces the wall clock, reports JSON on stdout)
       └─ init (pid 1 of the new pid namespace; reaps; its death kills everything in the namespace)
-           └─ program (own session, rlimits, Landlock, unprivileged uid, minimal env, audit hook)
+           └─ program (own session, rlimits, no new privileges, Landlock, seccomp, unprivileged uid, minimal
+                      env, audit hook)
 
 The program never holds the runner's stdout, so it cannot forge the report.
 """
@@ -23,15 +24,26 @@ import time
 from dataclasses import dataclass, field
 
 LIBC = ctypes.CDLL(None, use_errno=True)
-NAMESPACES = (("mount", 0x00020000), ("network", 0x40000000), ("pid", 0x20000000), ("ipc", 0x08000000))
+NAMESPACES = (("mount namespace", 0x00020000), ("network namespace", 0x40000000), ("pid namespace", 0x20000000),
+              ("ipc namespace", 0x08000000))
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT = 1, 2, 4, 8, 32
 MS_BIND, MS_REC, MS_PRIVATE = 4096, 16384, 1 << 18
 MOUNT_OPTIONS = {"nosuid": MS_NOSUID, "nodev": MS_NODEV, "noexec": MS_NOEXEC, "noatime": 1024, "nodiratime": 2048,
                  "relatime": 1 << 21}  # a bind remount must repeat these or the kernel refuses it
-# Landlock: every filesystem right that creates, changes or removes something (ABI 1-3), TCP bind/connect
-# (ABI 4) and, from ABI 6, signals and abstract unix sockets outside the sandbox's own processes.
-LANDLOCK_FS_WRITE = {1: 0b1_1111_1111_0010, 2: 0b11_1111_1111_0010, 3: 0b111_1111_1111_0010}
+# Landlock filesystem rights (linux/landlock.h): bit 0 EXECUTE, 1 WRITE_FILE, 2 READ_FILE, 3 READ_DIR, 4-12 removing
+# and making things, 13 REFER (ABI 2: link or rename into another directory), 14 TRUNCATE (ABI 3), 15 IOCTL_DEV
+# (ABI 5). The ruleset handles every right its ABI knows, so whatever no rule grants is denied.
+EXECUTE, WRITE_FILE, READ_FILE, READ_DIR, MAKE_CHAR, MAKE_BLOCK = 1, 2, 4, 8, 1 << 6, 1 << 11
+TRUNCATE, IOCTL_DEV = 1 << 14, 1 << 15
+LANDLOCK_FS = {1: (1 << 13) - 1, 2: (1 << 14) - 1, 3: (1 << 15) - 1, 4: (1 << 15) - 1, 5: (1 << 16) - 1}
+FILE_RIGHTS = EXECUTE | WRITE_FILE | READ_FILE | TRUNCATE | IOCTL_DEV  # all a rule on a file (not a directory) may hold
+LANDLOCK_ARCHES = ("x86_64", "aarch64")  # where the syscalls are 444-446
 SYS_LANDLOCK_CREATE, SYS_LANDLOCK_ADD_RULE, SYS_LANDLOCK_RESTRICT = 444, 445, 446
+# seccomp: (audit arch, socket, io_uring_setup) per machine. No socket() at all (a pathname unix socket is reached
+# through every namespace and Landlock; UDP through Landlock) and no io_uring (its operations pass no syscall filter).
+SECCOMP_SYSCALLS = {"x86_64": (0xC000003E, 41, 425), "aarch64": (0xC00000B7, 198, 425)}
+BPF_LD_ABS, BPF_JEQ, BPF_JGE, BPF_RET = 0x20, 0x15, 0x35, 0x06  # BPF_LD|W|ABS, BPF_JMP|JEQ|K, BPF_JMP|JGE|K, BPF_RET|K
+SECCOMP_ALLOW, SECCOMP_EACCES = 0x7FFF0000, 0x00050000 | 13  # SECCOMP_RET_ALLOW, SECCOMP_RET_ERRNO | EACCES
 
 
 @dataclass
@@ -50,20 +62,43 @@ def enter_namespaces(config: dict, layers: Layers) -> None:
     """New mount, network, pid and IPC namespaces for the runner's children, each where the kernel allows."""
     for name, flag in NAMESPACES:
         if not config["namespaces"]:
-            layers.missing.append(f"{name} namespace: disabled")
+            layers.missing.append(f"{name}: disabled")
         elif LIBC.unshare(flag) == 0:
             layers.active.append(name)
         else:
-            layers.missing.append(f"{name} namespace: {_errno()}")
+            layers.missing.append(f"{name}: {_errno()}")
 
 
-def readonly_mounts(workdir: str, layers: Layers) -> None:
-    """In the private mount namespace: every mount read-only, except a bind mount of the working directory."""
+def workdir_mount(config: dict, layers: Layers) -> bool:
+    """The working directory as a mount of its own, so that it stays writable when the rest turns read-only: a
+    tmpfs of disk_mb (the disk quota; the program file is copied in) or, where the kernel refuses one, a bind
+    mount of the directory on itself. False where neither could be made."""
+    workdir, uid = config["workdir"], config["uid"]
+    with open(config["program"], "rb") as f:
+        program = f.read()
+    owner = f",uid={uid},gid={config['gid']}" if uid is not None else ""
+    options = f"size={int(config['disk_mb'])}m,mode=0700{owner}".encode()
+    if LIBC.mount(b"tmpfs", workdir.encode(), b"tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, options) == 0:
+        with open(config["program"], "wb") as f:
+            f.write(program)
+        if uid is not None:
+            os.chown(config["program"], uid, config["gid"])
+        layers.active.append("disk quota")
+        return True
+    layers.missing.append(f"disk quota: tmpfs on the working directory: {_errno()}")
+    if LIBC.mount(workdir.encode(), workdir.encode(), None, MS_BIND, None) == 0:
+        return True
+    layers.missing.append(f"read-only filesystem: binding the working directory: {_errno()}")
+    return False
+
+
+def private_mounts(config: dict, layers: Layers) -> None:
+    """In the private mount namespace: the working directory on a mount of its own, every other mount read-only."""
+    workdir = config["workdir"]
     if LIBC.mount(None, b"/", None, MS_REC | MS_PRIVATE, None) != 0:
-        layers.missing.append(f"read-only filesystem: making / private: {_errno()}")
+        layers.missing += [f"read-only filesystem: making / private: {_errno()}", "disk quota: no private mounts"]
         return
-    if LIBC.mount(workdir.encode(), workdir.encode(), None, MS_BIND, None) != 0:
-        layers.missing.append(f"read-only filesystem: binding the working directory: {_errno()}")
+    if not workdir_mount(config, layers):
         return
     failed = []
     with open("/proc/self/mountinfo", encoding="utf-8") as f:
@@ -77,29 +112,42 @@ def readonly_mounts(workdir: str, layers: Layers) -> None:
             if LIBC.mount(None, point.encode(), None, flags, None) != 0:
                 failed.append(f"{point}: {_errno()}")
     if failed:
-        layers.missing.append("read-only remount failed for " + "; ".join(failed))
+        layers.missing.append("read-only filesystem (partly): remount failed for " + "; ".join(failed))
     if not any(item.startswith("/: ") for item in failed):
         layers.active.append("read-only filesystem")
 
 
 def landlock_abi() -> int:
     """The kernel's Landlock ABI version, 0 where it has none (asking changes nothing)."""
+    if os.uname().machine not in LANDLOCK_ARCHES:
+        return 0
     return max(0, LIBC.syscall(SYS_LANDLOCK_CREATE, None, 0, 1))  # LANDLOCK_CREATE_RULESET_VERSION
 
 
-def apply_landlock(workdir: str, abi: int) -> None:
-    """Restrict the calling process: writes only under `workdir` (and /dev/null); no TCP; no outside signals.
+def landlock_rules(config: dict, handled: int) -> list[tuple[str, int]]:
+    """(path, rights) for each rule: everything but executing and devices in the working directory; reading
+    the interpreter's files and executing only the interpreter and its loader (the paths sandbox.py found);
+    reading and writing /dev/null."""
+    workdir = handled & ~(EXECUTE | MAKE_CHAR | MAKE_BLOCK | IOCTL_DEV)
+    rules = [(config["workdir"], workdir), ("/dev/null", READ_FILE | WRITE_FILE)]
+    rules += [(path, READ_FILE | READ_DIR) for path in config["readable"]]
+    rules += [(path, READ_FILE | EXECUTE) for path in config["executable"]]
+    return [(path, rights & handled & (~0 if os.path.isdir(path) else FILE_RIGHTS))
+            for path, rights in rules if os.path.exists(path)]
+
+
+def apply_landlock(config: dict, abi: int) -> None:
+    """Restrict the calling process to the rules of `landlock_rules`; from ABI 4 no TCP bind or connect; from
+    ABI 6 no signals to, and no abstract unix sockets of, processes outside the sandbox.
 
     Raises OSError when a step fails, so that the program does not run with less than was reported."""
-    if LIBC.prctl(38, 1, 0, 0, 0) != 0:  # PR_SET_NO_NEW_PRIVS: needed to self-restrict without CAP_SYS_ADMIN
-        raise OSError(ctypes.get_errno(), f"PR_SET_NO_NEW_PRIVS: {_errno()}")
-    fs = LANDLOCK_FS_WRITE[min(abi, 3)]
+    fs = LANDLOCK_FS[min(abi, 5)]
     attr = (ctypes.c_uint64 * 3)(fs, 0b11 if abi >= 4 else 0, 0b11 if abi >= 6 else 0)
     size = 8 * (1 if abi < 4 else 2 if abi < 6 else 3)
     ruleset = LIBC.syscall(SYS_LANDLOCK_CREATE, ctypes.byref(attr), size, 0)
     if ruleset < 0:
         raise OSError(ctypes.get_errno(), f"landlock_create_ruleset: {_errno()}")
-    for path, allowed in ((workdir, fs), ("/dev/null", 0b10)):  # /dev/null: WRITE_FILE only
+    for path, allowed in landlock_rules(config, fs):
         rule = (ctypes.c_uint8 * 12)()  # struct landlock_path_beneath_attr is packed: u64 access, s32 fd
         fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
         ctypes.memmove(rule, ctypes.byref(ctypes.c_uint64(allowed)), 8)
@@ -110,6 +158,28 @@ def apply_landlock(workdir: str, abi: int) -> None:
     if LIBC.syscall(SYS_LANDLOCK_RESTRICT, ruleset, 0) != 0:
         raise OSError(ctypes.get_errno(), f"landlock_restrict_self: {_errno()}")
     os.close(ruleset)
+
+
+class SockFilter(ctypes.Structure):
+    _fields_ = [("code", ctypes.c_uint16), ("jt", ctypes.c_uint8), ("jf", ctypes.c_uint8), ("k", ctypes.c_uint32)]
+
+
+class SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(SockFilter))]
+
+
+def apply_seccomp(machine: str) -> None:
+    """A seccomp filter on the calling process: socket() and io_uring_setup() fail with EACCES, and so does every
+    syscall of another ABI (32-bit or x32 calls from the 64-bit process). Raises OSError where the kernel refuses."""
+    arch, socket_nr, uring_nr = SECCOMP_SYSCALLS[machine]
+    program = [(BPF_LD_ABS, 0, 0, 4), (BPF_JEQ, 1, 0, arch), (BPF_RET, 0, 0, SECCOMP_EACCES),  # seccomp_data.arch
+               (BPF_LD_ABS, 0, 0, 0), (BPF_JGE, 3, 0, 0x40000000),  # seccomp_data.nr; x32 numbers have bit 30
+               (BPF_JEQ, 2, 0, socket_nr), (BPF_JEQ, 1, 0, uring_nr),
+               (BPF_RET, 0, 0, SECCOMP_ALLOW), (BPF_RET, 0, 0, SECCOMP_EACCES)]
+    filters = (SockFilter * len(program))(*(SockFilter(*step) for step in program))
+    fprog = SockFprog(len(program), filters)
+    if LIBC.prctl(22, 2, ctypes.byref(fprog), 0, 0) != 0:  # PR_SET_SECCOMP, SECCOMP_MODE_FILTER
+        raise OSError(ctypes.get_errno(), f"seccomp: {_errno()}")
 
 
 def drop_privileges(uid: int | None, gid: int | None) -> None:
@@ -134,21 +204,27 @@ def set_limits(config: dict) -> None:
 
 
 def exec_program(config: dict, fds: tuple[int, int, int]) -> None:
-    """In the program's process: fds, session, limits, Landlock, uid, then exec. Never returns."""
+    """In the program's process: fds, session, limits, no new privileges, Landlock, seccomp, uid, then exec.
+    Never returns."""
     try:
         for target, fd in enumerate(fds):  # stdin: the nonce pipe; stdout, stderr: the runner's files
             os.dup2(fd, target)
         os.closerange(3, 65536)  # nothing of the runner's (its report pipe above all) reaches the program
         os.setsid()  # killpg(0) from the program then reaches only its own processes
         set_limits(config)
+        if LIBC.prctl(38, 1, 0, 0, 0) != 0:  # PR_SET_NO_NEW_PRIVS: no setuid gains; lets Landlock and seccomp apply
+            raise OSError(ctypes.get_errno(), f"PR_SET_NO_NEW_PRIVS: {_errno()}")
         if config["landlock_abi"]:
-            apply_landlock(config["workdir"], config["landlock_abi"])
+            apply_landlock(config, config["landlock_abi"])
+        if config["seccomp"]:
+            apply_seccomp(os.uname().machine)
         drop_privileges(config["uid"], config["gid"])
         os.chdir(config["workdir"])
         env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": config["workdir"],
                "PYTHONHASHSEED": str(config["hash_seed"])}
         guard = "1" if config["audit_hook"] else "0"
-        argv = [config["python"], "-s", "-B", "-c", config["boot"], config["program"], guard]
+        readable = "\n".join(config["readable"])  # what the audit hook lets the program read, besides its directory
+        argv = [config["python"], "-s", "-B", "-c", config["boot"], config["program"], guard, readable]
         os.execve(config["python"], argv, env)
     except BaseException as exc:  # noqa: BLE001 - report whatever stopped the setup, then leave
         os.write(2, f"sandbox setup failed: {exc!r}\n".encode())
@@ -158,7 +234,7 @@ def exec_program(config: dict, fds: tuple[int, int, int]) -> None:
 def init_process(config: dict, layers: Layers, nonce: str, outputs: tuple[int, int]) -> None:
     """Pid 1 of the namespace: start the program, reap every orphan, exit with the program's status."""
     LIBC.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG: the runner's death takes the namespace down
-    if "pid" in layers.active and "mount" in layers.active:
+    if "pid namespace" in layers.active and "mount namespace" in layers.active:
         # A fresh /proc shows only the sandbox's processes (the host's stay out of sight).
         if LIBC.mount(b"proc", b"/proc", b"proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, None) != 0:
             os.write(outputs[1], f"sandbox: the host's /proc stays visible (new one: {_errno()})\n".encode())
@@ -201,6 +277,46 @@ def kill_uid(uid: int) -> None:
             return
 
 
+def descendants(root: int) -> list[int]:
+    """Every process below `root` (zombies included), from one scan of /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                parent = int(f.read().rsplit(b")", 1)[1].split()[1])  # the field after the state
+        except (OSError, IndexError, ValueError):
+            continue  # exited while we looked
+        children.setdefault(parent, []).append(int(entry))
+    found, frontier = [], [root]
+    while frontier:
+        frontier = [child for pid in frontier for child in children.get(pid, [])]
+        found += frontier
+    return found
+
+
+def kill_strays(deadline_s: float = 5.0) -> bool:
+    """Kill every process left below the runner (their subreaper) and reap them: without a pid namespace what
+    the program forked would outlive the run, and a runner that is not root cannot kill by uid. Each round kills
+    the whole tree it sees, so only what forked since is left for the next. False if some outlived the deadline."""
+    deadline = time.monotonic() + deadline_s
+    while time.monotonic() < deadline:
+        strays = descendants(os.getpid())
+        if not strays:
+            return True
+        for pid in strays:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        try:
+            while os.waitpid(-1, os.WNOHANG)[0] > 0:
+                pass
+        except ChildProcessError:
+            pass
+        time.sleep(0.001)
+    return False
+
+
 def wait_until(pid: int, deadline: float) -> int | None:
     """The exit code of `pid` (128 + signal when signalled), or None once the deadline passes."""
     while time.monotonic() < deadline:
@@ -233,6 +349,32 @@ def verdict(code: int | None, config: dict, nonce: str) -> tuple[str, str]:
     return "failed", f"exit status {code}"
 
 
+def process_layers(config: dict, layers: Layers) -> None:
+    """The layers the program's own process gets (Landlock, seccomp, its uid, the audit hook), into `layers`."""
+    config["landlock_abi"] = landlock_abi() if config["landlock"] else 0
+    if config["landlock_abi"]:
+        layers.active.append(f"landlock ABI {config['landlock_abi']}")
+    elif config["landlock"]:
+        layers.missing.append(f"landlock: not in this kernel ({os.uname().release}, {os.uname().machine})")
+    else:
+        layers.missing.append("landlock: disabled")
+    if not config["seccomp"]:
+        layers.missing.append("seccomp: disabled")
+    elif os.uname().machine not in SECCOMP_SYSCALLS:
+        layers.missing.append(f"seccomp: no syscall table for {os.uname().machine}")
+        config["seccomp"] = False  # from here on: whether the program's process applies it
+    else:
+        layers.active.append("seccomp")
+    if config["uid"] is not None:
+        layers.active.append("random uid")
+    else:
+        layers.missing.append(f"random uid: not root, the program runs as uid {os.getuid()}")
+    if config["audit_hook"]:
+        layers.active.append("audit hook")
+    else:
+        layers.missing.append("audit hook: disabled")
+
+
 def main() -> None:
     config = json.loads(sys.argv[1])
     layers = Layers()
@@ -242,13 +384,12 @@ def main() -> None:
     outputs = (os.open(config["stdout"], os.O_WRONLY | os.O_APPEND),
                os.open(config["stderr"], os.O_WRONLY | os.O_APPEND))
     enter_namespaces(config, layers)
-    config["landlock_abi"] = landlock_abi() if config["landlock"] else 0
-    if config["landlock_abi"]:
-        layers.active.append(f"landlock ABI {config['landlock_abi']}")
+    if "mount namespace" in layers.active:
+        private_mounts(config, layers)
     else:
-        layers.missing.append("landlock: " + ("not in this kernel" if config["landlock"] else "disabled"))
-    if "mount" in layers.active:
-        readonly_mounts(config["workdir"], layers)
+        layers.missing += ["read-only filesystem: no mount namespace", "disk quota: no mount namespace (file_mb "
+                           "bounds each file, not their sum)"]
+    process_layers(config, layers)
     nonce = secrets.token_hex(16)
     started = time.monotonic()
     init = os.fork()
@@ -259,9 +400,14 @@ def main() -> None:
         os.kill(init, signal.SIGKILL)  # pid 1 of the namespace: its death kills every process inside
         os.waitpid(init, 0)
     seconds = time.monotonic() - started
-    if config["kill_uid"] and "pid" not in layers.active:  # with one, the kernel did this when init died
-        kill_uid(config["uid"])
+    swept = True
+    if "pid namespace" not in layers.active:  # with one, the kernel did this when init died
+        if config["kill_uid"]:
+            kill_uid(config["uid"])
+        swept = kill_strays()
     status, note = verdict(code, config, nonce)
+    if not swept:
+        note += "; some of the program's processes outlived the runner's sweep"
     report = {"status": status, "note": note, "exit": code, "seconds": round(seconds, 3),
               "stderr": tail(config["stderr"]), "layers": layers.active, "missing": layers.missing}
     print(json.dumps(report), flush=True)
