@@ -349,9 +349,20 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--max-logprobs", type=int, default=20, help="largest prompt_logprobs a request may ask for (default 20, as vLLM)")
     v.add_argument("--model-name", default="", help="the model id clients send and /v1/models lists (default: MODEL as given)")
     v.add_argument("--chat-template", default="", help="Jinja chat template text or file, for a tokenizer without one")
-    v.add_argument("--max-connections", type=int, default=32, help="connections served at once, one thread each (default 32; more get 503)")
+    v.add_argument("--max-connections", type=int, default=512, help="connections open at once; an idle or slow one costs a socket, "
+                                                                     "not a thread (default 512; more get 503 with Retry-After)")
+    v.add_argument("--max-connections-per-client", type=int, default=64, help="connections open at once from one client address "
+                                                                              "(default 64; more get 503 with Retry-After)")
     v.add_argument("--request-timeout", type=float, default=60.0, help="seconds a client has to send one whole request, and again to "
                                                                         "read the reply; slower connections are closed (default 60)")
+    v.add_argument("--compute-timeout", type=float, default=300.0, help="seconds a request may wait for the model (queue and passes) "
+                                                                        "once it is in; later: 504 and its rows are cancelled (default 300)")
+    v.add_argument("--max-queue", type=int, default=256, help="rows (prompts) waiting for the model; a request that would pass it "
+                                                              "gets 429 with Retry-After (default 256)")
+    v.add_argument("--max-prompts-per-request", type=int, default=64, help="prompts in one /v1/completions request (default 64; "
+                                                                           "more: 400); at most --max-queue")
+    v.add_argument("--max-new-tokens", type=int, default=2048, help="largest max_tokens a request may ask for (more: 400), and the "
+                                                                    "cap of chat's default, the rest of the context (default 2048)")
     v.add_argument("--max-batch-rows", type=int, default=16, help="rows (prompts) of concurrent requests scored or generated in one "
                                                                    "forward pass (default 16; 1: every request alone)")
     v.add_argument("--max-batch-tokens", type=int, default=8192, help="tokens in one pass: the rows' prompts when scoring, rows x (longest "

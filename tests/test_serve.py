@@ -255,22 +255,18 @@ def test_start_up_errors_are_one_message(server: Server, tmp_path: Path, capsys:
     assert "error:" in err and "config.json" in err and "fix:" in err
 
 
-# ---------------------------------------------------------------- limits a client is held to (issue 27 §4), over raw sockets
+# ------------------------------------ limits a client is held to (issue 27 §4), over raw sockets; more in test_serve_limits.py
 
 
 def raw_exchange(port: int, data: bytes, wait: float = 10.0) -> bytes:
     """Send `data` on a fresh connection and return everything the server sends until it closes or `wait` passes."""
     import socket
 
+    from serve_clients import read_until_closed
+
     with socket.create_connection(("127.0.0.1", port), timeout=wait) as sock:
         sock.sendall(data)
-        received = b""
-        try:
-            while chunk := sock.recv(65536):
-                received += chunk
-        except (TimeoutError, ConnectionResetError):
-            pass
-        return received
+        return read_until_closed(sock, wait)
 
 
 def test_a_wrong_key_is_refused_on_the_headers_before_any_body_is_read(server: Server) -> None:
@@ -280,7 +276,7 @@ def test_a_wrong_key_is_refused_on_the_headers_before_any_body_is_read(server: S
     started = time.monotonic()
     reply = raw_exchange(server.port, head)
     assert reply.startswith(b"HTTP/1.1 401 "), reply[:200]
-    assert time.monotonic() - started < 5 and b"Connection: close" in reply
+    assert time.monotonic() - started < 5 and b"connection: close" in reply.lower()  # header names are case-insensitive
     # A client that sent its (small) body before reading still reads the 401, not a reset.
     body = json.dumps({"prompt": [1, 2], "max_tokens": 0}).encode()
     reply = raw_exchange(server.port, head.replace(b"100000", str(len(body)).encode()) + body)
@@ -296,7 +292,7 @@ def test_transfer_encoding_is_refused_and_the_connection_closed(server: Server, 
                + b"GET /v1/models HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + KEY.encode() + b"\r\n\r\n")
     reply = raw_exchange(server.port, request)
     assert reply.startswith(b"HTTP/1.1 501 "), reply[:200]
-    assert b"Transfer-Encoding" in reply and b"Connection: close" in reply
+    assert b"Transfer-Encoding" in reply and b"connection: close" in reply.lower()
     assert reply.count(b"HTTP/1.1 ") == 1  # the smuggled GET got no answer
 
 
@@ -350,67 +346,6 @@ def test_chat_fields_are_validated_and_defaults_pass(server: Server) -> None:
                                                  **{k: v for k, v in defaults.items() if k not in ("logprobs", "top_logprobs")}})
     assert status == 200, reply
     assert all(choice["stop_reason"] is None and choice["finish_reason"] in ("stop", "length") for choice in reply["choices"])
-
-
-@pytest.fixture(scope="module")
-def limited(tiny_model: Path) -> Iterator[Any]:
-    """A second server, in this process, with two connection slots and a 2-second request deadline."""
-    import threading
-
-    from opdistill.serve import ServeOptions, make_server
-
-    instance = make_server(ServeOptions(model=str(tiny_model), port=0, precision="fp32", max_connections=2, request_timeout=2.0))
-    threading.Thread(target=instance.serve_forever, daemon=True).start()
-    yield instance
-    instance.shutdown()
-    instance.server_close()
-
-
-def test_a_client_trickling_bytes_is_cut_off_at_the_request_deadline(limited: Any) -> None:
-    import socket
-
-    port = limited.server_address[1]
-    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
-        started = time.monotonic()
-        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 50\r\n\r\n")
-        closed_after = None
-        for _ in range(20):  # one byte every 0.5 s: each read succeeds long before a per-read timeout would fire
-            try:
-                sock.sendall(b"{")
-                time.sleep(0.5)
-                sock.setblocking(False)
-                try:
-                    if sock.recv(4096) == b"":
-                        closed_after = time.monotonic() - started
-                        break
-                except BlockingIOError:
-                    pass
-                finally:
-                    sock.setblocking(True)
-            except OSError:  # reset or broken pipe: the server shut the connection
-                closed_after = time.monotonic() - started
-                break
-        assert closed_after is not None and 1.5 < closed_after < 4.5, closed_after
-
-
-def test_connections_past_the_limit_get_503_and_a_freed_slot_serves_again(limited: Any) -> None:
-    import socket
-
-    port = limited.server_address[1]
-    time.sleep(0.5)  # the previous test's connection is reaped and its slot freed
-    held = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(2)]  # idle: they hold both slots
-    try:
-        time.sleep(0.3)
-        with socket.create_connection(("127.0.0.1", port), timeout=10) as third:
-            reply = third.recv(4096)  # sent at once, before this client says anything
-        assert reply.startswith(b"HTTP/1.1 503 ") and b"--max-connections" in reply and b"Retry-After: 1" in reply
-    finally:
-        for sock in held:
-            sock.close()
-    time.sleep(0.5)
-    request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/models")
-    with urllib.request.urlopen(request, timeout=10) as response:
-        assert response.status == 200
 
 
 @pytest.fixture(scope="module")
@@ -609,7 +544,8 @@ def test_a_client_that_disconnects_does_not_break_the_batch(pair: tuple[Any, Any
         assert status == 200, reply
         assert_same_answer(reply, call(alone, *request, key=None)[1])
     after = stats(batched)
-    assert after["rows"] - before["rows"] == 8 and after["queued_rows"] == 0
+    # A quitter's row is dropped when the server sees it leave, unless the batch it joined was already in the model.
+    assert 5 <= after["rows"] - before["rows"] <= 8 and after["queued_rows"] == 0
     assert call(batched, *requests[0], key=None)[0] == 200  # and the server goes on
 
 
@@ -625,7 +561,7 @@ def test_a_batch_whose_pass_fails_is_answered_row_by_row() -> None:
         def __init__(self) -> None:
             self.calls: list[int] = []
 
-        def run(self, jobs: list[ScoreJob]) -> list[int]:
+        def run(self, jobs: list[ScoreJob], abandoned: Any) -> list[int]:
             self.calls.append(len(jobs))
             if any(-1 in job.ids for job in jobs):
                 raise RuntimeError("poisoned row")

@@ -8,14 +8,16 @@ for the first prompt token (nothing predicts it) and {token id: {logprob, rank, 
 Imports point down this list (the submodules import each other directly, never this package):
   protocol   options, vLLM's error shape, field checks (no torch)
   batching   jobs, and the batcher that gathers concurrent requests' rows into one pass (no torch)
-  forward    the padded forward passes: scoring and generation (torch; loaded with the model)
-  app        the endpoints, called from many request threads at once
-  transport  HTTP: connections, limits, the API key, routing; make_server and serve
+  forward    the packed and padded forward passes: scoring and generation (torch; loaded with the model)
+  app        the endpoints: checks and tokenising, then the model's jobs as steps of a generator
+  asgi       one HTTP request (Starlette on uvicorn): the API key, the body, routing, the deadline, cancellation
+  server     uvicorn and the connection limits; make_server and serve
 """
 
 from .batching import SCORE_CHUNK, Batcher
 from .protocol import RequestError, ServeOptions
 from .app import ModelServer
-from .transport import ROUTES, Handler, Server, make_server, serve
+from .asgi import ROUTES, Api
+from .server import Server, make_server, serve
 
-__all__ = ["ROUTES", "SCORE_CHUNK", "Batcher", "Handler", "ModelServer", "RequestError", "Server", "ServeOptions", "make_server", "serve"]
+__all__ = ["ROUTES", "SCORE_CHUNK", "Api", "Batcher", "ModelServer", "RequestError", "Server", "ServeOptions", "make_server", "serve"]

@@ -1,9 +1,11 @@
-"""The endpoints: a request dict in, a response dict out, called from many request threads at once.
+"""The endpoints: a request dict in, a response dict out.
 
-A request thread checks its request and tokenises it, hands its prompts to the batcher as jobs (one per prompt), waits
-for its own answers and builds its reply, so only the model's pass is shared between requests. The tokenizer is
-behind a lock (a fast tokenizer is not safe to call from two threads at once); the model is used by the batcher's
-worker thread alone.
+An endpoint that needs the model is a generator of steps (`Steps`): it checks its request and tokenises it, yields its
+prompts as batcher jobs (one per prompt), is sent their answers back, and returns its reply. The HTTP side (asgi.py)
+runs each step in a small thread pool and awaits the answers without holding a thread, so a request waiting for the
+model costs a coroutine, and it can give its jobs up (client gone, deadline passed) between steps. Only the model's
+pass is shared between requests. The tokenizer is behind a lock (a fast tokenizer is not safe to call from two threads
+at once); the model is used by the batcher's worker thread alone.
 """
 
 from __future__ import annotations
@@ -12,11 +14,14 @@ import functools
 import threading
 import time
 import uuid
-from typing import Any, Callable
+from typing import Any, Callable, Generator
 
 from ..sampling import SamplingParams
-from .batching import Batcher, GenerateJob, Generated, Scored, ScoreJob
+from .batching import Batcher, GenerateJob, Generated, Job, Scored, ScoreJob
 from .protocol import CHAT_OFF, COMMON_OFF, COMPLETIONS_OFF, RequestError, ServeOptions, floor, is_ids, number, off, show, typed
+
+
+Steps = Generator[list[Job], list[Any], dict[str, Any]]  # yields jobs, is sent their answers, returns the reply
 
 
 class ModelServer:
@@ -46,7 +51,8 @@ class ModelServer:
         self.created = int(time.time())
         runner = ModelRunner(model, sampler, self.tokenizer.pad_token_id, self.eos, self.vocab)
         self.split_head = runner.split_head
-        self.batcher = Batcher(runner, options.max_batch_rows, options.max_batch_tokens, options.batch_wait_ms / 1000, log)
+        self.batcher = Batcher(runner, options.max_batch_rows, options.max_batch_tokens, options.batch_wait_ms / 1000, log,
+                               options.max_queue)
 
     def close(self) -> None:
         self.batcher.close()
@@ -82,6 +88,10 @@ class ModelServer:
         items = [value] if isinstance(value, str) or is_ids(value) else value
         if not isinstance(items, list) or not items or not all(isinstance(i, str) or is_ids(i) for i in items):
             raise RequestError(400, "`prompt` must be a string, a list of strings, a list of token ids or a list of lists of token ids", "prompt")
+        limit = self.options.max_prompts_per_request  # checked before tokenising: a 1 MiB body holds ~260k one-token prompts
+        if len(items) > limit:
+            raise RequestError(400, f"`prompt` holds {len(items)} prompts, more than the limit of {limit} per request "
+                                    "(--max-prompts-per-request); send them in several requests", "prompt")
         # A text prompt gets the tokenizer's special tokens, as vLLM does; token ids are used exactly as sent.
         return [self._prompt(self._tokens(i) if isinstance(i, str) else i, "prompt") for i in items]
 
@@ -115,8 +125,13 @@ class ModelServer:
         if body.get("stream_options") is not None:  # vLLM's check: it only applies to a stream
             raise RequestError(400, "`stream_options` can only be set when `stream` is true", "stream_options")
         typed(body, "user", "a string")
-        room = self.max_model_len - longest
-        max_tokens = number(body, max_name, room if default_tokens is None else min(default_tokens, room), 0, 2**31, True)
+        room, cap = self.max_model_len - longest, self.options.max_new_tokens
+        # The defaults (16 for completions, the rest of the context for chat, as vLLM) are capped too: one worker runs the
+        # model, so a chat that asks for nothing must not hold it for the whole context.
+        max_tokens = number(body, max_name, min(cap, room, room if default_tokens is None else default_tokens), 0, 2**31, True)
+        if max_tokens > cap:
+            raise RequestError(400, f"`{max_name}` = {max_tokens} is more than this server's limit of {cap} new tokens "
+                                    "(--max-new-tokens)", max_name)
         if max_tokens > room:
             raise RequestError(400, f"`{max_name}` = {max_tokens} with a {longest}-token prompt exceeds the model's context of "
                                     f"{self.max_model_len} tokens", max_name)
@@ -126,11 +141,12 @@ class ModelServer:
         params = SamplingParams(temperature=number(body, "temperature", 1.0, 0.0, 100.0), top_p=top_p, max_new_tokens=max_tokens)
         return params, number(body, "seed", None, 0, 2**63 - 1, True)
 
-    def _generate(self, prompts: list[list[int]], params: SamplingParams, seed: int | None) -> list[tuple[list[int], str, str]]:
+    def _generate(self, prompts: list[list[int]], params: SamplingParams,
+                  seed: int | None) -> Generator[list[Job], list[Any], list[tuple[list[int], str, str]]]:
         """(token ids, text, finish reason) per prompt, from the project's sampler loop; greedy at temperature 0."""
         if params.max_new_tokens == 0:
             return [([], "", "length") for _ in prompts]
-        done: list[Generated] = self.batcher.answers([GenerateJob(p, params, seed) for p in prompts])
+        done: list[Generated] = yield [GenerateJob(p, params, seed) for p in prompts]
         # A completion's text is not stripped (a client may join it to the prompt), as in vLLM.
         return [(g.tokens, self._text(g.tokens), "stop" if g.finished else "length") for g in done]
 
@@ -159,7 +175,7 @@ class ModelServer:
             entries.append(entry)
         return entries
 
-    def completions(self, body: dict[str, Any]) -> dict[str, Any]:
+    def completions(self, body: dict[str, Any]) -> Steps:
         self.check_model(body)
         if body.get("suffix") is not None:  # vLLM refuses it too, with this message
             raise RequestError(400, "suffix is not currently supported", "suffix")
@@ -171,26 +187,26 @@ class ModelServer:
             k = number(body, "prompt_logprobs", 0, 0, self.options.max_logprobs, True)
         params, seed = self._sampling(body, max(len(p) for p in prompts), 16)  # 16: the OpenAI API's default max_tokens
         one_token = params.max_new_tokens == 1
-        scored: list[Scored] = self.batcher.answers([ScoreJob(p, k, one_token) for p in prompts]) if k is not None else []
+        scored: list[Scored] = (yield [ScoreJob(p, k, one_token) for p in prompts]) if k is not None else []
         if scored and one_token:
             outputs = [self._first_token(s.last, params, seed) for s in scored]
         else:
-            outputs = self._generate(prompts, params, seed)
+            outputs = yield from self._generate(prompts, params, seed)
         # stop_reason: the stop string or token that ended the text; null for EOS and length, the only ends here (vLLM).
         choices = [{"index": i, "text": text, "logprobs": None, "finish_reason": reason, "stop_reason": None,
                     "prompt_logprobs": self._prompt_logprobs(prompts[i], scored[i]) if scored else None}
                    for i, (_, text, reason) in enumerate(outputs)]
         return self._reply("cmpl", "text_completion", choices, sum(map(len, prompts)), sum(len(o[0]) for o in outputs))
 
-    def chat(self, body: dict[str, Any]) -> dict[str, Any]:
+    def chat(self, body: dict[str, Any]) -> Steps:
         self.check_model(body)
         for name, kind, values in CHAT_OFF:
             off(body, name, kind, values)
         prompt = self._messages(body)
         # max_completion_tokens is the chat API's newer name for max_tokens; vLLM prefers it when both are given.
         name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-        params, seed = self._sampling(body, len(prompt), None, name)  # vLLM's default: up to the end of the context
-        ids, text, reason = self._generate([prompt], params, seed)[0]
+        params, seed = self._sampling(body, len(prompt), None, name)  # vLLM's default, the rest of the context, capped
+        ids, text, reason = (yield from self._generate([prompt], params, seed))[0]
         choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None, "finish_reason": reason,
                   "stop_reason": None}
         return self._reply("chatcmpl", "chat.completion", [choice], len(prompt), len(ids))

@@ -1,7 +1,8 @@
 """The model's side of the server: rows of several requests in one forward pass.
 
 Only the batcher's worker thread calls `ModelRunner.run`, so the model is never used by two threads at once; it never
-touches the tokenizer (the request threads decode), so the worker and the tokenizer's lock never wait on each other.
+touches the tokenizer (requests decode in asgi.py's thread pool), so the worker and the tokenizer's lock never wait on
+each other.
 
 - Scoring (prompt log-probs) packs the rows one after another into one sequence, no padding: the linear layers run
   as one matrix product over all the rows' tokens, position ids restart at 0 in each row, and attention runs row by
@@ -14,13 +15,14 @@ touches the tokenizer (the request threads decode), so the worker and the tokeni
 - Generation is left-padded by the project's sampler loop (rollout.hf.sample_batch), so every row's next token is at
   the same position; each row draws from its own random stream (its request's seed, or fresh numbers without one).
   Padding changes rounding there (not the tokens, short of an exact near-tie): greedy and seeded answers are those
-  of the row alone.
+  of the row alone. The loop stops at its next model call once the batcher says no row is wanted any more (a forward
+  pre-hook raises Abandoned), so a client that leaves a long generation frees the model within one decode step.
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -29,7 +31,7 @@ from transformers.modeling_utils import AttentionInterface
 
 from ..logprobs import top_k_logprobs
 from ..rollout import row_uniforms, sample_batch
-from .batching import SCORE_CHUNK, Generated, GenerateJob, Job, ScoreJob, Scored
+from .batching import SCORE_CHUNK, Abandoned, Generated, GenerateJob, Job, ScoreJob, Scored
 
 SEGMENTS = "opdistill_segments"
 MIN_PACK = 16  # tokens: on the 2-core Xeon, a linear layer's kernel for fewer rows than this rounds otherwise
@@ -122,11 +124,12 @@ class ModelRunner:
         states = (out.last_hidden_state if self.split_head else out.logits)[0]
         return list(states.split(lengths)[:len(rows)])
 
-    def run(self, jobs: list[Job]) -> list[Scored] | list[Generated]:
-        """The answers of `jobs` (all of one key), in order."""
+    def run(self, jobs: list[Job], abandoned: Callable[[], bool] = lambda: False) -> list[Scored] | list[Generated]:
+        """The answers of `jobs` (all of one key), in order. A scoring pass is one model call, so only generation asks
+        `abandoned` (before each of its calls)."""
         if isinstance(jobs[0], ScoreJob):
             return self.score([j for j in jobs if isinstance(j, ScoreJob)])
-        return self.generate([j for j in jobs if isinstance(j, GenerateJob)])
+        return self.generate([j for j in jobs if isinstance(j, GenerateJob)], abandoned)
 
     @torch.inference_mode()
     def score(self, jobs: list[ScoreJob]) -> list[Scored]:
@@ -151,7 +154,7 @@ class ModelRunner:
         last = logits_of(length - 1, length)[0].clone() if job.keep_last else None
         return Scored(*columns, last=last)
 
-    def generate(self, jobs: list[GenerateJob]) -> list[Generated]:
+    def generate(self, jobs: list[GenerateJob], abandoned: Callable[[], bool] = lambda: False) -> list[Generated]:
         """Every row continued by one left-padded decode loop; a row's draws are its own (see the module's note)."""
         params = jobs[0].params
         uniforms = None
@@ -159,6 +162,17 @@ class ModelRunner:
             # A seed's stream is the one the sampler gives that seed alone (sample index 0), whatever the batch.
             uniforms = torch.stack([torch.rand(params.max_new_tokens) if j.seed is None
                                     else row_uniforms([j.seed], [0], params.max_new_tokens)[0] for j in jobs])
-        tokens, _, finished = sample_batch(self.sampler.policy, [j.ids for j in jobs], [1] * len(jobs), params, self.pad_id, self.eos,
-                                           uniforms, check_every=self.sampler.check_every, preallocate=self.sampler.preallocate)
+
+        def stop_if_abandoned(module: Any, args: Any) -> None:  # before the prefill and every decode step
+            if abandoned():
+                raise Abandoned()
+
+        # A hook, not a flag inside the loop: the project's sampler loop (rollout.hf) stays the one every method uses.
+        hook = self.sampler.policy.register_forward_pre_hook(stop_if_abandoned)
+        try:
+            tokens, _, finished = sample_batch(self.sampler.policy, [j.ids for j in jobs], [1] * len(jobs), params, self.pad_id,
+                                               self.eos, uniforms, check_every=self.sampler.check_every,
+                                               preallocate=self.sampler.preallocate)
+        finally:
+            hook.remove()
         return [Generated(t, f) for t, f in zip(tokens, finished)]

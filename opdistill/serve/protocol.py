@@ -27,8 +27,13 @@ class ServeOptions:
     max_logprobs: int = 20  # vLLM's default max_logprobs
     model_name: str = ""  # the id clients send as "model" (default: MODEL as given)
     chat_template: str = ""
-    max_connections: int = 32  # connections served at once, one thread each; more get 503 without being read
+    max_connections: int = 512  # open connections (each costs a socket, not a thread); more get 503 without being read
+    max_connections_per_client: int = 64  # open connections from one client address; more get 503 without being read
     request_timeout: float = 60.0  # seconds to send one whole request, and again to read its reply
+    compute_timeout: float = 300.0  # seconds a request may wait for the model (queue and passes) before its 504
+    max_queue: int = 256  # rows (prompts) waiting for the model; a request that would pass it gets 429
+    max_prompts_per_request: int = 64  # prompts in one /v1/completions request; more get 400
+    max_new_tokens: int = 2048  # the most max_tokens a request may ask for, and the chat default's cap
     max_batch_rows: int = 16  # rows (prompts) in one forward pass; 1: every row alone, as before batching
     max_batch_tokens: int = 8192  # tokens in one pass: scoring, the rows' own; generation, rows x (longest + max_tokens)
     batch_wait_ms: float = 5.0  # how long the first row of a batch waits for others to join it
@@ -37,9 +42,12 @@ class ServeOptions:
 class RequestError(Exception):
     """A request the server refuses: HTTP status and vLLM's error body, naming the field (`param`) at fault."""
 
-    def __init__(self, status: int, message: str, param: str | None = None, kind: str = "BadRequestError") -> None:
+    def __init__(self, status: int, message: str, param: str | None = None, kind: str = "BadRequestError", *,
+                 retry_after: int | None = None, close: bool = False) -> None:
         super().__init__(message)
         self.status, self.message, self.param, self.kind = status, message, param, kind
+        self.retry_after = retry_after  # seconds, sent as Retry-After: the client may try again then (429, 503)
+        self.close = close  # the connection is closed after the reply: what follows on it cannot be trusted or read
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.status}}
@@ -84,12 +92,13 @@ def off(body: dict[str, Any], name: str, kind: str, values: tuple[Any, ...]) -> 
 
 
 # Options of both endpoints, with the values that mean "off" (field names and types as in vLLM's protocol.py).
-COMMON_OFF = (("stream", "a boolean", (False,)), ("n", "an integer", (1,)), ("frequency_penalty", "a number", (0,)),
+Off = tuple[tuple[str, str, tuple[Any, ...]], ...]  # (field, JSON kind, the values that mean off)
+COMMON_OFF: Off = (("stream", "a boolean", (False,)), ("n", "an integer", (1,)), ("frequency_penalty", "a number", (0,)),
               ("presence_penalty", "a number", (0,)), ("repetition_penalty", "a number", (1,)), ("min_p", "a number", (0,)),
               ("top_k", "an integer", (0, -1)), ("min_tokens", "an integer", (0,)), ("logit_bias", "an object", ({},)),
               ("ignore_eos", "a boolean", (False,)))
-COMPLETIONS_OFF = (("best_of", "an integer", (1,)), ("echo", "a boolean", (False,)), ("logprobs", "an integer", ()))
-CHAT_OFF = (("logprobs", "a boolean", (False,)), ("top_logprobs", "an integer", (0,)), ("prompt_logprobs", "an integer", ()))
+COMPLETIONS_OFF: Off = (("best_of", "an integer", (1,)), ("echo", "a boolean", (False,)), ("logprobs", "an integer", ()))
+CHAT_OFF: Off = (("logprobs", "a boolean", (False,)), ("top_logprobs", "an integer", (0,)), ("prompt_logprobs", "an integer", ()))
 
 
 def depth(value: Any) -> int:
