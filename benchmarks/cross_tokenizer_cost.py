@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/cross_tokenizer_cost.py --out runs/xtok-cost [--steps 6] [--teacher qwen2.5-coder-0.5b-instruct]
 
 One student (SmolLM2-135M-Instruct), the same prompts (built-in train), the same seed and settings, three teachers:
-  same-tokenizer     a frozen copy of SmolLM2-135M-Instruct, per-token k3 (today's path)
+  same-tokenizer     a frozen copy of SmolLM2-135M-Instruct, reward_to_go on tokens (the default estimator)
   span-path          the same teacher with `cross_tokenizer: true`: every step re-tokenises and aligns the samples; with
                      one vocabulary every span is one token, so its losses must equal the first run's (checked here)
   other-tokenizer    --teacher (default Qwen2.5-Coder-0.5B-Instruct: 151,936 tokens, another chat template), spans
@@ -27,14 +27,15 @@ from opdistill.models import resolve_precision
 STUDENT = "smollm2-135m-instruct"
 
 
-def run(out: Path, teacher: str, cross: bool, steps: int) -> list[dict[str, Any]]:
-    """One OPD run; its per-step metrics (metrics.jsonl rows with a step time)."""
+def run(out: Path, teacher: str, cross: bool, steps: int, **settings: Any) -> list[dict[str, Any]]:
+    """One OPD run (a finished one is not run again); its per-step metrics (metrics.jsonl rows with a step time).
+    `settings` override the defaults below (benchmarks/sampled_estimators.py compares estimators with it)."""
     metrics = out / "metrics.jsonl"
     if not metrics.is_file() or not (out / "student").is_dir():
-        values = {"method": "opd", "student": STUDENT, "teacher": teacher, "cross_tokenizer": cross, "divergence": "k3",
+        values = {"method": "opd", "student": STUDENT, "teacher": teacher, "cross_tokenizer": cross, "divergence": "reward_to_go",
                   "data": "builtin:train", "batch_size": 4, "micro_batch_size": 4, "rollout_batch_size": 4, "max_response_tokens": 64,
                   "max_steps": steps, "lr": 2e-5, "lr_schedule": "constant", "warmup_ratio": 0.0, "seed": 0, "out_dir": str(out),
-                  "checkpoint_every": 0}
+                  "checkpoint_every": 0, **settings}
         train(build_config(values, where="benchmarks/cross_tokenizer_cost.py"))
     return [json.loads(line) for line in metrics.read_text().splitlines() if "step_seconds" in line]
 
@@ -58,7 +59,7 @@ def main() -> None:
     base_rest = base - mean_after_first(results["same-tokenizer"], "rollout_seconds")
     same_losses = [row["loss"] for row in results["same-tokenizer"]]
     span_losses = [row["loss"] for row in results["span-path"]]
-    lines = [f"OPD step cost, student {STUDENT}, 4 prompts x 64 new tokens, k3, precision {resolve_precision('auto')}, "
+    lines = [f"OPD step cost, student {STUDENT}, 4 prompts x 64 new tokens, reward_to_go, precision {resolve_precision('auto')}, "
              f"{args.steps} steps (mean after the first)", "",
              "| teacher | cross_tokenizer | step s | rollout s | ratio to same-tokenizer | step − rollout s | its ratio | shared boundaries "
              "| teacher tokens / span |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]

@@ -13,7 +13,8 @@ reading a privileged system prompt (`--teacher-system`, default in quality_runs.
 answers short unless a length is asked for: on a CPU every teacher token costs 45 ms or more. Rows: `teacher`;
 `smollm2-base` (untrained); `smollm2-seqkd` (cross-entropy on the teacher's text); `smollm2-gad` (GAD: a warm-up whose
 first steps train only the discriminator, then adversarial steps; the same text); `smollm2-opd-xtok` (OPD with the
-teacher's log-probs through `cross_tokenizer: true`: the span-level reverse KL, k3, on the student's own samples of the
+teacher's log-probs through `cross_tokenizer: true`: reward_to_go, the sequence-level reverse KL by policy gradient over
+spans, on the student's own samples of the
 same prompts). Scored on IFEval (program-checked: prompt-level strict accuracy with its interval, loose and
 instruction-level beside it) and on Vicuna's 80 questions, the GAD paper's out-of-distribution set, judged pairwise
 against the teacher by the 1.5B's logits in both orders (raw and length-controlled win rates), printed with the judge's

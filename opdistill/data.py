@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 if TYPE_CHECKING:
     import torch
@@ -394,6 +394,15 @@ def collate(examples: list[Example], pad_id: int, align_responses: bool = False)
         attention[row, offset : offset + len(ids)] = 1
         loss_mask[row, offset + len(example.prompt_ids) : offset + len(ids)] = 1
     return {"input_ids": input_ids, "attention_mask": attention, "loss_mask": loss_mask}
+
+
+def collated(examples: list[Example], size: int, pad_id: int, device: Any = None, align_responses: bool = False) -> Iterator[dict[str, torch.Tensor]]:
+    """`examples` collated `size` at a time (and moved to `device`): the one loop behind every pass of a model over
+    micro-batches outside the training backward (teachers, references, held-out NLL, discriminator scores, gradient
+    statistics)."""
+    for group in chunks(examples, size):
+        batch = collate(group, pad_id, align_responses=align_responses)
+        yield batch if device is None else {k: v.to(device) for k, v in batch.items()}
 
 
 def write_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> None:

@@ -24,7 +24,7 @@ import torch
 import yaml
 from tqdm import tqdm
 
-from .config import RunConfig, to_dict
+from .config import OnPolicyConfig, RunConfig, to_dict
 from .checkpoints import checkpoint_dirs, checkpoint_name, load_latest_checkpoint, save_checkpoint
 from .errors import OpdistillError
 from .interrupts import sigterm_as_interrupt
@@ -33,28 +33,41 @@ from .models import compute_dtype, default_device, resolve_precision, save_pretr
 
 
 class Method(Protocol):
-    """What the engine calls on a training method, whatever the method (methods/common.py's base class does nothing
-    in every hook a method does not need): `setup` before a resume restores state, `on_resume` after one, `step` once
-    per optimizer step, `evaluate` at the start, every eval_every steps and at the end, `save_outputs` once at the end.
-    The engine names no method of its own: this protocol is its side of the contract."""
+    """What the engine calls on a training method, whatever the method (methods/common.py's base class gives every hook a
+    do-nothing default). The engine names no method of its own: this protocol is its side of the contract."""
 
-    progress_metrics: tuple[str, ...]
+    progress_metrics: tuple[str, ...]  # the metrics shown beside the progress bar
 
-    def setup(self, engine: "Engine") -> None: ...
+    def setup(self, engine: "Engine") -> None:
+        """Before a resume restores state: load what the step needs besides the student, and register extra trained
+        parts (engine.add_trainable), so the resume restores them too."""
 
-    def on_resume(self, engine: "Engine") -> None: ...
+    def on_resume(self, engine: "Engine") -> None:
+        """After a resume: restore method state that lives outside the engine checkpoint (e.g. a reference model)."""
 
-    def step(self, engine: "Engine", step: int) -> dict[str, float]: ...
+    def step(self, engine: "Engine", step: int) -> dict[str, float]:
+        """One optimizer step: sample, score every frozen model once, a loss per micro-batch through
+        engine.backward_token_mean, engine.optimizer_step(); returns the step's metrics."""
 
-    def evaluate(self, engine: "Engine") -> dict[str, float]: ...
+    def evaluate(self, engine: "Engine") -> dict[str, float]:
+        """Held-out metrics, at the start, every eval_every steps and at the end."""
 
-    def save_outputs(self, engine: "Engine") -> dict[str, str]: ...
+    def save_outputs(self, engine: "Engine") -> dict[str, str]:
+        """Once at the end: write what the method keeps besides the student into engine.out_dir; returns name -> path."""
 
 MAX_BAD_STEPS = 5  # consecutive non-finite losses before the run stops
 
 
 class NonFiniteLoss(Exception):
     pass
+
+
+@dataclass(frozen=True)
+class TokenMean:
+    """What a token-mean backward did: the mean loss per loss token and the loss tokens of the global batch."""
+
+    loss: float
+    tokens: float
 
 
 @dataclass
@@ -143,13 +156,18 @@ class Engine:
         """The run's sampler (rollout_engine, precision), built on first use: methods that never sample
         (SeqKD) never pay for a sampling copy of the weights."""
         if self._sampler is None:
-            from .rollout import make_sampler
-
-            c = self.config
-            self._sampler = make_sampler(c.rollout_engine, self.accelerator.unwrap_model(self.model), self.tokenizer,
-                                         precision=c.precision, batch_size=c.rollout_batch_size, model_path=c.student,
-                                         gpu_memory_utilization=c.vllm_gpu_memory_utilization, seed=c.seed)
+            self._sampler = self.build_sampler(self.accelerator.unwrap_model(self.model), self.config.student)
         return self._sampler
+
+    def build_sampler(self, model: Any, model_path: str) -> Any:
+        """A sampler for `model` (loaded from `model_path`) with the run's rollout settings: the student's, or another
+        trained model's (cod's second peer)."""
+        from .rollout import make_sampler
+
+        c = self.config
+        return make_sampler(c.rollout_engine, model, self.tokenizer, precision=c.precision, batch_size=c.rollout_batch_size,
+                            model_path=model_path, gpu_memory_utilization=c.vllm_gpu_memory_utilization, seed=c.seed,
+                            kv_cache_gib=c.vllm_kv_cache_gib, max_model_len=c.max_prompt_tokens + c.max_response_tokens)
 
     def sync_sampler(self) -> None:
         """After the student's weights change (an optimizer step, a resume): the sampler samples them."""
@@ -181,21 +199,32 @@ class Engine:
 
     def backward_token_mean(self, micro_batches: list[dict[str, torch.Tensor]],
                             loss_sum: Callable[[Any, dict[str, torch.Tensor]], torch.Tensor],
-                            tokens: Callable[[dict[str, torch.Tensor]], int], model: Any = None) -> float:
-        """Backward of (sum of token losses) / (loss tokens in the global batch); returns that mean loss.
+                            tokens: Callable[[dict[str, torch.Tensor]], int], model: Any = None,
+                            score: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
+                            empty_ok: bool = False) -> TokenMean:
+        """Backward of (sum of token losses) / (loss tokens in the global batch); returns that mean loss and the count.
 
         `loss_sum(model, micro_batch)` returns the summed token loss of one micro-batch and `tokens` its
         number of loss tokens. DDP averages gradients over processes, so each process scales by world size.
-        `model` is the student unless given (another trained part, e.g. cod's second peer).
+        `model` is the student unless given (another trained part, e.g. cod's second peer). `score(micro_batch)`, when
+        given, returns what frozen models give that micro-batch (a full-vocabulary teacher's logits: kept for one
+        micro-batch at a time, tokens x vocab being too large for a step), added to it without gradient before its
+        loss; every other frozen signal is already in the batches. Either way the loss reads only its batch. A global
+        batch without loss tokens is an error unless `empty_ok` (then nothing is computed: TokenMean(0.0, 0)).
         """
         model = self.model if model is None else model
         global_tokens = self.global_sum(sum(tokens(mb) for mb in micro_batches))
+        if global_tokens == 0 and empty_ok:
+            return TokenMean(0.0, 0.0)
         if global_tokens == 0:
             raise OpdistillError("a global batch has no loss tokens", "check that the records have non-empty responses")
         scale = self.world_size / global_tokens
         total = 0.0
         for index, micro_batch in enumerate(micro_batches):
             batch = {k: v.to(self.accelerator.device) for k, v in micro_batch.items()}
+            if score is not None:
+                with torch.no_grad():
+                    batch.update({k: v.to(self.accelerator.device) for k, v in score(batch).items()})
             with self.accumulating(model, last=index == len(micro_batches) - 1):
                 with self.accelerator.autocast():
                     summed = loss_sum(model, batch)
@@ -204,7 +233,7 @@ class Engine:
                     raise NonFiniteLoss(f"loss is {summed.item()}")
                 self.accelerator.backward(summed * scale)
             total += summed.detach().item()
-        return self.global_sum(total) / global_tokens
+        return TokenMean(self.global_sum(total) / global_tokens, global_tokens)
 
     def optimizer_step(self, final: bool = True) -> dict[str, float]:
         """Clip, step the optimizer, zero the gradients; returns grad_norm and lr. `final` (the last optimizer step
@@ -335,6 +364,10 @@ class Engine:
         if self.config.report_to:
             self.accelerator.init_trackers(self.out_dir.name or "opdistill", config=tracker_values(to_dict(self.config)))
         method.setup(self)
+        if isinstance(self.config, OnPolicyConfig):
+            # An on-policy method's sampler exists before a resume restores the weights, so the resume's re-sync is what
+            # brings its copy (bf16, or vLLM's) up to the restored student (tests/test_opd_resume.py at bf16).
+            _ = self.sampler
         if self.is_main and self.world_size > 1:
             print(f"train: {self.world_size} processes ({self.accelerator.distributed_type.value})", file=sys.stderr)
         resumed = self.resume_if_possible()

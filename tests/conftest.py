@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny randomly initialised Llama with a real (small, trained-here) BPE tokenizer."""
+"""Shared fixtures: a tiny randomly initialised Llama with a real (small, trained-here) BPE tokenizer, and a tiny teacher
+with SmolLM2's real tokenizer (another vocabulary)."""
 
 from __future__ import annotations
 
@@ -49,6 +50,28 @@ def build_tiny_model(out: Path, vocab_size: int = 384, hidden: int = 32, layers:
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="session")
+def other_teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Llama with SmolLM2's real tokenizer (49,152 tokens, its own chat template): a teacher of another
+    tokenizer family than the tests' tiny student (384 tokens trained here)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from opdistill.models import load_tokenizer
+
+    out = tmp_path_factory.mktemp("other_teacher") / "model"
+    tokenizer = load_tokenizer("smollm2-135m-instruct")
+    torch.manual_seed(5)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, max_position_embeddings=1024, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, tie_word_embeddings=True)
+    model = LlamaForCausalLM(config)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return out
 
 
 @pytest.fixture(scope="session")

@@ -25,25 +25,6 @@ KEY_ENV = "OPD_CROSS_TOKENIZER_TEST_KEY"
 
 
 @pytest.fixture(scope="module")
-def other_teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny random Llama with SmolLM2's real tokenizer (49,152 tokens, its own chat template): a teacher of another
-    tokenizer family than the tests' tiny student (384 tokens trained here)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    out = tmp_path_factory.mktemp("other_teacher") / "model"
-    tokenizer = load_tokenizer("smollm2-135m-instruct")
-    torch.manual_seed(5)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, max_position_embeddings=1024, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, tie_word_embeddings=True)
-    model = LlamaForCausalLM(config)
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
-    return out
-
-
-@pytest.fixture(scope="module")
 def served(other_teacher: Path) -> Iterator[str]:
     os.environ[KEY_ENV] = "sk-cross"
     server = make_server(ServeOptions(model=str(other_teacher), port=0, precision="fp32", api_key_env=KEY_ENV, model_name="other"))

@@ -93,11 +93,19 @@ def assert_same_weights(a: Path, b: Path) -> None:
         assert torch.equal(wa[name], wb[name]), f"{name} differs after resume"
 
 
-def kill_9_then_resume(cmd: list[str], out: Path, step: int) -> None:
+def kill_9_then_resume(cmd: list[str], out: Path, step: int, seconds: float = 300) -> None:
     """Start the training command `cmd` (run directory `out`), SIGKILL it once the checkpoint of `step` is complete,
-    then rerun it: the rerun must resume and finish."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_for(out / "checkpoints" / f"step-{step:06d}" / "trainer_state.json", proc)
+    then rerun it: the rerun must resume and finish. The killed run's stderr goes to `out`.killed.log beside `out`,
+    and its tail into the failure when the checkpoint never appears."""
+    log = out.with_name(out.name + ".killed.log")
+    with open(log, "wb") as stderr:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=stderr)
+    try:
+        wait_for(out / "checkpoints" / f"step-{step:06d}" / "trainer_state.json", proc, seconds)
+    except AssertionError as err:
+        proc.kill()
+        proc.wait()
+        raise AssertionError(f"{err}; its stderr ends:\n{log.read_text(errors='replace')[-3000:]}") from None
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (out / "student").exists(), "the run must be killed before it finishes"

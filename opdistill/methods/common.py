@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..data import Example, chunks, collate, load_records, tokenize_records
+from ..data import Example, collated, load_records, tokenize_records
 from ..logprobs import response_logprobs
 
 if TYPE_CHECKING:
@@ -26,11 +26,9 @@ def response_tokens(batch: dict[str, torch.Tensor]) -> int:
 
 
 class Method:
-    """A training method: the engine calls `setup`, then `on_resume` after a resume, `step` once per optimizer step,
-    `evaluate` at the start, every `eval_every` steps and at the end, and `save_outputs` once at the end.
-
-    A subclass sets `total_steps` and implements `step`; the other hooks do nothing by default, and `evaluate`
-    reports the held-out response NLL of `eval_data` when the config has it (`held_out_nll`)."""
+    """The base of every training method: the hooks of `engine.Method` (the contract, stated there once), each doing
+    nothing by default. A subclass sets `total_steps` and implements `step`; `evaluate` reports the held-out response NLL
+    of `eval_data` when the config has it (`held_out_nll`)."""
 
     total_steps: int = 0
     progress_metrics: tuple[str, ...] = ("loss",)  # shown beside the progress bar
@@ -39,22 +37,18 @@ class Method:
     eval_examples: list[Example] = []
 
     def setup(self, engine: "Engine") -> None:
-        """Load what the step needs besides the student; register extra trained parts (engine.add_trainable) here,
-        before a resume restores them."""
+        pass
 
     def on_resume(self, engine: "Engine") -> None:
-        """Restore method state that lives outside the engine checkpoint (e.g. a reference model)."""
+        pass
 
     def step(self, engine: "Engine", step: int) -> dict[str, float]:
-        """Run one optimizer step (forward, backward via the engine, engine.optimizer_step()); return metrics."""
         raise NotImplementedError
 
     def evaluate(self, engine: "Engine") -> dict[str, float]:
-        """Held-out metrics: the mean response NLL of `eval_data` (empty without it)."""
         return held_out_nll(engine, self.eval_examples, self.pad_id, self.config.micro_batch_size)
 
     def save_outputs(self, engine: "Engine") -> dict[str, str]:
-        """Write what the method keeps besides the student into engine.out_dir; returns name -> path."""
         return {}
 
     def load_eval_examples(self, config: Any, tokenizer: Any) -> None:
@@ -73,8 +67,7 @@ def held_out_nll(engine: "Engine", examples: list[Example], pad_id: int, micro_b
         return {}
     engine.model.eval()
     total, count = 0.0, 0
-    for group in chunks(examples[engine.rank :: engine.world_size], micro_batch_size):
-        batch = {k: v.to(engine.accelerator.device) for k, v in collate(group, pad_id).items()}
+    for batch in collated(examples[engine.rank :: engine.world_size], micro_batch_size, pad_id, engine.accelerator.device):
         with engine.accelerator.autocast():
             total += float(response_nll_sum(engine.model, batch))
         count += response_tokens(batch)

@@ -21,15 +21,16 @@ from typing import Any
 import torch
 
 from ..config import OnPolicyConfig, check_choice, opt
-from ..data import Example, chunks, collate, data_order, load_records, tokenize_records, total_steps_for
+from ..data import Example, chunks, collate, collated, data_order, load_records, tokenize_records, total_steps_for
 from ..discriminator import load_discriminator
 from ..engine import Engine, Trainable
 from ..errors import ConfigError
 from ..models import apply_lora, load_model, save_pretrained_atomic
 from ..objectives.policy import drpo_per_token, group_advantages, kl_k3, ppo_clip_per_token
 from ..objectives.preference import bradley_terry, pairwise_accuracy
-from ..logprobs import entropy_from_logits, logprobs_of, response_logits, response_logprobs, response_targets
+from ..logprobs import entropy_from_logits, logprobs_of, response_logits, response_targets
 from ..rollout import Rollouts, SamplingParams, sample_rollouts
+from ..teachers.logprob import LocalTeacher, TeacherRow
 from .common import Method, response_nll_sum, response_tokens
 
 SATURATED_ACC = 0.99  # d_acc at or above this gives the generator no signal
@@ -135,7 +136,7 @@ class GAD(Method):
         self.warmup_steps = self.order.steps_per_epoch if config.warmup_steps == -1 else config.warmup_steps
         self.total_steps = self.warmup_steps + total_steps_for(config, self.order.steps_per_epoch)
         self.sampling = SamplingParams(config.temperature, config.top_p, config.max_response_tokens)
-        self.reference: Any = None
+        self.reference: LocalTeacher | None = None
         self.disc: Trainable | None = None
         self.saturated = deque(maxlen=SATURATED_STEPS)
         self.warmup_length: float | None = None
@@ -169,8 +170,8 @@ class GAD(Method):
         if not (path / "config.json").is_file():
             self.save_reference(engine)
             return
-        self.reference = load_model(str(path), dtype=engine.frozen_dtype).to(engine.accelerator.device).eval()
-        self.reference.requires_grad_(False)
+        model = load_model(str(path), dtype=engine.frozen_dtype).to(engine.accelerator.device).eval().requires_grad_(False)
+        self.reference = LocalTeacher(model, self.pad_id, name="reference", micro_batch_size=self.config.micro_batch_size)
 
     def save_reference(self, engine: Engine) -> None:
         """Freeze the current student (the end of warm-up) as the KL reference and keep it on disk."""
@@ -195,11 +196,9 @@ class GAD(Method):
         assert self.disc is not None
         out = []
         with torch.set_grad_enabled(grad):
-            for group in chunks(examples, self.config.micro_batch_size):
-                batch = collate(group, self.pad_id)
+            for batch in collated(examples, self.config.micro_batch_size, self.pad_id, engine.accelerator.device):
                 with engine.accelerator.autocast():
-                    out.append(self.disc.model(batch["input_ids"].to(engine.accelerator.device),
-                                               batch["attention_mask"].to(engine.accelerator.device)))
+                    out.append(self.disc.model(batch["input_ids"], batch["attention_mask"]))
         return torch.cat(out)
 
     def discriminator_update(self, engine: Engine, rollouts: Rollouts, train: bool = True) -> tuple[dict[str, float], torch.Tensor]:
@@ -253,7 +252,7 @@ class GAD(Method):
             engine.model.train()
             examples = [Example(self.prompts[i], self.teacher[i]) for i in indices]
             batches = [collate(group, self.pad_id, align_responses=True) for group in chunks(examples, self.config.micro_batch_size)]
-            metrics["g_ce_loss"] = engine.backward_token_mean(batches, response_nll_sum, response_tokens)
+            metrics["g_ce_loss"] = engine.backward_token_mean(batches, response_nll_sum, response_tokens).loss
             metrics.update(engine.optimizer_step())
         self.warmup_length = metrics["response_length"]
         return metrics
@@ -272,13 +271,9 @@ class GAD(Method):
         indices = self.batch_indices(engine, step)
         rollouts = self.sample(engine, indices)
         batches = rollouts.micro_batches(config.micro_batch_size, self.pad_id)
-        device = engine.accelerator.device
-        with torch.no_grad():
-            ref = []
-            for batch in batches:
-                moved = {k: v.to(device) for k, v in batch.items()}
-                with engine.accelerator.autocast():
-                    ref.append(response_logprobs(self.reference, moved, config.temperature).cpu())
+        # The KL reference is a frozen teacher like any other: its log-prob of every sampled token, once for the step.
+        rows = [TeacherRow(example.prompt_ids, example.response_ids) for example in rollouts.examples]
+        ref = self.reference.token_logprobs(rows, temperature=config.temperature).split([response_tokens(b) for b in batches])
         d_metrics, rewards = self.discriminator_update(engine, rollouts, train=not config.freeze_discriminator)
         advantages = group_advantages(rewards).view(-1)
         if config.truncated_rollouts == "mask":
@@ -305,10 +300,10 @@ class GAD(Method):
             return (policy + config.kl_coef * kl).sum()
 
         for epoch in range(config.ppo_epochs):  # the schedule and the sampler advance once per rollout batch
-            g_loss = engine.backward_token_mean(batches, loss_sum, response_tokens)
+            mean = engine.backward_token_mean(batches, loss_sum, response_tokens)
             step_metrics = engine.optimizer_step(final=epoch == config.ppo_epochs - 1)
-        total_tokens = engine.global_sum(sum(response_tokens(b) for b in batches)) * config.ppo_epochs
-        metrics = {"stage": 1.0, "g_loss": g_loss, **d_metrics, **step_metrics,
+        total_tokens = mean.tokens * config.ppo_epochs
+        metrics = {"stage": 1.0, "g_loss": mean.loss, **d_metrics, **step_metrics,
                    "reward_mean": rewards.mean().item(), "reward_std": rewards.std(dim=1).mean().item(),
                    "response_length": rollouts.mean_length, "truncated": rollouts.truncated,
                    **{k: engine.global_sum(v) / total_tokens for k, v in stats.items()}}

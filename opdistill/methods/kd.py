@@ -31,8 +31,8 @@ from ..engine import Engine
 from ..errors import ConfigError
 from ..objectives.divergences import default_beta, per_token
 from ..logprobs import logprobs_of, response_logits, response_targets
-from ..teachers.factory import local_teacher
-from ..teachers.logprob import AdapterOffTeacher, LocalTeacher, TeacherRow
+from ..teachers.factory import default_local_teacher, default_teacher_model
+from ..teachers.logprob import LocalTeacher, TeacherRow
 from .common import Method, response_tokens
 
 # The full-vocabulary divergences that compare two fixed distributions (Veto's product target is an on-policy
@@ -81,7 +81,7 @@ class KDConfig(RunConfig):
             detail = (f"{len(texts)} plain-text records; of {len(lengths)} checked the longest is {max(lengths)} tokens, "
                       f"{cut} longer than max_response_tokens {self.max_response_tokens} + 1 (cut there)")
             (report.note if cut else report.ok)("plain-text lengths", detail)
-        teacher = self.teacher or ("" if self.lora_r else self.student)
+        teacher = default_teacher_model(self)
         if self.kd_weight == 0.0 or not teacher:
             return  # no teacher is read (kd_weight 0), or the LoRA student's own base weights (its tokenizer by construction)
         chats = [r for r in records if r.text is None]
@@ -161,11 +161,9 @@ class KD(Method):
             return
         student = engine.accelerator.unwrap_model(engine.model)
         self.vocab = student.get_output_embeddings().weight.shape[0]
-        if not c.teacher and c.lora_r:  # the student's own starting weights: its base model with the adapters off, no copy
-            self.teacher = AdapterOffTeacher(lambda: engine.accelerator.unwrap_model(engine.model), self.pad_id, c.micro_batch_size)
-        else:
-            self.teacher = local_teacher(c.teacher or c.student, c, self.tokenizer, self.vocab, engine.frozen_dtype, engine.accelerator.device)
-            self.vocab = min(self.vocab, self.teacher.vocab or self.vocab)
+        self.teacher = default_local_teacher(c, self.tokenizer, lambda: engine.accelerator.unwrap_model(engine.model), self.vocab,
+                                             engine.frozen_dtype, engine.accelerator.device)
+        self.vocab = min(self.vocab, self.teacher.vocab or self.vocab)
 
     def step(self, engine: Engine, step: int) -> dict[str, float]:
         c = self.config
@@ -177,21 +175,23 @@ class KD(Method):
                        beta=default_beta(c.divergence) if c.beta == -1.0 else c.beta)
         sums = {"lm_loss": 0.0, "kd_loss": 0.0}  # each term on its own, for the log: the mix alone hides which one moved
 
+        def teacher_logits(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            """The frozen teacher's logits of one micro-batch (tokens x vocab: kept one micro-batch at a time)."""
+            assert self.teacher is not None
+            rows = [TeacherRow(picked[j].prompt_ids, picked[j].response_ids) for j in batch["row"].tolist()]
+            return {"teacher_logits": self.teacher.score(rows).logits[:, : self.vocab]}
+
         def loss_sum(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
             student_logits = response_logits(model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
-            teacher_logits = None
-            if self.teacher is not None:
-                rows = [TeacherRow(picked[j].prompt_ids, picked[j].response_ids) for j in batch["row"].tolist()]
-                teacher_logits = self.teacher.score(rows).logits[:, : self.vocab].to(student_logits.device)
-            nll, soft = token_terms(student_logits, response_targets(batch), teacher_logits, c.kd_weight, **options)
+            nll, soft = token_terms(student_logits, response_targets(batch), batch.get("teacher_logits"), c.kd_weight, **options)
             for name, term in (("lm_loss", nll), ("kd_loss", soft)):
                 if term is not None:
                     sums[name] += float(term.detach().sum())
             return mix(nll, soft, c.kd_weight).sum()
 
         engine.model.train()
-        loss = engine.backward_token_mean(batches, loss_sum, response_tokens)
-        tokens = engine.global_sum(sum(map(response_tokens, batches)))
-        terms = {name: engine.global_sum(total) / tokens for name, total in sums.items()
+        # The teacher scores each micro-batch just before its loss (`score`): the one place its full logits exist.
+        mean = engine.backward_token_mean(batches, loss_sum, response_tokens, score=teacher_logits if self.teacher is not None else None)
+        terms = {name: engine.global_sum(total) / mean.tokens for name, total in sums.items()
                  if (name == "lm_loss" and c.kd_weight < 1.0) or (name == "kd_loss" and c.kd_weight > 0.0)}
-        return {"loss": loss, **engine.optimizer_step(), **terms, "tokens": tokens}
+        return {"loss": mean.loss, **engine.optimizer_step(), **terms, "tokens": mean.tokens}

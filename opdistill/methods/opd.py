@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from ..check import CheckReport, check_alignment, check_local, check_remote
-from ..config import OnPolicyConfig, check_choice, check_divergence_settings, opt, teacher_spec
+from ..config import OnPolicyConfig, TeacherOptions, check_choice, check_divergence_settings, opt, teacher_spec
 from ..data import Record, data_order, ends_with_eos, load_records, prompt_ids, response_ids, teacher_messages, total_steps_for
 from ..engine import Engine
 from ..errors import ConfigError, NothingToTrainOn, OpdistillError
@@ -33,8 +33,8 @@ from ..logprobs import logprobs_of, response_logits, response_targets
 from ..rollout import Rollouts, SamplingParams, data_rollouts, horizon_at, sample_rollouts
 from ..seeds import mix_seed
 from ..teachers.alignment import Alignment, alignment_stats, cross_tokenize, end_of_turn_id, same_vocabulary, unaligned
-from ..teachers.factory import build_teachers, record_teacher
-from ..teachers.logprob import LocalTeacher, StepScores, TeacherRow, TeacherSet
+from ..teachers.factory import build_teachers, default_teacher_model, record_teacher
+from ..teachers.logprob import LocalTeacher, TeacherRow, TeacherSet
 from ..teachers.remote import RemoteTeacher
 from .common import Method, response_tokens
 
@@ -48,7 +48,7 @@ VETO_BETA = (0.3, 0.0)  # Veto's reference schedule (ddp_veto.py): β from 0.3 a
 
 
 @dataclass
-class OPDConfig(OnPolicyConfig):
+class OPDConfig(OnPolicyConfig, TeacherOptions):
     """White-box on-policy distillation (GKD, arXiv 2306.13649): the student samples, a local teacher scores the same
     tokens under its own (possibly privileged) context, and a token-level divergence is minimised.
 
@@ -58,24 +58,6 @@ class OPDConfig(OnPolicyConfig):
 
     method: str = opt("opd", "Training method.")
     lr: float = opt(1e-5, "Student learning rate.")
-    teacher: str = opt("", "Teacher model (same tokenizer as the student). Empty: the student's own starting weights "
-                           "(self-distillation; with LoRA the frozen base serves as teacher, no second copy).")
-    teacher_url: str = opt("", "A remote teacher instead: base URL of a vLLM-compatible server (e.g. http://host:8000/v1), "
-                               "scored through completions with prompt_logprobs; needs teacher_model and top_k (<= the server's cap).")
-    teacher_model: str = opt("", "The model name the remote teacher serves (the `model` field of its requests).")
-    teacher_api_key_env: str = opt("OPENAI_API_KEY", "Environment variable holding the remote teacher's API key (unset: no key).")
-    teacher_concurrency: int = opt(8, "Remote teacher: requests in flight at once.")
-    teacher_max_attempts: int = opt(6, "Remote teacher: attempts per request (first try + retries, exponential back-off).")
-    teacher_timeout: float = opt(120.0, "Remote teacher: seconds per attempt.")
-    teacher_cache: str = opt("", "Remote teacher: durable cache of scored rows (JSONL); empty: out_dir/teacher_cache.jsonl.")
-    teacher_cache_keep: str = opt("resume", "Remote teacher: which scored rows the cache keeps. resume: at each checkpoint, only those a "
-                                            "resume from it may ask for (disk and memory stay bounded); all: every row (a repeated run "
-                                            "with the same teacher_cache pays nothing; ~540 bytes per response token at top_k 20).")
-    teacher_cache_max_bytes: int = opt(1 << 30, "Remote teacher: bound of the cache file in bytes; past it the least recently used rows "
-                                                "go (asked again if needed). ~540 bytes per response token at top_k 20; memory holds "
-                                                "~350 bytes of index per row.")
-    teachers: dict[str, str] = opt({}, "Named teachers for records with a `teacher` field: name -> a model (local) or "
-                                       "URL#model (remote), e.g. {code: qwen2.5-coder-1.5b-instruct, chat: http://host:8000/v1#llama}.")
     cross_tokenizer: bool = opt(False, "The teacher may have another tokenizer: it scores the student's response text re-tokenised "
                                        "with its own tokenizer after its own chat template, the two tokenizations are aligned into spans "
                                        "that end at a shared character boundary, and reward / reward_to_go act on span log-probs (docs/opd.md).")
@@ -98,7 +80,6 @@ class OPDConfig(OnPolicyConfig):
     beta_end: float = opt(-1.0, "veto_*: β at the last step, linear from `beta` (-1: 0, annealed as in Veto's reference; set it to "
                                 "`beta` for a constant β).")
     alpha: float = opt(0.1, "skl / srkl: the skew α in (0, 1).")
-    top_k: int = opt(0, "Restrict the divergence to the teacher's top-k tokens per position (0: the full vocabulary).")
     top_k_tail: bool = opt(True, "With top_k: the remaining mass of each side is one tail bucket (false: renormalise over the k).")
     chunk_size: int = opt(128, "Positions per chunk when computing the divergence: peak memory O(chunk x vocab). 0: all at once.")
     distill_temperature: float = opt(1.0, "Temperature applied to both models' logits inside the divergence.")
@@ -232,7 +213,7 @@ class OPDConfig(OnPolicyConfig):
             return self.teacher_tokenizers.get(name, model) if url else model
         if self.teacher_url:
             return self.teacher_tokenizer or self.teacher_model
-        return self.teacher or self.student
+        return default_teacher_model(self) or self.student  # the LoRA student's base weights: the student's tokenizer
 
 
 def beta_at(step: int, total_steps: int, divergence: str, start: float, end: float) -> float:
@@ -368,15 +349,15 @@ class OPD(Method):
         names = [self.teacher_names[i] for i in rollouts.rows]
         if config.divergence in SAMPLED_ESTIMATORS:
             batches, kl = self.sampled_batches(rollouts, rows, names, alignments, step)
-            loss_sum = self.sampled_loss_sum
+            loss_sum, score = self.sampled_loss_sum, None
         else:
             batches, kl = rollouts.micro_batches(config.micro_batch_size, self.pad_id), {}
-            loss_sum = self.divergence_loss_sum(self.teachers.for_step(rows, names, top_k=config.top_k,
-                                                                       temperature=config.distill_temperature, step=step), beta)
+            scores = self.teachers.for_step(rows, names, top_k=config.top_k, temperature=config.distill_temperature, step=step)
+            loss_sum, score = self.divergence_loss_sum(beta), scores.micro_batch
         teacher_seconds = time.perf_counter() - started
         # 3. A pure loss per micro-batch, token mean over the global batch.
         engine.model.train()
-        loss = engine.backward_token_mean(batches, loss_sum, response_tokens)
+        loss = engine.backward_token_mean(batches, loss_sum, response_tokens, score=score).loss
         return {"loss": loss, **engine.optimizer_step(), "on_policy": float(on_policy), "horizon": float(horizon),
                 "beta": beta, "response_length": rollouts.mean_length, "truncated": rollouts.truncated if on_policy else 0.0,
                 "rollout_seconds": rollout_seconds, **kl, **align_metrics, **self.remote_metrics(teacher_seconds)}
@@ -421,18 +402,18 @@ class OPD(Method):
         keep = batch["aligned"].repeat_interleave(batch["loss_mask"].sum(dim=1).long())
         return torch.where(keep, losses, torch.zeros_like(losses)).sum()  # an unaligned sample's tokens count, with no loss
 
-    def divergence_loss_sum(self, scores: StepScores, beta: float) -> Any:
-        """The loss of a full-vocabulary divergence (or its top-k restriction) for one micro-batch, summed over its tokens."""
+    def divergence_loss_sum(self, beta: float) -> Any:
+        """The loss of a full-vocabulary divergence (or its top-k restriction) for one micro-batch, summed over its tokens:
+        it reads the teacher's answer from the batch (`teacher_logits`, or `teacher_top_ids` / `teacher_top_logprobs`)."""
         config = self.config
         options = dict(beta=beta, alpha=config.alpha, temperature=config.distill_temperature, chunk_size=config.chunk_size or None)
 
         def loss_sum(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
             student_logits = response_logits(model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"])[:, : self.vocab]
-            teacher = scores.select(batch["rollout"].tolist()).to(student_logits.device)
             if config.top_k:  # the teachers' answers are already restricted to their top-k (StepScores.restrict)
-                return per_token_top_k(student_logits, teacher.top_ids, teacher.top_logprobs, config.divergence,
+                return per_token_top_k(student_logits, batch["teacher_top_ids"], batch["teacher_top_logprobs"], config.divergence,
                                        tail=config.top_k_tail, **options).sum()
-            return per_token(student_logits, teacher.logits[:, : self.vocab], config.divergence, **options).sum()
+            return per_token(student_logits, batch["teacher_logits"][:, : self.vocab], config.divergence, **options).sum()
 
         return loss_sum
 

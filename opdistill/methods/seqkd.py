@@ -50,5 +50,5 @@ class SeqKD(Method):
     def step(self, engine: Engine, step: int) -> dict[str, float]:
         engine.model.train()
         batches = self.micro_batches(engine, step)
-        loss = engine.backward_token_mean(batches, response_nll_sum, response_tokens)
-        return {"loss": loss, **engine.optimizer_step(), "tokens": engine.global_sum(sum(map(response_tokens, batches)))}
+        mean = engine.backward_token_mean(batches, response_nll_sum, response_tokens)
+        return {"loss": mean.loss, **engine.optimizer_step(), "tokens": mean.tokens}

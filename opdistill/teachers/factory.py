@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Callable
 
 import torch
 
-from ..config import teacher_spec
+from ..config import RunConfig, TeacherOptions, teacher_spec
 from ..data import Record
 from ..errors import DataError
 from ..models import load_model, load_tokenizer, shared_vocabulary_size
@@ -15,30 +15,6 @@ from .api import RetryPolicy
 from .logprob import AdapterOffTeacher, LocalTeacher, LogProbTeacher, TeacherSet
 from .remote import RemoteTeacher
 
-
-
-class TeacherConfig(Protocol):
-    """The settings a run's teachers are built from (methods.opd.OPDConfig has them): named here, so that teachers,
-    which serve any method, import no method."""
-
-    student: str
-    teacher: str
-    teacher_url: str
-    teacher_model: str
-    teachers: dict[str, str]
-    teacher_api_key_env: str
-    teacher_concurrency: int
-    teacher_max_attempts: int
-    teacher_timeout: float
-    teacher_cache: str
-    teacher_cache_max_bytes: int
-    top_k: int
-    lora_r: int
-    micro_batch_size: int
-    seed: int
-    chat_template: str
-    trust_remote_code: bool
-    allow_pickle: bool
 
 
 def record_teacher(record: Record, teachers: dict[str, str]) -> str:
@@ -53,14 +29,14 @@ def record_teacher(record: Record, teachers: dict[str, str]) -> str:
     return name
 
 
-def cache_path(config: TeacherConfig, out_dir: Path, rank: int, world_size: int, name: str) -> Path:
+def cache_path(config: TeacherOptions, out_dir: Path, rank: int, world_size: int, name: str) -> Path:
     """Where a remote teacher's scored rows are kept: one file per teacher and per process (each scores its own rows)."""
     base = Path(config.teacher_cache) if config.teacher_cache else out_dir / "teacher_cache.jsonl"
     suffix = (f".{name}" if name else "") + (f".rank{rank}" if world_size > 1 else "")
     return base.with_name(base.stem + suffix + base.suffix) if suffix else base
 
 
-def build_teachers(config: TeacherConfig, tokenizer: Any, get_student: Callable[[], Any], student_vocab: int, dtype: torch.dtype,
+def build_teachers(config: TeacherOptions, tokenizer: Any, get_student: Callable[[], Any], student_vocab: int, dtype: torch.dtype,
                    device: torch.device, out_dir: Path, rank: int = 0, world_size: int = 1, needs_default: bool = True,
                    teacher_tokenizers: dict[str, Any] | None = None) -> TeacherSet:
     """The default teacher (when some record uses it) and every named one. `teacher_tokenizers` (cross-tokenizer runs:
@@ -84,15 +60,32 @@ def build_teachers(config: TeacherConfig, tokenizer: Any, get_student: Callable[
     if needs_default:
         if config.teacher_url:
             default = build(config.teacher_model, config.teacher_url, "")
-        elif not config.teacher and config.lora_r:
-            default = AdapterOffTeacher(get_student, tokenizer.pad_token_id, config.micro_batch_size)
+        elif "" in cross and default_teacher_model(config):  # a local teacher keeping its own vocabulary
+            default = build(default_teacher_model(config), "", "")
         else:
-            default = build(config.teacher or config.student, "", "")
+            default = default_local_teacher(config, tokenizer, get_student, student_vocab, dtype, device)
     named = {name: build(*teacher_spec(spec, f"teachers.{name}"), name) for name, spec in config.teachers.items()}
     return TeacherSet(default, named)
 
 
-def local_teacher(name: str, config: TeacherConfig, tokenizer: Any, student_vocab: int, dtype: torch.dtype, device: torch.device) -> LocalTeacher:
+def default_teacher_model(config: Any) -> str:  # any config with teacher, lora_r and student (OPD's, KD's)
+    """The model a run's default local teacher loads: `teacher:`, else the student's own starting weights, which with
+    LoRA need no load at all ("": the student with its adapters switched off, AdapterOffTeacher)."""
+    if config.teacher:
+        return config.teacher
+    return "" if config.lora_r else config.student
+
+
+def default_local_teacher(config: Any, tokenizer: Any, get_student: Callable[[], Any], student_vocab: int, dtype: torch.dtype,
+                          device: torch.device) -> LocalTeacher:
+    """The default local teacher (`default_teacher_model`): a frozen model, or the LoRA student's own base weights."""
+    model = default_teacher_model(config)
+    if not model:
+        return AdapterOffTeacher(get_student, tokenizer.pad_token_id, config.micro_batch_size)
+    return local_teacher(model, config, tokenizer, student_vocab, dtype, device)
+
+
+def local_teacher(name: str, config: RunConfig, tokenizer: Any, student_vocab: int, dtype: torch.dtype, device: torch.device) -> LocalTeacher:
     """A frozen local model in `dtype` that shares the student's tokenizer (checked)."""
     teacher_tokenizer = load_tokenizer(name, chat_template=config.chat_template, trust_remote_code=config.trust_remote_code)
     model = load_model(name, dtype=dtype, trust_remote_code=config.trust_remote_code, allow_pickle=config.allow_pickle)
@@ -101,7 +94,7 @@ def local_teacher(name: str, config: TeacherConfig, tokenizer: Any, student_voca
                         micro_batch_size=config.micro_batch_size)
 
 
-def own_vocabulary_teacher(name: str, config: TeacherConfig, teacher_tokenizer: Any, dtype: torch.dtype, device: torch.device) -> LocalTeacher:
+def own_vocabulary_teacher(name: str, config: RunConfig, teacher_tokenizer: Any, dtype: torch.dtype, device: torch.device) -> LocalTeacher:
     """A frozen local model that keeps its own tokenizer (cross_tokenizer): its pad id, every column of its output layer."""
     model = load_model(name, dtype=dtype, trust_remote_code=config.trust_remote_code, allow_pickle=config.allow_pickle)
     return LocalTeacher(model.to(device).eval().requires_grad_(False), teacher_tokenizer.pad_token_id, None, name=name,

@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from ..data import Example, collate
+from ..data import Example, collated
 from ..errors import OpdistillError
 from ..logprobs import logprobs_of, response_logits
 
@@ -149,11 +149,9 @@ class LocalTeacher(LogProbTeacher):
         parts = []
         with self.scoring_model() as model, eval_mode(model):
             device = next(model.parameters()).device
-            for start in range(0, len(rows), self.micro_batch_size):
-                # Responses aligned at one index, so only response positions get logits (see response_logits).
-                batch = collate([Example(r.prompt, r.response) for r in rows[start:start + self.micro_batch_size]], self.pad_id,
-                                align_responses=True)
-                batch = {k: v.to(device) for k, v in batch.items()}
+            # Responses aligned at one index, so only response positions get logits (see response_logits).
+            for batch in collated([Example(r.prompt, r.response) for r in rows], self.micro_batch_size, self.pad_id, device,
+                                  align_responses=True):
                 parts.append(response_logits(model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"])[:, : self.vocab])
         return TeacherScores(logits=torch.cat(parts))
 
@@ -188,13 +186,13 @@ class AdapterOffTeacher(LocalTeacher):
 
 
 class StepScores:
-    """The teachers' answers for one step's rows, asked for once before the loss loop; `select` gives a micro-batch's.
+    """The teachers' full-vocabulary (or top-k) answers for one step's rows, for the full-vocabulary divergences.
 
-    A remote teacher is asked for all the step's rows in one call, so their requests are in flight together (bounded
-    by its concurrency) and the step waits about one round trip, not one per micro-batch; its answer is top-k (k <= 20
-    or so), small whatever the batch. A local teacher is scored lazily, per `select`: its full-vocabulary logits
-    (tokens x vocab, e.g. 4096 x 151936 x 2 bytes = 1.2 GB for a step of 8 x 512 tokens) then exist for one
-    micro-batch at a time, as they did before, and nothing is gained by batching a forward pass on the same device.
+    Every remote teacher is asked for all the step's rows at once, all teachers in flight together (each bounded by its
+    concurrency), so the step waits about one round trip; its answer is top-k (k <= 20 or so), small whatever the
+    batch. A local teacher's full-vocabulary logits (tokens x vocab, e.g. 4096 x 151936 x 2 bytes = 1.2 GB for a step of
+    8 x 512 tokens) are computed per micro-batch instead: `micro_batch` is the engine's `score` hook, which the step
+    passes to engine.backward_token_mean. The sampled-token estimators need none of this: TeacherSet.token_logprobs.
     """
 
     def __init__(self, teachers: "TeacherSet", rows: list[TeacherRow], names: list[str], top_k: int = 0, temperature: float = 1.0,
@@ -202,17 +200,22 @@ class StepScores:
         self.teachers, self.rows, self.names, self.top_k, self.temperature = teachers, rows, names, top_k, temperature
         # name -> (its rows' scores, row index -> first token of that row in them)
         self.eager: dict[str, tuple[TeacherScores, dict[int, int]]] = {}
-        for name, members in _groups(names, range(len(rows))).items():
-            teacher = teachers.pick(name)
-            if teacher.remote:
-                scores = self.restrict(teacher.score_step([rows[i] for i in members], step))
+        remote = {name: members for name, members in _groups(names, range(len(rows))).items() if teachers.pick(name).remote}
+        with ThreadPoolExecutor(max_workers=max(1, len(remote))) as pool:  # every remote teacher in flight at once
+            answers = {name: pool.submit(teachers.pick(name).score_step, [rows[i] for i in members], step) for name, members in remote.items()}
+            for name, members in remote.items():
                 lengths = [len(rows[i].response) for i in members]
-                self.eager[name] = (scores, dict(zip(members, [0, *torch.tensor(lengths).cumsum(0).tolist()[:-1]])))
+                self.eager[name] = (self.restrict(answers[name].result()), dict(zip(members, [0, *torch.tensor(lengths).cumsum(0).tolist()[:-1]])))
 
     def restrict(self, scores: TeacherScores) -> TeacherScores:
         # With top_k every teacher's answer is restricted to its top-k tokens (the form a remote teacher gives), so teachers
         # of both kinds mix in one batch.
         return scores.top_k(self.top_k, self.temperature) if self.top_k else scores
+
+    def micro_batch(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The teachers' answers for one collated micro-batch (its `rollout` rows), as `teacher_*` tensors to add to it:
+        the engine's `score` hook (Engine.backward_token_mean)."""
+        return {f"teacher_{name}": value for name, value in self.select(batch["rollout"].tolist()).tensors().items()}
 
     def select(self, group: list[int]) -> TeacherScores:
         """The scores of rows `group` (indices into the step's rows), flattened in the group's order."""
