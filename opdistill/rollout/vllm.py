@@ -49,7 +49,10 @@ EXTENSION = f"{__name__}.WeightLoader"  # vLLM imports the worker extension by i
 GIB = 2**30
 CPU_KV_CACHE_GIB = 1.0  # the CPU default: vLLM's own (VLLM_CPU_KVCACHE_SPACE unset) takes 92% of the machine
 BLOCK_TOKENS = {"cpu": 128, "cuda": 16}  # vLLM's default KV block size per device (vllm/platforms/cpu.py: 128)
-RUNTIME_GIB = 0.5  # what a CPU engine takes besides its weights and KV cache (measured ~0.4 GiB: buffers, tokenizer)
+# What a CPU engine adds to the process besides its KV cache, measured (vllm-cpu 0.32, fp32): 2.77 GiB with a 1 GiB
+# cache for SmolLM2-135M (0.5 GiB of weights), 0.21 GiB for a 1M-parameter model: about 3x the weights (its copy, the
+# checkpoint it read, the vocabulary layers' packed copies) plus 0.25 GiB.
+WEIGHT_COPIES, RUNTIME_GIB = 3, 0.25
 SETUP_VLLM = "./setup.sh --vllm (vllm on a CUDA machine, vllm-cpu on an x86-64 CPU)"
 
 
@@ -106,11 +109,13 @@ class MemoryPlan:
                 f"set vllm_kv_cache_gib to at least {need:.2f}" if explicit else "lower max_prompt_tokens or max_response_tokens")
         if available_bytes is None:
             return
-        total = self.weights_bytes + self.kv_cache_bytes + int(RUNTIME_GIB * GIB)
+        weights = WEIGHT_COPIES * self.weights_bytes
+        total = weights + self.kv_cache_bytes + int(RUNTIME_GIB * GIB)
         if total > available_bytes:
             raise OpdistillError(
-                f"rollout_engine: vllm needs {total / GIB:.1f} GiB (its copy of the weights {self.weights_bytes / GIB:.1f} GiB, KV cache "
-                f"{self.kv_cache_bytes / GIB:.1f} GiB, runtime {RUNTIME_GIB} GiB) beside training; {available_bytes / GIB:.1f} GiB is available",
+                f"rollout_engine: vllm needs about {total / GIB:.1f} GiB beside training ({WEIGHT_COPIES} x the weights' "
+                f"{self.weights_bytes / GIB:.2f} GiB, KV cache {self.kv_cache_bytes / GIB:.2f} GiB, runtime {RUNTIME_GIB} GiB); "
+                f"{available_bytes / GIB:.1f} GiB is available",
                 "lower vllm_kv_cache_gib, free memory, or use rollout_engine: hf (it samples from the trained weights, no copy under fp32)")
 
 
