@@ -73,8 +73,8 @@ class OPDConfig(OnPolicyConfig, TeacherOptions):
                                   "(advantage r_t = log pT - log pS); reward_to_go = sequence-level reverse KL (advantage Σ_{u>=t} r_u). "
                                   "auto: rkl, or reward_to_go with cross_tokenizer.")
     samples_per_prompt: int = opt(1, "Student samples per prompt each step (>= 2 for baseline: loo).")
-    baseline: str = opt("none", "reward_to_go: none, or loo (subtract the mean return of the prompt's other samples: unbiased, lower "
-                                "variance; needs samples_per_prompt >= 2).")
+    baseline: str = opt("none", "reward_to_go: none, or loo (subtract the mean return of the prompt's other samples: still unbiased, "
+                                "removes the prompt's common level; needs samples_per_prompt >= 2).")
     beta: float = opt(-1.0, "jsd: the mixture weight β in (0, 1) (default 0.5); veto_*: β at the first step (default 0.3, Veto's "
                             "reference). -1: the default.")
     beta_end: float = opt(-1.0, "veto_*: β at the last step, linear from `beta` (-1: 0, annealed as in Veto's reference; set it to "
