@@ -38,11 +38,9 @@ def response_logprobs(model: Any, tokenizer: Any, conversations: list[list[dict[
     model.eval()
     teacher = LocalTeacher(model, tokenizer.pad_token_id, micro_batch_size=batch_size)
     sums = [(0.0, 0)] * len(responses)
-    for start in range(0, len(rows), batch_size):  # one batch of logits at a time: (tokens, V) is large
-        chunk = rows[start:start + batch_size]
-        scored = teacher.score(chunk).sampled(torch.tensor([t for row in chunk for t in row.response]))
-        for owner, values in zip(owners[start:start + batch_size], scored.split([len(row.response) for row in chunk])):
-            sums[owner] = (float(values.sum()), values.numel())
+    scored = teacher.token_logprobs(rows) if rows else torch.zeros(0)  # one micro-batch of (tokens, V) logits at a time
+    for owner, values in zip(owners, scored.split([len(row.response) for row in rows])):
+        sums[owner] = (float(values.sum()), values.numel())
     return sums
 
 

@@ -116,7 +116,7 @@ def score_with_served_teacher(opts: EvalOptions, teacher: ModelSpec, todo: dict[
                     owners.append(key)
                 else:
                     scores[key] = (0.0, 0)
-            values = remote.score(rows).token_logprobs.split([len(row.response) for row in rows]) if rows else []
+            values = remote.token_logprobs(rows).split([len(row.response) for row in rows]) if rows else []
             scores.update({key: (float(v.sum()), v.numel()) for key, v in zip(owners, values)})
             for key in chunk:
                 store.append({"key": key, "logprob_sum": scores[key][0], "tokens": scores[key][1]})

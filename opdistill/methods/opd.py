@@ -28,7 +28,8 @@ from ..engine import Engine
 from ..errors import ConfigError, NothingToTrainOn, OpdistillError
 from ..objectives.divergences import KINDS, default_beta, per_token, per_token_top_k
 from ..objectives.policy import leave_one_out_baseline
-from ..objectives.spans import ESTIMATORS, RETIRED, RETIRED_FIX, SpanIndex, sampled_kl_losses, sequence_returns, span_index
+from ..objectives.spans import (ESTIMATORS, RETIRED, RETIRED_FIX, SpanIndex, one_token_spans, sampled_kl_losses, sequence_returns,
+                                span_index)
 from ..logprobs import logprobs_of, response_logits, response_targets
 from ..rollout import Rollouts, SamplingParams, data_rollouts, horizon_at, sample_rollouts
 from ..seeds import mix_seed
@@ -343,7 +344,8 @@ class OPD(Method):
         # 2. Score every frozen model once for the step. Sampled-token estimators: each teacher's log-prob of every
         # row's tokens, all teachers at once, written into the micro-batches with the spans and baselines. Full-vocabulary
         # divergences: remote teachers answer their top-k for the whole step now; a local teacher's full logits
-        # (tokens x vocab) are computed per micro-batch inside the loss, the one exception, to bound their memory.
+        # (tokens x vocab) are computed per micro-batch, just before its loss, by the `score` hook (StepScores.micro_batch),
+        # to bound their memory.
         started = time.perf_counter()
         rows, alignments, align_metrics = self.teacher_rows(rollouts)
         names = [self.teacher_names[i] for i in rollouts.rows]
@@ -370,7 +372,7 @@ class OPD(Method):
         quantity reward_to_go descends (the loss itself, −A·log pS, is no KL)."""
         config = self.config
         teacher_lp = self.teachers.token_logprobs(rows, names, temperature=config.distill_temperature, step=step)
-        spans = [a.spans for a in alignments] or [[(t, t + 1, t, t + 1) for t in range(len(r))] for r in rollouts.responses]
+        spans = [a.spans for a in alignments] or [one_token_spans(len(r)) for r in rollouts.responses]
         aligned = [a.aligned for a in alignments] or [True] * len(rows)
         # The returns log pT(y) − log pS(y) from the sampler's log-probs (at distill_temperature: validate_sampling): no
         # extra forward pass for the baseline and the logged KL.

@@ -59,9 +59,6 @@ class SpanIndex:
     def n_spans(self) -> int:
         return sum(self.spans_per_row)
 
-    def to(self, device: torch.device) -> "SpanIndex":
-        return SpanIndex(self.student_ids.to(device), self.teacher_ids.to(device), self.spans_per_row)
-
 
 def span_index(spans_per_row: Sequence[Sequence[Span]]) -> SpanIndex:
     """The SpanIndex of aligned rows. Each row's spans must be consecutive from token 0 on both sides."""
@@ -81,9 +78,15 @@ def span_index(spans_per_row: Sequence[Sequence[Span]]) -> SpanIndex:
                      tuple(len(spans) for spans in spans_per_row))
 
 
+def one_token_spans(length: int) -> list[Span]:
+    """One tokenizer on both sides: each of a row's `length` tokens is its own span (the estimators are then the
+    per-token ones)."""
+    return [(t, t + 1, t, t + 1) for t in range(length)]
+
+
 def token_spans(row_lengths: Sequence[int]) -> SpanIndex:
-    """One tokenizer on both sides: every token its own span (the estimators are then the per-token ones)."""
-    return span_index([[(t, t + 1, t, t + 1) for t in range(n)] for n in row_lengths])
+    """The SpanIndex of rows of one-token spans."""
+    return span_index([one_token_spans(n) for n in row_lengths])
 
 
 def span_sums(values: torch.Tensor, ids: torch.Tensor, n_spans: int) -> torch.Tensor:

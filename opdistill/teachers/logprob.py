@@ -17,13 +17,15 @@ import contextlib
 from concurrent.futures import ThreadPoolExecutor
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, fields, replace
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, TypeVar
 
 import torch
 
 from ..data import Example, collated
 from ..errors import OpdistillError
 from ..logprobs import logprobs_of, response_logits
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -144,25 +146,24 @@ class LocalTeacher(LogProbTeacher):
     def scoring_model(self) -> Iterator[Any]:
         yield self.model
 
-    @torch.no_grad()
-    def score(self, rows: list[TeacherRow]) -> TeacherScores:
-        parts = []
-        with self.scoring_model() as model, eval_mode(model):
+    def micro_batch_logits(self, rows: list[TeacherRow]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(logits, their response tokens) of each micro-batch of `rows`, in order, without gradient: one micro-batch's
+        (tokens, vocab) logits exist at a time."""
+        with torch.no_grad(), self.scoring_model() as model, eval_mode(model):
             device = next(model.parameters()).device
+            examples = [Example(r.prompt, r.response) for r in rows]
             # Responses aligned at one index, so only response positions get logits (see response_logits).
-            for batch in collated([Example(r.prompt, r.response) for r in rows], self.micro_batch_size, self.pad_id, device,
-                                  align_responses=True):
-                parts.append(response_logits(model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"])[:, : self.vocab])
-        return TeacherScores(logits=torch.cat(parts))
+            for start, batch in zip(range(0, len(rows), self.micro_batch_size),
+                                    collated(examples, self.micro_batch_size, self.pad_id, device, align_responses=True)):
+                logits = response_logits(model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"])[:, : self.vocab]
+                yield logits, _response_tokens(rows[start:start + self.micro_batch_size])
 
+    def score(self, rows: list[TeacherRow]) -> TeacherScores:
+        return TeacherScores(logits=torch.cat([logits for logits, _ in self.micro_batch_logits(rows)]))
 
-    @torch.no_grad()
     def token_logprobs(self, rows: list[TeacherRow], temperature: float = 1.0, step: int = -1) -> torch.Tensor:
-        # Reduced micro-batch by micro-batch: the (tokens, vocab) logits exist for one micro-batch at a time, never for
-        # the whole step.
-        parts = [self.score(rows[start:start + self.micro_batch_size]).sampled(_response_tokens(rows[start:start + self.micro_batch_size]),
-                                                                               temperature).float()
-                 for start in range(0, len(rows), self.micro_batch_size)]
+        # Reduced micro-batch by micro-batch: the full logits never exist for the whole step.
+        parts = [logprobs_of(logits, tokens.to(logits.device), temperature).float() for logits, tokens in self.micro_batch_logits(rows)]
         return torch.cat(parts) if parts else torch.zeros(0)
 
 
@@ -201,11 +202,10 @@ class StepScores:
         # name -> (its rows' scores, row index -> first token of that row in them)
         self.eager: dict[str, tuple[TeacherScores, dict[int, int]]] = {}
         remote = {name: members for name, members in _groups(names, range(len(rows))).items() if teachers.pick(name).remote}
-        with ThreadPoolExecutor(max_workers=max(1, len(remote))) as pool:  # every remote teacher in flight at once
-            answers = {name: pool.submit(teachers.pick(name).score_step, [rows[i] for i in members], step) for name, members in remote.items()}
-            for name, members in remote.items():
-                lengths = [len(rows[i].response) for i in members]
-                self.eager[name] = (self.restrict(answers[name].result()), dict(zip(members, [0, *torch.tensor(lengths).cumsum(0).tolist()[:-1]])))
+        answers = teachers.ask(remote, lambda teacher, members: teacher.score_step([rows[i] for i in members], step))
+        for name, members in remote.items():
+            lengths = [len(rows[i].response) for i in members]
+            self.eager[name] = (self.restrict(answers[name]), dict(zip(members, [0, *torch.tensor(lengths).cumsum(0).tolist()[:-1]])))
 
     def restrict(self, scores: TeacherScores) -> TeacherScores:
         # With top_k every teacher's answer is restricted to its top-k tokens (the form a remote teacher gives), so teachers
@@ -266,20 +266,22 @@ class TeacherSet:
         """Ask every remote teacher once for all of a step's rows; local ones answer per micro-batch (StepScores)."""
         return StepScores(self, rows, names, top_k, temperature, step)
 
+    def ask(self, groups: dict[str, list[int]], question: Callable[[LogProbTeacher, list[int]], T]) -> dict[str, T]:
+        """`question(teacher, members)` for each teacher name of `groups`: the remote teachers all at once, one thread
+        each (each bounded by its own concurrency), so the caller waits about one round trip whatever their number; the
+        local ones in this thread meanwhile."""
+        remote = [name for name in groups if self.pick(name).remote]
+        with ThreadPoolExecutor(max_workers=max(1, len(remote))) as pool:
+            pending = {name: pool.submit(question, self.pick(name), groups[name]) for name in remote}
+            answers = {name: question(self.pick(name), members) for name, members in groups.items() if name not in pending}
+            answers.update({name: future.result() for name, future in pending.items()})
+        return answers
+
     def token_logprobs(self, rows: list[TeacherRow], names: list[str], temperature: float = 1.0, step: int = -1) -> list[torch.Tensor]:
         """Each row's log p_T of its response tokens, (len(response),) per row, every teacher asked once for all of its
-        rows. The remote teachers' requests are all in flight together (one thread each, each bounded by its own
-        concurrency), so the step waits about one round trip whatever the number of teachers; local ones score meanwhile."""
+        rows, the remote ones all at once (`ask`)."""
         groups = _groups(names, range(len(rows)))
-        remote = {name: members for name, members in groups.items() if self.pick(name).remote}
-        answers: dict[str, torch.Tensor] = {}
-        with ThreadPoolExecutor(max_workers=max(1, len(remote))) as pool:
-            pending = {name: pool.submit(self.pick(name).token_logprobs, [rows[i] for i in members], temperature, step)
-                       for name, members in remote.items()}
-            for name, members in groups.items():
-                if name not in remote:
-                    answers[name] = self.pick(name).token_logprobs([rows[i] for i in members], temperature, step)
-            answers.update({name: future.result() for name, future in pending.items()})
+        answers = self.ask(groups, lambda teacher, members: teacher.token_logprobs([rows[i] for i in members], temperature, step))
         out: list[torch.Tensor] = [torch.zeros(0)] * len(rows)
         for name, members in groups.items():
             for i, part in zip(members, torch.split(answers[name].float().cpu(), [len(rows[i].response) for i in members])):
