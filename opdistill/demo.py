@@ -61,6 +61,7 @@ class DemoOptions:
     horizon_tokens: int = 0  # > 0: truncated rollouts (TOPD) of this many tokens
     seed: int = 0
     precision: str = "auto"  # collection, training and evaluation: auto (bf16 where native), bf16 or fp32
+    engine: str = "auto"  # collection, GAD/OPD rollouts and evaluation: auto (vLLM where installed and worth it), hf or vllm
 
 
 def _say(message: str) -> None:
@@ -72,7 +73,7 @@ def collect_teacher(opts: DemoOptions, out: Path) -> Path:
     _say(f"1/3 collecting teacher responses ({opts.model} with system prompt {opts.system!r}) on {opts.train_prompts} built-in train prompts")
     summary = collect(CollectOptions(prompts=f"builtin:train[:{opts.train_prompts}]", out=str(teacher_file), teacher_model=opts.model,
                                      system=opts.system, temperature=0.7, top_p=0.95, max_tokens=opts.max_new_tokens, seed=opts.seed,
-                                     batch_size=32, precision=opts.precision))
+                                     batch_size=32, precision=opts.precision, engine=opts.engine))
     for line in summary.lines():
         _say("   " + line)
     return teacher_file
@@ -84,11 +85,25 @@ def common_config(opts: DemoOptions, teacher_file: Path, out: Path) -> dict[str,
             "precision": opts.precision, "unfinished": opts.unfinished}
 
 
+def rollout_engine(opts: DemoOptions) -> str:
+    """Training's rollouts: vLLM where it runs the model (auto), as asked otherwise. A training run samples many
+    thousand tokens, so auto does not weigh the job's size here."""
+    if opts.engine != "auto":
+        return opts.engine
+    from transformers import AutoConfig
+
+    from .models import resolve_model
+    from .rollout.engines import vllm_unusable
+
+    return "hf" if vllm_unusable(AutoConfig.from_pretrained(resolve_model(opts.model))) else "vllm"
+
+
 def gad_config(opts: DemoOptions, common: dict[str, Any]) -> dict[str, Any]:
     return {**common, "warmup_steps": opts.warmup_steps, "d_only_steps": opts.d_only_steps, "max_steps": opts.gad_steps,
             "n_samples": opts.n_samples, "rollout_batch_size": opts.batch_size * opts.n_samples,
             "micro_batch_size": opts.batch_size * opts.n_samples, "d_lr": opts.d_lr, "discriminator_layers": opts.discriminator_layers,
-            "max_grad_norm": 1.0, "d_max_grad_norm": 1.0, "checkpoint_every": opts.warmup_steps + opts.gad_steps}
+            "max_grad_norm": 1.0, "d_max_grad_norm": 1.0, "checkpoint_every": opts.warmup_steps + opts.gad_steps,
+            "rollout_engine": rollout_engine(opts)}
 
 
 def seqkd_config(opts: DemoOptions, common: dict[str, Any]) -> dict[str, Any]:
@@ -100,7 +115,7 @@ def opd_config(opts: DemoOptions, common: dict[str, Any]) -> dict[str, Any]:
     return {**common, "data": f"builtin:train[:{opts.train_prompts}]", "teacher_system": opts.system, "divergence": opts.divergence,
             "beta": opts.beta, "max_steps": opts.opd_steps, "batch_size": opts.opd_batch_size, "micro_batch_size": opts.opd_batch_size,
             "lr": opts.opd_lr, "rollout_batch_size": opts.opd_batch_size, "lr_schedule": "constant", "warmup_ratio": 0.0,
-            "max_grad_norm": 1.0, "checkpoint_every": opts.opd_steps,
+            "max_grad_norm": 1.0, "checkpoint_every": opts.opd_steps, "rollout_engine": rollout_engine(opts),
             **({"horizon": "truncated", "horizon_tokens": opts.horizon_tokens} if opts.horizon_tokens else {})}
 
 
@@ -153,7 +168,9 @@ def run_demo(opts: DemoOptions) -> dict:
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
+    stages: dict[str, float] = {}  # wall seconds per stage, in metrics.json and the last line
     teacher_file = collect_teacher(opts, out) if method.needs_text else out / "teacher.jsonl"
+    stages["collect"] = round(time.monotonic() - started, 1)
 
     config = build_config(train_config(opts, teacher_file, out), where="demo")
     _say(f"2/3 {method.announce(opts)}")
@@ -162,6 +179,7 @@ def run_demo(opts: DemoOptions) -> dict:
     except NothingToTrainOn as err:  # its fix names config keys; the demo's user sets flags
         raise NothingToTrainOn(err.message, f"raise --max-new-tokens (now {opts.max_new_tokens}), keep cut answers with --unfinished "
                                             "keep, or ask for shorter answers in --system") from None
+    stages["train"] = round(time.monotonic() - started - sum(stages.values()), 1)
     run_dir = out / opts.method
     student_dir = out / "student"
     shutil.rmtree(student_dir, ignore_errors=True)
@@ -176,9 +194,11 @@ def run_demo(opts: DemoOptions) -> dict:
     evaluation = run_eval(EvalOptions(
         models=[f"{name}={path}" for name, path in rows.items()], systems=[f"{TEACHER_ROW}={opts.system}"],
         prompts=[f"heldout=builtin:heldout[:{opts.heldout_prompts}]"], out=str(out), teacher=TEACHER_ROW, checks=["french"],
-        max_new_tokens=eval_tokens, temperature=0.0, batch_size=40, seed=opts.seed, precision=opts.precision))
+        max_new_tokens=eval_tokens, temperature=0.0, batch_size=40, seed=opts.seed, precision=opts.precision, engine=opts.engine))
+    stages["evaluate"] = round(time.monotonic() - started - sum(stages.values()), 1)
     metrics = {**evaluation, "task": f"share of held-out responses in French (system prompt: {opts.system!r})",
-               "options": asdict(opts), "training_run": str(run_dir), "seconds": round(time.monotonic() - started, 1)}
+               "options": asdict(opts), "training_run": str(run_dir), "rollout_engine": getattr(config, "rollout_engine", "none"),
+               "seconds": round(time.monotonic() - started, 1), "stage_seconds": stages}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, ensure_ascii=False), encoding="utf-8")
     report = write_report([out])
     models = metrics["sets"]["heldout"]["models"]
@@ -191,5 +211,6 @@ def run_demo(opts: DemoOptions) -> dict:
     others = ", ".join(f"{name} {values['french_share']:.0%}" for name, values in models.items() if name != final)
     print(f"\nheadline: the {final.removeprefix('student after ')} student answers {models[final]['french_share']:.0%} of held-out "
           f"prompts in French with no system prompt ({others})")
-    print(f"student: {student_dir}   report: {report}   time: {metrics['seconds']:.0f} s")
+    timing = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in stages.items())
+    print(f"student: {student_dir}   report: {report}   time: {metrics['seconds']:.0f} s ({timing}; rollouts: {metrics['rollout_engine']})")
     return metrics

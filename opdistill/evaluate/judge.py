@@ -175,11 +175,13 @@ class ApiJudge:
 class LocalJudge:
     """A local chat model as the judge (batched generation; greedy at temperature 0)."""
 
-    def __init__(self, model: str, *, max_tokens: int = 128, batch_size: int = 8, precision: str = "auto", seed: int = 0) -> None:
+    def __init__(self, model: str, *, max_tokens: int = 128, batch_size: int = 8, precision: str = "auto", seed: int = 0,
+                 engine: str = "hf", new_tokens: int = 0) -> None:
+        """engine: the generation seam's (auto, hf, vllm); logit verdicts read the hf engine's model, so they need hf."""
         from ..teachers.local import LocalTextTeacher
 
         self.name = f"local:{model}"
-        self.teacher = LocalTextTeacher(model, precision=precision, batch_size=batch_size)
+        self.teacher = LocalTextTeacher(model, precision=precision, batch_size=batch_size, engine=engine, new_tokens=new_tokens, seed=seed)
         self.max_tokens, self.seed, self.batch_size = max_tokens, seed, batch_size
         self.failures: list[str] = []
         self.requests = 0
@@ -189,20 +191,22 @@ class LocalJudge:
 
     def reply_all(self, requests: list[list[dict[str, str]]], temperature: float,
                   on_reply: Callable[[int, str | None], None] = lambda index, reply: None) -> list[str | None]:
-        import torch
-
         from ..data import Record
         from ..sampling import SamplingParams
 
-        torch.manual_seed(self.seed + self.requests)
         records = [Record(messages=m) for m in requests]
         replies: list[str | None] = [None] * len(records)
-        for batch in self.teacher.generate(records, SamplingParams(temperature, 1.0, self.max_tokens), 1):
+        # One random stream per request (engine-independent, batch-independent), numbered across this judge's requests.
+        seeds = [self.seed + self.requests + i for i in range(len(records))]
+        for batch in self.teacher.generate(records, SamplingParams(temperature, 1.0, self.max_tokens), 1, seeds=seeds):
             for sample in batch:
                 replies[sample.prompt_index] = sample.text
                 on_reply(sample.prompt_index, sample.text)
         self.requests += len(records)
         return replies
+
+    def close(self) -> None:
+        self.teacher.close()
 
     def pair_probabilities(self, requests: list[list[dict[str, str]]],
                            on_result: Callable[[int, float], None] = lambda index, p: None) -> list[float]:

@@ -46,6 +46,7 @@ class EvalOptions:
     top_p: float = 1.0
     batch_size: int = 16
     precision: str = "auto"
+    engine: str = "auto"  # local rows' and a local judge's generation: auto (vLLM where installed and worth it), hf or vllm
     seed: int = 0
     embeddings: bool = True
     judge_url: str = ""

@@ -51,8 +51,8 @@ def prompt_seed(seed: int, set_name: str, index: int) -> int:
 def generate_all(opts: EvalOptions, models: list[ModelSpec], sets: list[EvalSet], store: JsonlLog) -> dict[str, dict[str, Any]]:
     """Every (set, prompt, model) response, generating only what the store lacks; rows by key."""
     from ..data import render_prompt
-    from ..models import compute_dtype, default_device, load_model, load_tokenizer
-    from ..rollout import make_sampler
+    from ..models import load_tokenizer
+    from ..rollout import generation_sampler
 
     params = SamplingParams(opts.temperature, opts.top_p, opts.max_new_tokens)
     sampling = params.as_dict()
@@ -71,9 +71,11 @@ def generate_all(opts: EvalOptions, models: list[ModelSpec], sets: list[EvalSet]
                 generate_api(opts, model_spec, todo, params, store, rows, bar)
                 continue
             tokenizer = load_tokenizer(model_spec.path)
-            model = load_model(model_spec.path, dtype=compute_dtype(opts.precision)).to(default_device())
-            sampler = make_sampler("hf", model, tokenizer, precision=opts.precision, batch_size=opts.batch_size, owns_model=True)
             prompts = [render_prompt(tokenizer, s.records[i].with_system(model_spec.system)) for s, i, _ in todo]
+            sampler = generation_sampler(model_spec.path, tokenizer, engine=opts.engine, precision=opts.precision, batch_size=opts.batch_size,
+                                         new_tokens=len(todo) * opts.max_new_tokens, seed=opts.seed,
+                                         max_model_len=max(map(len, prompts)) + opts.max_new_tokens)
+            say(f"generating {len(todo)} answers of {model_spec.label!r} with the {sampler.name} engine ({sampler.why})")
             # A response's random stream depends on (seed, set, prompt) only: every model samples a prompt with the
             # same stream, and a resumed run gives what an uninterrupted one would have.
             seeds = [prompt_seed(opts.seed, s.name, i) for s, i, _ in todo]
@@ -82,11 +84,11 @@ def generate_all(opts: EvalOptions, models: list[ModelSpec], sets: list[EvalSet]
                     eval_set, index, key = todo[sample.prompt_index]
                     row = {"key": key, "set": eval_set.name, "index": index, "model": model_spec.label,
                            "prompt": eval_set.records[index].messages[-1]["content"], "response": sample.text,
-                           "finished": sample.finished, "tokens": len(sample.response_ids)}
+                           "finished": sample.finished, "tokens": len(sample.response_ids), "engine": sampler.name}
                     store.append(row)
                     rows[key] = row
                 bar.update(len(batch))
-            del model, sampler
+            sampler.close()  # before the next model's engine starts
     finally:
         bar.close()
     return {label: {f"{s.name}/{i}": rows[key] for s, i, key in todo} for label, todo in jobs.items()}
@@ -236,7 +238,8 @@ def score(opts: EvalOptions, models: list[ModelSpec], sets: list[EvalSet], gener
 # ---------------------------------------------------------------- judging (resumable)
 
 
-def make_judge(opts: EvalOptions) -> Any:
+def make_judge(opts: EvalOptions, requests: int = 0) -> Any:
+    """The configured judge, or None; `requests`: how many replies a local judge may write (its engine's job size)."""
     from .judge import ApiJudge, LocalJudge
 
     if opts.judge_url:
@@ -245,7 +248,9 @@ def make_judge(opts: EvalOptions) -> Any:
             say(f"${opts.judge_api_key_env} is not set; judge requests go without an Authorization header")
         return ApiJudge(opts.judge_url, opts.judge_model, key, concurrency=opts.judge_concurrency, max_tokens=opts.judge_max_tokens)
     if opts.judge_local:
-        return LocalJudge(opts.judge_local, max_tokens=opts.judge_max_tokens, precision=opts.precision, seed=opts.seed)
+        # Logit verdicts read the hf engine's model; text verdicts go through the generation seam.
+        return LocalJudge(opts.judge_local, max_tokens=opts.judge_max_tokens, precision=opts.precision, seed=opts.seed,
+                          engine="hf" if opts.judge_logits else opts.engine, new_tokens=requests * opts.judge_max_tokens)
     return None
 
 
@@ -271,8 +276,7 @@ def judge_all(opts: EvalOptions, models: list[ModelSpec], sets: list[EvalSet], g
                         score_requests, score_summary)
     from .judge_stats import probability_summary
 
-    judge = make_judge(opts)
-    if judge is None:
+    if not (opts.judge_url or opts.judge_local):
         return None
     # Every request of every set, model and pair first, then one judge call per kind: a local judge then fills
     # its batches with prompts of similar length instead of a few per model.
@@ -295,6 +299,7 @@ def judge_all(opts: EvalOptions, models: list[ModelSpec], sets: list[EvalSet], g
             answers = {label: [r["response"] for r in responses(generated, label, eval_set)] for label in (x, y)}
             lengths = ([len(a) for a in answers[x]], [len(a) for a in answers[y]])  # characters: the length-controlled win rate
             pair_jobs.append((set_result["pairwise"], x, y, lengths, pair_requests(questions, answers[x], answers[y])))
+    judge = make_judge(opts, sum(len(job[-1]) for job in score_jobs) + 2 * sum(len(job[-1]) for job in pair_jobs))
     say(f"judging {len(score_jobs)} model-set scores and {len(pair_jobs)} pairwise comparisons ({judge.name})")
     cache = JudgeCache(out / "judge.jsonl")
     options = {"retries": opts.judge_retries, "progress": opts.progress}
@@ -315,6 +320,8 @@ def judge_all(opts: EvalOptions, models: list[ModelSpec], sets: list[EvalSet], g
         judge.calibration = calibrate(opts, judge, cache)
     finally:
         cache.close()
+        if hasattr(judge, "close"):  # a local judge's engine: freed before anything else starts one
+            judge.close()
     return judge
 
 

@@ -10,13 +10,13 @@ Nothing here imports methods, the engine or evaluation.
 from ..sampling import SamplingParams
 from .base import Sample, Sampler, eos_token_ids, pack_jobs
 from .batch import Rollouts, data_rollouts, sample_rollouts
-from .engines import ENGINES, make_sampler
+from .engines import ENGINES, GENERATION_ENGINES, choose_engine, generation_sampler, make_sampler
 from .hf import HFSampler, sample_batch
 from .next_token import draw, sample_next
 from .schedules import horizon_at, rollout_seeds, row_generator, row_uniforms
 from ..logprobs import (TopLogprobs, entropy_from_logits, last_positions, left_pad, logprobs_of, positions_from_mask, response_logits, response_logprobs,
                       response_targets, token_logprobs, top_k_logprobs)
 
-__all__ = ["ENGINES", "HFSampler", "Rollouts", "Sample", "Sampler", "SamplingParams", "TopLogprobs", "draw", "entropy_from_logits", "eos_token_ids", "horizon_at", "last_positions", "left_pad", "logprobs_of",
+__all__ = ["ENGINES", "GENERATION_ENGINES", "choose_engine", "generation_sampler", "HFSampler", "Rollouts", "Sample", "Sampler", "SamplingParams", "TopLogprobs", "draw", "entropy_from_logits", "eos_token_ids", "horizon_at", "last_positions", "left_pad", "logprobs_of",
            "data_rollouts", "make_sampler", "pack_jobs", "positions_from_mask", "response_logits", "response_logprobs", "response_targets", "rollout_seeds", "row_generator", "row_uniforms", "sample_batch", "sample_rollouts",
            "sample_next", "token_logprobs", "top_k_logprobs"]

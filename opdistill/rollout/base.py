@@ -31,6 +31,7 @@ class Sampler(ABC):
     """Draws n samples per prompt from a policy; one engine behind each implementation."""
 
     name: str = "sampler"
+    why: str = ""  # why this engine runs (rollout.choose_engine), for the caller's log
 
     @abstractmethod
     def iter_batches(self, prompts: list[list[int]], params: SamplingParams, *, n: int = 1,

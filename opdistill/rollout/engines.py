@@ -1,4 +1,8 @@
-"""Which sampler a run uses: one registry from `rollout_engine` to a constructor, precision decided here."""
+"""Which sampler a run uses: one registry from `rollout_engine` to a constructor, precision decided here.
+
+`generation_sampler` is the one seam for generation that trains nothing (eval's answers, `collect` from a local teacher,
+a local judge, the demo's collection and evaluation): `engine: auto` picks vLLM where it is installed, runs the model, and
+the job is big enough to repay its start-up (measured in docs/performance.md), the hf engine otherwise."""
 
 from __future__ import annotations
 
@@ -6,11 +10,15 @@ from typing import Any
 
 import torch
 
-from ..errors import ConfigError
+from ..errors import ConfigError, OpdistillError
 from ..models import compute_dtype
 from .base import Sampler
 
 ENGINES = ("hf", "vllm")
+GENERATION_ENGINES = ("auto", *ENGINES)
+# auto starts vLLM only for jobs of at least this many new tokens (responses x max_new_tokens): below it the hf engine
+# finishes before a colocated vLLM engine has started (8-11 s on 2 cores; benchmarks/rollout.py measures both).
+VLLM_MIN_TOKENS = 4096
 
 
 def make_sampler(engine: str, model: Any, tokenizer: Any, *, precision: str = "auto", batch_size: int = 16,
@@ -39,3 +47,65 @@ def make_sampler(engine: str, model: Any, tokenizer: Any, *, precision: str = "a
         sampler.sync(model)  # the run may start from other weights than model_path (a resume, a LoRA student)
         return sampler
     raise ConfigError(f"unknown rollout_engine {engine!r}", f"use one of: {', '.join(ENGINES)}")
+
+
+def vllm_unusable(config: Any) -> str:
+    """Why vLLM cannot run a model with this transformers `config` here ('' when it can): not installed, no GPU for a CUDA build, or (vLLM's CPU
+    attention) a head size it has no kernel for."""
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        return "vllm is not installed (./setup.sh --vllm)"
+    from .vllm import unsupported_head_size, vllm_device
+
+    try:
+        device = vllm_device()
+    except OpdistillError as error:
+        return error.message
+    return unsupported_head_size(config, device)
+
+
+def choose_engine(engine: str, config: Any, new_tokens: int) -> tuple[str, str]:
+    """(the engine, why) for a generation job of about `new_tokens` tokens; an explicit hf or vllm is kept as asked."""
+    if engine not in GENERATION_ENGINES:
+        raise ConfigError(f"unknown engine {engine!r}", f"use one of: {', '.join(GENERATION_ENGINES)}")
+    if engine != "auto":
+        return engine, "asked for"
+    unusable = vllm_unusable(config)
+    if unusable:
+        return "hf", unusable
+    if new_tokens < VLLM_MIN_TOKENS:
+        return "hf", f"{new_tokens} new tokens, fewer than the {VLLM_MIN_TOKENS} that repay vLLM's start-up"
+    return "vllm", "installed, and the job repays its start-up"
+
+
+def generation_sampler(name: str, tokenizer: Any, *, engine: str = "auto", precision: str = "auto", batch_size: int = 16,
+                       new_tokens: int = VLLM_MIN_TOKENS, max_model_len: int | None = None, seed: int = 0,
+                       trust_remote_code: bool = False, kv_cache_gib: float = 0.0) -> Sampler:
+    """A sampler over the model `name` (a checkpoint, built-in name, .gguf or LoRA adapter folder), loaded only to be
+    sampled from. vllm starts from the plain checkpoint behind `name` and is synced to the loaded weights (an adapter is
+    merged into them first), so both engines sample the same model; the torch copy is then dropped."""
+    from ..models import default_device, load_model
+
+    model = load_model(name, dtype=compute_dtype(precision), trust_remote_code=trust_remote_code).to(default_device())
+    chosen, why = choose_engine("hf" if trust_remote_code and engine == "auto" else engine, model.config, new_tokens)
+    if chosen == "hf":
+        sampler = make_sampler("hf", model, tokenizer, precision=precision, batch_size=batch_size, owns_model=True)
+    else:
+        sampler = make_sampler("vllm", model, tokenizer, precision=precision, model_path=vllm_source(name), seed=seed,
+                               kv_cache_gib=kv_cache_gib, max_model_len=max_model_len)
+    sampler.why = why
+    return sampler
+
+
+def vllm_source(name: str) -> str:
+    """The plain checkpoint vLLM loads for `name`: an adapter folder's base model (the adapter arrives by sync)."""
+    import json
+    from pathlib import Path
+
+    from ..models import resolve_model
+
+    adapter = Path(name) / "adapter_config.json"
+    if adapter.is_file() and not (Path(name) / "config.json").is_file():
+        return vllm_source(json.loads(adapter.read_text())["base_model_name_or_path"])
+    return resolve_model(name)

@@ -75,6 +75,21 @@ def vllm_device() -> str:
     return "cuda"
 
 
+def unsupported_head_size(config: Any, device: str) -> str:
+    """'' when vLLM's attention has a kernel for the head size of a model with this (transformers) `config` on `device`, else why not (its CPU attention
+    supports a fixed list: vllm/v1/attention/backends/cpu_attn.py, get_supported_head_sizes)."""
+    if device != "cpu":
+        return ""
+    try:
+        from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+    except ImportError:  # another layout: let the engine decide at start
+        return ""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    head = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    sizes = CPUAttentionBackend.get_supported_head_sizes()
+    return "" if head in sizes else f"vLLM's CPU attention has no kernel for head size {head} (it has {sizes})"
+
+
 @dataclass
 class MemoryPlan:
     """What a colocated engine takes: its copy of the weights, its KV cache, and how many tokens that cache holds."""

@@ -36,6 +36,7 @@ class CollectOptions:
     timeout: float = 120.0
     batch_size: int = 16  # local teacher
     precision: str = "auto"  # local teacher: auto, bf16 or fp32
+    engine: str = "auto"  # local teacher: auto (vLLM where installed and worth it), hf or vllm (rollout.generation_sampler)
     seed: int = 0
     progress: bool = True
 
@@ -159,13 +160,26 @@ async def _collect_api(opts: CollectOptions, records: list[Record], keys: list[l
 
 def _collect_local(opts: CollectOptions, records: list[Record], keys: list[list[str]], params: SamplingParams,
                    sampling: dict[str, Any], store: ResponseStore, summary: CollectSummary, bar: tqdm) -> None:
-    import torch
-
+    from ..seeds import mix_seed
     from .local import LocalTextTeacher
 
-    torch.manual_seed(opts.seed)
-    teacher = LocalTextTeacher(opts.teacher_model, system=opts.system, precision=opts.precision, batch_size=opts.batch_size)
-    for batch in teacher.generate(records, params, opts.n, skip=lambda p, s: keys[p][s] in store):
+    missing = sum(key not in store for row in keys for key in row)
+    teacher = LocalTextTeacher(opts.teacher_model, system=opts.system, precision=opts.precision, batch_size=opts.batch_size,
+                               engine=opts.engine, new_tokens=missing * opts.max_tokens, seed=opts.seed)
+    print(f"collect: generating with the {teacher.sampler.name} engine ({teacher.sampler.why})", file=sys.stderr)
+    # One random stream per prompt, from the seed and the prompt's first response key (its content): a resumed or
+    # re-batched collection draws what an uninterrupted one would, on either engine.
+    seeds = [mix_seed(opts.seed, int(row[0][:15], 16)) for row in keys]
+    try:
+        batches = teacher.generate(records, params, opts.n, skip=lambda p, s: keys[p][s] in store, seeds=seeds)
+        store_local_batches(opts, records, keys, sampling, store, summary, bar, batches)
+    finally:
+        teacher.close()
+
+
+def store_local_batches(opts: CollectOptions, records: list[Record], keys: list[list[str]], sampling: dict[str, Any], store: ResponseStore,
+                        summary: CollectSummary, bar: tqdm, batches: Any) -> None:
+    for batch in batches:
         for sample in batch:
             p, s = sample.prompt_index, sample.sample_index
             usage = {"prompt_tokens": 0, "completion_tokens": len(sample.response_ids)}
