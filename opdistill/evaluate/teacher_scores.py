@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from tqdm import tqdm
 
@@ -70,23 +70,28 @@ def teacher_logprobs(opts: EvalOptions, teacher: ModelSpec, sets: list[EvalSet],
 
 def score_with_teacher(opts: EvalOptions, teacher: ModelSpec, todo: dict[str, tuple[list[dict[str, str]], str, bool]],
                        store: JsonlLog) -> dict[str, tuple[float, int]]:
-    """Loads the teacher and scores `todo` (key -> conversation, response, finished), committing each batch."""
+    """Loads the teacher and scores `todo` (key -> conversation, response, finished), committing each batch. --engine
+    vllm scores through a vLLM engine's prompt log-probs; auto and hf through the local model (a prefill only, where
+    vLLM measured no faster here: docs/scaleout.md)."""
     from ..models import compute_dtype, default_device, load_model, load_tokenizer
-    from .scoring import response_logprobs
+    from ..teachers.logprob import LocalTeacher
+    from .scoring import response_logprob_sums
 
-    say(f"scoring {len(todo)} response(s) with the teacher {teacher.label!r} ({teacher.path})")
     tokenizer = load_tokenizer(teacher.path)
-    model = load_model(teacher.path, dtype=compute_dtype(opts.precision)).to(default_device())
-    keys, scores = sorted(todo, key=lambda k: len(todo[k][1])), {}  # similar lengths per batch: little padding
-    for start in tqdm(range(0, len(keys), opts.batch_size), desc="teacher log-prob", unit="batch", disable=not opts.progress,
-                      dynamic_ncols=True, file=sys.stderr):
-        chunk = keys[start:start + opts.batch_size]
-        conversations, texts, finished = [todo[k][0] for k in chunk], [todo[k][1] for k in chunk], [todo[k][2] for k in chunk]
-        sums = response_logprobs(model, tokenizer, conversations, texts, finished, batch_size=opts.batch_size)
-        for key, (total, tokens) in zip(chunk, sums):
-            store.append({"key": key, "logprob_sum": total, "tokens": tokens})
-            scores[key] = (total, tokens)
-    return scores
+    if opts.engine == "vllm":
+        from ..rollout import generation_sampler
+
+        scorer: Any = generation_sampler(teacher.path, tokenizer, engine="vllm", precision=opts.precision, seed=opts.seed)
+    else:
+        model = load_model(teacher.path, dtype=compute_dtype(opts.precision)).to(default_device()).eval()
+        scorer = LocalTeacher(model, tokenizer.pad_token_id, micro_batch_size=opts.batch_size)
+    say(f"scoring {len(todo)} response(s) with the teacher {teacher.label!r} ({teacher.path}; {'vllm' if opts.engine == 'vllm' else 'hf'})")
+    try:
+        return score_in_batches(opts, todo, store, lambda chunk: response_logprob_sums(
+            scorer, tokenizer, [todo[k][0] for k in chunk], [todo[k][1] for k in chunk], [todo[k][2] for k in chunk]), "teacher log-prob")
+    finally:
+        if hasattr(scorer, "close"):
+            scorer.close()
 
 
 def score_with_served_teacher(opts: EvalOptions, teacher: ModelSpec, todo: dict[str, tuple[list[dict[str, str]], str, bool]],
@@ -94,32 +99,31 @@ def score_with_served_teacher(opts: EvalOptions, teacher: ModelSpec, todo: dict[
     """Scores `todo` through a served teacher's prompt log-probs (k = 1: only each actual token's log-prob is used).
     The conversation is rendered with a local copy of the teacher's tokenizer (--teacher-tokenizer, a few MB even for
     a 70B model), the response re-tokenised with it, EOS scored when the response finished, as for a local teacher."""
-    from ..data import render_prompt
     from ..models import load_tokenizer
-    from ..teachers.logprob import TeacherRow
     from ..teachers.remote import RemoteTeacher
+    from .scoring import response_logprob_sums
 
     tokenizer = load_tokenizer(teacher.tokenizer)
     say(f"scoring {len(todo)} response(s) with the served teacher {teacher.path!r} at {teacher.url}")
     remote = RemoteTeacher(teacher.url, teacher.path, k=1, vocab=2**31 - 1, cache_path=Path(opts.out) / "served_teacher_cache.jsonl",
                            api_key_env=teacher.api_key_env, concurrency=opts.api_concurrency, seed=opts.seed)
-    keys, scores = list(todo), {}
     try:
-        for start in tqdm(range(0, len(keys), opts.batch_size), desc="teacher log-prob (served)", unit="batch", disable=not opts.progress,
-                          dynamic_ncols=True, file=sys.stderr):
-            chunk, rows, owners = keys[start:start + opts.batch_size], [], []
-            for key in chunk:
-                messages, text, done = todo[key]
-                ids = tokenizer(text.strip(), add_special_tokens=False)["input_ids"] + ([tokenizer.eos_token_id] if done else [])
-                if ids:
-                    rows.append(TeacherRow(render_prompt(tokenizer, messages), ids))
-                    owners.append(key)
-                else:
-                    scores[key] = (0.0, 0)
-            values = remote.token_logprobs(rows).split([len(row.response) for row in rows]) if rows else []
-            scores.update({key: (float(v.sum()), v.numel()) for key, v in zip(owners, values)})
-            for key in chunk:
-                store.append({"key": key, "logprob_sum": scores[key][0], "tokens": scores[key][1]})
+        return score_in_batches(opts, todo, store, lambda chunk: response_logprob_sums(
+            remote, tokenizer, [todo[k][0] for k in chunk], [todo[k][1] for k in chunk], [todo[k][2] for k in chunk]),
+            "teacher log-prob (served)")
     finally:
         remote.close()
+
+
+def score_in_batches(opts: EvalOptions, todo: dict[str, tuple[list[dict[str, str]], str, bool]], store: JsonlLog,
+                     score: Callable[[list[str]], list[tuple[float, int]]], desc: str) -> dict[str, tuple[float, int]]:
+    """`score` over `todo`'s keys in batches of similar response length (little padding), each batch committed to
+    `store` before the next: an interrupted run keeps what it scored."""
+    keys, scores = sorted(todo, key=lambda k: len(todo[k][1])), {}
+    for start in tqdm(range(0, len(keys), opts.batch_size), desc=desc, unit="batch", disable=not opts.progress, dynamic_ncols=True,
+                      file=sys.stderr):
+        chunk = keys[start:start + opts.batch_size]
+        for key, (total, tokens) in zip(chunk, score(chunk)):
+            store.append({"key": key, "logprob_sum": total, "tokens": tokens})
+            scores[key] = (total, tokens)
     return scores

@@ -313,6 +313,20 @@ class VLLMSampler(Sampler):
             _cleanup_distributed()
         torch.cuda.empty_cache()
 
+    def token_logprobs(self, rows: list[Any]) -> torch.Tensor:
+        """The log-prob of each row's response tokens after its prompt, at temperature 1, flat and row-major: a scorer
+        with LocalTeacher.token_logprobs' interface (`rows`: TeacherRow-like, `.prompt` and `.response` token ids),
+        from vLLM's prompt log-probs (one prefill per row, nothing generated but one discarded token)."""
+        from vllm import SamplingParams as VLLMParams
+        from vllm.inputs import TokensPrompt
+
+        # prompt_logprobs=0: each prompt position's own token only (vllm/sampling_params.py); the first position has none.
+        params = VLLMParams(max_tokens=1, temperature=1.0, prompt_logprobs=0, detokenize=False)
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=row.prompt + row.response) for row in rows], params, use_tqdm=False)
+        values = [step[token].logprob for row, output in zip(rows, outputs)
+                  for step, token in zip(output.prompt_logprobs[len(row.prompt):], row.response)]
+        return torch.tensor(values, dtype=torch.float32)
+
     def iter_batches(self, prompts: list[list[int]], params: SamplingParams, *, n: int = 1,
                      seeds: list[int] | None = None, skip: Skip | None = None) -> Iterator[list[Sample]]:
         # TokensPrompt: https://docs.vllm.ai/en/v0.8.3/api/offline_inference/llm_inputs.html
