@@ -218,6 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--engine", choices=["auto", "hf", "vllm"], default=defaults.engine,
                    help="who generates (collection, GAD/OPD rollouts, evaluation): auto (vLLM where it is installed and runs the model, "
                         "hf otherwise), hf or vllm (docs/scaleout.md)")
+    d.add_argument("--no-matched-seqkd", dest="matched_seqkd", action="store_false",
+                   help="GAD: skip the SeqKD row trained with GAD's generator updates on the same texts (shown beside GAD by default)")
     numbers = [("train_prompts", int, "built-in train prompts to collect"), ("heldout_prompts", int, "built-in held-out prompts to evaluate"),
                ("max_new_tokens", int, "response length for collection and training; evaluation runs at three times this"),
                ("unfinished", str, "teacher answers that did not end within --max-new-tokens: drop, or keep them without EOS"),

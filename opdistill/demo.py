@@ -52,6 +52,9 @@ class DemoOptions:
     discriminator_layers: int = 6
     # SeqKD-only demo
     seqkd_steps: int = 30
+    # GAD demo: also train SeqKD alone with GAD's generator updates (warm-up cross-entropy + adversarial) on the same
+    # texts and evaluate it beside GAD, so the table compares GAD with SeqKD given the same updates, not with its warm-up
+    matched_seqkd: bool = True
     # white-box OPD demo: the teacher is the student's own weights with the system prompt (no text collected)
     opd_steps: int = 32
     opd_batch_size: int = 8
@@ -146,6 +149,21 @@ DEMO_METHODS: dict[str, DemoMethod] = {
 }
 
 
+MATCHED_ROW = "student after SeqKD (as many updates as GAD)"
+
+
+def gad_generator_updates(opts: DemoOptions) -> int:
+    """GAD's generator updates: its warm-up steps that train the generator (cross-entropy), then every adversarial step."""
+    return opts.warmup_steps - opts.d_only_steps + opts.gad_steps
+
+
+def matched_seqkd_config(opts: DemoOptions, teacher_file: Path, out: Path) -> dict[str, Any]:
+    """SeqKD alone on GAD's texts, prompts per step and learning rate, with GAD's number of generator updates."""
+    common = {**common_config(opts, teacher_file, out), "method": "seqkd", "out_dir": str(out / "seqkd-matched")}
+    return {**seqkd_config(opts, common), "max_steps": gad_generator_updates(opts), "warmup_ratio": 0.0,
+            "checkpoint_every": gad_generator_updates(opts)}
+
+
 def train_config(opts: DemoOptions, teacher_file: Path, out: Path) -> dict[str, Any]:
     """The training run's config; every value can be checked in DIR/<method>/config.yaml afterwards."""
     return DEMO_METHODS[opts.method].config(opts, common_config(opts, teacher_file, out))
@@ -179,6 +197,10 @@ def run_demo(opts: DemoOptions) -> dict:
     except NothingToTrainOn as err:  # its fix names config keys; the demo's user sets flags
         raise NothingToTrainOn(err.message, f"raise --max-new-tokens (now {opts.max_new_tokens}), keep cut answers with --unfinished "
                                             "keep, or ask for shorter answers in --system") from None
+    matched = opts.method == "gad" and opts.matched_seqkd
+    if matched:
+        _say(f"2/3 SeqKD alone with GAD's {gad_generator_updates(opts)} generator updates on the same texts (the matched row)")
+        train(build_config(matched_seqkd_config(opts, teacher_file, out), where="demo"))
     stages["train"] = round(time.monotonic() - started - sum(stages.values()), 1)
     run_dir = out / opts.method
     student_dir = out / "student"
@@ -191,6 +213,9 @@ def run_demo(opts: DemoOptions) -> dict:
     _say(f"3/3 evaluating on {opts.heldout_prompts} held-out prompts (greedy, {eval_tokens} new tokens, "
          f"{EVAL_LENGTH_FACTOR}x the training limit)")
     rows = {TEACHER_ROW: opts.model, BASE_ROW: opts.model, **{name: str(path) for name, path in trained_rows(opts, run_dir).items()}}
+    if matched:  # beside GAD's final row, just before it
+        final = list(rows)[-1]
+        rows = {**{k: v for k, v in rows.items() if k != final}, MATCHED_ROW: str(out / "seqkd-matched" / "student"), final: rows[final]}
     evaluation = run_eval(EvalOptions(
         models=[f"{name}={path}" for name, path in rows.items()], systems=[f"{TEACHER_ROW}={opts.system}"],
         prompts=[f"heldout=builtin:heldout[:{opts.heldout_prompts}]"], out=str(out), teacher=TEACHER_ROW, checks=["french"],

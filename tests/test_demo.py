@@ -8,7 +8,7 @@ import re
 import pytest
 
 from opdistill.config import build_config
-from opdistill.demo import BASE_ROW, DEMO_METHODS, TEACHER_ROW, DemoOptions, run_demo, train_config
+from opdistill.demo import BASE_ROW, DEMO_METHODS, MATCHED_ROW, TEACHER_ROW, DemoOptions, run_demo, train_config
 from opdistill.registry import METHODS
 from opdistill.report import RunData, render_report
 
@@ -28,7 +28,7 @@ def test_gad_demo_on_a_tiny_model_writes_metrics_generations_report_and_student(
                        unfinished="keep", batch_size=2, warmup_steps=3, d_only_steps=1, gad_steps=2, n_samples=2, discriminator_layers=1)
     metrics = run_demo(opts)
     out = tmp_path / "demo"
-    rows = [TEACHER_ROW, BASE_ROW, "student after warm-up (SeqKD only)", "student after GAD"]
+    rows = [TEACHER_ROW, BASE_ROW, "student after warm-up (SeqKD only)", MATCHED_ROW, "student after GAD"]
     models = metrics["sets"]["heldout"]["models"]
     assert list(models) == rows and metrics["teacher"] == TEACHER_ROW and metrics["models"][TEACHER_ROW]["system"] == opts.system
     assert json.loads((out / "metrics.json").read_text())["sets"]["heldout"]["models"].keys() == set(rows)
@@ -40,6 +40,10 @@ def test_gad_demo_on_a_tiny_model_writes_metrics_generations_report_and_student(
     assert (out / "student" / "config.json").is_file() and (out / "student" / "model.safetensors").is_file()
     history = [json.loads(line) for line in (out / "gad" / "metrics.jsonl").read_text().splitlines()]
     assert [h["stage"] for h in history] == [0.0, 0.0, 0.0, 1.0, 1.0]
+    # The matched SeqKD row: GAD's generator updates (2 warm-up cross-entropy steps + 2 adversarial) on the same texts.
+    matched = [json.loads(line) for line in (out / "seqkd-matched" / "metrics.jsonl").read_text().splitlines() if '"step_seconds"' in line]
+    assert len(matched) == sum("g_ce_loss" in h for h in history) + 2 == 4
+    assert metrics["stage_seconds"].keys() == {"collect", "train", "evaluate"}
     page = (out / "report.html").read_text()
     assert page.count("data:image/png;base64,") == 2  # the headline bar chart and the training curves
     for row in rows:

