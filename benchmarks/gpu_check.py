@@ -193,7 +193,8 @@ class Check:
 
     def timed_row(self, kind: str, shape_name: str) -> Section:
         name = f"{kind}/{shape_name}"
-        targets = {"opd": self.sections.child_opd, "trl": self.sections.child_trl, "gad": self.sections.child_gad}
+        targets = {"opd": self.sections.child_opd, "trl": self.sections.child_trl, "gad": self.sections.child_gad,
+                   "vllm": self.sections.child_vllm}
 
         def section(timeout_s: float) -> dict[str, Result]:
             if kind == "trl" and importlib.util.find_spec("trl") is None:
@@ -257,8 +258,8 @@ class Check:
         first, *others = self.shapes
         # The small shape's rows, then FSDP, then the larger shape: if the budget runs out, the cheapest complete
         # picture (every kind of check once) is already on disk.
-        for shape in [first]:
-            steps += [([f"{kind}/{shape.name}"], self.timed_row(kind, shape.name)) for kind in ("opd", "trl", "gad")]
+        for shape in [first]:  # vllm: the colocated engine's sync and an OPD step with its rollouts (where vllm is installed)
+            steps += [([f"{kind}/{shape.name}"], self.timed_row(kind, shape.name)) for kind in ("opd", "trl", "gad", "vllm")]
         steps.append(([f"fsdp/{method}" for method in FSDP_METHODS], self.fsdp))
         for shape in others:
             steps += [([f"{kind}/{shape.name}"], self.timed_row(kind, shape.name)) for kind in ("opd", "trl", "gad")]

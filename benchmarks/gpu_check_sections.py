@@ -15,6 +15,7 @@ so that the settings compared with TRL live in one place.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import multiprocessing
 import os
@@ -62,7 +63,8 @@ class Shape:
 # The real shapes (SmolLM2-135M and Qwen2.5-0.5B configs) and, for --dry-run, tiny ones under the same names so
 # that a dry run writes exactly the sections (keys) a GPU run writes.
 SHAPES = (Shape("smollm2-135m", "llama", 576, 30, 9, 3, 1536, 49152), Shape("qwen2.5-0.5b", "qwen2", 896, 24, 14, 2, 4864, 151936))
-TINY_SHAPES = (Shape("smollm2-135m", "llama", 64, 2, 4, 2, 128, 640), Shape("qwen2.5-0.5b", "qwen2", 64, 2, 4, 2, 128, 640))
+# Head dimension 32 in the tiny SmolLM2 shape: the smallest vLLM's CPU attention has a kernel for (the vllm section).
+TINY_SHAPES = (Shape("smollm2-135m", "llama", 128, 2, 4, 2, 256, 640), Shape("qwen2.5-0.5b", "qwen2", 64, 2, 4, 2, 128, 640))
 
 
 @dataclass(frozen=True)
@@ -411,6 +413,63 @@ def child_gad(params: dict) -> Result:
     adversarial = [r for r in rows if r.get("stage") == 1 and "step_seconds" in r]
     return _timed_row([r["step_seconds"] for r in adversarial[1:]], peak_memory_mb(), sequences_per_step=sequences,
                       response_length=statistics.mean(r["response_length"] for r in adversarial) if adversarial else None)
+
+
+def vllm_agreement(sampler: Any, model: Any, tokenizer: Any, prompts: list[list[int]], new_tokens: int) -> dict[str, float]:
+    """vLLM's log-probs of its own samples against `model`'s forward on the same tokens (temperature 1): mean, max."""
+    import torch
+
+    from opdistill.data import Example, collate
+    from opdistill.logprobs import token_logprobs
+    from opdistill.rollout import SamplingParams
+
+    samples = sampler.sample(prompts, SamplingParams(1.0, 1.0, new_tokens), n=2, seeds=list(range(len(prompts))))
+    batch = collate([Example(prompts[x.prompt_index], x.response_ids) for x in samples], tokenizer.pad_token_id)
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        mine = token_logprobs(model.eval(), {k: v.to(device) for k, v in batch.items()}).float().cpu()
+    gaps = torch.cat([(mine[r, len(prompts[x.prompt_index]) - 1:][:len(x.response_ids)] - torch.tensor(x.logprobs)).abs()
+                      for r, x in enumerate(samples)])
+    return {"mean": round(gaps.mean().item(), 7), "max": round(gaps.max().item(), 7), "tokens": len(gaps)}
+
+
+def child_vllm(params: dict) -> Result:
+    """rollout_engine: vllm, colocated: the sync (one AdamW step, then vLLM's log-probs of its own samples must equal the
+    trained model's forward, fp32: mean |d log p| under 1e-3), then an OPD step timed as the opd row is, with vLLM rollouts."""
+    if importlib.util.find_spec("vllm") is None:
+        return {"status": "not installed", "note": "vllm: not installed"}
+    import torch
+    from opd_vs_trl import prompt_texts, run_opdistill
+
+    from opdistill.data import render_prompt
+    from opdistill.models import default_device, load_model, load_tokenizer
+    from opdistill.rollout import make_sampler
+
+    s, model_dir = Settings(**params["settings"]), params["model_dir"]
+    tokenizer, model = load_tokenizer(model_dir), load_model(model_dir).to(default_device())
+    prompts = [render_prompt(tokenizer, [{"role": "user", "content": text}]) for text in prompt_texts(4)]
+    sampler = make_sampler("vllm", model, tokenizer, precision="fp32", model_path=model_dir, kv_cache_gib=0.25, max_model_len=512)
+    try:
+        before = vllm_agreement(sampler, model, tokenizer, prompts, s.new_tokens)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        ids = torch.tensor([prompts[0] * 4], device=next(model.parameters()).device)
+        model.train()
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        stale = vllm_agreement(sampler, model, tokenizer, prompts, s.new_tokens)
+        sampler.sync(model)
+        synced = vllm_agreement(sampler, model, tokenizer, prompts, s.new_tokens)
+    finally:
+        sampler.close()
+    del model, optimizer
+    args = opd_vs_trl_args(s)
+    args.engine = "vllm"
+    with tempfile.TemporaryDirectory(dir=params["work"]) as work:
+        result = run_opdistill(args, model_dir, Path(work))
+    ok = synced["mean"] < 1e-3 and stale["mean"] > synced["mean"]
+    return {**_timed_row(result["step_seconds"], result["peak_mb"], completion_tokens=result["completion_tokens"]),
+            "agreement_before_step": before, "agreement_after_step_unsynced": stale, "agreement_after_sync": synced,
+            "status": "ok" if ok else "error", **({} if ok else {"error": "vLLM does not sample the trained weights after a sync"})}
 
 
 # ---------------------------------------------------------------- FSDP (under accelerate launch)

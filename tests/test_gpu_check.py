@@ -19,7 +19,7 @@ from opdistill.objectives.divergences import KINDS
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_check.py"
 # Named here, not read from the script: a section dropped from the script fails this test.
-SECTIONS = ["build_models", "cuda_checks", "opd/smollm2-135m", "trl/smollm2-135m", "gad/smollm2-135m", "fsdp/seqkd", "fsdp/opd",
+SECTIONS = ["build_models", "cuda_checks", "opd/smollm2-135m", "trl/smollm2-135m", "gad/smollm2-135m", "vllm/smollm2-135m", "fsdp/seqkd", "fsdp/opd",
             "opd/qwen2.5-0.5b", "trl/qwen2.5-0.5b", "gad/qwen2.5-0.5b"]
 TIMED = [name for name in SECTIONS if name.split("/")[0] in ("opd", "trl", "gad")]
 # What divergence_check compares: every kind, plus the chunked paths of two of them.
@@ -37,8 +37,14 @@ def test_dry_run_runs_every_section_ok(tmp_path):
     done, report = run_script(tmp_path, "--dry-run")
     sections = report["sections"]
     problems = {name: result for name, result in sections.items() if result["status"] != "ok"
-                and not (name.startswith("trl/") and result["status"] == "not installed")}
+                and not (name.startswith(("trl/", "vllm/")) and result["status"] == "not installed")}
     assert not problems, json.dumps(problems, indent=1)[-4000:]
+    vllm = sections["vllm/smollm2-135m"]
+    if importlib.util.find_spec("vllm") is None:
+        assert vllm["note"] == "vllm: not installed"
+    else:  # the sync is checked (the stale engine disagrees, the synced one agrees) and the OPD row is timed
+        assert vllm["agreement_after_sync"]["mean"] < 1e-3 < vllm["agreement_after_step_unsynced"]["mean"], vllm
+        assert vllm["step_s_median"] > 0, vllm
     assert list(sections) == SECTIONS
     assert done.returncode == 0, done.stderr[-3000:]
     assert report["dry_run"] is True and report["machine"]["torch"] and report["machine"]["transformers"]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -128,6 +129,8 @@ def test_seeded_samples_repeat_and_do_not_depend_on_their_batch_or_engine(vllm_m
         fresh = restarted.sample(prompts, params, n=3, seeds=[5, 6, 7, 8])
     finally:
         restarted.close()
+    # A closed engine takes back the launcher variables it posed: a later Accelerator in this process is not a rank.
+    assert not {"RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"} & set(os.environ)
     ids = [s.response_ids for s in first]
     assert ids == [s.response_ids for s in again] == [s.response_ids for s in alone] == [s.response_ids for s in fresh]
     assert [s.logprobs for s in first] == [s.logprobs for s in again] == [s.logprobs for s in fresh]
@@ -186,6 +189,23 @@ def test_the_cpu_default_kv_cache_is_1_gib_or_one_sequence(tiny_model, monkeypat
     assert memory_plan(model, "cpu", torch.float32, 0.0, 2**23).kv_cache_bytes == 2 * GIB  # 8M tokens x 256 B: rounded up
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "3")
     assert memory_plan(model, "cpu", torch.float32, 0.0, 2048).kv_cache_bytes == 3 * GIB
+
+
+@needs_vllm
+def test_training_after_a_vllm_run_in_the_same_process_is_not_distributed(vllm_model, selfinstruct, tmp_path):
+    """The demo's order: a run with vLLM rollouts, then SeqKD in the same process. The engine's torchrun variables
+    must be gone, or the second run's Accelerator wraps the model in DDP without a process group."""
+    from opdistill.config import load_config
+    from opdistill.methods import train
+
+    from test_engine import seqkd_overrides
+    from test_opd import opd_overrides
+
+    teacher = build_tiny_model(tmp_path / "teacher", hidden=256, seed=7)
+    train(load_config(None, opd_overrides(vllm_model, selfinstruct, tmp_path / "opd", teacher=teacher, rollout_engine="vllm",
+                                          vllm_kv_cache_gib=0.01, max_steps=1)))
+    train(load_config(None, seqkd_overrides(vllm_model, selfinstruct, tmp_path / "seqkd", max_steps=1, checkpoint_every=0)))
+    assert (tmp_path / "seqkd" / "student" / "model.safetensors").is_file()
 
 
 @needs_vllm

@@ -182,7 +182,17 @@ class WeightLoader:
             # in place, so captured CUDA graphs stay valid (unquantized layers need no post-load processing).
             self.model_runner.model.load_weights(weights=weights)
             return
-        self.reload_weights(weights_iterator=iter(weights))
+        # reload warns "Failed to load weights" for each layer that loads none of its own (the rotary embedding, a tied
+        # lm_head, packed again below) at every sync; those are expected here, so that one logger is quiet meanwhile.
+        import logging
+
+        quiet = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
+        level = quiet.level
+        quiet.setLevel(logging.ERROR)
+        try:
+            self.reload_weights(weights_iterator=iter(weights))
+        finally:
+            quiet.setLevel(level)
         # Layers with a packed GEMM that kept their weight (vocabulary layers: remove_weight=False) are packed
         # again from it: the embedding, which reload packed already, and a tied lm_head, which it did not.
         for module in self.model_runner.model.modules():
@@ -192,17 +202,26 @@ class WeightLoader:
                 method.process_weights_after_loading(module)
 
 
-def _launcher_env(device: str) -> None:
+def _launcher_env(device: str) -> list[str]:
     """external_launcher (examples/offline_inference/torchrun_example.py) reads torchrun's RANK, LOCAL_RANK,
-    MASTER_ADDR, MASTER_PORT (vllm/v1/executor/uniproc_executor.py, ExecutorWithExternalLauncher)."""
+    MASTER_ADDR, MASTER_PORT (vllm/v1/executor/uniproc_executor.py, ExecutorWithExternalLauncher). Returns the names it
+    set, which the sampler removes again on close: left behind, they make the next Accelerator in this process (the
+    demo trains SeqKD after GAD) think it is one rank of a launch and wrap the model in DDP without a process group."""
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # engine in process: weights pass by reference
     if "RANK" in os.environ:  # accelerate launch / torchrun set them all
-        return
+        return []
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     local_rank = str(torch.cuda.current_device()) if device == "cuda" else "0"
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK=local_rank, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    posed = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": local_rank, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    os.environ.update(posed)
+    return list(posed)
+
+
+def _drop_env(names: list[str]) -> None:
+    for name in names:
+        os.environ.pop(name, None)
 
 
 @contextlib.contextmanager
@@ -271,7 +290,7 @@ class VLLMSampler(Sampler):
             memory["kv_cache_memory_bytes"] = plan.kv_cache_bytes
         elif self.device == "cpu" or kv_cache_gib > 0:
             memory["kv_cache_memory_bytes"] = int((kv_cache_gib or float(os.environ.get("VLLM_CPU_KVCACHE_SPACE") or CPU_KV_CACHE_GIB)) * GIB)
-        _launcher_env(self.device)
+        self.posed_env = _launcher_env(self.device)
         self.tokenizer = tokenizer
         self.eos = eos_token_ids(tokenizer, None)  # sync adds the model's generation_config EOS ids
         # torch.compile on a CPU: ~100 s at start on 2 cores for 135M (eager: 8-11 s), no clearly faster decode (docs/scaleout.md).
@@ -292,6 +311,7 @@ class VLLMSampler(Sampler):
         except Exception:
             if self.owns_distributed:
                 _cleanup_distributed()
+            _drop_env(self.posed_env)
             raise
 
     @torch.no_grad()
@@ -314,6 +334,7 @@ class VLLMSampler(Sampler):
         gc.collect()
         if self.owns_distributed:  # under accelerate/torchrun the default group is the trainer's: left as it is
             _cleanup_distributed()
+        _drop_env(self.posed_env)
         torch.cuda.empty_cache()
 
     def token_logprobs(self, rows: list[Any]) -> torch.Tensor:
