@@ -17,8 +17,8 @@ of teacher texts (temperature 0.7, 48 tokens, unfinished answers dropped, as the
 The seed sets data order, sampling and initialisation of the discriminator; the teacher texts are the same for all.
 
 **Evaluation** (greedy, `--eval-tokens` new tokens): in distribution, the built-in prompts the students never trained
-on (train[96:] and heldout: 244 everyday requests); out of distribution, 50 each of GSM8K test questions, MATH-500
-problems, HumanEval functions to complete and Vicuna-80 questions (200; from ../shared/data). Scored by programs:
+on (the first 200 of train[96:] and heldout: everyday requests); out of distribution, 40 GSM8K test questions, 35
+MATH-500 problems, 40 HumanEval functions to complete and 35 Vicuna-80 questions (150; from ../shared/data). Scored by programs:
 French share (the task), brevity (share of answers of at most 25 words: the "one short sentence" asked for), EOS rate
 (the answer ended), 4-gram repetition, mean words, and the teacher's log-prob of each answer. Per seed and pooled
 over seeds, with Wilson intervals, McNemar's exact test per prompt (paired) for French and brevity, and the spread of
@@ -47,7 +47,8 @@ MODEL = "smollm2-135m-instruct"
 DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
 TRAIN_PROMPTS = 96
 BRIEF_WORDS = 25  # "in one short sentence": at most this many words
-OOD_PER_KIND = 50
+INDIST_PROMPTS = 200
+OOD_PER_KIND = {"gsm8k": 40, "math500": 35, "humaneval": 40, "vicuna": 35}  # 150 in all
 TEACHER_ROW, BASE_ROW = "teacher", "base"
 METHODS = ("seqkd", "gad", "opd")
 PAIRS = (("gad", "seqkd"), ("opd", "seqkd"), ("opd", "gad"))
@@ -113,7 +114,7 @@ def train_work(config: dict[str, Any]) -> Callable[[Path], dict[str, Any]]:
 
 
 def ood_prompts(data_dir: Path) -> list[dict[str, Any]]:
-    """50 each of math word problems, competition math, code to complete and open questions: kinds of request the
+    """Math word problems, competition math, code to complete and open questions (OOD_PER_KIND): kinds of request the
     students never trained on."""
     def lines(name: str) -> list[dict[str, Any]]:
         path = data_dir / name
@@ -123,17 +124,19 @@ def ood_prompts(data_dir: Path) -> list[dict[str, Any]]:
         with opener(path, "rt", encoding="utf-8") as handle:
             return [json.loads(line) for line in handle if line.strip()]
 
-    rows = [{"prompt": r["question"], "kind": "gsm8k"} for r in lines("gsm8k_test.jsonl")[:OOD_PER_KIND]]
-    rows += [{"prompt": r["problem"], "kind": "math500"} for r in lines("math500_test.jsonl")[:OOD_PER_KIND]]
-    rows += [{"prompt": "Complete this Python function.\n\n" + r["prompt"], "kind": "humaneval"} for r in lines("HumanEval.jsonl.gz")[:OOD_PER_KIND]]
-    rows += [{"prompt": r["text"], "kind": "vicuna"} for r in lines("vicuna80_questions.jsonl")[:OOD_PER_KIND]]
+    n = OOD_PER_KIND
+    rows = [{"prompt": r["question"], "kind": "gsm8k"} for r in lines("gsm8k_test.jsonl")[:n["gsm8k"]]]
+    rows += [{"prompt": r["problem"], "kind": "math500"} for r in lines("math500_test.jsonl")[:n["math500"]]]
+    rows += [{"prompt": "Complete this Python function.\n\n" + r["prompt"], "kind": "humaneval"} for r in lines("HumanEval.jsonl.gz")[:n["humaneval"]]]
+    rows += [{"prompt": r["text"], "kind": "vicuna"} for r in lines("vicuna80_questions.jsonl")[:n["vicuna"]]]
     return rows
 
 
 def write_prompt_sets(directory: Path, data_dir: Path) -> dict[str, Path]:
     from opdistill.data import load_records
 
-    indist = [{"prompt": r.messages[-1]["content"]} for r in load_records(f"builtin:train[{TRAIN_PROMPTS}:]") + load_records("builtin:heldout")]
+    unseen = load_records(f"builtin:train[{TRAIN_PROMPTS}:]") + load_records("builtin:heldout")
+    indist = [{"prompt": r.messages[-1]["content"]} for r in unseen[:INDIST_PROMPTS]]
     sets = {"indist": indist, "ood": ood_prompts(data_dir)}
     paths = {name: directory / f"{name}.jsonl" for name in sets}
     for name, rows in sets.items():

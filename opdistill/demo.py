@@ -93,12 +93,9 @@ def rollout_engine(opts: DemoOptions) -> str:
     thousand tokens, so auto does not weigh the job's size here."""
     if opts.engine != "auto":
         return opts.engine
-    from transformers import AutoConfig
+    from .rollout.engines import model_config, vllm_unusable
 
-    from .models import resolve_model
-    from .rollout.engines import vllm_unusable
-
-    return "hf" if vllm_unusable(AutoConfig.from_pretrained(resolve_model(opts.model))) else "vllm"
+    return "hf" if vllm_unusable(model_config(opts.model)) else "vllm"
 
 
 def gad_config(opts: DemoOptions, common: dict[str, Any]) -> dict[str, Any]:

@@ -70,22 +70,22 @@ def teacher_logprobs(opts: EvalOptions, teacher: ModelSpec, sets: list[EvalSet],
 
 def score_with_teacher(opts: EvalOptions, teacher: ModelSpec, todo: dict[str, tuple[list[dict[str, str]], str, bool]],
                        store: JsonlLog) -> dict[str, tuple[float, int]]:
-    """Loads the teacher and scores `todo` (key -> conversation, response, finished), committing each batch. --engine
-    vllm scores through a vLLM engine's prompt log-probs; auto and hf through the local model (a prefill only, where
-    vLLM measured no faster here: docs/scaleout.md)."""
+    """Loads the teacher and scores `todo` (key -> conversation, response, finished), committing each batch: through a
+    vLLM engine's prompt log-probs or the local model's forward, picked as generation's engine is (rollout.choose_engine:
+    the demo's 183 answers took 46 s through vLLM against 81 s through the hf forward, fp32, docs/demo.md)."""
     from ..models import compute_dtype, default_device, load_model, load_tokenizer
+    from ..rollout.engines import choose_engine, generation_sampler, model_config
     from ..teachers.logprob import LocalTeacher
     from .scoring import response_logprob_sums
 
     tokenizer = load_tokenizer(teacher.path)
-    if opts.engine == "vllm":
-        from ..rollout import generation_sampler
-
+    engine, why = choose_engine(opts.engine, model_config(teacher.path), len(todo) * opts.max_new_tokens)
+    if engine == "vllm":
         scorer: Any = generation_sampler(teacher.path, tokenizer, engine="vllm", precision=opts.precision, seed=opts.seed)
     else:
         model = load_model(teacher.path, dtype=compute_dtype(opts.precision)).to(default_device()).eval()
         scorer = LocalTeacher(model, tokenizer.pad_token_id, micro_batch_size=opts.batch_size)
-    say(f"scoring {len(todo)} response(s) with the teacher {teacher.label!r} ({teacher.path}; {'vllm' if opts.engine == 'vllm' else 'hf'})")
+    say(f"scoring {len(todo)} response(s) with the teacher {teacher.label!r} ({teacher.path}) on the {engine} engine ({why})")
     try:
         return score_in_batches(opts, todo, store, lambda chunk: response_logprob_sums(
             scorer, tokenizer, [todo[k][0] for k in chunk], [todo[k][1] for k in chunk], [todo[k][2] for k in chunk]), "teacher log-prob")

@@ -98,6 +98,13 @@ def generation_sampler(name: str, tokenizer: Any, *, engine: str = "auto", preci
     return sampler
 
 
+def model_config(name: str) -> Any:
+    """The transformers config of the model `name` (an adapter folder's base), read without loading weights."""
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(vllm_source(name))
+
+
 def vllm_source(name: str) -> str:
     """The plain checkpoint vLLM loads for `name`: an adapter folder's base model (the adapter arrives by sync)."""
     import json
