@@ -183,16 +183,9 @@ class WeightLoader:
             self.model_runner.model.load_weights(weights=weights)
             return
         # reload warns "Failed to load weights" for each layer that loads none of its own (the rotary embedding, a tied
-        # lm_head, packed again below) at every sync; those are expected here, so that one logger is quiet meanwhile.
-        import logging
-
-        quiet = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
-        level = quiet.level
-        quiet.setLevel(logging.ERROR)
-        try:
+        # lm_head, packed again below) at every sync; those are expected here.
+        with _quiet("vllm.model_executor.model_loader.reload.layerwise"):
             self.reload_weights(weights_iterator=iter(weights))
-        finally:
-            quiet.setLevel(level)
         # Layers with a packed GEMM that kept their weight (vocabulary layers: remove_weight=False) are packed
         # again from it: the embedding, which reload packed already, and a tied lm_head, which it did not.
         for module in self.model_runner.model.modules():
@@ -250,6 +243,20 @@ def _process_state_kept() -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def _quiet(logger_name: str) -> Iterator[None]:
+    """One vLLM logger at ERROR meanwhile: warnings that are expected here, repeated on every start or sync."""
+    import logging
+
+    logger = logging.getLogger(logger_name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+@contextlib.contextmanager
 def _without_env(name: str, drop: bool) -> Iterator[None]:
     """Hide an environment variable while the engine starts (VLLM_CPU_KVCACHE_SPACE would override our KV size)."""
     value = os.environ.pop(name, None) if drop else None
@@ -303,7 +310,9 @@ class VLLMSampler(Sampler):
         # with top_p < 1 it is renormalised over the nucleus (hf reports it before truncation), higher by
         # -log(nucleus mass). Greedy (temperature 0) reports temperature-1 values, as hf does.
         try:
-            with _process_state_kept(), _without_env("VLLM_CPU_KVCACHE_SPACE", "kv_cache_memory_bytes" in memory):
+            # The CPU worker replaces torch.set_num_threads by a stub that warns at each of vLLM's own calls during start.
+            with _process_state_kept(), _without_env("VLLM_CPU_KVCACHE_SPACE", "kv_cache_memory_bytes" in memory), \
+                    _quiet("vllm.v1.worker.cpu_worker"):
                 self.llm = LLM(model=resolve_model(model_path), dtype=dtype, seed=seed, max_model_len=max_model_len,
                                enforce_eager=eager, tensor_parallel_size=1, max_num_seqs=max_num_seqs,
                                distributed_executor_backend="external_launcher", worker_extension_cls=EXTENSION,
