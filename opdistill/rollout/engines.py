@@ -107,12 +107,7 @@ def model_config(name: str) -> Any:
 
 def vllm_source(name: str) -> str:
     """The plain checkpoint vLLM loads for `name`: an adapter folder's base model (the adapter arrives by sync)."""
-    import json
-    from pathlib import Path
+    from ..models import adapter_base, resolve_model
 
-    from ..models import resolve_model
-
-    adapter = Path(name) / "adapter_config.json"
-    if adapter.is_file() and not (Path(name) / "config.json").is_file():
-        return vllm_source(json.loads(adapter.read_text())["base_model_name_or_path"])
-    return resolve_model(name)
+    base = adapter_base(name)
+    return resolve_model(name) if base is None else vllm_source(base)
