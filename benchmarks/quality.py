@@ -60,7 +60,11 @@ Every attempt's wall time goes to --out/timings.jsonl; results.json sums them pe
 mean nothing. full: a 2-core CPU with native bf16 (AVX512-BF16/AMX) and the machine to itself,
 70 adversarial GAD updates: about 2 h 15 min for the black-box family and 1 h 15 min for the white-box one (estimated;
 `--only` runs one family per invocation, in the same --out). compact: a 2-core AVX2-only CPU, where `auto` precision is fp32 (bf16 is emulated) and the
-1.5B runs about 4x slower: few updates and items, for the plumbing and the stopping, not a verdict. gpu: one command
+1.5B runs about 4x slower: few updates and items, for the plumbing and the stopping, not a verdict. cpu: the black-box
+verdict on such a CPU (`--size cpu --only blackbox`, about 2 h): 40 generator updates per student, the students on all
+541 IFEval prompts and all 80 Vicuna questions; the 1.5B's passes limit the rest: the teacher row and its log-probs on
+the first 48 IFEval items (a part of its own, `ifeval-teacher`), and the judge reads GAD and cross-tokenizer OPD
+against SeqKD in both orders (no teacher row on Vicuna). gpu: one command
 on a GPU with every black-box prompt there is (524), 2,000 GSM8K questions, 260 adversarial updates and the whole
 suites. auto (the default): full on a GPU or a CPU with native bf16, compact otherwise. Every result records the
 machine it ran on and the size. `--plan` prints the stages and checks every training config, loading nothing.

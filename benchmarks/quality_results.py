@@ -30,6 +30,30 @@ def row_result(set_result: dict[str, Any], label: str) -> dict[str, Any]:
             "mean_tokens": values.get("mean_tokens"), "eos_rate": values.get("eos_rate"), "repetition_4": values.get("repetition_4")}
 
 
+def sameness(x: list[str], y: list[str]) -> dict[str, int]:
+    """How many of x's answers are identical to y's for the same prompt, or a prefix of it (or it of x): two students
+    that learned the same thing, or one that stops where the other goes on."""
+    identical = sum(a == b for a, b in zip(x, y))
+    prefix = sum(a != b and (a.startswith(b) or b.startswith(a)) for a, b in zip(x, y))
+    return {"identical": identical, "prefix": prefix}
+
+
+def answer_sameness(generations: str, set_name: str, labels: list[str]) -> list[dict[str, Any]]:
+    """Every pair of rows on one set: identical answers and prefixes (sameness), over the items both answered."""
+    by_row: dict[str, dict[int, str]] = {label: {} for label in labels}
+    for line in Path(generations).read_text(encoding="utf-8").splitlines() if Path(generations).is_file() else []:
+        row = json.loads(line) if line.strip() else {}
+        if row.get("set") == set_name and row.get("model") in by_row:
+            by_row[row["model"]][row["index"]] = row["response"]
+    pairs = []
+    for i, x in enumerate(labels):
+        for y in labels[i + 1:]:
+            items = sorted(set(by_row[x]) & set(by_row[y]))
+            pairs.append({"x": x, "y": y, "items": len(items),
+                          **sameness([by_row[x][k] for k in items], [by_row[y][k] for k in items])})
+    return pairs
+
+
 def interval(value: Any, bounds: list[Any]) -> str:
     return f"{number(value)} [{number(bounds[0])}, {number(bounds[1])}]" if isinstance(value, (int, float)) else "–"
 
@@ -52,8 +76,8 @@ def suite_table(table: dict[str, Any]) -> list[str]:
     for label, r in table["rows"].items():
         cells = f" {number(r['prompt_loose'])} | {number(r['instruction_strict'])} |" if ifeval else ""
         lines.append(f"| {label} | {interval(r['accuracy'], r['accuracy_ci'])} |{cells} {shared_cells(r)}")
-    labels = list(table["rows"])
-    base, trained = labels[1], labels[2:]  # eval_rows' order: teacher, base, trained rows (SeqKD first)
+    labels = [label for label in table["rows"] if label != "teacher"]
+    base, trained = labels[0], labels[1:]  # eval_rows' order: teacher (where the part has it), base, trained rows (SeqKD first)
     wanted = {(x, base) for x in trained} | {(x, trained[0]) for x in trained[1:]}
     tests = [p if (p["x"], p["y"]) in wanted else swapped(p) for p in table["paired"]
              if (p["x"], p["y"]) in wanted or (p["y"], p["x"]) in wanted]
@@ -71,7 +95,11 @@ def swapped(p: dict[str, Any]) -> dict[str, Any]:
 
 
 def judged_table(table: dict[str, Any]) -> list[str]:
-    """A judged set: the win rate against the teacher (both orders averaged) and its length-controlled form."""
+    """A judged set: the win rate against the teacher (both orders averaged) and its length-controlled form; without
+    a teacher row, the judged pairs of students, then every row's own columns."""
+    if "teacher" not in table["rows"]:
+        return pair_table(table["pairwise"]) + ["", f"| model | {SHARED_COLUMNS}", "|---|---:|---:|---:|---:|"] + \
+            [f"| {label} | {shared_cells(r)}" for label, r in table["rows"].items()]
     lines = [f"| model | win rate vs teacher [95% CI] | length-controlled [95% CI] | order consistency | F1-1 | ROUGE-L | {SHARED_COLUMNS}",
              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for label, r in table["rows"].items():
@@ -80,6 +108,47 @@ def judged_table(table: dict[str, Any]) -> list[str]:
         lc = interval(r["lc_win_rate"], r["lc_ci"]) if judged else "(reference)"
         overlap = f"{number(r['f1_1'])} | {number(r['rouge_l'])}" if judged else "– | –"
         lines.append(f"| {label} | {win} | {lc} | {number(r['order_consistency'])} | {overlap} | {shared_cells(r)}")
+    return lines
+
+
+def pair_table(pairs: list[dict[str, Any]]) -> list[str]:
+    """Pairwise verdicts X vs Y: X's win rate (ties half, both orders averaged) with its interval, raw and
+    length-controlled."""
+    lines = ["| pair (judge, both orders) | items | X win rate [95% CI] | length-controlled [95% CI] | order consistency |",
+             "|---|---:|---|---|---:|"]
+    return lines + [f"| {p['x']} vs {p['y']} | {p.get('n')} | {interval(p.get('win_rate'), [p.get('ci_low'), p.get('ci_high')])} | "
+                    f"{interval(p.get('lc_win_rate'), [p.get('lc_ci_low'), p.get('lc_ci_high')])} | {number(p.get('order_consistency'))} |"
+                    for p in pairs]
+
+
+def sameness_table(table: dict[str, Any]) -> list[str]:
+    """Identical answers and prefixes between rows (issue 38 item 3: did two methods learn the same thing?)."""
+    pairs = [p for p in table.get("sameness", []) if p["items"]]
+    if not pairs:
+        return []
+    return ["| rows | items | identical | one a prefix of the other |", "|---|---:|---:|---:|"] + \
+        [f"| {p['x']} / {p['y']} | {p['items']} | {p['identical']} | {p['prefix']} |" for p in pairs]
+
+
+def gad_signal_lines(training: dict[str, Any]) -> list[str]:
+    """The discriminator over GAD's adversarial steps, in quarters: accuracy, the reward (its score of the student's
+    samples) against its score of the teacher's text, and the students' sample length. A reward that climbs while
+    the length falls is the brevity hack to look for."""
+    lines: list[str] = []
+    for name, t in training.items():
+        steps = t.get("adversarial_steps") or []
+        if not steps:
+            continue
+        quarter = max(len(steps) // 4, 1)
+        lines += [f"**{name}**: {len(steps)} adversarial steps, the discriminator by quarter", "",
+                  "| steps | discriminator accuracy | reward (score of student samples) | score of teacher text | sample tokens |",
+                  "|---|---:|---:|---:|---:|"]
+        for start in range(0, len(steps), quarter):
+            part = steps[start:start + quarter]
+            mean = {k: sum(r.get(k, 0.0) for r in part) / len(part) for k in ("d_acc", "student_score", "teacher_score", "response_length")}
+            lines.append(f"| {start + 1}–{start + len(part)} | {mean['d_acc']:.2f} | {mean['student_score']:.3f} | "
+                         f"{mean['teacher_score']:.3f} | {mean['response_length']:.1f} |")
+        lines.append("")
     return lines
 
 
@@ -106,12 +175,15 @@ def results_markdown(results: dict[str, Any]) -> str:
         for set_name, table in sets.items():
             lines += [f"**{set_name}** ({table['prompts']} items)", ""]
             lines += (suite_table(table) if table["suite"] else judged_table(table)) + [""]
+            if same := sameness_table(table):
+                lines += [f"Answers alike on {set_name}:", "", *same, ""]
     lines += ["## Training (compute matching)", "",
               "| run | generator updates | prompts / update | sequences trained | seconds in steps | seconds / update |",
               "|---|---:|---:|---:|---:|---:|"]
     lines += [f"| {name} | {t['generator_updates']} | {t['prompts_per_update']} | {t['generator_sequences']} | {t['step_seconds']:.0f} "
               f"| {t['seconds_per_update']:.1f} |" for name, t in results["training"].items()]
-    lines += ["", "## Wall time per stage", "", "| stage | seconds |", "|---|---:|"]
+    lines += ["", *gad_signal_lines(results["training"])]
+    lines += ["## Wall time per stage", "", "| stage | seconds |", "|---|---:|"]
     lines += [f"| {name} | {seconds:.0f} |" for name, seconds in results["stage_seconds"].items()]
     lines += [f"| total | {sum(results['stage_seconds'].values()):.0f} |", ""]
     lines += sample_answers(results)

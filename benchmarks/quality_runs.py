@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from quality_results import row_result  # benchmarks/, beside this script
+from quality_results import answer_sameness, row_result  # benchmarks/, beside this script
 from quality_stages import Stages, read_json_lines, say, write_json_lines
 
 TEACHER = "qwen2.5-coder-1.5b-instruct"
@@ -60,6 +60,11 @@ class Size:
     suite_tokens: int  # white-box evaluation limit (a worked solution needs room; above math_tokens)
     calibration: int  # the judge's calibration pairs per kind (7 kinds, both orders: 14 forward passes of the 1.5B each)
     checkpoint_every: int
+    # Where the 1.5B's passes do not fit (fp32 CPUs): the teacher row and its log-prob of every row's answers on the
+    # first `ifeval_teacher` IFEval items only (0: on all of them, in one run), and Vicuna judged on these X:Y pairs of
+    # students without a teacher row (empty: every student against the teacher).
+    ifeval_teacher: int = 0
+    vicuna_pairs: tuple[str, ...] = ()
 
     @property
     def gad_adversarial(self) -> int:
@@ -83,6 +88,15 @@ SIZES = {
     "compact": Size(train_prompts=40, train_tokens=96, blackbox_batch=4, seqkd_steps=15, gad_warmup=4, gad_d_only=1, gad_samples=4,
                     gsm8k_questions=24, math_tokens=320, whitebox_batch=4, whitebox_steps=6, ifeval=24, vicuna=12, gsm8k_test=24,
                     math500=12, humaneval=12, suite_tokens=400, calibration=3, checkpoint_every=4),
+    # The black-box verdict on a 2-core CPU without native bf16 (fp32), in about 2 hours: the students on all 541
+    # IFEval prompts and all 80 Vicuna questions, 40 generator updates each. The 1.5B reads about 50 tokens a second
+    # there (3 GFLOP a token at about 160 GFLOP/s), so the teacher row and its log-probs cover the first 48 IFEval items
+    # and the judge reads only the verdict's pairs, GAD and cross-tokenizer OPD against SeqKD, in both orders.
+    # White-box at this size: 500 GSM8K test questions and 100 MATH-500 problems (its cost on such a CPU: docs/quality.md).
+    "cpu": Size(train_prompts=128, train_tokens=96, blackbox_batch=4, seqkd_steps=40, gad_warmup=4, gad_d_only=1, gad_samples=4,
+                gsm8k_questions=96, math_tokens=320, whitebox_batch=4, whitebox_steps=24, ifeval=0, vicuna=0, gsm8k_test=500,
+                math500=100, humaneval=40, suite_tokens=400, calibration=2, checkpoint_every=5, ifeval_teacher=48,
+                vicuna_pairs=("smollm2-gad:smollm2-seqkd", "smollm2-opd-xtok:smollm2-seqkd")),
     # One command on a GPU: every black-box prompt there is, 2,000 GSM8K questions, the whole suites.
     "gpu": Size(train_prompts=524, train_tokens=256, blackbox_batch=16, seqkd_steps=300, gad_warmup=40, gad_d_only=10, gad_samples=8,
                 gsm8k_questions=2000, math_tokens=512, whitebox_batch=32, whitebox_steps=60, ifeval=0, vicuna=0, gsm8k_test=0,
@@ -252,8 +266,14 @@ def training_counts(values: dict[str, Any], directory: Path) -> dict[str, Any]:
     else:
         updates, sequences = len(steps), len(steps) * batch
     seconds = sum(row["step_seconds"] for row in steps)
-    return {"generator_updates": updates, "prompts_per_update": batch, "generator_sequences": sequences,
-            "step_seconds": round(seconds, 1), "seconds_per_update": round(seconds / max(updates, 1), 2)}
+    counts = {"generator_updates": updates, "prompts_per_update": batch, "generator_sequences": sequences,
+              "step_seconds": round(seconds, 1), "seconds_per_update": round(seconds / max(updates, 1), 2)}
+    if values["method"] == "gad":  # what the discriminator saw at each adversarial step: is the reward being gamed?
+        counts["adversarial_steps"] = [{k: round(row[k], 4) for k in GAD_SIGNALS if k in row} for row in steps if row.get("stage") == 1.0]
+    return counts
+
+
+GAD_SIGNALS = ("d_acc", "teacher_score", "student_score", "response_length")
 
 
 # ---------------------------------------------------------------- evaluation: one run per family
@@ -280,20 +300,41 @@ def eval_options(family: str, size: Size, args: argparse.Namespace, rows: dict[s
         suites = [f"gsm8k{rows_spec(size.gsm8k_test)}", f"math500{rows_spec(size.math500)}", f"humaneval{rows_spec(size.humaneval)}"]
         return [EvalOptions(**common, out=str(directory / "suites"), prompts=[], suites=suites, max_new_tokens=size.suite_tokens)]
     vicuna = f"vicuna={args.data_dir / VICUNA_QUESTIONS}{rows_spec(size.vicuna)}"
-    return [EvalOptions(**common, out=str(directory / "ifeval"), prompts=[], suites=[f"ifeval{rows_spec(size.ifeval)}"],
-                        max_new_tokens=size.eval_tokens),
-            EvalOptions(**common, out=str(directory / "vicuna"), prompts=[vicuna], max_new_tokens=size.eval_tokens,
+    students = {key: value for key, value in common.items() if key not in ("teacher", "systems")}
+    students["models"] = [spec for spec in common["models"] if not spec.startswith("teacher=")]
+    ifeval = f"ifeval{rows_spec(size.ifeval)}"
+    if size.ifeval_teacher:  # the students on every item; the teacher row and its log-probs on the first few
+        ifeval_parts = [EvalOptions(**students, out=str(directory / "ifeval"), prompts=[], suites=[ifeval], max_new_tokens=size.eval_tokens),
+                        EvalOptions(**common, out=str(directory / "ifeval-teacher"), prompts=[],
+                                    suites=[f"ifeval{rows_spec(size.ifeval_teacher)}"], max_new_tokens=size.eval_tokens)]
+    else:
+        ifeval_parts = [EvalOptions(**common, out=str(directory / "ifeval"), prompts=[], suites=[ifeval], max_new_tokens=size.eval_tokens)]
+    judged = {**students, "pairwise": list(size.vicuna_pairs)} if size.vicuna_pairs else \
+        {**common, "pairwise": [f"{label}:teacher" for label in rows if label != "teacher"]}
+    return [*ifeval_parts,
+            EvalOptions(**judged, out=str(directory / "vicuna"), prompts=[vicuna], max_new_tokens=size.eval_tokens,
                         judge_local=TEACHER, judge_logits=True,  # nothing fails to parse; position bias cancels over both orders
                         judge_calibration=size.calibration,
-                        judge_retries=1, judge_max_tokens=16,  # reference-ratio scores: their line comes first, the rest is prose
-                        pairwise=[f"{label}:teacher" for label in rows if label != "teacher"])]
+                        judge_retries=1, judge_max_tokens=16)]  # reference-ratio scores: their line comes first, the rest is prose
+
+
+def seed_generations(source: Path, target: Path) -> None:
+    """Start a part's generation store with an earlier part's answers: they are keyed by set, item, model weights
+    and sampling, so the students' answers to the first IFEval items are reused, not generated twice."""
+    if (source / "generations.jsonl").is_file() and not (target / "generations.jsonl").exists():
+        target.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source / "generations.jsonl", target / "generations.jsonl")
 
 
 def eval_stage(family: str, size: Size, args: argparse.Namespace, rows: dict[str, str]) -> Callable[[Path], dict[str, Any]]:
     def work(directory: Path) -> dict[str, Any]:
         from opdistill.evaluate.run import run_eval
 
-        seconds = [run_eval(options)["seconds"] for options in eval_options(family, size, args, rows, directory)]
+        seconds = []
+        for options in eval_options(family, size, args, rows, directory):
+            if Path(options.out).name == "ifeval-teacher":
+                seed_generations(directory / "ifeval", Path(options.out))
+            seconds.append(run_eval(options)["seconds"])
         return {"rows": list(rows), "eval_seconds": sum(seconds)}
 
     return work
@@ -301,10 +342,13 @@ def eval_stage(family: str, size: Size, args: argparse.Namespace, rows: dict[str
 
 def read_metrics(directory: Path) -> dict[str, Any]:
     """A family's evaluation: the sets of its parts' metrics.json together, and the judge of the part that has one."""
-    merged: dict[str, Any] = {"sets": {}, "judge": None, "generations": []}
+    merged: dict[str, Any] = {"sets": {}, "judge": None, "generations": [], "set_answers": {}}
     for path in sorted(directory.glob("*/metrics.json")):
         metrics = json.loads(path.read_text(encoding="utf-8"))
-        merged["sets"].update(metrics["sets"])
+        for name, result in metrics["sets"].items():  # a set evaluated twice (IFEval's teacher part) is named by its part
+            key = name if name not in merged["sets"] else path.parent.name
+            merged["sets"][key] = result
+            merged["set_answers"][key] = (str(path.parent / "generations.jsonl"), name)  # where its answers are, under which name
         merged["judge"] = merged["judge"] or metrics.get("judge")
         merged["generations"].append(str(path.parent / "generations.jsonl"))
     return merged
@@ -317,8 +361,10 @@ def family_tables(metrics: dict[str, Any], labels: list[str]) -> dict[str, Any]:
     """Per set: every row's flat scores, and for a suite its paired tests."""
     tables: dict[str, Any] = {}
     for set_name, result in metrics["sets"].items():
-        tables[set_name] = {"rows": {label: row_result(result, label) for label in labels}, "suite": result.get("suite"),
-                            "paired": result.get("paired", []), "prompts": result["prompts"]}
+        here = [label for label in labels if label in result["models"]]  # a part may leave the teacher row out
+        tables[set_name] = {"rows": {label: row_result(result, label) for label in here}, "suite": result.get("suite"),
+                            "paired": result.get("paired", []), "prompts": result["prompts"],
+                            "pairwise": result.get("pairwise", []), "sameness": answer_sameness(*metrics["set_answers"][set_name], here)}
     return tables
 
 

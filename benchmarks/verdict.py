@@ -41,7 +41,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from quality_stages import Stages, machine, read_json_lines, say, write_json_lines  # benchmarks/, beside this script
+from quality_results import sameness  # benchmarks/, beside this script
+from quality_stages import Stages, machine, read_json_lines, say, write_json_lines
 
 MODEL = "smollm2-135m-instruct"
 DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -186,13 +187,6 @@ def paired(x: list[dict[str, Any]], y: list[dict[str, Any]], key: str) -> dict[s
     return paired_comparison([bool(i[key]) for i in x], [bool(i[key]) for i in y])
 
 
-def sameness(x: list[dict[str, Any]], y: list[dict[str, Any]]) -> dict[str, int]:
-    """How many answers of x are identical to y's, or a prefix of it (or it of x): students that learned the same thing."""
-    identical = sum(a["text"] == b["text"] for a, b in zip(x, y))
-    prefix = sum(a["text"] != b["text"] and (a["text"].startswith(b["text"]) or b["text"].startswith(a["text"])) for a, b in zip(x, y))
-    return {"identical": identical, "prefix": prefix}
-
-
 def report(args: argparse.Namespace, seeds: list[int], stages: Stages, eval_dir: Path) -> dict[str, Any]:
     rows = [TEACHER_ROW, BASE_ROW, *(f"{m}-{s}" for s in seeds for m in METHODS)]
     items = per_prompt(eval_dir, rows)
@@ -215,7 +209,7 @@ def report(args: argparse.Namespace, seeds: list[int], stages: Stages, eval_dir:
                 per_seed = {s: paired(by_row[f"{x}-{s}"], by_row[f"{y}-{s}"], key) for s in seeds}
                 pooled = paired([i for s in seeds for i in by_row[f"{x}-{s}"]], [i for s in seeds for i in by_row[f"{y}-{s}"]], key)
                 table["paired"].append({"x": x, "y": y, "metric": key, "pooled": pooled, "per_seed": per_seed})
-            table["sameness"].append({"x": x, "y": y, **{str(s): sameness(by_row[f"{x}-{s}"], by_row[f"{y}-{s}"]) for s in seeds}})
+            table["sameness"].append({"x": x, "y": y, **{str(s): sameness([a["text"] for a in by_row[f"{x}-{s}"]], [b["text"] for b in by_row[f"{y}-{s}"]]) for s in seeds}})
         results["sets"][set_name] = table
     results["training"] = {f"{m}-{s}": stages.info(f"{m}-{s}") for s in seeds for m in METHODS}
     results["stage_seconds"] = stages.total_seconds()

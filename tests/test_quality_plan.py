@@ -121,3 +121,65 @@ def test_results_describe_a_family_of_an_earlier_invocation_by_what_its_stages_r
     assert settings["precision"] == {"blackbox": "fp32", "whitebox": "bf16"}
     # A family that never ran in this directory takes this invocation's flags.
     assert recorded_settings(Stages(tmp_path / "empty"), ["blackbox"], later)["teacher_system"] == "Another prompt."
+
+
+def test_the_cpu_size_gives_the_students_every_ifeval_item_and_the_teacher_row_only_the_first_few(tmp_path: Path) -> None:
+    from quality_runs import eval_options, eval_rows
+
+    size = SIZES["cpu"]
+    rows = eval_rows("blackbox", tmp_path)
+    ifeval, teacher_part, vicuna = eval_options("blackbox", size, plan_args(tmp_path), rows, tmp_path)
+    assert ifeval.suites == ["ifeval"] and not ifeval.teacher and not any(m.startswith("teacher=") for m in ifeval.models)
+    assert len(ifeval.models) == 4  # base, SeqKD, GAD, cross-tokenizer OPD
+    assert teacher_part.suites == [f"ifeval[:{size.ifeval_teacher}]"] and teacher_part.teacher == "teacher"
+    assert teacher_part.systems == ["teacher=brief"] and len(teacher_part.models) == 5
+    assert vicuna.pairwise == list(size.vicuna_pairs) and not vicuna.teacher and len(vicuna.models) == 4
+    # Every other size keeps one IFEval part with the teacher and judges each student against it.
+    parts = eval_options("blackbox", SIZES["compact"], plan_args(tmp_path), rows, tmp_path)
+    assert len(parts) == 2 and parts[0].teacher == "teacher" and parts[1].pairwise[0].endswith(":teacher")
+
+
+def metrics_file(folder: Path, set_name: str, labels: list[str], answers: dict[str, list[str]]) -> None:
+    import json
+
+    folder.mkdir(parents=True)
+    models = {label: {"mean_tokens": 10.0, "eos_rate": 1.0, "repetition_4": 0.0,
+                      "suite": {"accuracy": 0.5, "ci_low": 0.2, "ci_high": 0.8, "n": 2}} for label in labels}
+    result = {"prompts": 2, "models": models, "suite": "ifeval", "pairwise": [],
+              "paired": [{"x": "smollm2-seqkd", "y": "smollm2-base", "n": 2, "x_only": 1, "y_only": 0, "difference": 0.5, "p_value": 1.0}]}
+    (folder / "metrics.json").write_text(json.dumps({"sets": {set_name: result}}))
+    lines = [{"set": set_name, "index": i, "model": label, "response": text} for label, texts in answers.items() for i, text in enumerate(texts)]
+    (folder / "generations.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+
+
+def test_a_set_evaluated_in_two_parts_is_kept_twice_with_its_own_answers_and_sameness(tmp_path: Path) -> None:
+    """IFEval's student part and its teacher part both name their set `ifeval`: the second must not replace the first,
+    and the rows alike are counted from each part's own answers (identical, or one a prefix of the other)."""
+    from quality_results import results_markdown, suite_table
+    from quality_runs import family_tables, read_metrics
+
+    students = ["smollm2-base", "smollm2-seqkd"]
+    metrics_file(tmp_path / "ifeval", "ifeval", students, {"smollm2-base": ["a b", "c"], "smollm2-seqkd": ["a b", "c d"]})
+    metrics_file(tmp_path / "ifeval-teacher", "ifeval", ["teacher", *students],
+                 {"teacher": ["x", "c"], "smollm2-base": ["a b", "c"], "smollm2-seqkd": ["a", "y"]})
+    merged = read_metrics(tmp_path)
+    assert set(merged["sets"]) == {"ifeval", "ifeval-teacher"}
+    tables = family_tables(merged, ["teacher", *students])
+    assert list(tables["ifeval"]["rows"]) == students  # no teacher row where the part had none
+    assert tables["ifeval"]["sameness"] == [{"x": "smollm2-base", "y": "smollm2-seqkd", "items": 2, "identical": 1, "prefix": 1}]
+    alike = {(p["x"], p["y"]): (p["identical"], p["prefix"]) for p in tables["ifeval-teacher"]["sameness"]}
+    assert alike == {("teacher", "smollm2-base"): (1, 0), ("teacher", "smollm2-seqkd"): (0, 0), ("smollm2-base", "smollm2-seqkd"): (0, 1)}
+    # The paired tests compare the trained rows with the base, with or without a teacher row first.
+    assert "| smollm2-seqkd vs smollm2-base | 2 | 1 / 0 | +0.500 | 1 |" in suite_table(tables["ifeval"])
+    assert "| smollm2-seqkd vs smollm2-base | 2 | 1 / 0 | +0.500 | 1 |" in suite_table(tables["ifeval-teacher"])
+    assert results_markdown  # imported: the module renders (the full report is exercised by the smoke run)
+
+
+def test_the_gad_signal_table_reads_the_adversarial_steps_by_quarter() -> None:
+    from quality_results import gad_signal_lines
+
+    steps = [{"d_acc": 0.5 + 0.1 * (i // 2), "student_score": float(i), "teacher_score": 1.0, "response_length": 40.0 - i} for i in range(8)]
+    lines = gad_signal_lines({"blackbox-gad": {"adversarial_steps": steps}, "blackbox-seqkd": {}})
+    assert lines[0].startswith("**blackbox-gad**: 8 adversarial steps")
+    assert "| 1–2 | 0.50 | 0.500 | 1.000 | 39.5 |" in lines and "| 7–8 | 0.80 | 6.500 | 1.000 | 33.5 |" in lines
+    assert not any("blackbox-seqkd" in line for line in lines)

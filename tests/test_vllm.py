@@ -181,6 +181,19 @@ def test_memory_plan_arithmetic_and_its_refusals():
     assert refused.value.fix == "lower max_prompt_tokens or max_response_tokens"
 
 
+def test_an_engine_that_only_generates_counts_one_copy_of_the_weights():
+    # The 1.5B in fp32 (6.62 GiB) with a 2 GiB cache on a machine with 15.9 GiB free: refused beside training (three
+    # copies), started for generation from its checkpoint (one; the quality benchmark's teacher texts).
+    weights = int(6.62 * GIB)
+    for copies, fits in ((3, False), (1, True)):
+        plan = MemoryPlan(weights, 2 * GIB, 57344, 32768, 128, weight_copies=copies)
+        if fits:
+            plan.check(available_bytes=int(15.9 * GIB), explicit=False)
+        else:
+            with pytest.raises(OpdistillError, match=r"\(3 x the weights'"):
+                plan.check(available_bytes=int(15.9 * GIB), explicit=False)
+
+
 def test_the_cpu_default_kv_cache_is_1_gib_or_one_sequence(tiny_model, monkeypatch):
     monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
     model = load_model(str(tiny_model))  # 2 layers x 2 KV heads x head dim 8: 256 bytes per fp32 token
@@ -189,6 +202,24 @@ def test_the_cpu_default_kv_cache_is_1_gib_or_one_sequence(tiny_model, monkeypat
     assert memory_plan(model, "cpu", torch.float32, 0.0, 2**23).kv_cache_bytes == 2 * GIB  # 8M tokens x 256 B: rounded up
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "3")
     assert memory_plan(model, "cpu", torch.float32, 0.0, 2048).kv_cache_bytes == 3 * GIB
+
+
+@needs_vllm
+def test_seeded_prompts_beyond_one_steps_token_budget_sample_whole(vllm_model):
+    """40 seeded prompts of about 200 tokens: more than one engine step's 4,096 prompt tokens. With chunked prefill a
+    prompt split over two steps crashed vLLM 0.32's CPU worker ("CPU Generator does not use offset"): the quality
+    benchmark's teacher texts, 128 seeded prompts, died there."""
+    tokenizer, model = load_tokenizer(str(vllm_model)), load_model(str(vllm_model))
+    long_text = " ".join(TEXTS * 40)
+    prompts = [render_prompt(tokenizer, [{"role": "user", "content": long_text}])[-(200 + k):] for k in range(40)]
+    sampler = start(model, tokenizer, vllm_model)
+    try:
+        samples = sampler.sample(prompts, SamplingParams(1.0, 1.0, 8), n=1, seeds=list(range(40)))
+        again = sampler.sample(prompts[:4], SamplingParams(1.0, 1.0, 8), n=1, seeds=list(range(4)))
+    finally:
+        sampler.close()
+    assert sum(map(len, prompts)) > 4096 and len(samples) == 40
+    assert [s.response_ids for s in samples[:4]] == [s.response_ids for s in again]  # seeded: the same draw in any batch
 
 
 @needs_vllm

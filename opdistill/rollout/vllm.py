@@ -102,6 +102,7 @@ class MemoryPlan:
     kv_bytes_per_token: int
     max_model_len: int
     block_tokens: int
+    weight_copies: int = WEIGHT_COPIES  # beside training; 1 for an engine that only generates from its checkpoint
 
     @property
     def cached_tokens(self) -> int:
@@ -123,11 +124,11 @@ class MemoryPlan:
                 f"set vllm_kv_cache_gib to at least {need:.2f}" if explicit else "lower max_prompt_tokens or max_response_tokens")
         if available_bytes is None:
             return
-        weights = WEIGHT_COPIES * self.weights_bytes
+        weights = self.weight_copies * self.weights_bytes
         total = weights + self.kv_cache_bytes + int(RUNTIME_GIB * GIB)
         if total > available_bytes:
             raise OpdistillError(
-                f"rollout_engine: vllm needs about {total / GIB:.1f} GiB beside training ({WEIGHT_COPIES} x the weights' "
+                f"rollout_engine: vllm needs about {total / GIB:.1f} GiB beside training ({self.weight_copies} x the weights' "
                 f"{self.weights_bytes / GIB:.2f} GiB, KV cache {self.kv_cache_bytes / GIB:.2f} GiB, runtime {RUNTIME_GIB} GiB); "
                 f"{available_bytes / GIB:.1f} GiB is available",
                 "lower vllm_kv_cache_gib, free memory, or use rollout_engine: hf (it samples from the trained weights, no copy under fp32)")
@@ -142,18 +143,27 @@ def kv_bytes_per_token(model_config: Any, dtype_bytes: int) -> int:
     return 2 * text.num_hidden_layers * kv_heads * head_dim * dtype_bytes
 
 
-def memory_plan(model: Any, device: str, dtype: torch.dtype, kv_cache_gib: float, max_model_len: int) -> MemoryPlan:
+def memory_plan(model: Any, device: str, dtype: torch.dtype, kv_cache_gib: float, max_model_len: int,
+                weight_copies: int = WEIGHT_COPIES) -> MemoryPlan:
     """The engine's memory for `model` (the trained model, whose config and parameter count the engine's copy shares).
     kv_cache_gib 0 on a CPU: VLLM_CPU_KVCACHE_SPACE where set, else 1 GiB or one sequence, whichever is more."""
     dtype_bytes = torch.empty((), dtype=dtype).element_size()
     weights = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values()) * dtype_bytes
     plan = MemoryPlan(weights, int(kv_cache_gib * GIB), kv_bytes_per_token(model.config, dtype_bytes), max_model_len,
-                      BLOCK_TOKENS.get(device, 16))
+                      BLOCK_TOKENS.get(device, 16), weight_copies)
     if kv_cache_gib <= 0:
         env = os.environ.get("VLLM_CPU_KVCACHE_SPACE", "")
         one_sequence = plan.sequence_tokens * plan.kv_bytes_per_token
         plan.kv_cache_bytes = int(float(env) * GIB) if env else max(int(CPU_KV_CACHE_GIB * GIB), -(-one_sequence // GIB) * GIB)
     return plan
+
+
+def chunking(device: str) -> dict[str, Any]:
+    """No chunked prefill on a CPU. A prompt prefilled over two steps has its first step's sample discarded, and
+    vLLM 0.32 then rewinds that request's seeded generator by an offset, which torch's CPU generators do not have
+    ("RuntimeError: CPU Generator does not use offset", gpu_model_runner._bookkeeping_sync): every seeded job
+    whose prompts exceed one step's 4,096 tokens crashed. Whole prompts per step avoid the rewind."""
+    return {"enable_chunked_prefill": False} if device == "cpu" else {}
 
 
 def available_memory() -> int | None:
@@ -281,7 +291,7 @@ class VLLMSampler(Sampler):
 
     def __init__(self, model_path: str, tokenizer: Any, *, dtype: str = "bfloat16", gpu_memory_utilization: float = 0.3,
                  seed: int = 0, max_model_len: int | None = None, enforce_eager: bool | None = None, kv_cache_gib: float = 0.0,
-                 max_num_seqs: int | None = None, model: Any = None) -> None:
+                 max_num_seqs: int | None = None, model: Any = None, weight_copies: int = WEIGHT_COPIES) -> None:
         """`model`: the trained model, for the memory check before the engine starts (with max_model_len); without
         it vLLM sizes its cache itself. kv_cache_gib 0: see memory_plan on a CPU; gpu_memory_utilization on a GPU."""
         self.device = vllm_device()
@@ -291,15 +301,19 @@ class VLLMSampler(Sampler):
         longest = getattr(getattr(model, "config", None), "max_position_embeddings", None)
         if max_model_len and isinstance(longest, int):  # vLLM refuses a context longer than the model's
             max_model_len = min(max_model_len, longest)
+        elif isinstance(longest, int):
+            # Unstated, vLLM takes the model's whole context (32,768 tokens for Qwen2.5: 1.75 GiB of fp32 cache for
+            # the 1.5B) and refuses to start when the CPU's default 1 GiB cache holds less; stated, the plan sizes the cache for it.
+            max_model_len = longest
         if model is not None and max_model_len and (self.device == "cpu" or kv_cache_gib > 0):
-            plan = memory_plan(model, self.device, getattr(torch, dtype), kv_cache_gib, max_model_len)
+            plan = memory_plan(model, self.device, getattr(torch, dtype), kv_cache_gib, max_model_len, weight_copies)
             plan.check(available_memory() if self.device == "cpu" else None, explicit=kv_cache_gib > 0)
             memory["kv_cache_memory_bytes"] = plan.kv_cache_bytes
         elif self.device == "cpu" or kv_cache_gib > 0:
             memory["kv_cache_memory_bytes"] = int((kv_cache_gib or float(os.environ.get("VLLM_CPU_KVCACHE_SPACE") or CPU_KV_CACHE_GIB)) * GIB)
         self.posed_env = _launcher_env(self.device)
         self.tokenizer = tokenizer
-        self.eos = eos_token_ids(tokenizer, None)  # sync adds the model's generation_config EOS ids
+        self.eos = eos_token_ids(tokenizer, getattr(model, "generation_config", None))  # sync renews them
         # torch.compile on a CPU: ~100 s at start on 2 cores for 135M (eager: 8-11 s), no clearly faster decode (docs/scaleout.md).
         eager = self.device == "cpu" if enforce_eager is None else enforce_eager
         self.owns_distributed = not (torch.distributed.is_available() and torch.distributed.is_initialized())
@@ -316,7 +330,7 @@ class VLLMSampler(Sampler):
                 self.llm = LLM(model=resolve_model(model_path), dtype=dtype, seed=seed, max_model_len=max_model_len,
                                enforce_eager=eager, tensor_parallel_size=1, max_num_seqs=max_num_seqs,
                                distributed_executor_backend="external_launcher", worker_extension_cls=EXTENSION,
-                               logprobs_mode="processed_logprobs", **memory)
+                               logprobs_mode="processed_logprobs", **memory, **chunking(self.device))
         except Exception:
             if self.owns_distributed:
                 _cleanup_distributed()
