@@ -60,10 +60,10 @@ class Size:
     suite_tokens: int  # white-box evaluation limit (a worked solution needs room; above math_tokens)
     calibration: int  # the judge's calibration pairs per kind (7 kinds, both orders: 14 forward passes of the 1.5B each)
     checkpoint_every: int
-    # Where the 1.5B's passes do not fit (fp32 CPUs): the teacher row and its log-prob of every row's answers on the
-    # first `ifeval_teacher` IFEval items only (0: on all of them, in one run), and Vicuna judged on these X:Y pairs of
-    # students without a teacher row (empty: every student against the teacher).
-    ifeval_teacher: int = 0
+    # Where the 1.5B's passes do not fit (fp32 CPUs): the teacher row and its log-prob of every row's answers on each
+    # program-checked suite's first `teacher_items` items only (0: on all of them, in one run), and Vicuna judged on
+    # these X:Y pairs of students without a teacher row (empty: every student against the teacher).
+    teacher_items: int = 0
     vicuna_pairs: tuple[str, ...] = ()
 
     @property
@@ -95,7 +95,7 @@ SIZES = {
     # White-box at this size: 500 GSM8K test questions and 100 MATH-500 problems (its cost on such a CPU: docs/quality.md).
     "cpu": Size(train_prompts=128, train_tokens=96, blackbox_batch=4, seqkd_steps=40, gad_warmup=4, gad_d_only=1, gad_samples=4,
                 gsm8k_questions=96, math_tokens=320, whitebox_batch=4, whitebox_steps=24, ifeval=0, vicuna=0, gsm8k_test=500,
-                math500=100, humaneval=40, suite_tokens=400, calibration=2, checkpoint_every=5, ifeval_teacher=48,
+                math500=100, humaneval=40, suite_tokens=400, calibration=2, checkpoint_every=5, teacher_items=48,
                 vicuna_pairs=("smollm2-gad:smollm2-seqkd", "smollm2-opd-xtok:smollm2-seqkd")),
     # One command on a GPU: every black-box prompt there is, 2,000 GSM8K questions, the whole suites.
     "gpu": Size(train_prompts=524, train_tokens=256, blackbox_batch=16, seqkd_steps=300, gad_warmup=40, gad_d_only=10, gad_samples=8,
@@ -296,19 +296,13 @@ def eval_options(family: str, size: Size, args: argparse.Namespace, rows: dict[s
     common = {"models": [f"{label}={model}" for label, model in rows.items()], "teacher": "teacher", "temperature": 0.0,
               "batch_size": 16, "precision": args.precision, "seed": 0, "data_dir": str(args.data_dir),
               "systems": [f"teacher={system}"] if system else []}
-    if family == "whitebox":
-        suites = [f"gsm8k{rows_spec(size.gsm8k_test)}", f"math500{rows_spec(size.math500)}", f"humaneval{rows_spec(size.humaneval)}"]
-        return [EvalOptions(**common, out=str(directory / "suites"), prompts=[], suites=suites, max_new_tokens=size.suite_tokens)]
-    vicuna = f"vicuna={args.data_dir / VICUNA_QUESTIONS}{rows_spec(size.vicuna)}"
     students = {key: value for key, value in common.items() if key not in ("teacher", "systems")}
     students["models"] = [spec for spec in common["models"] if not spec.startswith("teacher=")]
-    ifeval = f"ifeval{rows_spec(size.ifeval)}"
-    if size.ifeval_teacher:  # the students on every item; the teacher row and its log-probs on the first few
-        ifeval_parts = [EvalOptions(**students, out=str(directory / "ifeval"), prompts=[], suites=[ifeval], max_new_tokens=size.eval_tokens),
-                        EvalOptions(**common, out=str(directory / "ifeval-teacher"), prompts=[],
-                                    suites=[f"ifeval{rows_spec(size.ifeval_teacher)}"], max_new_tokens=size.eval_tokens)]
-    else:
-        ifeval_parts = [EvalOptions(**common, out=str(directory / "ifeval"), prompts=[], suites=[ifeval], max_new_tokens=size.eval_tokens)]
+    if family == "whitebox":
+        counts = {"gsm8k": size.gsm8k_test, "math500": size.math500, "humaneval": size.humaneval}
+        return checked_parts("suites", counts, size, common, students, directory, size.suite_tokens)
+    vicuna = f"vicuna={args.data_dir / VICUNA_QUESTIONS}{rows_spec(size.vicuna)}"
+    ifeval_parts = checked_parts("ifeval", {"ifeval": size.ifeval}, size, common, students, directory, size.eval_tokens)
     judged = {**students, "pairwise": list(size.vicuna_pairs)} if size.vicuna_pairs else \
         {**common, "pairwise": [f"{label}:teacher" for label in rows if label != "teacher"]}
     return [*ifeval_parts,
@@ -316,6 +310,21 @@ def eval_options(family: str, size: Size, args: argparse.Namespace, rows: dict[s
                         judge_local=TEACHER, judge_logits=True,  # nothing fails to parse; position bias cancels over both orders
                         judge_calibration=size.calibration,
                         judge_retries=1, judge_max_tokens=16)]  # reference-ratio scores: their line comes first, the rest is prose
+
+
+def checked_parts(part: str, counts: dict[str, int], size: Size, common: dict[str, Any], students: dict[str, Any], directory: Path,
+                  tokens: int) -> list[Any]:
+    """The program-checked suites (name -> items, 0: all) as one `opdistill eval` part with every row; or, where the
+    size gives the teacher fewer items (`teacher_items`: the 1.5B's passes on a CPU), the students on every item and
+    a PART-teacher part with the teacher row and its log-probs on each suite's first `teacher_items`."""
+    from opdistill.evaluate.options import EvalOptions
+
+    suites = [f"{name}{rows_spec(count)}" for name, count in counts.items()]
+    if not size.teacher_items:
+        return [EvalOptions(**common, out=str(directory / part), prompts=[], suites=suites, max_new_tokens=tokens)]
+    few = [f"{name}{rows_spec(min(count, size.teacher_items) if count else size.teacher_items)}" for name, count in counts.items()]
+    return [EvalOptions(**students, out=str(directory / part), prompts=[], suites=suites, max_new_tokens=tokens),
+            EvalOptions(**common, out=str(directory / f"{part}-teacher"), prompts=[], suites=few, max_new_tokens=tokens)]
 
 
 def seed_generations(source: Path, target: Path) -> None:
@@ -332,8 +341,8 @@ def eval_stage(family: str, size: Size, args: argparse.Namespace, rows: dict[str
 
         seconds = []
         for options in eval_options(family, size, args, rows, directory):
-            if Path(options.out).name == "ifeval-teacher":
-                seed_generations(directory / "ifeval", Path(options.out))
+            if Path(options.out).name.endswith("-teacher"):  # the students' answers to its items exist already
+                seed_generations(directory / Path(options.out).name.removesuffix("-teacher"), Path(options.out))
             seconds.append(run_eval(options)["seconds"])
         return {"rows": list(rows), "eval_seconds": sum(seconds)}
 
@@ -346,7 +355,7 @@ def read_metrics(directory: Path) -> dict[str, Any]:
     for path in sorted(directory.glob("*/metrics.json")):
         metrics = json.loads(path.read_text(encoding="utf-8"))
         for name, result in metrics["sets"].items():  # a set evaluated twice (IFEval's teacher part) is named by its part
-            key = name if name not in merged["sets"] else path.parent.name
+            key = name if name not in merged["sets"] else f"{name} ({path.parent.name})"  # e.g. `gsm8k (suites-teacher)`
             merged["sets"][key] = result
             merged["set_answers"][key] = (str(path.parent / "generations.jsonl"), name)  # where its answers are, under which name
         merged["judge"] = merged["judge"] or metrics.get("judge")

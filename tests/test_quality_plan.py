@@ -131,9 +131,12 @@ def test_the_cpu_size_gives_the_students_every_ifeval_item_and_the_teacher_row_o
     ifeval, teacher_part, vicuna = eval_options("blackbox", size, plan_args(tmp_path), rows, tmp_path)
     assert ifeval.suites == ["ifeval"] and not ifeval.teacher and not any(m.startswith("teacher=") for m in ifeval.models)
     assert len(ifeval.models) == 4  # base, SeqKD, GAD, cross-tokenizer OPD
-    assert teacher_part.suites == [f"ifeval[:{size.ifeval_teacher}]"] and teacher_part.teacher == "teacher"
+    assert teacher_part.suites == [f"ifeval[:{size.teacher_items}]"] and teacher_part.teacher == "teacher"
     assert teacher_part.systems == ["teacher=brief"] and len(teacher_part.models) == 5
     assert vicuna.pairwise == list(size.vicuna_pairs) and not vicuna.teacher and len(vicuna.models) == 4
+    students, teacher = eval_options("whitebox", size, plan_args(tmp_path), eval_rows("whitebox", tmp_path), tmp_path)
+    assert students.suites == ["gsm8k[:500]", "math500[:100]", "humaneval[:40]"] and not students.teacher
+    assert teacher.suites == ["gsm8k[:48]", "math500[:48]", "humaneval[:40]"] and Path(teacher.out).name == "suites-teacher"
     # Every other size keeps one IFEval part with the teacher and judges each student against it.
     parts = eval_options("blackbox", SIZES["compact"], plan_args(tmp_path), rows, tmp_path)
     assert len(parts) == 2 and parts[0].teacher == "teacher" and parts[1].pairwise[0].endswith(":teacher")
@@ -163,15 +166,15 @@ def test_a_set_evaluated_in_two_parts_is_kept_twice_with_its_own_answers_and_sam
     metrics_file(tmp_path / "ifeval-teacher", "ifeval", ["teacher", *students],
                  {"teacher": ["x", "c"], "smollm2-base": ["a b", "c"], "smollm2-seqkd": ["a", "y"]})
     merged = read_metrics(tmp_path)
-    assert set(merged["sets"]) == {"ifeval", "ifeval-teacher"}
+    assert set(merged["sets"]) == {"ifeval", "ifeval (ifeval-teacher)"}
     tables = family_tables(merged, ["teacher", *students])
     assert list(tables["ifeval"]["rows"]) == students  # no teacher row where the part had none
     assert tables["ifeval"]["sameness"] == [{"x": "smollm2-base", "y": "smollm2-seqkd", "items": 2, "identical": 1, "prefix": 1}]
-    alike = {(p["x"], p["y"]): (p["identical"], p["prefix"]) for p in tables["ifeval-teacher"]["sameness"]}
+    alike = {(p["x"], p["y"]): (p["identical"], p["prefix"]) for p in tables["ifeval (ifeval-teacher)"]["sameness"]}
     assert alike == {("teacher", "smollm2-base"): (1, 0), ("teacher", "smollm2-seqkd"): (0, 0), ("smollm2-base", "smollm2-seqkd"): (0, 1)}
     # The paired tests compare the trained rows with the base, with or without a teacher row first.
     assert "| smollm2-seqkd vs smollm2-base | 2 | 1 / 0 | +0.500 | 1 |" in suite_table(tables["ifeval"])
-    assert "| smollm2-seqkd vs smollm2-base | 2 | 1 / 0 | +0.500 | 1 |" in suite_table(tables["ifeval-teacher"])
+    assert "| smollm2-seqkd vs smollm2-base | 2 | 1 / 0 | +0.500 | 1 |" in suite_table(tables["ifeval (ifeval-teacher)"])
     assert results_markdown  # imported: the module renders (the full report is exercised by the smoke run)
 
 
