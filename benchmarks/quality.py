@@ -1,7 +1,7 @@
 """Quality benchmark: real distillation from a stronger model, measured with program-checked suites and a calibrated judge.
 
     python benchmarks/quality.py --out runs/quality [--size auto|smoke|compact|full|gpu] [--only blackbox|whitebox|all]
-                                 [--whitebox-tuning lora|full] [--teacher-system TEXT] [--threads N] [--plan]
+                                 [--whitebox-tuning lora|full] [--teacher-system TEXT] [--threads N] [--plan] [--report-now]
 
 Needs `./setup.sh --models` (the two Qwen2.5-Coder built-ins) and ../shared/data beside the checkout.
 
@@ -124,6 +124,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="one more black-box GAD row, smollm2-gad-NAME, with these train settings over the default GAD's "
                              "(e.g. long-warmup:warmup_steps=16,lr=1e-5); repeatable; generator updates stay matched to SeqKD")
     parser.add_argument("--plan", action="store_true", help="print the stages and check every training config; load nothing")
+    parser.add_argument("--report-now", action="store_true",
+                        help="write results.md/json from the evaluation parts finished so far (interim tables of a run still going on)")
     return parser.parse_args(argv)
 
 
@@ -187,6 +189,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.plan:
         check_plan(configs, families)
         return
+    if args.report_now:  # read-only on the stages: a run in another process goes on and writes the final tables
+        finished = [f for f in families if any((args.out / f"eval-{f}").glob("*/metrics.json"))]
+        if not finished:
+            raise SystemExit(f"quality: no evaluation part has finished in {args.out} yet")
+        write_results(size_name, size, args, Stages(args.out), finished, host, interim=True)
+        return
     args.out.mkdir(parents=True, exist_ok=True)
     stages = Stages(args.out)
     collect_work = {"blackbox": collect_blackbox, "whitebox": collect_gsm8k}
@@ -207,10 +215,12 @@ def main(argv: list[str] | None = None) -> None:
     write_results(size_name, size, args, stages, done, host)
 
 
-def write_results(size_name: str, size: Size, args: argparse.Namespace, stages: Stages, families: list[str], host: dict[str, Any]) -> None:
+def write_results(size_name: str, size: Size, args: argparse.Namespace, stages: Stages, families: list[str], host: dict[str, Any],
+                  interim: bool = False) -> None:
     started = time.monotonic()
     results = report_stage(size_name, size, args, stages, families)
     results["machine"] = host
+    results["interim"] = interim and any(not stages.finished(f"eval-{family}") for family in families)
     seconds = round(time.monotonic() - started, 1)
     results["stage_seconds"]["report"] = seconds
     results["this_invocation_seconds"]["report"] = seconds

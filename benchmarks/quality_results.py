@@ -162,6 +162,8 @@ def results_markdown(results: dict[str, Any]) -> str:
              f"{s['whitebox_teacher_system']!r} (the teacher's alone), training limit {s['math_tokens']} tokens, evaluation greedy at "
              f"{s['suite_tokens']}. Suites are program-"
              "checked; the judge (the teacher, local, by its logits, both orders) only on Vicuna, beside its measured calibration.", ""]
+    if results.get("interim"):
+        lines += ["**Interim** (`--report-now`): the evaluation parts finished so far; the run was still going on.", ""]
     if host := results.get("machine"):
         lines += [f"Measured on {host['cpu']} ({host['cores']} cores, {host['torch_threads']} torch threads"
                   + (f", GPU {host['gpu']}" if host["gpu"] else "") + f"), native bf16: {'yes' if host['native_bf16'] else 'no'}, "

@@ -400,7 +400,8 @@ def report_stage(size_name: str, size: Size, args: argparse.Namespace, stages: S
         judges[family], generations[family] = metrics["judge"], metrics["generations"]
     training_runs = [stage for family in families for stage in FAMILIES[family].values()]
     parts = [Path(path).parent for family in families for path in generations[family]]
-    report = write_report([*parts, *(out / stage for stage in training_runs)], out / "report.html")
+    trained = [out / stage for stage in training_runs if (out / stage).is_dir()]  # an interim report may come before one exists
+    report = write_report([*parts, *trained], out / "report.html")
     return {
         "settings": {"size": size_name, **asdict(size), "gad_adversarial": size.gad_adversarial, "eval_tokens": size.eval_tokens,
                      "teacher": TEACHER, "whitebox_teacher_system": WHITEBOX_TEACHER_SYSTEM, "blackbox_student": BLACKBOX_STUDENT,

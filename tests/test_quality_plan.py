@@ -146,12 +146,15 @@ def metrics_file(folder: Path, set_name: str, labels: list[str], answers: dict[s
     import json
 
     folder.mkdir(parents=True)
-    models = {label: {"mean_tokens": 10.0, "eos_rate": 1.0, "repetition_4": 0.0,
-                      "suite": {"accuracy": 0.5, "ci_low": 0.2, "ci_high": 0.8, "n": 2}} for label in labels}
+    score = {"accuracy": 0.5, "ci_low": 0.2, "ci_high": 0.8, "n": 2, "passed": 1}  # as opdistill eval writes an IFEval summary
+    suite = {**score, **{kind: dict(score) for kind in ("prompt_loose", "instruction_strict", "instruction_loose")}}
+    models = {label: {"mean_tokens": 10.0, "eos_rate": 1.0, "repetition_4": 0.0, "suite": suite} for label in labels}
     result = {"prompts": 2, "models": models, "suite": "ifeval", "pairwise": [],
-              "paired": [{"x": "smollm2-seqkd", "y": "smollm2-base", "n": 2, "x_only": 1, "y_only": 0, "difference": 0.5, "p_value": 1.0}]}
+              "paired": [{"x": "smollm2-seqkd", "y": "smollm2-base", "n": 2, "both": 0, "x_only": 1, "y_only": 0, "neither": 1,
+                          "difference": 0.5, "p_value": 1.0}]}
     (folder / "metrics.json").write_text(json.dumps({"sets": {set_name: result}}))
-    lines = [{"set": set_name, "index": i, "model": label, "response": text} for label, texts in answers.items() for i, text in enumerate(texts)]
+    lines = [{"set": set_name, "index": i, "model": label, "prompt": f"prompt {i}", "response": text,
+              "finished": True, "tokens": 1} for label, texts in answers.items() for i, text in enumerate(texts)]
     (folder / "generations.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
 
 
@@ -186,3 +189,14 @@ def test_the_gad_signal_table_reads_the_adversarial_steps_by_quarter() -> None:
     assert lines[0].startswith("**blackbox-gad**: 8 adversarial steps")
     assert "| 1–2 | 0.50 | 0.500 | 1.000 | 39.5 |" in lines and "| 7–8 | 0.80 | 6.500 | 1.000 | 33.5 |" in lines
     assert not any("blackbox-seqkd" in line for line in lines)
+
+
+def test_report_now_writes_interim_tables_from_the_parts_finished_so_far(tmp_path: Path) -> None:
+    import quality
+
+    students = ["smollm2-base", "smollm2-seqkd", "smollm2-gad", "smollm2-opd-xtok"]
+    metrics_file(tmp_path / "eval-blackbox" / "ifeval", "ifeval", students, {label: ["a", "b"] for label in students})
+    quality.main(["--out", str(tmp_path), "--size", "cpu", "--only", "blackbox", "--report-now"])
+    markdown = (tmp_path / "results.md").read_text()
+    assert "**Interim**" in markdown and "**ifeval** (2 items)" in markdown
+    assert "| smollm2-base / smollm2-seqkd | 2 | 2 | 0 |" in markdown  # every answer alike in this fake part
