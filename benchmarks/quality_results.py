@@ -38,11 +38,11 @@ def sameness(x: list[str], y: list[str]) -> dict[str, int]:
     return {"identical": identical, "prefix": prefix}
 
 
-def answer_sameness(generations: str, set_name: str, labels: list[str]) -> list[dict[str, Any]]:
-    """Every pair of rows on one set: identical answers and prefixes (sameness), over the items both answered."""
+def answer_sameness(answers: list[dict[str, Any]], set_name: str, labels: list[str]) -> list[dict[str, Any]]:
+    """Every pair of rows on one set: identical answers and prefixes (sameness), over the items both answered.
+    `answers`: the rows of the part's generations.jsonl."""
     by_row: dict[str, dict[int, str]] = {label: {} for label in labels}
-    for line in Path(generations).read_text(encoding="utf-8").splitlines() if Path(generations).is_file() else []:
-        row = json.loads(line) if line.strip() else {}
+    for row in answers:
         if row.get("set") == set_name and row.get("model") in by_row:
             by_row[row["model"]][row["index"]] = row["response"]
     pairs = []

@@ -37,6 +37,7 @@ FAMILIES = {  # family -> its training stages (row label -> stage); each family 
 }
 BASE_ROWS = {"blackbox": ("smollm2-base", BLACKBOX_STUDENT), "whitebox": ("qwen0.5b-base", WHITEBOX_STUDENT)}
 COLLECT = {"blackbox": "collect", "whitebox": "collect-gsm8k"}
+TEACHER_PART = "-teacher"  # PART-teacher: the teacher row on a subset of PART's items (Size.teacher_items)
 
 
 @dataclass(frozen=True)
@@ -324,7 +325,7 @@ def checked_parts(part: str, counts: dict[str, int], size: Size, common: dict[st
         return [EvalOptions(**common, out=str(directory / part), prompts=[], suites=suites, max_new_tokens=tokens)]
     few = [f"{name}{rows_spec(min(count, size.teacher_items) if count else size.teacher_items)}" for name, count in counts.items()]
     return [EvalOptions(**students, out=str(directory / part), prompts=[], suites=suites, max_new_tokens=tokens),
-            EvalOptions(**common, out=str(directory / f"{part}-teacher"), prompts=[], suites=few, max_new_tokens=tokens)]
+            EvalOptions(**common, out=str(directory / f"{part}{TEACHER_PART}"), prompts=[], suites=few, max_new_tokens=tokens)]
 
 
 def seed_generations(source: Path, target: Path) -> None:
@@ -341,8 +342,8 @@ def eval_stage(family: str, size: Size, args: argparse.Namespace, rows: dict[str
 
         seconds = []
         for options in eval_options(family, size, args, rows, directory):
-            if Path(options.out).name.endswith("-teacher"):  # the students' answers to its items exist already
-                seed_generations(directory / Path(options.out).name.removesuffix("-teacher"), Path(options.out))
+            if Path(options.out).name.endswith(TEACHER_PART):  # the students' answers to its items exist already
+                seed_generations(directory / Path(options.out).name.removesuffix(TEACHER_PART), Path(options.out))
             seconds.append(run_eval(options)["seconds"])
         return {"rows": list(rows), "eval_seconds": sum(seconds)}
 
@@ -369,11 +370,15 @@ def read_metrics(directory: Path) -> dict[str, Any]:
 def family_tables(metrics: dict[str, Any], labels: list[str]) -> dict[str, Any]:
     """Per set: every row's flat scores, and for a suite its paired tests."""
     tables: dict[str, Any] = {}
+    answers: dict[str, list[dict[str, Any]]] = {}  # each part's generations.jsonl, read once for all its sets
     for set_name, result in metrics["sets"].items():
+        path, name = metrics["set_answers"][set_name]
+        if path not in answers:
+            answers[path] = read_json_lines(Path(path)) if Path(path).is_file() else []
         here = [label for label in labels if label in result["models"]]  # a part may leave the teacher row out
         tables[set_name] = {"rows": {label: row_result(result, label) for label in here}, "suite": result.get("suite"),
                             "paired": result.get("paired", []), "prompts": result["prompts"],
-                            "pairwise": result.get("pairwise", []), "sameness": answer_sameness(*metrics["set_answers"][set_name], here)}
+                            "pairwise": result.get("pairwise", []), "sameness": answer_sameness(answers[path], name, here)}
     return tables
 
 

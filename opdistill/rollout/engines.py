@@ -90,9 +90,10 @@ def generation_sampler(name: str, tokenizer: Any, *, engine: str = "auto", preci
     if trust_remote_code and engine == "auto":  # vLLM would run the repository's code in another loader: not by default
         chosen, why = "hf", "trust_remote_code models generate with the hf engine unless --engine vllm is asked for"
     else:
-        chosen, why = choose_engine(engine, model_config(name, trust_remote_code), new_tokens)
+        config = model_config(name, trust_remote_code)
+        chosen, why = choose_engine(engine, config, new_tokens)
     if chosen == "vllm" and adapter_base(name) is None:
-        sampler: Sampler = checkpoint_engine(name, tokenizer, precision=precision, seed=seed, kv_cache_gib=kv_cache_gib,
+        sampler: Sampler = checkpoint_engine(name, config, tokenizer, precision=precision, seed=seed, kv_cache_gib=kv_cache_gib,
                                              max_model_len=max_model_len, trust_remote_code=trust_remote_code)
     else:
         model = load_model(name, dtype=compute_dtype(precision), trust_remote_code=trust_remote_code).to(default_device())
@@ -102,8 +103,8 @@ def generation_sampler(name: str, tokenizer: Any, *, engine: str = "auto", preci
     return sampler
 
 
-def checkpoint_engine(name: str, tokenizer: Any, *, precision: str, seed: int, kv_cache_gib: float, max_model_len: int | None,
-                      trust_remote_code: bool) -> Sampler:
+def checkpoint_engine(name: str, config: Any, tokenizer: Any, *, precision: str, seed: int, kv_cache_gib: float,
+                      max_model_len: int | None, trust_remote_code: bool) -> Sampler:
     """vLLM over a plain checkpoint, which it loads itself: no torch copy beside it. That copy would only be synced
     back into the engine, and in fp32 the 1.5B's 6.6 GiB of it shares about 16 GiB with the engine's own and its cache
     during the start. The memory plan reads the model's shape from a copy on the meta device (no memory)."""
@@ -113,7 +114,7 @@ def checkpoint_engine(name: str, tokenizer: Any, *, precision: str, seed: int, k
 
     source = vllm_source(name)
     with torch.device("meta"):
-        shape = AutoModelForCausalLM.from_config(model_config(name, trust_remote_code), trust_remote_code=trust_remote_code)
+        shape = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     try:  # its EOS ids beside the tokenizer's, as the hf engine stops (Qwen2.5: <|im_end|> and <|endoftext|>)
         shape.generation_config = GenerationConfig.from_pretrained(source)
     except OSError:
