@@ -1,7 +1,7 @@
 """Quality benchmark: real distillation from a stronger model, measured with program-checked suites and a calibrated judge.
 
-    python benchmarks/quality.py --out runs/quality [--size auto|smoke|compact|full|gpu] [--only blackbox|whitebox|all]
-                                 [--whitebox-tuning lora|full] [--teacher-system TEXT] [--threads N] [--plan] [--report-now]
+    python benchmarks/quality.py --out runs/quality [--size auto|smoke|compact|cpu|full|gpu] [--only blackbox|whitebox|all]
+                                 [--whitebox-tuning lora|full] [--teacher-system TEXT] [--threads N] [--tune-gad] [--plan] [--report-now]
 
 Needs `./setup.sh --models` (the two Qwen2.5-Coder built-ins) and ../shared/data beside the checkout.
 
@@ -69,8 +69,14 @@ on a GPU with every black-box prompt there is (524), 2,000 GSM8K questions, 260 
 suites. auto (the default): full on a GPU or a CPU with native bf16, compact otherwise. Every result records the
 machine it ran on and the size. `--plan` prints the stages and checks every training config, loading nothing.
 
-**Tuning GAD.** `--gad-variant NAME:key=value,...` (repeatable) adds a row smollm2-gad-NAME trained with those settings over
-the default GAD's, from the same teacher text and with the same number of generator updates; finished rows are not redone.
+**Tuning GAD.** `--tune-gad` runs the size's declared sweep (Size.gad_sweep; the cpu size's: a one-epoch warm-up, a 50x KL
+coefficient, the discriminator at the generator's learning rate, 8 samples per prompt), each variant from the same
+teacher text with the same generator updates, and chooses among the default GAD and the variants on the tuning split
+alone: `tune_prompts` training-distribution prompts after the first train_prompts, which no student trained on and
+no held-out set holds (stage tune-gad, its rule in quality_runs.TUNING_RULE). Only the choice meets the held-out sets,
+as the row smollm2-gad-tuned (and judged against SeqKD on Vicuna), unless the default won. `--gad-variant
+NAME:key=value,...` (repeatable) adds a held-out row smollm2-gad-NAME by hand, matched the same way; finished rows are
+not redone.
 """
 
 from __future__ import annotations
@@ -78,13 +84,14 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 from quality_results import results_markdown  # benchmarks/, beside this script
-from quality_runs import (COLLECT, DATA_DIR, DEFAULT_TEACHER_SYSTEM, FAMILIES, SIZES, TEACHER, WHITEBOX_TEACHER_SYSTEM, Size,
-                          collect_blackbox, collect_gsm8k, eval_rows, eval_stage, report_stage, train_stage, training_configs)
+from quality_runs import (COLLECT, DATA_DIR, DEFAULT_TEACHER_SYSTEM, FAMILIES, SIZES, TEACHER, TUNE_STAGE, TUNED_ROW,
+                          WHITEBOX_TEACHER_SYSTEM, Size, collect_blackbox, collect_gsm8k, eval_rows, eval_stage, gad_variant,
+                          report_stage, sweep_configs, train_stage, training_configs, tune_stage, tuning_rows)
 from quality_stages import Stages, fast_machine, machine, say
 
 
@@ -123,6 +130,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--gad-variant", action="append", default=[], metavar="NAME:KEY=VALUE,...",
                         help="one more black-box GAD row, smollm2-gad-NAME, with these train settings over the default GAD's "
                              "(e.g. long-warmup:warmup_steps=16,lr=1e-5); repeatable; generator updates stay matched to SeqKD")
+    parser.add_argument("--tune-gad", action="store_true",
+                        help="train the size's declared GAD sweep, choose on the in-distribution tuning split only, and "
+                             "evaluate the choice on the held-out sets as smollm2-gad-tuned (docstring, 'Tuning GAD')")
     parser.add_argument("--plan", action="store_true", help="print the stages and check every training config; load nothing")
     parser.add_argument("--report-now", action="store_true",
                         help="write results.md/json from the evaluation parts finished so far (interim tables of a run still going on)")
@@ -130,40 +140,52 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def add_gad_variants(specs: list[str], size: Size, configs: dict[str, dict[str, Any]]) -> None:
-    """Register each --gad-variant as a black-box stage and row (tuning GAD, issue 15 item 4). Its warm-up
-    cross-entropy updates plus its adversarial updates equal SeqKD's updates, whatever warm-up it asks for."""
-    from opdistill.config import parse_overrides
-
+    """Register each --gad-variant as a black-box stage and a held-out row smollm2-gad-NAME."""
     for spec in specs:
-        name, _, settings = spec.partition(":")
-        if not name.replace("-", "").isalnum():
-            raise SystemExit(f"--gad-variant {spec!r}: NAME must be letters, digits and dashes")
-        overrides = parse_overrides([item for item in settings.split(",") if item])  # the same parsing as `opdistill train k=v`
-        if "max_steps" in overrides:
-            raise SystemExit(f"--gad-variant {spec!r}: max_steps follows from the warm-up (compute matching); set warmup_steps instead")
-        for fixed in ("batch_size", "rollout_batch_size", "micro_batch_size", "ppo_epochs"):
-            if fixed in overrides:  # each would change the prompts per generator update or the updates per step
-                raise SystemExit(f"--gad-variant {spec!r}: {fixed} is fixed by the size (compute matching with SeqKD)")
-        config = {**configs["blackbox-gad"], **overrides}
-        config["max_steps"] = size.seqkd_steps - (config["warmup_steps"] - config["d_only_steps"])
-        if config["max_steps"] < 1 or config["warmup_steps"] < config["d_only_steps"]:
-            raise SystemExit(f"--gad-variant {spec!r}: its warm-up uses all {size.seqkd_steps} generator updates")
-        config["rollout_batch_size"] = config["micro_batch_size"] = size.blackbox_batch * config["n_samples"]
-        stage = f"blackbox-gad-{name}"
-        FAMILIES["blackbox"][f"smollm2-gad-{name}"] = stage  # the table every later step reads its rows from
+        stage, config = gad_variant(spec, size, configs["blackbox-gad"])
+        FAMILIES["blackbox"]["smollm2-" + stage.removeprefix("blackbox-")] = stage  # the table every later step reads its rows from
         configs[stage] = config
 
 
-def check_plan(configs: dict[str, dict[str, Any]], families: list[str]) -> None:
+def tune_gad(stages: Stages, size: Size, args: argparse.Namespace, sweep: dict[str, dict[str, Any]]) -> Size:
+    """Issue 38 item 4, once: train the declared sweep, choose on the in-distribution tuning split alone, and make the
+    choice a held-out row (smollm2-gad-tuned, judged against SeqKD on Vicuna too), unless it is the default GAD.
+    The variants themselves are never evaluated on a held-out set. Returns the size with the judged pair added."""
+    for stage, config in sweep.items():
+        stages.run(stage, config, [COLLECT["blackbox"]], train_stage(config))
+    rows = tuning_rows(args.out, sweep)
+    key = {"rows": rows, "prompts": size.tune_prompts, "tokens": size.eval_tokens, "system": args.teacher_system, "precision": args.precision}
+    stages.run(TUNE_STAGE, key, ["blackbox-seqkd", "blackbox-gad", *sweep], tune_stage(size, args, rows), wipe_on_change=False)
+    if stages.info(TUNE_STAGE)["choice"] == "smollm2-gad":
+        say("tuning GAD: the sweep kept the default; the held-out sets have no new row")
+    return adopt_tuned_choice(stages, size)
+
+
+def adopt_tuned_choice(stages: Stages, size: Size) -> Size:
+    """Where --out holds a finished sweep, its choice is a black-box row in every later invocation (--only whitebox
+    and --report-now included), so no report drops it. Returns the size with its judged pair added."""
+    choice = stages.info(TUNE_STAGE).get("choice") if stages.finished(TUNE_STAGE) else None
+    if choice in (None, "smollm2-gad"):
+        return size
+    FAMILIES["blackbox"][TUNED_ROW] = "blackbox-" + choice.removeprefix("smollm2-")
+    pairs = size.vicuna_pairs and (*size.vicuna_pairs, f"{TUNED_ROW}:smollm2-seqkd")  # no pairs: every row meets the teacher
+    return replace(size, vicuna_pairs=tuple(pairs))
+
+
+def check_plan(configs: dict[str, dict[str, Any]], families: list[str], sweep: dict[str, dict[str, Any]]) -> None:
     """--plan: each training config through opdistill's own validation (the data files do not exist yet), and the
     stages in their order."""
     from opdistill.config import build_config
 
     for family in families:
         say(f"stage {COLLECT[family]}")
-        for stage in FAMILIES[family].values():
-            build_config({**configs[stage], "out_dir": "/nonexistent"}, where=f"benchmarks/quality.py stage {stage}")
-            say(f"stage {stage}: {json.dumps(configs[stage])}")
+        tuning = list(sweep) if family == "blackbox" else []
+        for stage in [*FAMILIES[family].values(), *tuning]:
+            config = configs.get(stage) or sweep[stage]
+            build_config({**config, "out_dir": "/nonexistent"}, where=f"benchmarks/quality.py stage {stage}")
+            say(f"stage {stage}: {json.dumps(config)}")
+        if tuning:
+            say(f"stage {TUNE_STAGE}: choose among the GAD rows on the tuning split; the choice is evaluated as {TUNED_ROW}")
         say(f"stage eval-{family}")
     say("stage report")
 
@@ -186,9 +208,11 @@ def main(argv: list[str] | None = None) -> None:
     configs = training_configs(size, args, args.out)
     add_gad_variants(args.gad_variant, size, configs)
     families = list(FAMILIES) if args.only == "all" else [args.only]
+    sweep = sweep_configs(size_name, size, configs["blackbox-gad"]) if args.tune_gad and "blackbox" in families else {}
     if args.plan:
-        check_plan(configs, families)
+        check_plan(configs, families, sweep)
         return
+    size = adopt_tuned_choice(Stages(args.out), size)
     if args.report_now:  # read-only on the stages: a run in another process goes on and writes the final tables
         finished = [f for f in families if any((args.out / f"eval-{f}").glob("*/metrics.json"))]
         if not finished:
@@ -206,6 +230,8 @@ def main(argv: list[str] | None = None) -> None:
         stages.run(COLLECT[family], key, [], collect_work[family](size, args))
         for stage in FAMILIES[family].values():
             stages.run(stage, configs[stage], [COLLECT[family]], train_stage(configs[stage]))
+        if family == "blackbox" and sweep:
+            size = tune_gad(stages, size, args, sweep)
         rows = eval_rows(family, args.out)
         eval_key = {"rows": rows, "size": asdict(size), "system": key["system"], "precision": args.precision}
         # Not wiped on a change: generations and judge replies are cached by model weights and exact request.

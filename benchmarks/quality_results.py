@@ -152,6 +152,25 @@ def gad_signal_lines(training: dict[str, Any]) -> list[str]:
     return lines
 
 
+def tuning_lines(tuning: dict[str, Any] | None) -> list[str]:
+    """The GAD sweep on the in-distribution tuning split: every row's columns, the rule and the choice, each
+    variant's cost and its discriminator's signals."""
+    if not tuning:
+        return []
+    lines = ["## Tuning GAD on the in-distribution split", "",
+             f"{tuning['prompts']} training-distribution prompts no student trained on (none from IFEval or Vicuna). "
+             f"Rule, declared before the sweep ran: {tuning['rule']}. **Chosen: {tuning['choice']}**; only the choice is "
+             "evaluated on the held-out sets above.", "",
+             f"| model | {SHARED_COLUMNS} F1-1 vs teacher | ROUGE-L |", "|---|---:|---:|---:|---:|---:|---:|"]
+    lines += [f"| {label} | {shared_cells(r)} {number(r['f1_1'])} | {number(r['rouge_l'])} |"
+              for label, r in tuning["rows"].items() if label != "teacher"]
+    lines += ["", "| variant | settings changed | generator updates | seconds / update |", "|---|---|---:|---:|"]
+    for stage, t in tuning["training"].items():
+        shown = ", ".join(f"{k}={v}" for k, v in tuning["changed"].get(stage, {}).items())  # rollout sizes follow n_samples
+        lines.append(f"| {stage} | {shown} | {t.get('generator_updates', '–')} | {number(t.get('seconds_per_update'), 1)} |")
+    return lines + ["", *gad_signal_lines(tuning["training"])]
+
+
 def results_markdown(results: dict[str, Any]) -> str:
     from opdistill.evaluate.calibration import calibration_line
 
@@ -179,6 +198,7 @@ def results_markdown(results: dict[str, Any]) -> str:
             lines += (suite_table(table) if table["suite"] else judged_table(table)) + [""]
             if same := sameness_table(table):
                 lines += [f"Answers alike on {set_name}:", "", *same, ""]
+    lines += tuning_lines(results.get("tuning"))
     lines += ["## Training (compute matching)", "",
               "| run | generator updates | prompts / update | sequences trained | seconds in steps | seconds / update |",
               "|---|---:|---:|---:|---:|---:|"]

@@ -200,3 +200,107 @@ def test_report_now_writes_interim_tables_from_the_parts_finished_so_far(tmp_pat
     markdown = (tmp_path / "results.md").read_text()
     assert "**Interim**" in markdown and "**ifeval** (2 items)" in markdown
     assert "| smollm2-base / smollm2-seqkd | 2 | 2 | 0 |" in markdown  # every answer alike in this fake part
+
+
+def test_the_tuning_split_is_in_distribution_and_no_student_or_held_out_set_has_it() -> None:
+    import json
+
+    from quality_runs import DATA_DIR, VICUNA_QUESTIONS, train_prompts, tuning_prompts
+
+    from opdistill.evaluate.suites import load_suite
+
+    size = SIZES["cpu"]
+    tuning = [row["prompt"] for row in tuning_prompts(size, DATA_DIR)]
+    trained = {row["prompt"] for row in train_prompts(size.train_prompts, DATA_DIR)}
+    assert len(tuning) == size.tune_prompts == len(set(tuning)) and not trained & set(tuning)
+    origins = {row["origin"].split(":")[0] for row in tuning_prompts(size, DATA_DIR)}
+    assert origins == {"self-instruct", "builtin-train"}  # the training prompts' two sources, interleaved
+    held_out = {item.prompt for item in load_suite("ifeval", data_dir=str(DATA_DIR))[1]}
+    held_out |= {json.loads(line)["text"] for line in (DATA_DIR / VICUNA_QUESTIONS).read_text().splitlines() if line.strip()}
+    assert not held_out & set(tuning)
+
+
+def test_every_declared_gad_variant_keeps_generator_updates_and_prompts_matched(tmp_path: Path) -> None:
+    from quality_runs import sweep_configs
+
+    for name in ("cpu", "smoke"):
+        size = SIZES[name]
+        configs = training_configs(size, plan_args(tmp_path), tmp_path)
+        sweep = sweep_configs(name, size, configs["blackbox-gad"])
+        assert len(sweep) == len(size.gad_sweep) >= 1
+        for stage, config in sweep.items():
+            assert (config["warmup_steps"] - config["d_only_steps"]) + config["max_steps"] == configs["blackbox-seqkd"]["max_steps"]
+            assert config["batch_size"] == size.blackbox_batch and config["rollout_batch_size"] == size.blackbox_batch * config["n_samples"]
+    cpu = sweep_configs("cpu", SIZES["cpu"], training_configs(SIZES["cpu"], plan_args(tmp_path), tmp_path)["blackbox-gad"])
+    assert cpu["blackbox-gad-warmup-epoch"]["max_steps"] == 18 and cpu["blackbox-gad-samples-8"]["rollout_batch_size"] == 32
+    assert cpu["blackbox-gad-kl-0.05"]["kl_coef"] == 0.05 and float(cpu["blackbox-gad-dlr-2e-5"]["d_lr"]) == 2e-5  # as opdistill train reads it
+    with pytest.raises(SystemExit, match="declares no GAD sweep"):
+        sweep_configs("gpu", SIZES["gpu"], {})
+
+
+def test_the_tuning_rule_picks_the_gad_row_the_teacher_finds_likeliest_never_seqkd() -> None:
+    from quality_runs import choose_gad
+
+    rows = {"teacher": {"teacher_logprob": -0.2}, "smollm2-seqkd": {"teacher_logprob": -0.9}, "smollm2-gad": {"teacher_logprob": -1.3},
+            "smollm2-gad-kl-0.05": {"teacher_logprob": -1.1}, "smollm2-gad-x": {"teacher_logprob": None}}
+    assert choose_gad(rows) == "smollm2-gad-kl-0.05"
+    rows["smollm2-gad"]["teacher_logprob"] = -1.0
+    assert choose_gad(rows) == "smollm2-gad"  # the default can win: then no new held-out row
+
+
+def test_the_tuning_stage_scores_every_row_on_the_tuning_split_only_and_chooses(tiny_model: Path, tmp_path: Path) -> None:
+    """A real `opdistill eval` of tiny models in place of the benchmark's: the teacher's own weights as one GAD
+    variant must be the one the teacher finds likeliest."""
+    import argparse
+    import json
+    from dataclasses import replace
+
+    from quality_runs import DATA_DIR, tune_stage, tuning_prompts
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from opdistill.models import load_tokenizer, resolve_model
+
+    # A random tiny model answers in whitespace (nothing to score), so the real SmolLM2 is the teacher, and a copy
+    # of it with noise in every weight is a worse GAD row.
+    model = AutoModelForCausalLM.from_pretrained(resolve_model("smollm2-135m-instruct"), dtype=torch.float32)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for weight in model.parameters():
+            weight.add_(0.2 * weight.std() * torch.randn_like(weight))
+    model.save_pretrained(tmp_path / "noisy")
+    load_tokenizer("smollm2-135m-instruct").save_pretrained(tmp_path / "noisy")
+    noisy = str(tmp_path / "noisy")
+    rows = {"teacher": "smollm2-135m-instruct", "smollm2-seqkd": noisy, "smollm2-gad": noisy, "smollm2-gad-kl": str(tiny_model),
+            "smollm2-gad-same": "smollm2-135m-instruct"}
+    size = replace(SIZES["smoke"], train_tokens=12)
+    args = argparse.Namespace(teacher_system="", precision="fp32", data_dir=DATA_DIR)
+    info = tune_stage(size, args, rows)(tmp_path / "tune")
+    assert info["choice"] == "smollm2-gad-same" and set(info["rows"]) == set(rows)
+    assert info["rows"]["smollm2-gad-same"]["teacher_logprob"] > info["rows"]["smollm2-gad"]["teacher_logprob"]
+    answered = [json.loads(line) for line in (tmp_path / "tune" / "eval" / "generations.jsonl").read_text().splitlines()]
+    assert {row["set"] for row in answered} == {"tune"} and len(answered) == len(rows) * size.tune_prompts
+    assert {row["prompt"] for row in answered} <= {p["prompt"] for p in tuning_prompts(size, DATA_DIR)}
+
+
+def test_a_finished_sweeps_choice_is_a_held_out_row_in_every_later_invocation(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import quality
+    from quality_results import tuning_lines
+    from quality_runs import TUNE_STAGE, TUNED_ROW, tuning_results
+    from quality_stages import Stages
+
+    monkeypatch.setitem(FAMILIES, "blackbox", dict(FAMILIES["blackbox"]))  # adopting the choice registers a row
+    stages = Stages(tmp_path)
+    stages.run("blackbox-gad", {"kl_coef": 0.001, "d_lr": 2e-4}, [], lambda d: {"generator_updates": 40})
+    stages.run("blackbox-gad-kl", {"kl_coef": 0.05, "d_lr": 2e-4}, [], lambda d: {"generator_updates": 40, "seconds_per_update": 41.0})
+    row = {"teacher_logprob": -1.0, "mean_tokens": 50.0, "eos_rate": 1.0, "repetition_4": 0.0, "f1_1": 0.3, "rouge_l": 0.2}
+    choice = {"prompts": 64, "rows": {"smollm2-seqkd": row, "smollm2-gad": row, "smollm2-gad-kl": row}, "choice": "smollm2-gad-kl", "rule": "r"}
+    stages.run(TUNE_STAGE, {}, [], lambda d: choice)
+    size = quality.adopt_tuned_choice(stages, SIZES["cpu"])
+    assert FAMILIES["blackbox"][TUNED_ROW] == "blackbox-gad-kl"
+    assert size.vicuna_pairs[-1] == f"{TUNED_ROW}:smollm2-seqkd" and size.vicuna_pairs[:-1] == SIZES["cpu"].vicuna_pairs
+    tuning = tuning_results(stages)
+    assert tuning["changed"] == {"blackbox-gad-kl": {"kl_coef": 0.05}}
+    lines = tuning_lines(tuning)
+    assert "**Chosen: smollm2-gad-kl**" in lines[2] and "| blackbox-gad-kl | kl_coef=0.05 | 40 | 41.0 |" in lines
