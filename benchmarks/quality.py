@@ -1,7 +1,8 @@
 """Quality benchmark: real distillation from a stronger model, measured with program-checked suites and a calibrated judge.
 
     python benchmarks/quality.py --out runs/quality [--size auto|smoke|compact|cpu|full|gpu] [--only blackbox|whitebox|all]
-                                 [--whitebox-tuning lora|full] [--teacher-system TEXT] [--threads N] [--tune-gad] [--plan] [--report-now]
+                                 [--whitebox-tuning lora|full] [--teacher-system TEXT] [--threads N] [--seed N] [--reuse-from DIR] [--tune-gad]
+                                 [--plan] [--report-now]
 
 Needs `./setup.sh --models` (the two Qwen2.5-Coder built-ins) and ../shared/data beside the checkout.
 
@@ -77,6 +78,11 @@ no held-out set holds (stage tune-gad, its rule in quality_runs.TUNING_RULE). On
 as the row smollm2-gad-tuned (and judged against SeqKD on Vicuna), unless the default won. `--gad-variant
 NAME:key=value,...` (repeatable) adds a held-out row smollm2-gad-NAME by hand, matched the same way; finished rows are
 not redone.
+
+**Seeds.** `--seed N` sets every training run's seed; each seed has its own --out, and `--reuse-from` the first seed's
+--out reuses its teacher texts and the base and teacher rows' answers, log-probs and judge replies (every store is
+keyed by weights and request), so another seed pays only for its students. `benchmarks/quality_seeds.py` pools the
+runs: per seed, pooled over (seed, item) and the seed range, with paired tests.
 """
 
 from __future__ import annotations
@@ -91,7 +97,7 @@ from typing import Any
 from quality_results import results_markdown  # benchmarks/, beside this script
 from quality_runs import (COLLECT, DATA_DIR, DEFAULT_TEACHER_SYSTEM, FAMILIES, SIZES, TEACHER, TUNE_STAGE, TUNED_ROW,
                           WHITEBOX_TEACHER_SYSTEM, Size, collect_blackbox, collect_gsm8k, eval_rows, eval_stage, gad_variant,
-                          report_stage, sweep_configs, train_stage, training_configs, tune_stage, tuning_rows)
+                          report_stage, reuse_stores, sweep_configs, train_stage, training_configs, tune_stage, tuning_rows)
 from quality_stages import Stages, fast_machine, machine, say
 
 
@@ -130,6 +136,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--gad-variant", action="append", default=[], metavar="NAME:KEY=VALUE,...",
                         help="one more black-box GAD row, smollm2-gad-NAME, with these train settings over the default GAD's "
                              "(e.g. long-warmup:warmup_steps=16,lr=1e-5); repeatable; generator updates stay matched to SeqKD")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="every training run's seed; a second seed goes in its own --out (see --reuse-from)")
+    parser.add_argument("--reuse-from", type=Path, default=None, metavar="DIR",
+                        help="another run's --out: its teacher texts and the base and teacher rows' answers, log-probs and "
+                             "judge replies are reused (keyed by weights and request), so another seed pays only its students")
     parser.add_argument("--tune-gad", action="store_true",
                         help="train the size's declared GAD sweep, choose on the in-distribution tuning split only, and "
                              "evaluate the choice on the held-out sets as smollm2-gad-tuned (docstring, 'Tuning GAD')")
@@ -220,6 +231,8 @@ def main(argv: list[str] | None = None) -> None:
         write_results(size_name, size, args, Stages(args.out), finished, host, interim=True)
         return
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.reuse_from:
+        say(f"reused {reuse_stores(args.reuse_from.resolve(), args.out)} store(s) from {args.reuse_from}")
     stages = Stages(args.out)
     collect_work = {"blackbox": collect_blackbox, "whitebox": collect_gsm8k}
     for family in families:

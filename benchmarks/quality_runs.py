@@ -225,12 +225,33 @@ def collect_gsm8k(size: Size, args: argparse.Namespace) -> Callable[[Path], dict
     return work
 
 
+REUSABLE_STORES = ("teacher.jsonl", "generations.jsonl", "teacher_logprobs.jsonl", "judge.jsonl")
+
+
+def reuse_stores(source: Path, out: Path) -> int:
+    """--reuse-from: start this run's durable stores (the teacher's texts, every evaluation part's answers, the
+    teacher's log-probs, the judge's replies) with another run's. Each entry is keyed by the model's weights and the
+    exact request, so only what is the same here is reused: the teacher's texts and the base and teacher rows, never a
+    student trained with another seed. A store this run already has is left alone. Returns the files copied."""
+    if not (source / COLLECT["blackbox"]).is_dir() and not (source / COLLECT["whitebox"]).is_dir():
+        raise SystemExit(f"quality: --reuse-from {source}: not a quality run directory (no collect stage in it)")
+    copied = 0
+    for stage in [*COLLECT.values(), *(f"eval-{family}" for family in FAMILIES)]:
+        for path in sorted((source / stage).rglob("*.jsonl")) if (source / stage).is_dir() else []:
+            target = out / path.relative_to(source)
+            if path.name in REUSABLE_STORES and not target.exists():
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(path, target)
+                copied += 1
+    return copied
+
+
 # ---------------------------------------------------------------- training
 
 
 def training_configs(size: Size, args: argparse.Namespace, out: Path) -> dict[str, dict[str, Any]]:
     """Every training run's config (opdistill train keys); each run's config.yaml has the resolved values."""
-    common = {"seed": 0, "lr_schedule": "constant", "warmup_ratio": 0.0, "max_grad_norm": 1.0, "precision": args.precision,
+    common = {"seed": args.seed, "lr_schedule": "constant", "warmup_ratio": 0.0, "max_grad_norm": 1.0, "precision": args.precision,
               "checkpoint_every": size.checkpoint_every, "keep_checkpoints": 1}
     # SmolLM2 (135M) trains fully at the demo's learning rate; the 0.5B per --whitebox-tuning.
     blackbox = {**common, "data": str(out / "collect" / "train.jsonl"), "student": BLACKBOX_STUDENT, "lr": 2e-5,

@@ -18,7 +18,8 @@ from quality_runs import FAMILIES, SIZES, training_configs  # noqa: E402
 def plan_args(out: Path) -> object:
     import argparse
 
-    return argparse.Namespace(precision="auto", whitebox_tuning="lora", teacher_system="brief", out=out, data_dir=ROOT.parent / "shared" / "data")
+    return argparse.Namespace(precision="auto", whitebox_tuning="lora", teacher_system="brief", out=out, seed=0,
+                              data_dir=ROOT.parent / "shared" / "data")
 
 
 @pytest.mark.parametrize("size_name", sorted(SIZES))
@@ -304,3 +305,58 @@ def test_a_finished_sweeps_choice_is_a_held_out_row_in_every_later_invocation(tm
     assert tuning["changed"] == {"blackbox-gad-kl": {"kl_coef": 0.05}}
     lines = tuning_lines(tuning)
     assert "**Chosen: smollm2-gad-kl**" in lines[2] and "| blackbox-gad-kl | kl_coef=0.05 | 40 | 41.0 |" in lines
+
+
+def fake_seed_run(out: Path, seed: int, passes: dict[str, list[bool]]) -> Path:
+    import json
+
+    (out / "blackbox-seqkd").mkdir(parents=True)
+    (out / "blackbox-seqkd" / "done.json").write_text(json.dumps({"key": {"seed": seed}, "finished": 1.0}))
+    for row, items in passes.items():
+        folder = out / "eval-blackbox" / "ifeval" / "suites" / "ifeval" / row
+        folder.mkdir(parents=True)
+        (folder / "scores.jsonl").write_text("".join(json.dumps({"key": 1000 + i, "passed": p}) + "\n" for i, p in enumerate(items)))
+    return out
+
+
+def test_seeds_pool_per_item_over_seed_and_item_with_paired_tests(tmp_path: Path) -> None:
+    from quality_seeds import markdown, pool
+
+    base = [True, False, False, False]
+    first = fake_seed_run(tmp_path / "s0", 0, {"smollm2-base": base, "smollm2-seqkd": [True, True, False, False],
+                                                "smollm2-gad": [True, True, True, False]})
+    second = fake_seed_run(tmp_path / "s1", 1, {"smollm2-base": base, "smollm2-seqkd": [False, False, False, False],
+                                                 "smollm2-gad": [True, True, True, True], "smollm2-opd-xtok": [True] * 4})
+    results = pool([first, second])
+    table = results["sets"]["ifeval (blackbox/ifeval)"]
+    assert list(table["rows"]) == ["smollm2-base", "smollm2-seqkd", "smollm2-gad"]  # OPD is in one run only
+    gad = table["rows"]["smollm2-gad"]
+    assert gad["pooled"]["passed"] == 7 and gad["pooled"]["n"] == 8 and gad["seed_range"] == [0.75, 1.0]
+    versus = {(p["x"], p["y"]): p for p in table["paired"]}
+    assert set(versus) == {("smollm2-seqkd", "smollm2-base"), ("smollm2-gad", "smollm2-base"), ("smollm2-gad", "smollm2-seqkd")}
+    pooled = versus[("smollm2-gad", "smollm2-seqkd")]["pooled"]
+    assert (pooled["x_only"], pooled["y_only"], pooled["n"]) == (5, 0, 8)  # 1 in seed 0, 4 in seed 1
+    assert versus[("smollm2-gad", "smollm2-seqkd")]["per_seed"]["1"]["x_only"] == 4
+    assert "| smollm2-gad | 0.750 | 1.000 | 0.875" in markdown(results)
+    with pytest.raises(SystemExit, match="share a seed"):
+        pool([first, first])
+
+
+def test_reuse_from_copies_only_the_keyed_stores_and_keeps_what_a_run_has(tmp_path: Path) -> None:
+    from quality_runs import reuse_stores
+
+    source, out = tmp_path / "seed0", tmp_path / "seed1"
+    for name in ("collect/teacher.jsonl", "collect/train.jsonl", "eval-blackbox/ifeval/generations.jsonl",
+                 "eval-blackbox/vicuna/judge.jsonl", "eval-blackbox/ifeval/suites/ifeval/smollm2-base/scores.jsonl"):
+        (source / name).parent.mkdir(parents=True, exist_ok=True)
+        (source / name).write_text("from seed 0\n")
+    (out / "eval-blackbox" / "vicuna").mkdir(parents=True)
+    (out / "eval-blackbox" / "vicuna" / "judge.jsonl").write_text("its own\n")
+    assert reuse_stores(source, out) == 2
+    assert (out / "collect" / "teacher.jsonl").read_text() == "from seed 0\n"
+    assert (out / "eval-blackbox" / "ifeval" / "generations.jsonl").is_file()
+    assert not (out / "collect" / "train.jsonl").exists()  # built from the texts by the collect stage itself
+    assert not (out / "eval-blackbox" / "ifeval" / "suites").exists()  # scores follow from the answers
+    assert (out / "eval-blackbox" / "vicuna" / "judge.jsonl").read_text() == "its own\n"
+    with pytest.raises(SystemExit, match="not a quality run directory"):
+        reuse_stores(tmp_path / "nothing", out)
