@@ -113,12 +113,15 @@ def judged_table(table: dict[str, Any]) -> list[str]:
 
 def pair_table(pairs: list[dict[str, Any]]) -> list[str]:
     """Pairwise verdicts X vs Y: X's win rate (ties half, both orders averaged) with its interval, raw and
-    length-controlled."""
-    lines = ["| pair (judge, both orders) | items | X win rate [95% CI] | length-controlled [95% CI] | order consistency |",
-             "|---|---:|---|---|---:|"]
+    length-controlled; wins and losses (X, resp. Y, preferred in both orders) with their exact sign test."""
+    from opdistill.evaluate.stats import mcnemar_exact
+
+    lines = ["| pair (judge, both orders) | items | X win rate [95% CI] | length-controlled [95% CI] | order consistency "
+             "| X wins / ties / Y wins | sign test p |", "|---|---:|---|---|---:|---:|---:|"]
     return lines + [f"| {p['x']} vs {p['y']} | {p.get('n')} | {interval(p.get('win_rate'), [p.get('ci_low'), p.get('ci_high')])} | "
-                    f"{interval(p.get('lc_win_rate'), [p.get('lc_ci_low'), p.get('lc_ci_high')])} | {number(p.get('order_consistency'))} |"
-                    for p in pairs]
+                    f"{interval(p.get('lc_win_rate'), [p.get('lc_ci_low'), p.get('lc_ci_high')])} | {number(p.get('order_consistency'))} | "
+                    f"{p.get('wins')} / {p.get('ties')} / {p.get('losses')} | "
+                    f"{mcnemar_exact(p['wins'], p['losses']):.2g} |" for p in pairs]
 
 
 def sameness_table(table: dict[str, Any]) -> list[str]:

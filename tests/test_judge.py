@@ -103,6 +103,9 @@ def test_order_averaged_probabilities_and_their_summary():
     # prompt 0: X preferred in both orders (a win); prompt 1: the judge picks A both times (a tie)
     assert (summary["wins"], summary["ties"], summary["losses"], summary["order_consistency"]) == (1, 1, 0, 0.5)
     assert summary["win_rate"] == pytest.approx(0.65) and summary["unparsed"] == summary["failed"] == 0
+    assert summary["sign_p"] == 1.0  # one win, no loss: P(|Binomial(1, 1/2) - 1/2| >= 1/2) = 1
+    decisive = probability_summary([0.9] * 9 + [0.1] * 9)  # X preferred in both orders on all nine prompts
+    assert decisive["wins"] == 9 and decisive["sign_p"] == pytest.approx(2 / 2 ** 9)
     with_lengths = probability_summary(p_first, ([10, 20], [5, 30]))
     assert {"lc_win_rate", "lc_ci_low", "lc_ci_high", "length_coef"} <= set(with_lengths)
 

@@ -35,6 +35,8 @@ from typing import Any
 
 import numpy as np
 
+from .stats import mcnemar_exact
+
 VERDICT_PREFIX = "Verdict:"  # the forced start of a logit verdict's reply: PAIR_PROMPT asks for exactly this line
 RIDGE = 0.1  # on b1 only; what it costs and buys at 40 prompts: see the module docstring (tests/test_judge.py)
 
@@ -150,16 +152,18 @@ def length_controlled(outcomes: list[float], judged: list[int], lengths: Lengths
 
 
 def win_rate(outcomes: list[float]) -> dict[str, float | int | None]:
-    """Wins (both orders for X), losses (both for Y), ties (everything else), the mean and its 95% interval."""
+    """Wins (both orders for X), losses (both for Y), ties (everything else), the mean and its 95% interval, and the
+    exact sign test of wins against losses (`sign_p`: McNemar's test on the prompts the judge decided in both orders,
+    ties dropped), the paired test of the two rows."""
     n = len(outcomes)
     if not n:
         return {"n": 0, "wins": 0, "ties": 0, "losses": 0, "win_rate": None, "ci_low": None, "ci_high": None}
     mean = sum(outcomes) / n
     std = math.sqrt(sum((o - mean) ** 2 for o in outcomes) / (n - 1)) if n > 1 else 0.0
     half = 1.96 * std / math.sqrt(n)
-    return {"n": n, "wins": sum(o == 1.0 for o in outcomes), "ties": sum(0.0 < o < 1.0 for o in outcomes),
-            "losses": sum(o == 0.0 for o in outcomes), "win_rate": mean,
-            "ci_low": max(0.0, mean - half), "ci_high": min(1.0, mean + half)}
+    wins, losses = sum(o == 1.0 for o in outcomes), sum(o == 0.0 for o in outcomes)
+    return {"n": n, "wins": wins, "ties": n - wins - losses, "losses": losses, "win_rate": mean,
+            "ci_low": max(0.0, mean - half), "ci_high": min(1.0, mean + half), "sign_p": mcnemar_exact(wins, losses)}
 
 
 def probability_summary(p_first: list[float], lengths: Lengths | None = None) -> dict[str, Any]:
@@ -169,7 +173,8 @@ def probability_summary(p_first: list[float], lengths: Lengths | None = None) ->
     prefers_x = [(a > 0.5, b < 0.5) for a, b in zip(p_first[:n], p_first[n:])]  # per order: does the judge prefer X
     outcomes = probability_outcomes(p_first)
     wins, losses = sum(a and b for a, b in prefers_x), sum(not a and not b for a, b in prefers_x)
-    return {**win_rate(outcomes), "wins": wins, "losses": losses, "ties": n - wins - losses, "unparsed": 0, "failed": 0,
+    return {**win_rate(outcomes), "wins": wins, "losses": losses, "ties": n - wins - losses, "sign_p": mcnemar_exact(wins, losses),
+            "unparsed": 0, "failed": 0,
             "order_consistency": (wins + losses) / n if n else None, "method": "logit",
             **length_controlled(outcomes, list(range(n)), lengths)}
 
