@@ -1,7 +1,7 @@
 """Quality benchmark: real distillation from a stronger model, measured with program-checked suites and a calibrated judge.
 
     python benchmarks/quality.py --out runs/quality [--size auto|smoke|compact|cpu|full|gpu] [--only blackbox|whitebox|all]
-                                 [--whitebox-tuning lora|full] [--teacher-system TEXT] [--threads N] [--seed N] [--reuse-from DIR] [--tune-gad]
+                                 [--whitebox-tuning lora|full] [--teacher-system TEXT] [--threads N] [--seed N] [--reuse-from DIR] [--tune]
                                  [--plan] [--report-now]
 
 Needs `./setup.sh --models` (the two Qwen2.5-Coder built-ins) and ../shared/data beside the checkout.
@@ -70,14 +70,14 @@ on a GPU with every black-box prompt there is (524), 2,000 GSM8K questions, 260 
 suites. auto (the default): full on a GPU or a CPU with native bf16, compact otherwise. Every result records the
 machine it ran on and the size. `--plan` prints the stages and checks every training config, loading nothing.
 
-**Tuning GAD.** `--tune-gad` runs the size's declared sweep (Size.gad_sweep; the cpu size's: a one-epoch warm-up, a 50x KL
-coefficient, the discriminator at the generator's learning rate, 8 samples per prompt), each variant from the same
-teacher text with the same generator updates, and chooses among the default GAD and the variants on the tuning split
-alone: `tune_prompts` training-distribution prompts after the first train_prompts, which no student trained on and
-no held-out set holds (stage tune-gad, its rule in quality_runs.TUNING_RULE). Only the choice meets the held-out sets,
-as the row smollm2-gad-tuned (and judged against SeqKD on Vicuna), unless the default won. `--gad-variant
-NAME:key=value,...` (repeatable) adds a held-out row smollm2-gad-NAME by hand, matched the same way; finished rows are
-not redone.
+**Tuning.** `--tune` runs the size's declared sweeps (Size.gad_sweep and opd_sweep; the cpu size's: GAD with a one-epoch
+warm-up, a 50x KL coefficient, the discriminator at the generator's learning rate, 8 samples per prompt; cross-tokenizer
+OPD with the per-token estimator), each variant from the same teacher text with the same generator updates, and
+chooses per method among its default and its variants on the tuning split alone: `tune_prompts` training-distribution
+prompts after the first train_prompts, which no student trained on and no held-out set holds (stage tune, its rule in
+quality_runs.TUNING_RULE). Only the choices meet the held-out sets, as the rows smollm2-gad-tuned and
+smollm2-opd-xtok-tuned (judged against SeqKD on Vicuna too), unless a default won. `--gad-variant NAME:key=value,...`
+(repeatable) adds a held-out row smollm2-gad-NAME by hand, matched the same way; finished rows are not redone.
 
 **Seeds.** `--seed N` sets every training run's seed; each seed has its own --out, and `--reuse-from` the first seed's
 --out reuses its teacher texts and the base and teacher rows' answers, log-probs and judge replies (every store is
@@ -95,7 +95,7 @@ from pathlib import Path
 from typing import Any
 
 from quality_results import results_markdown  # benchmarks/, beside this script
-from quality_runs import (COLLECT, DATA_DIR, DEFAULT_TEACHER_SYSTEM, FAMILIES, SIZES, TEACHER, TUNE_STAGE, TUNED_ROW,
+from quality_runs import (COLLECT, DATA_DIR, DEFAULT_TEACHER_SYSTEM, FAMILIES, SIZES, TEACHER, TUNE_STAGE, TUNED,
                           WHITEBOX_TEACHER_SYSTEM, Size, collect_blackbox, collect_gsm8k, eval_rows, eval_stage, gad_variant,
                           report_stage, reuse_stores, sweep_configs, train_stage, training_configs, tune_stage, tuning_rows)
 from quality_stages import Stages, fast_machine, machine, say
@@ -141,9 +141,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--reuse-from", type=Path, default=None, metavar="DIR",
                         help="another run's --out: its teacher texts and the base and teacher rows' answers, log-probs and "
                              "judge replies are reused (keyed by weights and request), so another seed pays only its students")
-    parser.add_argument("--tune-gad", action="store_true",
-                        help="train the size's declared GAD sweep, choose on the in-distribution tuning split only, and "
-                             "evaluate the choice on the held-out sets as smollm2-gad-tuned (docstring, 'Tuning GAD')")
+    parser.add_argument("--tune", action="store_true",
+                        help="train the size's declared GAD and cross-tokenizer OPD sweeps, choose on the in-distribution "
+                             "tuning split only, and evaluate each choice on the held-out sets as smollm2-gad-tuned and "
+                             "smollm2-opd-xtok-tuned (docstring, 'Tuning')")
     parser.add_argument("--plan", action="store_true", help="print the stages and check every training config; load nothing")
     parser.add_argument("--report-now", action="store_true",
                         help="write results.md/json from the evaluation parts finished so far (interim tables of a run still going on)")
@@ -158,29 +159,35 @@ def add_gad_variants(specs: list[str], size: Size, configs: dict[str, dict[str, 
         configs[stage] = config
 
 
-def tune_gad(stages: Stages, size: Size, args: argparse.Namespace, sweep: dict[str, dict[str, Any]]) -> Size:
-    """Issue 38 item 4, once: train the declared sweep, choose on the in-distribution tuning split alone, and make the
-    choice a held-out row (smollm2-gad-tuned, judged against SeqKD on Vicuna too), unless it is the default GAD.
-    The variants themselves are never evaluated on a held-out set. Returns the size with the judged pair added."""
+def tune(stages: Stages, size: Size, args: argparse.Namespace, sweep: dict[str, dict[str, Any]]) -> Size:
+    """Issue 38 item 4, once: train the declared sweeps, choose on the in-distribution tuning split alone, and make
+    each method's choice a held-out row (smollm2-gad-tuned, smollm2-opd-xtok-tuned; judged against SeqKD on Vicuna
+    too), unless it is the method's default. The variants themselves never meet a held-out set. Returns the size
+    with the judged pairs added."""
     for stage, config in sweep.items():
         stages.run(stage, config, [COLLECT["blackbox"]], train_stage(config))
     rows = tuning_rows(args.out, sweep)
     key = {"rows": rows, "prompts": size.tune_prompts, "tokens": size.eval_tokens, "system": args.teacher_system, "precision": args.precision}
-    stages.run(TUNE_STAGE, key, ["blackbox-seqkd", "blackbox-gad", *sweep], tune_stage(size, args, rows), wipe_on_change=False)
-    if stages.info(TUNE_STAGE)["choice"] == "smollm2-gad":
-        say("tuning GAD: the sweep kept the default; the held-out sets have no new row")
-    return adopt_tuned_choice(stages, size)
+    stages.run(TUNE_STAGE, key, ["blackbox-seqkd", *(stage for stage, _ in TUNED.values()), *sweep], tune_stage(size, args, rows),
+               wipe_on_change=False)
+    for method, choice in stages.info(TUNE_STAGE)["choices"].items():
+        if choice == method:
+            say(f"tuning: {method}'s default won; the held-out sets get no new row for it")
+    return adopt_tuned_choices(stages, size)
 
 
-def adopt_tuned_choice(stages: Stages, size: Size) -> Size:
-    """Where --out holds a finished sweep, its choice is a black-box row in every later invocation (--only whitebox
-    and --report-now included), so no report drops it. Returns the size with its judged pair added."""
-    choice = stages.info(TUNE_STAGE).get("choice") if stages.finished(TUNE_STAGE) else None
-    if choice in (None, "smollm2-gad"):
-        return size
-    FAMILIES["blackbox"][TUNED_ROW] = "blackbox-" + choice.removeprefix("smollm2-")
-    pairs = size.vicuna_pairs and (*size.vicuna_pairs, f"{TUNED_ROW}:smollm2-seqkd")  # no pairs: every row meets the teacher
-    return replace(size, vicuna_pairs=tuple(pairs))
+def adopt_tuned_choices(stages: Stages, size: Size) -> Size:
+    """Where --out holds a finished sweep, each choice that is not its method's default is a black-box row in every
+    later invocation (--only whitebox and --report-now included), so no report drops it. Returns the size with the
+    judged pairs added."""
+    choices = stages.info(TUNE_STAGE).get("choices", {}) if stages.finished(TUNE_STAGE) else {}
+    pairs = list(size.vicuna_pairs)
+    for method, choice in choices.items():
+        if choice != method:
+            FAMILIES["blackbox"][TUNED[method][1]] = "blackbox-" + choice.removeprefix("smollm2-")
+            pairs.append(f"{TUNED[method][1]}:smollm2-seqkd")
+    # Without declared pairs every row meets the teacher on Vicuna, the tuned rows too.
+    return replace(size, vicuna_pairs=tuple(pairs)) if size.vicuna_pairs else size
 
 
 def check_plan(configs: dict[str, dict[str, Any]], families: list[str], sweep: dict[str, dict[str, Any]]) -> None:
@@ -196,7 +203,8 @@ def check_plan(configs: dict[str, dict[str, Any]], families: list[str], sweep: d
             build_config({**config, "out_dir": "/nonexistent"}, where=f"benchmarks/quality.py stage {stage}")
             say(f"stage {stage}: {json.dumps(config)}")
         if tuning:
-            say(f"stage {TUNE_STAGE}: choose among the GAD rows on the tuning split; the choice is evaluated as {TUNED_ROW}")
+            say(f"stage {TUNE_STAGE}: choose per method on the tuning split; the choices are evaluated as "
+                f"{', '.join(row for _, row in TUNED.values())}")
         say(f"stage eval-{family}")
     say("stage report")
 
@@ -219,11 +227,11 @@ def main(argv: list[str] | None = None) -> None:
     configs = training_configs(size, args, args.out)
     add_gad_variants(args.gad_variant, size, configs)
     families = list(FAMILIES) if args.only == "all" else [args.only]
-    sweep = sweep_configs(size_name, size, configs["blackbox-gad"]) if args.tune_gad and "blackbox" in families else {}
+    sweep = sweep_configs(size_name, size, configs) if args.tune and "blackbox" in families else {}
     if args.plan:
         check_plan(configs, families, sweep)
         return
-    size = adopt_tuned_choice(Stages(args.out), size)
+    size = adopt_tuned_choices(Stages(args.out), size)
     if args.report_now:  # read-only on the stages: a run in another process goes on and writes the final tables
         finished = [f for f in families if any((args.out / f"eval-{f}").glob("*/metrics.json"))]
         if not finished:
@@ -244,7 +252,7 @@ def main(argv: list[str] | None = None) -> None:
         for stage in FAMILIES[family].values():
             stages.run(stage, configs[stage], [COLLECT[family]], train_stage(configs[stage]))
         if family == "blackbox" and sweep:
-            size = tune_gad(stages, size, args, sweep)
+            size = tune(stages, size, args, sweep)
         rows = eval_rows(family, args.out)
         eval_key = {"rows": rows, "size": asdict(size), "system": key["system"], "precision": args.precision}
         # Not wiped on a change: generations and judge replies are cached by model weights and exact request.

@@ -156,14 +156,15 @@ def gad_signal_lines(training: dict[str, Any]) -> list[str]:
 
 
 def tuning_lines(tuning: dict[str, Any] | None) -> list[str]:
-    """The GAD sweep on the in-distribution tuning split: every row's columns, the rule and the choice, each
-    variant's cost and its discriminator's signals."""
+    """The sweeps on the in-distribution tuning split: every row's columns, the rule and the choices, each variant's
+    settings and cost, and for GAD's variants their discriminator's signals."""
     if not tuning:
         return []
-    lines = ["## Tuning GAD on the in-distribution split", "",
+    chosen = "; ".join(f"{method}: **{choice}**" for method, choice in tuning["choices"].items())
+    lines = ["## Tuning on the in-distribution split", "",
              f"{tuning['prompts']} training-distribution prompts no student trained on (none from IFEval or Vicuna). "
-             f"Rule, declared before the sweep ran: {tuning['rule']}. **Chosen: {tuning['choice']}**; only the choice is "
-             "evaluated on the held-out sets above.", "",
+             f"Rule, declared before the sweep ran: {tuning['rule']}. Chosen: {chosen}. Only a choice that is not its "
+             "method's default is evaluated on the held-out sets above.", "",
              f"| model | {SHARED_COLUMNS} F1-1 vs teacher | ROUGE-L |", "|---|---:|---:|---:|---:|---:|---:|"]
     lines += [f"| {label} | {shared_cells(r)} {number(r['f1_1'])} | {number(r['rouge_l'])} |"
               for label, r in tuning["rows"].items() if label != "teacher"]

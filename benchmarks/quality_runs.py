@@ -66,10 +66,11 @@ class Size:
     # these X:Y pairs of students without a teacher row (empty: every student against the teacher).
     teacher_items: int = 0
     vicuna_pairs: tuple[str, ...] = ()
-    # Tuning GAD (`--tune-gad`, issue 38 item 4): the declared sweep, one `NAME:key=value,...` variant per lever, and
+    # Tuning (`--tune`, issue 38 item 4): the declared sweeps, one `NAME:key=value,...` variant per lever, and
     # the in-distribution split it is chosen on: the `tune_prompts` training-distribution prompts after the first
     # train_prompts (never trained on, never an IFEval or Vicuna item). Empty: the size declares no sweep.
     gad_sweep: tuple[str, ...] = ()
+    opd_sweep: tuple[str, ...] = ()  # cross-tokenizer OPD's, the same way
     tune_prompts: int = 0
 
     @property
@@ -85,7 +86,7 @@ SIZES = {
     "smoke": Size(train_prompts=16, train_tokens=48, blackbox_batch=2, seqkd_steps=3, gad_warmup=2, gad_d_only=1, gad_samples=2,
                   gsm8k_questions=8, math_tokens=160, whitebox_batch=2, whitebox_steps=2, ifeval=3, vicuna=2, gsm8k_test=3,
                   math500=2, humaneval=2, suite_tokens=160, calibration=1, checkpoint_every=1,
-                  gad_sweep=("kl:kl_coef=0.05",), tune_prompts=3),
+                  gad_sweep=("kl:kl_coef=0.05",), opd_sweep=("per-token:divergence=reward",), tune_prompts=3),
     # A 2-core CPU with native bf16: about 2 h 15 min for the black-box family and 1 h 15 min for the white-box one,
     # estimated from the speeds measured there (docs/quality.md, "The verdict's setup"); --only splits them.
     "full": Size(train_prompts=128, train_tokens=128, blackbox_batch=4, seqkd_steps=78, gad_warmup=10, gad_d_only=2, gad_samples=4,
@@ -111,6 +112,10 @@ SIZES = {
                 # learning rate (the paper's equal rates; ours is 10x), and the paper's 8 samples per prompt.
                 gad_sweep=("warmup-epoch:warmup_steps=24,d_only_steps=2", "kl-0.05:kl_coef=0.05", "dlr-2e-5:d_lr=2e-5",
                            "samples-8:n_samples=8"),
+                # Cross-tokenizer OPD answered nothing on 65 of 541 IFEval prompts: reward_to_go charges the first token
+                # with the whole answer's KL, so ending at once is its cheapest sample. The per-token estimator (Thinking
+                # Machines' default, kl_discount 0) charges each token its own KL only.
+                opd_sweep=("per-token:divergence=reward",),
                 tune_prompts=64),
     # One command on a GPU: every black-box prompt there is, 2,000 GSM8K questions, the whole suites.
     "gpu": Size(train_prompts=524, train_tokens=256, blackbox_batch=16, seqkd_steps=300, gad_warmup=40, gad_d_only=10, gad_samples=8,
@@ -276,27 +281,42 @@ def training_configs(size: Size, args: argparse.Namespace, out: Path) -> dict[st
     }
 
 
-def gad_variant(spec: str, size: Size, gad: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-    """`NAME:key=value,...` -> (stage, config): GAD with these settings over `gad`'s (the default GAD run), from the
-    same teacher text. Its warm-up cross-entropy updates plus its adversarial ones equal SeqKD's updates, whatever
-    warm-up it asks for, and its prompts per update are the size's (compute matching)."""
+def parse_variant(spec: str, fixed: tuple[str, ...]) -> tuple[str, dict[str, Any]]:
+    """`NAME:key=value,...` -> (NAME, the train settings), refusing the keys that compute matching fixes."""
     from opdistill.config import parse_overrides
 
     name, _, settings = spec.partition(":")
     if not name.replace("-", "").replace(".", "").isalnum():
-        raise SystemExit(f"GAD variant {spec!r}: NAME must be letters, digits, dots and dashes")
+        raise SystemExit(f"variant {spec!r}: NAME must be letters, digits, dots and dashes")
     overrides = parse_overrides([item for item in settings.split(",") if item])  # the same parsing as `opdistill train k=v`
-    if "max_steps" in overrides:
-        raise SystemExit(f"GAD variant {spec!r}: max_steps follows from the warm-up (compute matching); set warmup_steps instead")
-    for fixed in ("batch_size", "rollout_batch_size", "micro_batch_size", "ppo_epochs"):
-        if fixed in overrides:  # each would change the prompts per generator update or the updates per step
-            raise SystemExit(f"GAD variant {spec!r}: {fixed} is fixed by the size (compute matching with SeqKD)")
+    for key in fixed:
+        if key in overrides:  # each would change the generator updates or the prompts per update
+            raise SystemExit(f"variant {spec!r}: {key} is fixed by the size (compute matching with SeqKD; GAD's max_steps "
+                             "follows from its warmup_steps)")
+    return name, overrides
+
+
+FIXED_OPD = ("max_steps", "batch_size", "rollout_batch_size", "micro_batch_size", "cross_tokenizer", "teacher")
+FIXED_GAD = ("max_steps", "batch_size", "rollout_batch_size", "micro_batch_size", "ppo_epochs")
+
+
+def gad_variant(spec: str, size: Size, gad: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """`NAME:key=value,...` -> (stage, config): GAD with these settings over `gad`'s (the default GAD run), from the
+    same teacher text. Its warm-up cross-entropy updates plus its adversarial ones equal SeqKD's updates, whatever
+    warm-up it asks for, and its prompts per update are the size's (compute matching)."""
+    name, overrides = parse_variant(spec, FIXED_GAD)
     config = {**gad, **overrides}
     config["max_steps"] = size.seqkd_steps - (config["warmup_steps"] - config["d_only_steps"])
     if config["max_steps"] < 1 or config["warmup_steps"] < config["d_only_steps"]:
-        raise SystemExit(f"GAD variant {spec!r}: its warm-up uses all {size.seqkd_steps} generator updates")
+        raise SystemExit(f"variant {spec!r}: its warm-up uses all {size.seqkd_steps} generator updates")
     config["rollout_batch_size"] = config["micro_batch_size"] = size.blackbox_batch * config["n_samples"]
     return f"blackbox-gad-{name}", config
+
+
+def opd_variant(spec: str, opd: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """The same for cross-tokenizer OPD over `opd`'s settings: the same updates of the same prompts."""
+    name, overrides = parse_variant(spec, FIXED_OPD)
+    return f"blackbox-opd-xtok-{name}", {**opd, **overrides}
 
 
 def train_stage(values: dict[str, Any]) -> Callable[[Path], dict[str, Any]]:
@@ -433,37 +453,48 @@ def read_metrics(directory: Path) -> dict[str, Any]:
     return merged
 
 
-# ---------------------------------------------------------------- tuning GAD on the in-distribution split
+# ---------------------------------------------------------------- tuning on the in-distribution split
 
-TUNE_STAGE = "tune-gad"
-TUNED_ROW = "smollm2-gad-tuned"  # the held-out row of the sweep's choice, where it is not the default GAD
-TUNING_RULE = ("the GAD row (the default or a variant) whose greedy answers to the tuning split have the highest mean "
-               "teacher log-prob per token (the teacher reading its privileged system prompt, its tokenizer)")
+TUNE_STAGE = "tune"
+# Each tuned method's default row -> its training stage and the held-out row of its sweep's choice (where the choice
+# is not the default).
+TUNED = {"smollm2-gad": ("blackbox-gad", "smollm2-gad-tuned"), "smollm2-opd-xtok": ("blackbox-opd-xtok", "smollm2-opd-xtok-tuned")}
+TUNING_RULE = ("for each method (GAD, cross-tokenizer OPD), the row (its default or a variant) whose greedy answers to the "
+               "tuning split have the highest mean teacher log-prob per token (the teacher reading its privileged system "
+               "prompt, its tokenizer)")
 
 
-def sweep_configs(size_name: str, size: Size, gad: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """The size's declared GAD sweep: stage -> config."""
-    if not size.gad_sweep or not size.tune_prompts:
-        raise SystemExit(f"quality: --tune-gad: size {size_name} declares no GAD sweep (Size.gad_sweep, tune_prompts); "
+def method_of(label: str) -> str | None:
+    """The tuned method a row belongs to (its default row's label), or None."""
+    return next((method for method in TUNED if label == method or label.startswith(method + "-")), None)
+
+
+def sweep_configs(size_name: str, size: Size, configs: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The size's declared sweeps, GAD's then cross-tokenizer OPD's: stage -> config."""
+    if not (size.gad_sweep or size.opd_sweep) or not size.tune_prompts:
+        raise SystemExit(f"quality: --tune: size {size_name} declares no sweep (Size.gad_sweep, opd_sweep, tune_prompts); "
                          "the cpu size does, or add --gad-variant rows by hand")
-    return dict(gad_variant(spec, size, gad) for spec in size.gad_sweep)
+    return {**dict(gad_variant(spec, size, configs["blackbox-gad"]) for spec in size.gad_sweep),
+            **dict(opd_variant(spec, configs["blackbox-opd-xtok"]) for spec in size.opd_sweep)}
 
 
 def tuning_rows(out: Path, sweep: dict[str, dict[str, Any]]) -> dict[str, str]:
-    """The tuning split's rows: the teacher, SeqKD (the row to beat), the default GAD and every variant."""
-    return {"teacher": TEACHER, "smollm2-seqkd": str(out / "blackbox-seqkd" / "student"), "smollm2-gad": str(out / "blackbox-gad" / "student"),
-            **{"smollm2-" + stage.removeprefix("blackbox-"): str(out / stage / "student") for stage in sweep}}
+    """The tuning split's rows: the teacher, SeqKD (the row to beat), each tuned method's default and its variants."""
+    stages = ["blackbox-seqkd", *(stage for stage, _ in TUNED.values()), *sweep]
+    return {"teacher": TEACHER, **{"smollm2-" + stage.removeprefix("blackbox-"): str(out / stage / "student") for stage in stages}}
 
 
-def choose_gad(rows: dict[str, dict[str, Any]]) -> str:
-    """TUNING_RULE: the GAD row the teacher finds likeliest per token. The teacher's log-prob is what every method
-    here moves the student toward, and no answer key exists in distribution; each row's length, EOS rate and
+def choose(rows: dict[str, dict[str, Any]]) -> dict[str, str]:
+    """TUNING_RULE: per method, the row the teacher finds likeliest per token. The teacher's log-prob is what every
+    method here moves the student toward, and no answer key exists in distribution; each row's length, EOS rate and
     repetition sit beside it in the table to show a gamed choice (on Vicuna at the compact size it put GAD last, as
     the calibrated judge did)."""
-    scores = {label: r["teacher_logprob"] for label, r in rows.items() if label.startswith("smollm2-gad") and r["teacher_logprob"] is not None}
-    if not scores:
-        raise RuntimeError("tuning GAD: no GAD row has a teacher log-prob on the tuning split")
-    return max(scores, key=lambda label: scores[label])
+    choices = {}
+    for method in TUNED:
+        scores = {label: r["teacher_logprob"] for label, r in rows.items() if method_of(label) == method and r["teacher_logprob"] is not None}
+        if scores:
+            choices[method] = max(scores, key=lambda label: scores[label])
+    return choices
 
 
 def tune_stage(size: Size, args: argparse.Namespace, rows: dict[str, str]) -> Callable[[Path], dict[str, Any]]:
@@ -478,9 +509,9 @@ def tune_stage(size: Size, args: argparse.Namespace, rows: dict[str, str]) -> Ca
                              prompts=[f"tune={directory / 'prompts.jsonl'}"], max_new_tokens=size.eval_tokens))
         result = json.loads((directory / "eval" / "metrics.json").read_text(encoding="utf-8"))["sets"]["tune"]
         table = {label: row_result(result, label) for label in rows}
-        choice = choose_gad(table)
-        say(f"tuning GAD: chose {choice} ({TUNING_RULE})")
-        return {"prompts": len(prompts), "rows": table, "choice": choice, "rule": TUNING_RULE}
+        choices = choose(table)
+        say(f"tuning: chose {', '.join(choices.values()) or 'nothing'} ({TUNING_RULE})")
+        return {"prompts": len(prompts), "rows": table, "choices": choices, "rule": TUNING_RULE}
 
     return work
 
@@ -490,9 +521,10 @@ def tuning_results(stages: Stages) -> dict[str, Any] | None:
     tuning = stages.info(TUNE_STAGE) if stages.finished(TUNE_STAGE) else {}
     if not tuning:
         return None
-    variants = ["blackbox-" + label.removeprefix("smollm2-") for label in tuning["rows"] if label.startswith("smollm2-gad-")]
-    default = stages.key("blackbox-gad") or {}
-    changed = {stage: {k: v for k, v in (stages.key(stage) or {}).items() if default.get(k) != v and k != "out_dir"} for stage in variants}
+    variants = {"blackbox-" + label.removeprefix("smollm2-"): TUNED[method][0] for label in tuning["rows"]
+                if (method := method_of(label)) and label != method}  # variant stage -> its default's stage
+    changed = {stage: {k: v for k, v in (stages.key(stage) or {}).items() if (stages.key(default) or {}).get(k) != v}
+               for stage, default in variants.items()}
     return {**tuning, "training": {stage: stages.info(stage) for stage in variants}, "changed": changed}
 
 

@@ -45,10 +45,23 @@ def test_plan_validates_every_training_config_without_loading_a_model(tmp_path: 
     assert not (tmp_path / "q").exists()  # a plan writes nothing
 
 
+def test_plan_with_tune_lists_the_declared_sweeps_before_the_held_out_evaluation(tmp_path: Path) -> None:
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "quality.py"), "--out", str(tmp_path / "q"), "--size", "cpu",
+                           "--only", "blackbox", "--plan", "--tune"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    order = [line.split()[2].rstrip(":") for line in done.stderr.splitlines() if line.startswith("quality: stage ")]
+    sweep = ["blackbox-gad-warmup-epoch", "blackbox-gad-kl-0.05", "blackbox-gad-dlr-2e-5", "blackbox-gad-samples-8",
+             "blackbox-opd-xtok-per-token"]
+    assert order == ["collect", "blackbox-seqkd", "blackbox-gad", "blackbox-opd-xtok", *sweep, "tune", "eval-blackbox", "report"]
+    refused = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "quality.py"), "--out", str(tmp_path / "q"), "--size", "full",
+                              "--only", "blackbox", "--plan", "--tune"], capture_output=True, text=True, timeout=300)
+    assert refused.returncode != 0 and "size full declares no sweep" in refused.stderr
+
+
 def test_plan_refuses_a_variant_that_sets_the_matched_step_count(tmp_path: Path) -> None:
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "quality.py"), "--out", str(tmp_path), "--size", "smoke",
                            "--plan", "--gad-variant", "x:max_steps=3"], capture_output=True, text=True, timeout=300)
-    assert done.returncode != 0 and "max_steps follows from the warm-up" in done.stderr
+    assert done.returncode != 0 and "max_steps is fixed by the size" in done.stderr
 
 
 def test_a_finished_stage_is_skipped_when_rerun_with_the_same_settings(tmp_path: Path) -> None:
@@ -221,32 +234,40 @@ def test_the_tuning_split_is_in_distribution_and_no_student_or_held_out_set_has_
     assert not held_out & set(tuning)
 
 
-def test_every_declared_gad_variant_keeps_generator_updates_and_prompts_matched(tmp_path: Path) -> None:
+def test_every_declared_variant_keeps_generator_updates_and_prompts_matched(tmp_path: Path) -> None:
     from quality_runs import sweep_configs
 
     for name in ("cpu", "smoke"):
         size = SIZES[name]
         configs = training_configs(size, plan_args(tmp_path), tmp_path)
-        sweep = sweep_configs(name, size, configs["blackbox-gad"])
-        assert len(sweep) == len(size.gad_sweep) >= 1
+        sweep = sweep_configs(name, size, configs)
+        assert len(sweep) == len(size.gad_sweep) + len(size.opd_sweep) >= 2
         for stage, config in sweep.items():
-            assert (config["warmup_steps"] - config["d_only_steps"]) + config["max_steps"] == configs["blackbox-seqkd"]["max_steps"]
-            assert config["batch_size"] == size.blackbox_batch and config["rollout_batch_size"] == size.blackbox_batch * config["n_samples"]
-    cpu = sweep_configs("cpu", SIZES["cpu"], training_configs(SIZES["cpu"], plan_args(tmp_path), tmp_path)["blackbox-gad"])
+            updates = config["max_steps"] + (config["warmup_steps"] - config["d_only_steps"] if config["method"] == "gad" else 0)
+            assert updates == configs["blackbox-seqkd"]["max_steps"] and config["batch_size"] == size.blackbox_batch
+            samples = config.get("n_samples", 1)  # OPD: one sample per prompt, as its default
+            assert config["rollout_batch_size"] == size.blackbox_batch * samples
+    cpu = sweep_configs("cpu", SIZES["cpu"], training_configs(SIZES["cpu"], plan_args(tmp_path), tmp_path))
     assert cpu["blackbox-gad-warmup-epoch"]["max_steps"] == 18 and cpu["blackbox-gad-samples-8"]["rollout_batch_size"] == 32
-    assert cpu["blackbox-gad-kl-0.05"]["kl_coef"] == 0.05 and float(cpu["blackbox-gad-dlr-2e-5"]["d_lr"]) == 2e-5  # as opdistill train reads it
-    with pytest.raises(SystemExit, match="declares no GAD sweep"):
+    assert cpu["blackbox-gad-kl-0.05"]["kl_coef"] == 0.05 and float(cpu["blackbox-gad-dlr-2e-5"]["d_lr"]) == 2e-5  # as train reads it
+    per_token = cpu["blackbox-opd-xtok-per-token"]
+    assert per_token["divergence"] == "reward" and per_token["cross_tokenizer"] is True and per_token["max_steps"] == 40
+    with pytest.raises(SystemExit, match="declares no sweep"):
         sweep_configs("gpu", SIZES["gpu"], {})
+    from quality_runs import opd_variant
+    with pytest.raises(SystemExit, match="rollout_batch_size is fixed by the size"):
+        opd_variant("x:rollout_batch_size=8", cpu["blackbox-opd-xtok-per-token"])
 
 
-def test_the_tuning_rule_picks_the_gad_row_the_teacher_finds_likeliest_never_seqkd() -> None:
-    from quality_runs import choose_gad
+def test_the_tuning_rule_picks_per_method_the_row_the_teacher_finds_likeliest_never_seqkd() -> None:
+    from quality_runs import choose
 
     rows = {"teacher": {"teacher_logprob": -0.2}, "smollm2-seqkd": {"teacher_logprob": -0.9}, "smollm2-gad": {"teacher_logprob": -1.3},
-            "smollm2-gad-kl-0.05": {"teacher_logprob": -1.1}, "smollm2-gad-x": {"teacher_logprob": None}}
-    assert choose_gad(rows) == "smollm2-gad-kl-0.05"
+            "smollm2-gad-kl-0.05": {"teacher_logprob": -1.1}, "smollm2-gad-x": {"teacher_logprob": None},
+            "smollm2-opd-xtok": {"teacher_logprob": -1.0}, "smollm2-opd-xtok-per-token": {"teacher_logprob": -1.2}}
+    assert choose(rows) == {"smollm2-gad": "smollm2-gad-kl-0.05", "smollm2-opd-xtok": "smollm2-opd-xtok"}
     rows["smollm2-gad"]["teacher_logprob"] = -1.0
-    assert choose_gad(rows) == "smollm2-gad"  # the default can win: then no new held-out row
+    assert choose(rows)["smollm2-gad"] == "smollm2-gad"  # the default can win: then no new held-out row
 
 
 def test_the_tuning_stage_scores_every_row_on_the_tuning_split_only_and_chooses(tiny_model: Path, tmp_path: Path) -> None:
@@ -278,7 +299,7 @@ def test_the_tuning_stage_scores_every_row_on_the_tuning_split_only_and_chooses(
     size = replace(SIZES["smoke"], train_tokens=12)
     args = argparse.Namespace(teacher_system="", precision="fp32", data_dir=DATA_DIR)
     info = tune_stage(size, args, rows)(tmp_path / "tune")
-    assert info["choice"] == "smollm2-gad-same" and set(info["rows"]) == set(rows)
+    assert info["choices"] == {"smollm2-gad": "smollm2-gad-same"} and set(info["rows"]) == set(rows)
     assert info["rows"]["smollm2-gad-same"]["teacher_logprob"] > info["rows"]["smollm2-gad"]["teacher_logprob"]
     answered = [json.loads(line) for line in (tmp_path / "tune" / "eval" / "generations.jsonl").read_text().splitlines()]
     assert {row["set"] for row in answered} == {"tune"} and len(answered) == len(rows) * size.tune_prompts
@@ -288,23 +309,27 @@ def test_the_tuning_stage_scores_every_row_on_the_tuning_split_only_and_chooses(
 def test_a_finished_sweeps_choice_is_a_held_out_row_in_every_later_invocation(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import quality
     from quality_results import tuning_lines
-    from quality_runs import TUNE_STAGE, TUNED_ROW, tuning_results
+    from quality_runs import TUNE_STAGE, tuning_results
     from quality_stages import Stages
 
-    monkeypatch.setitem(FAMILIES, "blackbox", dict(FAMILIES["blackbox"]))  # adopting the choice registers a row
+    monkeypatch.setitem(FAMILIES, "blackbox", dict(FAMILIES["blackbox"]))  # adopting a choice registers a row
     stages = Stages(tmp_path)
     stages.run("blackbox-gad", {"kl_coef": 0.001, "d_lr": 2e-4}, [], lambda d: {"generator_updates": 40})
     stages.run("blackbox-gad-kl", {"kl_coef": 0.05, "d_lr": 2e-4}, [], lambda d: {"generator_updates": 40, "seconds_per_update": 41.0})
+    stages.run("blackbox-opd-xtok", {"divergence": "reward_to_go"}, [], lambda d: {"generator_updates": 40})
+    stages.run("blackbox-opd-xtok-per-token", {"divergence": "reward"}, [], lambda d: {"generator_updates": 40, "seconds_per_update": 26.0})
     row = {"teacher_logprob": -1.0, "mean_tokens": 50.0, "eos_rate": 1.0, "repetition_4": 0.0, "f1_1": 0.3, "rouge_l": 0.2}
-    choice = {"prompts": 64, "rows": {"smollm2-seqkd": row, "smollm2-gad": row, "smollm2-gad-kl": row}, "choice": "smollm2-gad-kl", "rule": "r"}
-    stages.run(TUNE_STAGE, {}, [], lambda d: choice)
-    size = quality.adopt_tuned_choice(stages, SIZES["cpu"])
-    assert FAMILIES["blackbox"][TUNED_ROW] == "blackbox-gad-kl"
-    assert size.vicuna_pairs[-1] == f"{TUNED_ROW}:smollm2-seqkd" and size.vicuna_pairs[:-1] == SIZES["cpu"].vicuna_pairs
+    labels = ["smollm2-seqkd", "smollm2-gad", "smollm2-gad-kl", "smollm2-opd-xtok", "smollm2-opd-xtok-per-token"]
+    choices = {"smollm2-gad": "smollm2-gad-kl", "smollm2-opd-xtok": "smollm2-opd-xtok"}  # OPD's default won
+    stages.run(TUNE_STAGE, {}, [], lambda d: {"prompts": 64, "rows": {label: row for label in labels}, "choices": choices, "rule": "r"})
+    size = quality.adopt_tuned_choices(stages, SIZES["cpu"])
+    assert FAMILIES["blackbox"]["smollm2-gad-tuned"] == "blackbox-gad-kl" and "smollm2-opd-xtok-tuned" not in FAMILIES["blackbox"]
+    assert size.vicuna_pairs == (*SIZES["cpu"].vicuna_pairs, "smollm2-gad-tuned:smollm2-seqkd")
     tuning = tuning_results(stages)
-    assert tuning["changed"] == {"blackbox-gad-kl": {"kl_coef": 0.05}}
+    assert tuning["changed"] == {"blackbox-gad-kl": {"kl_coef": 0.05}, "blackbox-opd-xtok-per-token": {"divergence": "reward"}}
     lines = tuning_lines(tuning)
-    assert "**Chosen: smollm2-gad-kl**" in lines[2] and "| blackbox-gad-kl | kl_coef=0.05 | 40 | 41.0 |" in lines
+    assert "smollm2-gad: **smollm2-gad-kl**; smollm2-opd-xtok: **smollm2-opd-xtok**" in lines[2]
+    assert "| blackbox-gad-kl | kl_coef=0.05 | 40 | 41.0 |" in lines and "| blackbox-opd-xtok-per-token | divergence=reward | 40 | 26.0 |" in lines
 
 
 def fake_seed_run(out: Path, seed: int, passes: dict[str, list[bool]]) -> Path:
