@@ -157,7 +157,7 @@ def win_rate(outcomes: list[float]) -> dict[str, float | int | None]:
     ties dropped), the paired test of the two rows."""
     n = len(outcomes)
     if not n:
-        return {"n": 0, "wins": 0, "ties": 0, "losses": 0, "win_rate": None, "ci_low": None, "ci_high": None}
+        return {"n": 0, "wins": 0, "ties": 0, "losses": 0, "win_rate": None, "ci_low": None, "ci_high": None, "sign_p": None}
     mean = sum(outcomes) / n
     std = math.sqrt(sum((o - mean) ** 2 for o in outcomes) / (n - 1)) if n > 1 else 0.0
     half = 1.96 * std / math.sqrt(n)
