@@ -185,7 +185,7 @@ def adopt_tuned_choices(stages: Stages, size: Size) -> Size:
     for method, choice in choices.items():
         if choice != method:
             FAMILIES["blackbox"][TUNED[method][1]] = "blackbox-" + choice.removeprefix("smollm2-")
-            pairs.append(f"{TUNED[method][1]}:smollm2-seqkd")
+            pairs += [pair for pair in [f"{TUNED[method][1]}:smollm2-seqkd"] if pair not in pairs]  # adopted twice: once
     # Without declared pairs every row meets the teacher on Vicuna, the tuned rows too.
     return replace(size, vicuna_pairs=tuple(pairs)) if size.vicuna_pairs else size
 

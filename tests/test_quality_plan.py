@@ -325,6 +325,7 @@ def test_a_finished_sweeps_choice_is_a_held_out_row_in_every_later_invocation(tm
     size = quality.adopt_tuned_choices(stages, SIZES["cpu"])
     assert FAMILIES["blackbox"]["smollm2-gad-tuned"] == "blackbox-gad-kl" and "smollm2-opd-xtok-tuned" not in FAMILIES["blackbox"]
     assert size.vicuna_pairs == (*SIZES["cpu"].vicuna_pairs, "smollm2-gad-tuned:smollm2-seqkd")
+    assert quality.adopt_tuned_choices(stages, size) == size  # main adopts before the run and again after tuning
     tuning = tuning_results(stages)
     assert tuning["changed"] == {"blackbox-gad-kl": {"kl_coef": 0.05}, "blackbox-opd-xtok-per-token": {"divergence": "reward"}}
     lines = tuning_lines(tuning)
