@@ -1,7 +1,7 @@
 """Quality benchmark: real distillation from a stronger model, measured with program-checked suites and a calibrated judge.
 
     python benchmarks/quality.py --out runs/quality [--size auto|smoke|compact|cpu|full|gpu] [--only blackbox|whitebox|all]
-                                 [--whitebox-tuning lora|full] [--teacher-system TEXT] [--threads N] [--seed N] [--reuse-from DIR] [--tune]
+                                 [--whitebox-tuning lora|full] [--teacher-system TEXT] [--threads N] [--seed N] [--reuse-from DIR] [--tune | --tuned-from DIR]
                                  [--plan] [--report-now]
 
 Needs `./setup.sh --models` (the two Qwen2.5-Coder built-ins) and ../shared/data beside the checkout.
@@ -82,7 +82,9 @@ smollm2-opd-xtok-tuned (judged against SeqKD on Vicuna too), unless a default wo
 **Seeds.** `--seed N` sets every training run's seed; each seed has its own --out, and `--reuse-from` the first seed's
 --out reuses its teacher texts and the base and teacher rows' answers, log-probs and judge replies (every store is
 keyed by weights and request), so another seed pays only for its students. `benchmarks/quality_seeds.py` pools the
-runs: per seed, pooled over (seed, item) and the seed range, with paired tests.
+runs: per seed, over the seeds with intervals over items, and the seed range, with paired tests. `--tuned-from` the
+first seed's --out trains its sweep's choices here as the *-tuned rows, so every seed has the same tuned settings
+and the tuning is done once.
 """
 
 from __future__ import annotations
@@ -97,7 +99,7 @@ from typing import Any
 from quality_results import results_markdown  # benchmarks/, beside this script
 from quality_runs import (COLLECT, DATA_DIR, DEFAULT_TEACHER_SYSTEM, FAMILIES, SIZES, TEACHER, TUNE_STAGE, TUNED,
                           WHITEBOX_TEACHER_SYSTEM, Size, collect_blackbox, collect_gsm8k, eval_rows, eval_stage, gad_variant,
-                          report_stage, reuse_stores, sweep_configs, train_stage, training_configs, tune_stage, tuning_rows)
+                          eval_settings, report_stage, reuse_stores, sweep_configs, train_stage, training_configs, tune_stage, tuning_rows)
 from quality_stages import Stages, fast_machine, machine, say
 
 
@@ -141,6 +143,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--reuse-from", type=Path, default=None, metavar="DIR",
                         help="another run's --out: its teacher texts and the base and teacher rows' answers, log-probs and "
                              "judge replies are reused (keyed by weights and request), so another seed pays only its students")
+    parser.add_argument("--tuned-from", type=Path, default=None, metavar="DIR",
+                        help="another run's --out whose --tune has chosen: train its choices here (this seed) as the "
+                             "*-tuned rows, without sweeping again")
     parser.add_argument("--tune", action="store_true",
                         help="train the size's declared GAD and cross-tokenizer OPD sweeps, choose on the in-distribution "
                              "tuning split only, and evaluate each choice on the held-out sets as smollm2-gad-tuned and "
@@ -176,16 +181,45 @@ def tune(stages: Stages, size: Size, args: argparse.Namespace, sweep: dict[str, 
     return adopt_tuned_choices(stages, size)
 
 
+TAKEN_CHOICES = "tuned.json"  # in --out: the choices --tuned-from took over from another run's sweep
+
+
+def recorded_choices(stages: Stages) -> dict[str, str]:
+    """Method -> chosen row, from this run's finished sweep, or from the run whose choices it took over."""
+    if stages.finished(TUNE_STAGE):
+        return stages.info(TUNE_STAGE).get("choices", {})
+    taken = stages.out / TAKEN_CHOICES
+    return json.loads(taken.read_text(encoding="utf-8"))["choices"] if taken.is_file() else {}
+
+
+def take_tuned_choices(source: Path, configs: dict[str, dict[str, Any]]) -> dict[str, str]:
+    """--tuned-from: another run's choices, trained here as this run's own stages (its seed, its texts): each variant
+    is this run's default config with the settings the chosen variant changed there. Tuning stays once."""
+    theirs = Stages(source)
+    if not theirs.finished(TUNE_STAGE):
+        raise SystemExit(f"quality: --tuned-from {source}: its sweep has not chosen yet (no finished stage {TUNE_STAGE})")
+    choices = theirs.info(TUNE_STAGE)["choices"]
+    for method, choice in choices.items():
+        if choice != method:
+            default, stage = TUNED[method][0], "blackbox-" + choice.removeprefix("smollm2-")
+            changed = {k: v for k, v in theirs.key(stage).items() if theirs.key(default).get(k) != v}
+            configs[stage] = {**configs[default], **changed}
+    return choices
+
+
 def adopt_tuned_choices(stages: Stages, size: Size) -> Size:
-    """Where --out holds a finished sweep, each choice that is not its method's default is a black-box row in every
-    later invocation (--only whitebox and --report-now included), so no report drops it. Returns the size with the
-    judged pairs added."""
-    choices = stages.info(TUNE_STAGE).get("choices", {}) if stages.finished(TUNE_STAGE) else {}
-    pairs = list(size.vicuna_pairs)
+    """Where --out holds a finished sweep (or choices taken over), each choice that is not its method's default is a
+    black-box row in every later invocation (--only whitebox and --report-now included), so no report drops it.
+    Returns the size with the judged pairs added."""
+    choices = recorded_choices(stages)
+    tuned_rows = [row for _, row in TUNED.values()]
+    for row in tuned_rows:  # a choice made again (the sweep or its inputs redone) replaces the one adopted before
+        FAMILIES["blackbox"].pop(row, None)
+    pairs = [pair for pair in size.vicuna_pairs if pair.split(":")[0] not in tuned_rows]
     for method, choice in choices.items():
         if choice != method:
             FAMILIES["blackbox"][TUNED[method][1]] = "blackbox-" + choice.removeprefix("smollm2-")
-            pairs += [pair for pair in [f"{TUNED[method][1]}:smollm2-seqkd"] if pair not in pairs]  # adopted twice: once
+            pairs.append(f"{TUNED[method][1]}:smollm2-seqkd")
     # Without declared pairs every row meets the teacher on Vicuna, the tuned rows too.
     return replace(size, vicuna_pairs=tuple(pairs)) if size.vicuna_pairs else size
 
@@ -227,10 +261,18 @@ def main(argv: list[str] | None = None) -> None:
     configs = training_configs(size, args, args.out)
     add_gad_variants(args.gad_variant, size, configs)
     families = list(FAMILIES) if args.only == "all" else [args.only]
-    sweep = sweep_configs(size_name, size, configs) if args.tune and "blackbox" in families else {}
+    if args.tune and "blackbox" not in families:
+        raise SystemExit("quality: --tune tunes the black-box methods; run it with --only blackbox or all")
+    sweep = sweep_configs(size_name, size, configs) if args.tune else {}
+    if args.tune and args.tuned_from:
+        raise SystemExit("quality: --tune sweeps here, --tuned-from takes another run's choices: pass one of them")
+    taken = take_tuned_choices(args.tuned_from.resolve(), configs) if args.tuned_from else {}
     if args.plan:
         check_plan(configs, families, sweep)
         return
+    if taken:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / TAKEN_CHOICES).write_text(json.dumps({"from": str(args.tuned_from.resolve()), "choices": taken}), encoding="utf-8")
     size = adopt_tuned_choices(Stages(args.out), size)
     if args.report_now:  # read-only on the stages: a run in another process goes on and writes the final tables
         finished = [f for f in families if any((args.out / f"eval-{f}").glob("*/metrics.json"))]
@@ -250,11 +292,12 @@ def main(argv: list[str] | None = None) -> None:
                "system": args.teacher_system if family == "blackbox" else WHITEBOX_TEACHER_SYSTEM}
         stages.run(COLLECT[family], key, [], collect_work[family](size, args))
         for stage in FAMILIES[family].values():
-            stages.run(stage, configs[stage], [COLLECT[family]], train_stage(configs[stage]))
+            config = configs.get(stage) or stages.key(stage)  # a tuned row's stage: its sweep trained it, with this config
+            stages.run(stage, config, [COLLECT[family]], train_stage(config))
         if family == "blackbox" and sweep:
             size = tune(stages, size, args, sweep)
         rows = eval_rows(family, args.out)
-        eval_key = {"rows": rows, "size": asdict(size), "system": key["system"], "precision": args.precision}
+        eval_key = {"rows": rows, "size": eval_settings(family, size), "system": key["system"], "precision": args.precision}
         # Not wiped on a change: generations and judge replies are cached by model weights and exact request.
         stages.run(f"eval-{family}", eval_key, list(FAMILIES[family].values()), eval_stage(family, size, args, rows), wipe_on_change=False)
     # Families finished in an earlier invocation are reported too; an evaluation that did not finish is not.

@@ -14,6 +14,10 @@ def number(value: Any, digits: int = 2) -> str:
     return "–" if not isinstance(value, (int, float)) else f"{value:.{digits}f}"
 
 
+def p_value(value: Any) -> str:
+    return "–" if value is None else f"{value:.2g}"
+
+
 def row_result(set_result: dict[str, Any], label: str) -> dict[str, Any]:
     """One row's scores on one prompt set, flat, from the evaluation's metrics.json."""
     values = set_result["models"][label]
@@ -121,7 +125,7 @@ def pair_table(pairs: list[dict[str, Any]]) -> list[str]:
     return lines + [f"| {p['x']} vs {p['y']} | {p.get('n')} | {interval(p.get('win_rate'), [p.get('ci_low'), p.get('ci_high')])} | "
                     f"{interval(p.get('lc_win_rate'), [p.get('lc_ci_low'), p.get('lc_ci_high')])} | {number(p.get('order_consistency'))} | "
                     f"{p.get('wins')} / {p.get('ties')} / {p.get('losses')} | "
-                    f"{mcnemar_exact(p['wins'], p['losses']):.2g} |" for p in pairs]
+                    f"{p_value(p.get('sign_p', mcnemar_exact(p['wins'], p['losses'])))} |" for p in pairs]  # older results: no sign_p
 
 
 def sameness_table(table: dict[str, Any]) -> list[str]:

@@ -241,7 +241,7 @@ def reuse_stores(source: Path, out: Path) -> int:
     if not (source / COLLECT["blackbox"]).is_dir() and not (source / COLLECT["whitebox"]).is_dir():
         raise SystemExit(f"quality: --reuse-from {source}: not a quality run directory (no collect stage in it)")
     copied = 0
-    for stage in [*COLLECT.values(), *(f"eval-{family}" for family in FAMILIES)]:
+    for stage in [*COLLECT.values(), *(f"eval-{family}" for family in FAMILIES), TUNE_STAGE]:
         for path in sorted((source / stage).rglob("*.jsonl")) if (source / stage).is_dir() else []:
             target = out / path.relative_to(source)
             if path.name in REUSABLE_STORES and not target.exists():
@@ -368,6 +368,16 @@ def eval_rows(family: str, out: Path) -> dict[str, str]:
     """Row label -> model: the teacher, the family's base student and its trained students."""
     label, model = BASE_ROWS[family]
     return {"teacher": TEACHER, label: model, **{row: str(out / stage / "student") for row, stage in FAMILIES[family].items()}}
+
+
+EVAL_FIELDS = {"blackbox": ("ifeval", "vicuna", "train_tokens", "calibration", "teacher_items", "vicuna_pairs"),
+               "whitebox": ("gsm8k_test", "math500", "humaneval", "suite_tokens", "teacher_items")}
+
+
+def eval_settings(family: str, size: Size) -> dict[str, Any]:
+    """What a family's evaluation reads from the size (its stage key): a change to another field (a sweep, the other
+    family's items) does not redo it."""
+    return {name: getattr(size, name) for name in EVAL_FIELDS[family]}
 
 
 def eval_common(rows: dict[str, str], system: str, args: argparse.Namespace) -> dict[str, Any]:

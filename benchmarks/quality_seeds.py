@@ -5,10 +5,11 @@
         --reuse-from runs/quality-cpu                                                                  # the same texts
     python benchmarks/quality_seeds.py runs/quality-cpu runs/quality-cpu-seed1 --out runs/quality-seeds.md
 
-For every program-checked suite of every evaluation part the runs share: each row's accuracy per seed, pooled over
-(seed, item) with its 95% Wilson interval, and the seed range; McNemar's exact test of each trained row against the
-base and against SeqKD, per seed and pooled (every (seed, item) one pair; the base row is the same model in every
-seed). Rows missing from a run are left out of the pooled table.
+For every program-checked suite of every evaluation part the runs share: each row's accuracy per seed, over the
+seeds with its 95% interval over items, and the seed range; each trained row against the base and against SeqKD,
+per seed (McNemar's exact test) and over the seeds (the sign test of the items one row passed in more seeds than the
+other: the item is the unit, as opdistill.evaluate.stats says why). Rows missing from a run are left out; a tuned
+row is pooled only where every run tuned to the same variant.
 """
 
 from __future__ import annotations
@@ -23,12 +24,26 @@ from quality_stages import read_json_lines  # benchmarks/, beside this script
 
 def item_passes(run: Path) -> dict[str, dict[str, dict[Any, bool]]]:
     """`SUITE (FAMILY/PART)` -> row -> item key -> passed, from a run's per-item scores (scores.jsonl)."""
+    from opdistill.evaluate.suites import get_suite
+
     found: dict[str, dict[str, dict[Any, bool]]] = {}
     for scores in sorted(run.glob("eval-*/*/suites/*/*/scores.jsonl")):
         row, suite, part, family = scores.parent.name, scores.parents[1].name, scores.parents[3].name, scores.parents[4].name
+        field = get_suite(suite).id_field  # each suite names its items its own way (IFEval's key, HumanEval's task_id...)
         found.setdefault(f"{suite} ({family.removeprefix('eval-')}/{part})", {})[row] = \
-            {item["key"]: bool(item["passed"]) for item in read_json_lines(scores)}
+            {item[field]: bool(item["passed"]) for item in read_json_lines(scores)}
     return found
+
+
+def tuned_variants(run: Path) -> dict[str, str]:
+    """Which variant each *-tuned row of a run is: its sweep's choice (stage tune) or the choice it took over
+    (--tuned-from, tuned.json)."""
+    for path in (run / "tune" / "done.json", run / "tuned.json"):
+        if path.is_file():
+            record = json.loads(path.read_text())
+            choices = record.get("info", record).get("choices", {})
+            return {f"{method}-tuned": choice for method, choice in choices.items() if choice != method}
+    return {}
 
 
 def run_seed(run: Path) -> int:
@@ -40,19 +55,19 @@ def run_seed(run: Path) -> int:
     raise SystemExit(f"quality_seeds: {run}: no finished SeqKD stage, so no seed; is it a benchmarks/quality.py --out?")
 
 
-def pooled_set(per_run: list[dict[str, dict[Any, bool]]], seeds: list[int]) -> dict[str, Any]:
+def pooled_set(per_run: list[dict[str, dict[Any, bool]]], seeds: list[int], unpoolable: set[str]) -> dict[str, Any]:
     """One suite part over the runs: per-seed and pooled accuracy per row, and the paired tests."""
-    from opdistill.evaluate.stats import paired_comparison, proportion
+    from opdistill.evaluate.stats import paired_comparison, paired_over_seeds, proportion, rate_over_seeds
 
     def order(row: str) -> int:  # the reports' order: teacher, base, SeqKD, then the on-policy rows
         return next((rank for rank, end in enumerate(("teacher", "-base", "-seqkd")) if row.endswith(end)), 3)
 
-    rows = sorted((row for row in per_run[0] if all(row in run for run in per_run)), key=order)
+    rows = sorted((row for row in per_run[0] if all(row in run for run in per_run) and row not in unpoolable), key=order)
     keys = sorted(set.intersection(*(set(run[row]) for run in per_run for row in rows)), key=str)
     table: dict[str, Any] = {"items": len(keys), "rows": {}, "paired": []}
     for row in rows:
         per_seed = [proportion(sum(run[row][k] for k in keys), len(keys)) for run in per_run]
-        pooled = proportion(sum(p["passed"] for p in per_seed), len(keys) * len(per_run))
+        pooled = rate_over_seeds([[run[row][k] for k in keys] for run in per_run])
         shares = [p["accuracy"] for p in per_seed]
         table["rows"][row] = {"per_seed": dict(zip(map(str, seeds), per_seed)), "pooled": pooled, "seed_range": [min(shares), max(shares)]}
     base = next((row for row in rows if row.endswith("-base")), None)
@@ -61,7 +76,7 @@ def pooled_set(per_run: list[dict[str, dict[Any, bool]]], seeds: list[int]) -> d
     wanted = [(x, base) for x in trained if base] + [(x, seqkd) for x in trained if seqkd and x != seqkd]
     for x, y in wanted:
         per_seed = {str(s): paired_comparison([run[x][k] for k in keys], [run[y][k] for k in keys]) for s, run in zip(seeds, per_run)}
-        pooled = paired_comparison([run[x][k] for run in per_run for k in keys], [run[y][k] for run in per_run for k in keys])
+        pooled = paired_over_seeds([[run[x][k] for k in keys] for run in per_run], [[run[y][k] for k in keys] for run in per_run])
         table["paired"].append({"x": x, "y": y, "pooled": pooled, "per_seed": per_seed})
     return table
 
@@ -74,18 +89,25 @@ def pool(runs: list[Path]) -> dict[str, Any]:
     shared = [name for name in passes[0] if all(name in p for p in passes[1:])]
     if not shared:
         raise SystemExit("quality_seeds: the runs have no evaluated suite in common")
-    return {"runs": [str(r) for r in runs], "seeds": seeds, "sets": {name: pooled_set([p[name] for p in passes], seeds) for name in shared}}
+    variants = [tuned_variants(run) for run in runs]
+    unpoolable = {row for v in variants for row in v if len({other.get(row) for other in variants}) > 1}
+    return {"runs": [str(r) for r in runs], "seeds": seeds, "tuned": variants, "left_out": sorted(unpoolable),
+            "sets": {name: pooled_set([p[name] for p in passes], seeds, unpoolable) for name in shared}}
 
 
 def percent(p: dict[str, Any]) -> str:
+    if p["ci_low"] is None:  # one item: no interval over items
+        return f"{p['accuracy']:.3f}"
     return f"{p['accuracy']:.3f} [{p['ci_low']:.3f}, {p['ci_high']:.3f}]"
 
 
 def markdown(results: dict[str, Any]) -> str:
     seeds = results["seeds"]
     lines = [f"# The real-teacher verdict over seeds {seeds}", "",
-             "Accuracy per seed, pooled over (seed, item) with its 95% Wilson interval, and the seed range; McNemar's exact "
-             "test per seed and pooled (every (seed, item) a pair)."]
+             "Accuracy per seed, over the seeds with its 95% interval over items, and the seed range; McNemar's exact test "
+             "per seed, and over the seeds the sign test of the items one row passed in more seeds than the other."]
+    if results["left_out"]:
+        lines += ["", f"Left out: {', '.join(results['left_out'])} (the runs tuned it to different variants: {results['tuned']})."]
     for name, table in results["sets"].items():
         lines += ["", f"## {name} ({table['items']} items)", "",
                   "| row | " + " | ".join(f"seed {s}" for s in seeds) + " | pooled [95% CI] | seed range |",
@@ -95,11 +117,12 @@ def markdown(results: dict[str, Any]) -> str:
             lo, hi = r["seed_range"]
             lines.append(f"| {row} | {cells} | {percent(r['pooled'])} | {lo:.3f} to {hi:.3f} |")
         if table["paired"]:
-            lines += ["", "| paired | pooled difference | X only / Y only | p pooled | p per seed |", "|---|---:|---:|---:|---|"]
+            lines += ["", "| paired | difference over seeds | items X more / Y more | sign test p | per seed: difference (McNemar p) |",
+                      "|---|---:|---:|---:|---|"]
             for p in table["paired"]:
                 q = p["pooled"]
                 each = ", ".join(f"{v['difference']:+.3f} (p {v['p_value']:.2g})" for v in p["per_seed"].values())
-                lines.append(f"| {p['x']} vs {p['y']} | {q['difference']:+.3f} | {q['x_only']} / {q['y_only']} | {q['p_value']:.2g} | {each} |")
+                lines.append(f"| {p['x']} vs {p['y']} | {q['difference']:+.3f} | {q['x_more']} / {q['y_more']} | {q['p_value']:.2g} | {each} |")
     return "\n".join(lines) + "\n"
 
 

@@ -20,9 +20,10 @@ The seed sets data order, sampling and initialisation of the discriminator; the 
 on (the first 200 of train[96:] and heldout: everyday requests); out of distribution, 40 GSM8K test questions, 35
 MATH-500 problems, 40 HumanEval functions to complete and 35 Vicuna-80 questions (150; from ../shared/data). Scored by programs:
 French share (the task), brevity (share of answers of at most 25 words: the "one short sentence" asked for), EOS rate
-(the answer ended), 4-gram repetition, mean words, and the teacher's log-prob of each answer. Per seed and pooled
-over seeds, with Wilson intervals, McNemar's exact test per prompt (paired) for French and brevity, and the spread of
-each row's share across seeds (min, max).
+(the answer ended), 4-gram repetition, mean words, and the teacher's log-prob of each answer. Per seed, with Wilson
+intervals and McNemar's exact test per prompt (paired) for French and brevity; over the seeds, with the prompt the
+unit (an interval over prompts of each prompt's share across seeds, and the sign test of the prompts one row won in
+more seeds than the other: opdistill.evaluate.stats says why); and the spread of each row's share across seeds.
 
 Resumable: each stage (collection, each training run, the evaluation) is kept in --out and skipped when done; the
 evaluation caches every answer and score, so an interrupted run continues where it stopped.
@@ -188,6 +189,8 @@ def paired(x: list[dict[str, Any]], y: list[dict[str, Any]], key: str) -> dict[s
 
 
 def report(args: argparse.Namespace, seeds: list[int], stages: Stages, eval_dir: Path) -> dict[str, Any]:
+    from opdistill.evaluate.stats import paired_over_seeds, rate_over_seeds
+
     rows = [TEACHER_ROW, BASE_ROW, *(f"{m}-{s}" for s in seeds for m in METHODS)]
     items = per_prompt(eval_dir, rows)
     metrics = json.loads((eval_dir / "metrics.json").read_text())
@@ -197,17 +200,19 @@ def report(args: argparse.Namespace, seeds: list[int], stages: Stages, eval_dir:
         table: dict[str, Any] = {"prompts": len(by_row[BASE_ROW]), "rows": {}, "pooled": {}, "paired": [], "sameness": []}
         for row in rows:
             table["rows"][row] = {**row_summary(by_row[row]), "teacher_logprob": logprobs[row]}
-        for method in METHODS:  # pooled over seeds: every (seed, prompt) a pair
+        for method in METHODS:  # over seeds, the prompt the unit (opdistill.evaluate.stats: rate_over_seeds)
             pooled = [item for s in seeds for item in by_row[f"{method}-{s}"]]
             shares = [table["rows"][f"{method}-{s}"]["french"]["accuracy"] for s in seeds]
             briefs = [table["rows"][f"{method}-{s}"]["brief"]["accuracy"] for s in seeds]
-            table["pooled"][method] = {**row_summary(pooled), "french_seed_range": [min(shares), max(shares)],
+            over_seeds = {key: rate_over_seeds([[bool(i[key]) for i in by_row[f"{method}-{s}"]] for s in seeds]) for key in ("french", "brief")}
+            table["pooled"][method] = {**row_summary(pooled), **over_seeds, "french_seed_range": [min(shares), max(shares)],
                                        "brief_seed_range": [min(briefs), max(briefs)],
                                        "teacher_logprob_mean_of_seeds": statistics.mean(logprobs[f"{method}-{s}"] for s in seeds)}
         for x, y in PAIRS:
             for key in ("french", "brief"):
                 per_seed = {s: paired(by_row[f"{x}-{s}"], by_row[f"{y}-{s}"], key) for s in seeds}
-                pooled = paired([i for s in seeds for i in by_row[f"{x}-{s}"]], [i for s in seeds for i in by_row[f"{y}-{s}"]], key)
+                pooled = paired_over_seeds([[bool(i[key]) for i in by_row[f"{x}-{s}"]] for s in seeds],
+                                           [[bool(i[key]) for i in by_row[f"{y}-{s}"]] for s in seeds])
                 table["paired"].append({"x": x, "y": y, "metric": key, "pooled": pooled, "per_seed": per_seed})
             table["sameness"].append({"x": x, "y": y, **{str(s): sameness([a["text"] for a in by_row[f"{x}-{s}"]], [b["text"] for b in by_row[f"{y}-{s}"]]) for s in seeds}})
         results["sets"][set_name] = table
@@ -222,7 +227,7 @@ def percent(p: dict[str, Any]) -> str:
 
 def markdown(results: dict[str, Any]) -> str:
     host = results["machine"]
-    lines = [f"# Verdict: SeqKD vs GAD vs OPD, context distillation of SmolLM2-135M-Instruct",
+    lines = ["# Verdict: SeqKD vs GAD vs OPD, context distillation of SmolLM2-135M-Instruct",
              "", f"Machine: {host['cpu']}, {host['cores']} cores, precision {host['precision']}; seeds {results['seeds']}; "
              f"{results['updates']} generator updates per student. Shares with 95% Wilson intervals; p: McNemar's exact test, paired per prompt."]
     for set_name, table in results["sets"].items():
@@ -237,11 +242,12 @@ def markdown(results: dict[str, Any]) -> str:
             lo, hi = r["french_seed_range"]
             blo, bhi = r["brief_seed_range"]
             lines.append(f"| {method} | {percent(r['french'])} | {lo:.0%} to {hi:.0%} | {percent(r['brief'])} | {blo:.0%} to {bhi:.0%} | {r['mean_words']} |")
-        lines += ["", "| paired | metric | pooled difference | x only / y only | p (pooled) | p per seed |", "|---|---|---:|---:|---:|---|"]
+        lines += ["", "| paired | metric | difference over seeds | prompts x more / y more | sign test p | McNemar p per seed |",
+                  "|---|---|---:|---:|---:|---|"]
         for p in table["paired"]:
             q = p["pooled"]
             seeds = ", ".join(f"{v['p_value']:.2g}" for v in p["per_seed"].values())
-            lines.append(f"| {p['x']} vs {p['y']} | {p['metric']} | {q['difference']:+.3f} | {q['x_only']} / {q['y_only']} | {q['p_value']:.2g} | {seeds} |")
+            lines.append(f"| {p['x']} vs {p['y']} | {p['metric']} | {q['difference']:+.3f} | {q['x_more']} / {q['y_more']} | {q['p_value']:.2g} | {seeds} |")
     lines += ["", "## Training", ""]
     for run, info in results["training"].items():
         gad = info.get("gad")

@@ -331,21 +331,28 @@ def test_a_finished_sweeps_choice_is_a_held_out_row_in_every_later_invocation(tm
     lines = tuning_lines(tuning)
     assert "smollm2-gad: **smollm2-gad-kl**; smollm2-opd-xtok: **smollm2-opd-xtok**" in lines[2]
     assert "| blackbox-gad-kl | kl_coef=0.05 | 40 | 41.0 |" in lines and "| blackbox-opd-xtok-per-token | divergence=reward | 40 | 26.0 |" in lines
+    defaults = {"smollm2-gad": "smollm2-gad", "smollm2-opd-xtok": "smollm2-opd-xtok"}
+    stages.run(TUNE_STAGE, {"again": True}, [], lambda d: {"prompts": 64, "rows": {}, "choices": defaults, "rule": "r"})
+    again = quality.adopt_tuned_choices(stages, size)  # chosen anew: the default won, the old choice leaves
+    assert "smollm2-gad-tuned" not in FAMILIES["blackbox"] and again.vicuna_pairs == SIZES["cpu"].vicuna_pairs
 
 
-def fake_seed_run(out: Path, seed: int, passes: dict[str, list[bool]]) -> Path:
+def fake_seed_run(out: Path, seed: int, passes: dict[str, list[bool]], suite: str = "ifeval", tuned: dict | None = None) -> Path:
     import json
 
     (out / "blackbox-seqkd").mkdir(parents=True)
     (out / "blackbox-seqkd" / "done.json").write_text(json.dumps({"key": {"seed": seed}, "finished": 1.0}))
+    field = {"ifeval": "key", "gsm8k": "index"}[suite]  # as each suite's scores.jsonl names its items
     for row, items in passes.items():
-        folder = out / "eval-blackbox" / "ifeval" / "suites" / "ifeval" / row
+        folder = out / "eval-blackbox" / "part" / "suites" / suite / row
         folder.mkdir(parents=True)
-        (folder / "scores.jsonl").write_text("".join(json.dumps({"key": 1000 + i, "passed": p}) + "\n" for i, p in enumerate(items)))
+        (folder / "scores.jsonl").write_text("".join(json.dumps({field: 1000 + i, "passed": p}) + "\n" for i, p in enumerate(items)))
+    if tuned:
+        (out / "tuned.json").write_text(json.dumps({"choices": tuned}))
     return out
 
 
-def test_seeds_pool_per_item_over_seed_and_item_with_paired_tests(tmp_path: Path) -> None:
+def test_seeds_pool_over_items_with_per_seed_and_over_seed_paired_tests(tmp_path: Path) -> None:
     from quality_seeds import markdown, pool
 
     base = [True, False, False, False]
@@ -354,18 +361,29 @@ def test_seeds_pool_per_item_over_seed_and_item_with_paired_tests(tmp_path: Path
     second = fake_seed_run(tmp_path / "s1", 1, {"smollm2-base": base, "smollm2-seqkd": [False, False, False, False],
                                                  "smollm2-gad": [True, True, True, True], "smollm2-opd-xtok": [True] * 4})
     results = pool([first, second])
-    table = results["sets"]["ifeval (blackbox/ifeval)"]
+    table = results["sets"]["ifeval (blackbox/part)"]
     assert list(table["rows"]) == ["smollm2-base", "smollm2-seqkd", "smollm2-gad"]  # OPD is in one run only
     gad = table["rows"]["smollm2-gad"]
-    assert gad["pooled"]["passed"] == 7 and gad["pooled"]["n"] == 8 and gad["seed_range"] == [0.75, 1.0]
+    assert gad["pooled"]["accuracy"] == 0.875 and gad["pooled"]["n"] == 4 and gad["seed_range"] == [0.75, 1.0]
     versus = {(p["x"], p["y"]): p for p in table["paired"]}
     assert set(versus) == {("smollm2-seqkd", "smollm2-base"), ("smollm2-gad", "smollm2-base"), ("smollm2-gad", "smollm2-seqkd")}
-    pooled = versus[("smollm2-gad", "smollm2-seqkd")]["pooled"]
-    assert (pooled["x_only"], pooled["y_only"], pooled["n"]) == (5, 0, 8)  # 1 in seed 0, 4 in seed 1
+    over = versus[("smollm2-gad", "smollm2-seqkd")]["pooled"]
+    assert (over["x_more"], over["y_more"], over["p_value"]) == (4, 0, 0.125)  # four items, not eight (seed, item) pairs
     assert versus[("smollm2-gad", "smollm2-seqkd")]["per_seed"]["1"]["x_only"] == 4
     assert "| smollm2-gad | 0.750 | 1.000 | 0.875" in markdown(results)
     with pytest.raises(SystemExit, match="share a seed"):
         pool([first, first])
+
+
+def test_seeds_read_each_suites_item_ids_and_leave_out_a_row_tuned_differently(tmp_path: Path) -> None:
+    from quality_seeds import pool
+
+    rows = {"qwen0.5b-base": [True, False], "qwen0.5b-seqkd": [True, True], "smollm2-gad-tuned": [False, True]}
+    first = fake_seed_run(tmp_path / "s0", 0, rows, "gsm8k", tuned={"smollm2-gad": "smollm2-gad-kl-0.05"})
+    second = fake_seed_run(tmp_path / "s1", 1, rows, "gsm8k", tuned={"smollm2-gad": "smollm2-gad-samples-8"})
+    results = pool([first, second])
+    assert results["left_out"] == ["smollm2-gad-tuned"]
+    assert list(results["sets"]["gsm8k (blackbox/part)"]["rows"]) == ["qwen0.5b-base", "qwen0.5b-seqkd"]
 
 
 def test_reuse_from_copies_only_the_keyed_stores_and_keeps_what_a_run_has(tmp_path: Path) -> None:
@@ -386,3 +404,75 @@ def test_reuse_from_copies_only_the_keyed_stores_and_keeps_what_a_run_has(tmp_pa
     assert (out / "eval-blackbox" / "vicuna" / "judge.jsonl").read_text() == "its own\n"
     with pytest.raises(SystemExit, match="not a quality run directory"):
         reuse_stores(tmp_path / "nothing", out)
+
+
+def test_rerunning_a_finished_tuned_run_skips_every_stage_and_reports_the_tuned_row(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The documented way to resume is to rerun the command: once the sweep has chosen, the tuned row's stage is in
+    the family (it crashed: its config lives in the sweep, not in the size's training configs)."""
+    import quality
+    from quality_runs import DATA_DIR, TEACHER, TUNE_STAGE, eval_rows, eval_settings, sweep_configs, tuning_rows
+    from quality_stages import Stages
+
+    monkeypatch.setitem(FAMILIES, "blackbox", dict(FAMILIES["blackbox"]))
+    out = tmp_path.resolve()
+    args = quality.parse_args(["--out", str(out), "--size", "cpu", "--only", "blackbox"])
+    size = SIZES["cpu"]
+    configs = training_configs(size, args, out)
+    sweep = sweep_configs("cpu", size, configs)
+    stages = Stages(out)
+    done = lambda directory: {}  # noqa: E731 - each stage as a finished run leaves it
+    stages.run("collect", {"limits": [size.train_prompts, size.train_tokens], "teacher": TEACHER, "precision": "auto",
+                           "system": args.teacher_system}, [], done)
+    def trained(directory: Path) -> dict:  # what the report reads of a training run
+        (directory / "metrics.jsonl").write_text('{"step": 1, "loss": 0.5, "step_seconds": 1.0}\n')
+        return {}
+
+    for stage in [*FAMILIES["blackbox"].values(), *sweep]:
+        stages.run(stage, configs.get(stage) or sweep[stage], ["collect"], trained)
+    stages.run(TUNE_STAGE, {"rows": tuning_rows(out, sweep)}, [], lambda d: {"prompts": 64, "rows": {}, "rule": "r",
+               "choices": {"smollm2-gad": "smollm2-gad-kl-0.05", "smollm2-opd-xtok": "smollm2-opd-xtok"}})
+    tuned = quality.adopt_tuned_choices(stages, size)
+    rows = eval_rows("blackbox", out)
+    assert rows["smollm2-gad-tuned"] == str(out / "blackbox-gad-kl-0.05" / "student")
+    students = [label for label in rows if label != "teacher"]
+    metrics_file(out / "eval-blackbox" / "ifeval", "ifeval", students, {label: ["a", "b"] for label in students})
+    stages.run("eval-blackbox", {"rows": rows, "size": eval_settings("blackbox", tuned), "system": args.teacher_system,
+                                 "precision": "auto"}, list(FAMILIES["blackbox"].values()), done)
+    FAMILIES["blackbox"].pop("smollm2-gad-tuned")  # as a new invocation starts: the declared rows only
+    quality.main(["--out", str(out), "--size", "cpu", "--only", "blackbox", "--data-dir", str(DATA_DIR)])
+    markdown = (out / "results.md").read_text()
+    assert "| smollm2-gad-tuned |" in markdown and "**Interim**" not in markdown
+    assert not (out / "blackbox-gad-kl-0.05" / "checkpoints").exists()  # nothing was trained again
+
+
+def test_tuned_from_trains_the_other_runs_choice_with_this_runs_seed_and_texts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import json
+
+    import quality
+    from quality_runs import TUNE_STAGE, sweep_configs
+    from quality_stages import Stages
+
+    monkeypatch.setitem(FAMILIES, "blackbox", dict(FAMILIES["blackbox"]))
+    size = SIZES["cpu"]
+    source, here = tmp_path / "seed0", tmp_path / "seed1"
+    theirs = training_configs(size, plan_args(source), source)
+    chosen = sweep_configs("cpu", size, theirs)["blackbox-gad-warmup-epoch"]
+    stages = Stages(source)
+    stages.run("blackbox-gad", theirs["blackbox-gad"], [], lambda d: {})
+    stages.run("blackbox-gad-warmup-epoch", chosen, [], lambda d: {})
+    choices = {"smollm2-gad": "smollm2-gad-warmup-epoch", "smollm2-opd-xtok": "smollm2-opd-xtok"}
+    stages.run(TUNE_STAGE, {}, [], lambda d: {"rows": {}, "choices": choices, "rule": "r", "prompts": 64})
+    args = plan_args(here)
+    args.seed = 1
+    ours = training_configs(size, args, here)
+    assert quality.take_tuned_choices(source, ours) == choices
+    taken = ours["blackbox-gad-warmup-epoch"]
+    assert taken["seed"] == 1 and taken["data"] == str(here / "collect" / "train.jsonl")
+    assert (taken["warmup_steps"], taken["d_only_steps"], taken["max_steps"]) == (24, 2, 18)
+    here.mkdir()
+    (here / quality.TAKEN_CHOICES).write_text(json.dumps({"choices": choices}))
+    tuned = quality.adopt_tuned_choices(Stages(here), size)
+    assert FAMILIES["blackbox"]["smollm2-gad-tuned"] == "blackbox-gad-warmup-epoch" and "smollm2-opd-xtok-tuned" not in FAMILIES["blackbox"]
+    assert tuned.vicuna_pairs[-1] == "smollm2-gad-tuned:smollm2-seqkd"
+    with pytest.raises(SystemExit, match="has not chosen yet"):
+        quality.take_tuned_choices(tmp_path / "nothing", ours)

@@ -11,7 +11,7 @@ import pytest
 from opdistill.cli import main
 from opdistill.errors import OpdistillError
 from opdistill.evaluate.answers import gsm8k_correct, gsm8k_extract, math_correct, math_equal, normalize_math
-from opdistill.evaluate.stats import mcnemar_exact, paired_comparison, wilson_interval
+from opdistill.evaluate.stats import mcnemar_exact, paired_comparison, paired_over_seeds, rate_over_seeds, wilson_interval
 from opdistill.evaluate.suites import SUITES, load_suite
 
 from conftest import SHARED
@@ -97,6 +97,26 @@ def test_mcnemar_exact_p_values():
     assert result["difference"] == pytest.approx(0.2)
     with pytest.raises(ValueError):
         paired_comparison([True], [True, False])
+
+
+def test_over_seeds_the_item_is_the_unit_and_repeating_a_run_adds_no_evidence():
+    one = [[True, True, True, False, False, False]]
+    x = [[True, True, True, True, False, True]]
+    # Three copies of the same two runs: the same shares, interval and p as one copy (pooling (seed, item) pairs as
+    # independent would give McNemar(6, 0) = 1/32 instead of McNemar(2, 0) = 1/2).
+    assert paired_over_seeds(x * 3, one * 3) == {**paired_over_seeds(x, one), "seeds": 3}
+    assert rate_over_seeds(one * 3)["ci_low"] == rate_over_seeds(one)["ci_low"]
+    versus = paired_over_seeds(x * 3, one * 3)
+    assert (versus["x_more"], versus["y_more"], versus["p_value"]) == (2, 0, 0.5)
+    assert versus["difference"] == pytest.approx(2 / 6)
+    # Item shares: an item X passes in 2 of 3 seeds and Y in 1 counts for X; 1 of 3 against 1 of 3 is a tie.
+    split = paired_over_seeds([[True, False], [True, True], [False, False]], [[True, False], [False, False], [False, True]])
+    assert (split["x_more"], split["y_more"]) == (1, 0) and split["difference"] == pytest.approx((2 / 3 - 1 / 3) / 2)
+    rate = rate_over_seeds([[True, False], [True, True]])  # item shares 1 and 1/2
+    assert rate["accuracy"] == pytest.approx(0.75)
+    assert rate["ci_low"] == pytest.approx(0.75 - 1.959963984540054 * math.sqrt(0.125 / 2))
+    with pytest.raises(ValueError):
+        rate_over_seeds([[True], [True, False]])
 
 
 # ---------------------------------------------------------------- opdistill score

@@ -7,6 +7,12 @@
   the null hypothesis that both models pass equally often, each discordant item (one passes, the other fails) is a
   fair coin, so the two-sided p-value is twice the binomial tail of the smaller discordant count (capped at 1). The
   exact form is valid at any count; the chi-square approximation is not at the few discordant items small suites give.
+- `rate_over_seeds`, `paired_over_seeds`: the same questions for runs of several training seeds on the same items.
+  The item is the unit: an item's outcomes in different seeds are not independent (the same question, and for an
+  untrained row the same answer), so pooling (seed, item) pairs as if they were would shrink intervals and p-values
+  by about the square root of the seeds with no new evidence. Each item's pass share over the seeds is one
+  observation: the rate's interval is the normal one over items, and the paired test is the exact sign test of the
+  items on which X passed in more seeds than Y against those on which Y did (ties dropped).
 """
 
 from __future__ import annotations
@@ -59,3 +65,32 @@ def paired_comparison(passed_x: Sequence[bool], passed_y: Sequence[bool]) -> dic
     y_only = sum(1 for a, b in zip(passed_x, passed_y) if b and not a)
     return {"n": n, "both": both, "x_only": x_only, "y_only": y_only, "neither": n - both - x_only - y_only,
             "difference": (x_only - y_only) / n if n else None, "p_value": mcnemar_exact(x_only, y_only), "test": "mcnemar_exact"}
+
+
+def item_shares(passed: Sequence[Sequence[bool]]) -> list[float]:
+    """passed[seed][item] -> each item's pass share over the seeds."""
+    if not passed or len({len(run) for run in passed}) != 1:
+        raise ValueError("every seed must score the same items, in the same order")
+    return [sum(run[i] for run in passed) / len(passed) for i in range(len(passed[0]))]
+
+
+def rate_over_seeds(passed: Sequence[Sequence[bool]]) -> dict[str, Any]:
+    """The pass rate over seeds and items, with its 95% interval over items (mean ± 1.96·s/√n of the item shares)."""
+    shares = item_shares(passed)
+    n = len(shares)
+    mean = sum(shares) / n if n else None
+    if n < 2 or mean is None:
+        return {"n": n, "seeds": len(passed), "accuracy": mean, "ci_low": None, "ci_high": None}
+    half = Z95 * math.sqrt(sum((x - mean) ** 2 for x in shares) / (n - 1) / n)
+    return {"n": n, "seeds": len(passed), "accuracy": mean, "ci_low": max(0.0, mean - half), "ci_high": min(1.0, mean + half)}
+
+
+def paired_over_seeds(passed_x: Sequence[Sequence[bool]], passed_y: Sequence[Sequence[bool]]) -> dict[str, Any]:
+    """X against Y over seeds, items the unit: the difference of their rates, the items X passed in more seeds than
+    Y (`x_more`) and the reverse, and the exact sign test of the two counts."""
+    x, y = item_shares(passed_x), item_shares(passed_y)
+    if len(x) != len(y):
+        raise ValueError(f"paired rows must score the same items: {len(x)} against {len(y)}")
+    x_more, y_more = sum(a > b for a, b in zip(x, y)), sum(b > a for a, b in zip(x, y))
+    return {"n": len(x), "seeds": len(passed_x), "difference": (sum(x) - sum(y)) / len(x) if x else None,
+            "x_more": x_more, "y_more": y_more, "p_value": mcnemar_exact(x_more, y_more), "test": "sign_over_items"}
