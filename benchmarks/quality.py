@@ -97,9 +97,10 @@ from pathlib import Path
 from typing import Any
 
 from quality_results import results_markdown  # benchmarks/, beside this script
-from quality_runs import (COLLECT, DATA_DIR, DEFAULT_TEACHER_SYSTEM, FAMILIES, SIZES, TEACHER, TUNE_STAGE, TUNED,
-                          WHITEBOX_TEACHER_SYSTEM, Size, collect_blackbox, collect_gsm8k, eval_rows, eval_stage, gad_variant,
-                          eval_settings, report_stage, reuse_stores, sweep_configs, train_stage, training_configs, tune_stage, tuning_rows)
+from quality_runs import (COLLECT, DATA_DIR, DEFAULT_TEACHER_SYSTEM, FAMILIES, SIZES, TAKEN_CHOICES, TEACHER, TUNE_STAGE, TUNED,
+                          WHITEBOX_TEACHER_SYSTEM, Size, blackbox_row, blackbox_stage, changed_settings, collect_blackbox,
+                          collect_gsm8k, eval_rows, eval_settings, eval_stage, gad_variant, recorded_choices, report_stage,
+                          reuse_stores, sweep_configs, train_stage, training_configs, tune_stage, tuning_rows)
 from quality_stages import Stages, fast_machine, machine, say
 
 
@@ -160,7 +161,7 @@ def add_gad_variants(specs: list[str], size: Size, configs: dict[str, dict[str, 
     """Register each --gad-variant as a black-box stage and a held-out row smollm2-gad-NAME."""
     for spec in specs:
         stage, config = gad_variant(spec, size, configs["blackbox-gad"])
-        FAMILIES["blackbox"]["smollm2-" + stage.removeprefix("blackbox-")] = stage  # the table every later step reads its rows from
+        FAMILIES["blackbox"][blackbox_row(stage)] = stage  # the table every later step reads its rows from
         configs[stage] = config
 
 
@@ -181,17 +182,6 @@ def tune(stages: Stages, size: Size, args: argparse.Namespace, sweep: dict[str, 
     return adopt_tuned_choices(stages, size)
 
 
-TAKEN_CHOICES = "tuned.json"  # in --out: the choices --tuned-from took over from another run's sweep
-
-
-def recorded_choices(stages: Stages) -> dict[str, str]:
-    """Method -> chosen row, from this run's finished sweep, or from the run whose choices it took over."""
-    if stages.finished(TUNE_STAGE):
-        return stages.info(TUNE_STAGE).get("choices", {})
-    taken = stages.out / TAKEN_CHOICES
-    return json.loads(taken.read_text(encoding="utf-8"))["choices"] if taken.is_file() else {}
-
-
 def take_tuned_choices(source: Path, configs: dict[str, dict[str, Any]]) -> dict[str, str]:
     """--tuned-from: another run's choices, trained here as this run's own stages (its seed, its texts): each variant
     is this run's default config with the settings the chosen variant changed there. Tuning stays once."""
@@ -201,9 +191,8 @@ def take_tuned_choices(source: Path, configs: dict[str, dict[str, Any]]) -> dict
     choices = theirs.info(TUNE_STAGE)["choices"]
     for method, choice in choices.items():
         if choice != method:
-            default, stage = TUNED[method][0], "blackbox-" + choice.removeprefix("smollm2-")
-            changed = {k: v for k, v in theirs.key(stage).items() if theirs.key(default).get(k) != v}
-            configs[stage] = {**configs[default], **changed}
+            default, stage = TUNED[method][0], blackbox_stage(choice)
+            configs[stage] = {**configs[default], **changed_settings(theirs, stage, default)}
     return choices
 
 
@@ -218,7 +207,7 @@ def adopt_tuned_choices(stages: Stages, size: Size) -> Size:
     pairs = [pair for pair in size.vicuna_pairs if pair.split(":")[0] not in tuned_rows]
     for method, choice in choices.items():
         if choice != method:
-            FAMILIES["blackbox"][TUNED[method][1]] = "blackbox-" + choice.removeprefix("smollm2-")
+            FAMILIES["blackbox"][TUNED[method][1]] = blackbox_stage(choice)
             pairs.append(f"{TUNED[method][1]}:smollm2-seqkd")
     # Without declared pairs every row meets the teacher on Vicuna, the tuned rows too.
     return replace(size, vicuna_pairs=tuple(pairs)) if size.vicuna_pairs else size
@@ -266,13 +255,14 @@ def main(argv: list[str] | None = None) -> None:
     sweep = sweep_configs(size_name, size, configs) if args.tune else {}
     if args.tune and args.tuned_from:
         raise SystemExit("quality: --tune sweeps here, --tuned-from takes another run's choices: pass one of them")
-    taken = take_tuned_choices(args.tuned_from.resolve(), configs) if args.tuned_from else {}
+    tuned_from = args.tuned_from.resolve() if args.tuned_from else None
+    taken = take_tuned_choices(tuned_from, configs) if tuned_from else {}
     if args.plan:
         check_plan(configs, families, sweep)
         return
     if taken:
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / TAKEN_CHOICES).write_text(json.dumps({"from": str(args.tuned_from.resolve()), "choices": taken}), encoding="utf-8")
+        (args.out / TAKEN_CHOICES).write_text(json.dumps({"from": str(tuned_from), "choices": taken}), encoding="utf-8")
     size = adopt_tuned_choices(Stages(args.out), size)
     if args.report_now:  # read-only on the stages: a run in another process goes on and writes the final tables
         finished = [f for f in families if any((args.out / f"eval-{f}").glob("*/metrics.json"))]

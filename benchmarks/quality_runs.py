@@ -149,7 +149,7 @@ def train_prompts(count: int, data_dir: Path) -> list[dict[str, Any]]:
 
 
 def tuning_prompts(size: Size, data_dir: Path) -> list[dict[str, Any]]:
-    """GAD's tuning split, in distribution: the training prompts' sources after the first train_prompts. The teacher
+    """The tuning split of GAD and cross-tokenizer OPD, in distribution: the training prompts' sources after the first train_prompts. The teacher
     never answered them for training, so no student saw them; none is an IFEval or Vicuna item."""
     return train_prompts(size.train_prompts + size.tune_prompts, data_dir)[size.train_prompts:]
 
@@ -474,6 +474,33 @@ TUNING_RULE = ("for each method (GAD, cross-tokenizer OPD), the row (its default
                "prompt, its tokenizer)")
 
 
+TAKEN_CHOICES = "tuned.json"  # in --out: the choices --tuned-from took over from another run's sweep
+
+
+def blackbox_row(stage: str) -> str:
+    """A black-box training stage's row label (blackbox-gad-kl -> smollm2-gad-kl)."""
+    return "smollm2-" + stage.removeprefix("blackbox-")
+
+
+def blackbox_stage(row: str) -> str:
+    """A black-box row's training stage (smollm2-gad-kl -> blackbox-gad-kl)."""
+    return "blackbox-" + row.removeprefix("smollm2-")
+
+
+def changed_settings(stages: Stages, variant: str, default: str) -> dict[str, Any]:
+    """The train settings a variant's stage ran with that differ from its default's."""
+    base = stages.key(default) or {}
+    return {k: v for k, v in (stages.key(variant) or {}).items() if base.get(k) != v}
+
+
+def recorded_choices(stages: Stages) -> dict[str, str]:
+    """Method -> chosen row, from this run's finished sweep, or from the run whose choices it took over."""
+    if stages.finished(TUNE_STAGE):
+        return stages.info(TUNE_STAGE).get("choices", {})
+    taken = stages.out / TAKEN_CHOICES
+    return json.loads(taken.read_text(encoding="utf-8"))["choices"] if taken.is_file() else {}
+
+
 def method_of(label: str) -> str | None:
     """The tuned method a row belongs to (its default row's label), or None."""
     return next((method for method in TUNED if label == method or label.startswith(method + "-")), None)
@@ -491,7 +518,7 @@ def sweep_configs(size_name: str, size: Size, configs: dict[str, dict[str, Any]]
 def tuning_rows(out: Path, sweep: dict[str, dict[str, Any]]) -> dict[str, str]:
     """The tuning split's rows: the teacher, SeqKD (the row to beat), each tuned method's default and its variants."""
     stages = ["blackbox-seqkd", *(stage for stage, _ in TUNED.values()), *sweep]
-    return {"teacher": TEACHER, **{"smollm2-" + stage.removeprefix("blackbox-"): str(out / stage / "student") for stage in stages}}
+    return {"teacher": TEACHER, **{blackbox_row(stage): str(out / stage / "student") for stage in stages}}
 
 
 def choose(rows: dict[str, dict[str, Any]]) -> dict[str, str]:
@@ -531,10 +558,9 @@ def tuning_results(stages: Stages) -> dict[str, Any] | None:
     tuning = stages.info(TUNE_STAGE) if stages.finished(TUNE_STAGE) else {}
     if not tuning:
         return None
-    variants = {"blackbox-" + label.removeprefix("smollm2-"): TUNED[method][0] for label in tuning["rows"]
+    variants = {blackbox_stage(label): TUNED[method][0] for label in tuning["rows"]
                 if (method := method_of(label)) and label != method}  # variant stage -> its default's stage
-    changed = {stage: {k: v for k, v in (stages.key(stage) or {}).items() if (stages.key(default) or {}).get(k) != v}
-               for stage, default in variants.items()}
+    changed = {stage: changed_settings(stages, stage, default) for stage, default in variants.items()}
     return {**tuning, "training": {stage: stages.info(stage) for stage in variants}, "changed": changed}
 
 

@@ -19,7 +19,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from quality_stages import read_json_lines  # benchmarks/, beside this script
+from quality_runs import TUNED, recorded_choices  # benchmarks/, beside this script
+from quality_stages import Stages, read_json_lines
 
 
 def item_passes(run: Path) -> dict[str, dict[str, dict[Any, bool]]]:
@@ -36,14 +37,8 @@ def item_passes(run: Path) -> dict[str, dict[str, dict[Any, bool]]]:
 
 
 def tuned_variants(run: Path) -> dict[str, str]:
-    """Which variant each *-tuned row of a run is: its sweep's choice (stage tune) or the choice it took over
-    (--tuned-from, tuned.json)."""
-    for path in (run / "tune" / "done.json", run / "tuned.json"):
-        if path.is_file():
-            record = json.loads(path.read_text())
-            choices = record.get("info", record).get("choices", {})
-            return {f"{method}-tuned": choice for method, choice in choices.items() if choice != method}
-    return {}
+    """Which variant each *-tuned row of a run is: its sweep's choice, or the choice it took over (--tuned-from)."""
+    return {TUNED[method][1]: choice for method, choice in recorded_choices(Stages(run)).items() if choice != method}
 
 
 def run_seed(run: Path) -> int:

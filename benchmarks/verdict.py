@@ -198,21 +198,24 @@ def report(args: argparse.Namespace, seeds: list[int], stages: Stages, eval_dir:
     for set_name, by_row in items.items():
         logprobs = {row: metrics["sets"][set_name]["models"][row].get("teacher_logprob") for row in rows}
         table: dict[str, Any] = {"prompts": len(by_row[BASE_ROW]), "rows": {}, "pooled": {}, "paired": [], "sameness": []}
+
+        def passes(method: str, key: str) -> list[list[bool]]:  # [seed][prompt]: the method's runs on this set
+            return [[bool(item[key]) for item in by_row[f"{method}-{s}"]] for s in seeds]
+
         for row in rows:
             table["rows"][row] = {**row_summary(by_row[row]), "teacher_logprob": logprobs[row]}
         for method in METHODS:  # over seeds, the prompt the unit (opdistill.evaluate.stats: rate_over_seeds)
             pooled = [item for s in seeds for item in by_row[f"{method}-{s}"]]
             shares = [table["rows"][f"{method}-{s}"]["french"]["accuracy"] for s in seeds]
             briefs = [table["rows"][f"{method}-{s}"]["brief"]["accuracy"] for s in seeds]
-            over_seeds = {key: rate_over_seeds([[bool(i[key]) for i in by_row[f"{method}-{s}"]] for s in seeds]) for key in ("french", "brief")}
+            over_seeds = {key: rate_over_seeds(passes(method, key)) for key in ("french", "brief")}
             table["pooled"][method] = {**row_summary(pooled), **over_seeds, "french_seed_range": [min(shares), max(shares)],
                                        "brief_seed_range": [min(briefs), max(briefs)],
                                        "teacher_logprob_mean_of_seeds": statistics.mean(logprobs[f"{method}-{s}"] for s in seeds)}
         for x, y in PAIRS:
             for key in ("french", "brief"):
                 per_seed = {s: paired(by_row[f"{x}-{s}"], by_row[f"{y}-{s}"], key) for s in seeds}
-                pooled = paired_over_seeds([[bool(i[key]) for i in by_row[f"{x}-{s}"]] for s in seeds],
-                                           [[bool(i[key]) for i in by_row[f"{y}-{s}"]] for s in seeds])
+                pooled = paired_over_seeds(passes(x, key), passes(y, key))
                 table["paired"].append({"x": x, "y": y, "metric": key, "pooled": pooled, "per_seed": per_seed})
             table["sameness"].append({"x": x, "y": y, **{str(s): sameness([a["text"] for a in by_row[f"{x}-{s}"]], [b["text"] for b in by_row[f"{y}-{s}"]]) for s in seeds}})
         results["sets"][set_name] = table
